@@ -1,0 +1,346 @@
+//! What every legate service binary shares, for its thin `main.rs`: command-line parsing with
+//! the conventional exit code, tracing, the Prometheus exporter, shutdown on SIGTERM/SIGINT,
+//! and binding the gRPC listener.
+//!
+//! Lifecycle: `main` parses its arguments with [`parse_args`], then hands the service's `run`
+//! function to [`run_service`], which sets up tracing, metrics and signals, runs the service
+//! until it returns or a signal cancels its [`CancellationToken`], and waits for it to stop
+//! within a grace period. Library code of the services never reads signals or exits.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::registry::{HostIp, Prefix};
+
+/// Exit code for a bad configuration (`EX_USAGE` of sysexits.h).
+pub const EXIT_CONFIG: u8 = 64;
+/// How long a service may take to stop after SIGTERM/SIGINT.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags every service has.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// Log format.
+    #[arg(long, env = "LEGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter, in tracing's `EnvFilter` syntax (e.g. `info,legate_registrar=debug`).
+    #[arg(long, env = "LEGATE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// How a service reaches etcd, and where the registry lives in it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated, as host:port or http:// URLs.
+    #[arg(long = "etcd-endpoints", env = "ETCD_ENDPOINTS", value_delimiter = ',', value_parser = parse_etcd_endpoint)]
+    endpoints: Vec<String>,
+    /// The seed's name for a single etcd endpoint; used when --etcd-endpoints is not set.
+    #[arg(long = "etcd-host", env = "ETCD_HOST", value_parser = parse_etcd_endpoint)]
+    host: Option<String>,
+    /// Prefix of the registry keys in etcd: empty (the seed's layout) or like `/legate`.
+    #[arg(long, env = "LEGATE_PREFIX", default_value = "", value_parser = parse_prefix)]
+    pub prefix: Prefix,
+}
+
+impl EtcdArgs {
+    /// The endpoint used when none is configured.
+    pub const DEFAULT_ENDPOINT: &'static str = "http://127.0.0.1:2379";
+
+    /// The endpoints to connect to, as URLs: `--etcd-endpoints`, else `--etcd-host`, else
+    /// [`Self::DEFAULT_ENDPOINT`].
+    pub fn endpoints(&self) -> Vec<String> {
+        if !self.endpoints.is_empty() {
+            self.endpoints.clone()
+        } else if let Some(host) = &self.host {
+            vec![host.clone()]
+        } else {
+            vec![Self::DEFAULT_ENDPOINT.to_owned()]
+        }
+    }
+}
+
+/// Parses one etcd endpoint into a URL: `host:port` gains `http://`; `https://` is refused
+/// until TLS to etcd is supported.
+pub fn parse_etcd_endpoint(s: &str) -> Result<String, String> {
+    let rest = if let Some(rest) = s.strip_prefix("http://") {
+        rest
+    } else if s.starts_with("https://") {
+        return Err("TLS to etcd is not supported yet; use an http:// endpoint".to_owned());
+    } else if s.contains("://") {
+        return Err(format!("'{}' is not an http:// URL", s.escape_default()));
+    } else {
+        s
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let valid = rest.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-[]:".contains(c))
+            && port.parse::<u16>().is_ok_and(|p| p > 0)
+    });
+    if !valid {
+        return Err(format!(
+            "'{}' is not host:port or http://host:port",
+            s.escape_default()
+        ));
+    }
+    Ok(format!("http://{rest}"))
+}
+
+/// clap value parser for [`Prefix`].
+pub fn parse_prefix(s: &str) -> Result<Prefix, String> {
+    Prefix::new(s).map_err(|e| e.to_string())
+}
+
+/// clap value parser for [`HostIp`].
+pub fn parse_host_ip(s: &str) -> Result<HostIp, String> {
+    HostIp::parse(s).map_err(|e| e.to_string())
+}
+
+/// Parses the command line; on `--help`/`--version` prints and returns success, on a bad
+/// configuration prints the error and returns [`EXIT_CONFIG`].
+pub fn parse_args<T: Parser>() -> Result<T, ExitCode> {
+    T::try_parse().map_err(|e| {
+        let _ = e.print();
+        if e.use_stderr() {
+            ExitCode::from(EXIT_CONFIG)
+        } else {
+            ExitCode::SUCCESS
+        }
+    })
+}
+
+/// Runs a service to completion: tracing, the Prometheus exporter on `metrics_listen`, and
+/// SIGTERM/SIGINT cancelling the token given to `service`. Returns the process exit code.
+pub fn run_service<F, Fut, E>(
+    name: &'static str,
+    common: &CommonArgs,
+    metrics_listen: SocketAddr,
+    service: F,
+) -> ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::error::Error,
+{
+    if let Err(e) = init_tracing(common) {
+        eprintln!("{name}: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        if let Err(e) = cancel_on_signals(shutdown.clone()) {
+            error!(error = %e, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+        if let Err(e) = install_metrics(name, metrics_listen) {
+            error!(error = %e, %metrics_listen, "cannot serve metrics");
+            return ExitCode::FAILURE;
+        }
+        info!(version = env!("CARGO_PKG_VERSION"), %metrics_listen, "{name} starting");
+        let service = service(shutdown.clone());
+        tokio::pin!(service);
+        let result = tokio::select! {
+            result = &mut service => result,
+            () = shutdown.cancelled() => {
+                match tokio::time::timeout(SHUTDOWN_GRACE, &mut service).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        error!(grace = ?SHUTDOWN_GRACE, "did not stop within the grace period");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(()) => {
+                info!("{name} stopped");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                error!(error = %e, "{name} failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Errors of the process around a service: setup, listeners.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The log filter does not parse.
+    #[error("bad log filter: {0}")]
+    LogFilter(#[from] tracing_subscriber::filter::ParseError),
+    /// A global subscriber is already installed.
+    #[error("tracing is already initialised")]
+    TracingInstalled,
+    /// The metrics exporter could not start.
+    #[error("metrics exporter: {0}")]
+    Metrics(#[from] metrics_exporter_prometheus::BuildError),
+    /// A gRPC listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// Installs the global tracing subscriber, logging to stderr.
+pub fn init_tracing(common: &CommonArgs) -> Result<(), RuntimeError> {
+    let filter = tracing_subscriber::EnvFilter::builder().parse(&common.log)?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let installed = match common.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    installed.map_err(|_| RuntimeError::TracingInstalled)
+}
+
+/// Serves Prometheus metrics on `listen` and records `legate_build_info{service,version} 1`.
+/// Must run inside the tokio runtime.
+pub fn install_metrics(service: &'static str, listen: SocketAddr) -> Result<(), RuntimeError> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(listen)
+        .install()?;
+    metrics::describe_gauge!("legate_build_info", "legate build information; always 1");
+    metrics::gauge!("legate_build_info", "service" => service, "version" => env!("CARGO_PKG_VERSION"))
+        .set(1.0);
+    Ok(())
+}
+
+/// Cancels `token` on the first SIGTERM or SIGINT.
+pub fn cancel_on_signals(token: CancellationToken) -> Result<(), RuntimeError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(RuntimeError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(RuntimeError::Signal)?;
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        warn!(signal = name, "shutting down");
+        token.cancel();
+    });
+    Ok(())
+}
+
+/// Serves `routes` (which include `grpc.health.v1`) on `addr` until `shutdown` is cancelled,
+/// then lets in-flight calls finish.
+pub async fn serve_grpc(
+    addr: SocketAddr,
+    routes: tonic::service::Routes,
+    shutdown: CancellationToken,
+) -> Result<(), RuntimeError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| RuntimeError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| RuntimeError::Bind { addr, source })?;
+    if !local.ip().is_loopback() {
+        warn!(addr = %local, "gRPC listens beyond loopback: restrict access to it");
+    }
+    info!(addr = %local, "gRPC listening");
+    tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown.cancelled_owned(),
+        )
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etcd_endpoints_are_urls() {
+        assert_eq!(
+            parse_etcd_endpoint("10.0.0.1:4001").unwrap(),
+            "http://10.0.0.1:4001"
+        );
+        assert_eq!(
+            parse_etcd_endpoint("http://etcd:2379/").unwrap(),
+            "http://etcd:2379"
+        );
+        assert_eq!(
+            parse_etcd_endpoint("[::1]:2379").unwrap(),
+            "http://[::1]:2379"
+        );
+        for bad in [
+            "",
+            "etcd",
+            "etcd:",
+            "etcd:0",
+            "etcd:99999",
+            "https://etcd:2379",
+            "ftp://x:1",
+            "a b:1",
+        ] {
+            assert!(parse_etcd_endpoint(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[derive(Debug, Parser)]
+    struct Args {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    }
+
+    #[test]
+    fn etcd_endpoints_fall_back_to_the_seed_name_then_the_default() {
+        let args = Args::try_parse_from(["x", "--etcd-host", "10.0.0.1:4001"]).unwrap();
+        assert_eq!(args.etcd.endpoints(), ["http://10.0.0.1:4001"]);
+        let args = Args::try_parse_from([
+            "x",
+            "--etcd-host",
+            "10.0.0.1:4001",
+            "--etcd-endpoints",
+            "a:1,http://b:2",
+        ])
+        .unwrap();
+        assert_eq!(args.etcd.endpoints(), ["http://a:1", "http://b:2"]);
+        let args = Args::try_parse_from(["x"]).unwrap();
+        assert_eq!(args.etcd.endpoints(), [EtcdArgs::DEFAULT_ENDPOINT]);
+        assert!(Args::try_parse_from(["x", "--prefix", "legate"]).is_err());
+    }
+}
