@@ -1,1 +1,105 @@
-//! harness
+//! The test harness of legate: real components for integration and end-to-end tests.
+//!
+//! - [`etcd::Etcd`]: a real etcd (Debian's `etcd-server`) on free loopback ports, temp data dir;
+//! - [`haproxy::Haproxy`]: a real HAProxy in master-worker mode on free ports;
+//! - [`docker`]: the test images, built locally once, and containers and networks removed when
+//!   their guard drops, pass or fail;
+//! - [`backend::Backend`]: a fast HTTP backend for load tests, in-process or as the
+//!   `legate-backend` binary;
+//! - [`service::Service`]: legate's own binaries run as processes.
+//!
+//! Every process is started in its own process group and killed, with its group, when its guard
+//! drops; every wait has a timeout and says what it waited for.
+
+pub mod backend;
+pub mod docker;
+pub mod etcd;
+pub mod haproxy;
+pub mod process;
+pub mod service;
+
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+/// Generous default for waits in tests: behaviour, not speed, is what tests check.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A port that was free on 127.0.0.1 a moment ago (the kernel picks it among ephemeral ports).
+pub fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// A loopback address with a free port.
+pub fn free_addr() -> Result<SocketAddr> {
+    Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)))
+}
+
+/// Polls `check` until it returns `Ok(Some(_))`, failing after `timeout` with the last error
+/// and `what` was being waited for.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_error = None;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            match last_error {
+                Some(e) => bail!("timed out after {timeout:?} waiting for {what}: {e:#}"),
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Sends one HTTP/1.1 GET with the given Host header and `Connection: close`; returns the
+/// status code and the body.
+pub async fn http_get(addr: SocketAddr, host: &str, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
+        .await
+        .with_context(|| format!("reading the response from {addr}"))??;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no HTTP response from {addr}: {response:?}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("bad status line from {addr}: {head:?}"))?;
+    Ok((status, body.to_owned()))
+}
+
+/// Connects to a TCP service and reads its first line.
+pub async fn tcp_banner(addr: SocketAddr) -> Result<String> {
+    use tokio::io::AsyncBufReadExt;
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(stream);
+    tokio::time::timeout(WAIT, reader.read_line(&mut line))
+        .await
+        .with_context(|| format!("reading a line from {addr}"))??;
+    Ok(line.trim_end().to_owned())
+}

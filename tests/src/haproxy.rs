@@ -1,0 +1,251 @@
+//! A real HAProxy (Debian's 2.6) in master-worker mode, with a master CLI socket and an admin
+//! socket in a temporary directory.
+//!
+//! The harness owns the `global` section, as the supervisor will; the test provides the rest
+//! (defaults, frontends, backends), on ports it took with [`crate::free_port`].
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use crate::process::ChildGuard;
+use crate::{WAIT, wait_for};
+
+/// The HAProxy binary, `LEGATE_TEST_HAPROXY` or `haproxy` from the PATH.
+pub fn binary() -> PathBuf {
+    std::env::var_os("LEGATE_TEST_HAPROXY").map_or_else(|| PathBuf::from("haproxy"), PathBuf::from)
+}
+
+/// Validates configuration files with `haproxy -c`; the error carries HAProxy's messages.
+pub fn check(files: &[&Path]) -> Result<()> {
+    let mut command = Command::new(binary());
+    command.arg("-c");
+    for file in files {
+        command.arg("-f").arg(file);
+    }
+    let output = command.output().context("running haproxy -c")?;
+    if !output.status.success() {
+        bail!(
+            "haproxy -c refused the configuration:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// One process listed by the master's `show proc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proc {
+    /// Process id.
+    pub pid: u32,
+    /// `master` or `worker`.
+    pub kind: String,
+    /// Reload count (of the master) or the reload generation of a worker.
+    pub reloads: u32,
+    /// Whether it is listed under "old workers".
+    pub old: bool,
+}
+
+/// A running HAProxy master and its workers; killed with its process group on drop.
+#[derive(Debug)]
+pub struct Haproxy {
+    child: ChildGuard,
+    dir: TempDir,
+}
+
+impl Haproxy {
+    /// Starts HAProxy with `config` after the harness's `global` section and waits until the
+    /// master reports a worker and the admin socket answers.
+    pub async fn start(config: &str) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("legate-haproxy-")
+            .tempdir()?;
+        let global = format!(
+            "global\n\
+             \x20   stats socket {admin} mode 600 level admin\n\
+             \x20   hard-stop-after 10s\n\
+             \x20   mworker-max-reloads 50\n\
+             \x20   default-path config\n",
+            admin = dir.path().join("admin.sock").display()
+        );
+        std::fs::write(dir.path().join("global.cfg"), global)?;
+        std::fs::write(dir.path().join("haproxy.cfg"), config)?;
+        check(&[
+            &dir.path().join("global.cfg"),
+            &dir.path().join("haproxy.cfg"),
+        ])?;
+        let mut command = Command::new(binary());
+        command
+            .arg("-W")
+            .arg("-S")
+            .arg(dir.path().join("master.sock"))
+            .arg("-f")
+            .arg(dir.path().join("global.cfg"))
+            .arg("-f")
+            .arg(dir.path().join("haproxy.cfg"));
+        let child = ChildGuard::spawn("haproxy", command, &dir.path().join("haproxy.log"))?;
+        let mut haproxy = Self { child, dir };
+        haproxy.wait_ready().await?;
+        Ok(haproxy)
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let master = self.master_socket();
+        let admin = self.admin_socket();
+        let child = &mut self.child;
+        wait_for("haproxy's master to list a worker", WAIT, || {
+            let running = child.check_running();
+            let (master, admin) = (master.clone(), admin.clone());
+            async move {
+                running?;
+                let procs = parse_show_proc(&cli(&master, "show proc").await?);
+                if !procs.iter().any(|p| p.kind == "worker" && !p.old) {
+                    return Ok(None);
+                }
+                cli(&admin, "show info").await?;
+                Ok(Some(()))
+            }
+        })
+        .await
+    }
+
+    /// Path of the master CLI socket.
+    pub fn master_socket(&self) -> PathBuf {
+        self.dir.path().join("master.sock")
+    }
+
+    /// Path of the admin (stats) socket of the current worker.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.path().join("admin.sock")
+    }
+
+    /// The master's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// Sends a command to the master CLI and returns its answer.
+    pub async fn master(&self, command: &str) -> Result<String> {
+        cli(&self.master_socket(), command).await
+    }
+
+    /// Sends a command to the admin socket (runtime API) and returns its answer.
+    pub async fn admin(&self, command: &str) -> Result<String> {
+        cli(&self.admin_socket(), command).await
+    }
+
+    /// The processes the master lists.
+    pub async fn procs(&self) -> Result<Vec<Proc>> {
+        Ok(parse_show_proc(&self.master("show proc").await?))
+    }
+
+    /// Replaces the configuration after `global`, reloads through the master CLI and waits
+    /// until the master's reload counter has advanced and a new worker runs.
+    pub async fn reload(&self, config: &str) -> Result<()> {
+        let path = self.dir.path().join("haproxy.cfg");
+        let staged = self.dir.path().join("haproxy.cfg.new");
+        std::fs::write(&staged, config)?;
+        check(&[&self.dir.path().join("global.cfg"), &staged])?;
+        std::fs::rename(&staged, &path)?;
+        let before = self.master_reloads().await?;
+        self.master("reload").await?;
+        wait_for("the master to confirm the reload", WAIT, || async {
+            let procs = self.procs().await?;
+            let master = procs.iter().find(|p| p.kind == "master");
+            let reloaded = master.is_some_and(|m| m.reloads > before);
+            let worker = procs.iter().any(|p| p.kind == "worker" && !p.old);
+            Ok((reloaded && worker).then_some(()))
+        })
+        .await
+    }
+
+    async fn master_reloads(&self) -> Result<u32> {
+        self.procs()
+            .await?
+            .into_iter()
+            .find(|p| p.kind == "master")
+            .map(|p| p.reloads)
+            .context("show proc lists no master")
+    }
+
+    /// HAProxy's output so far.
+    pub fn log(&self) -> String {
+        self.child.log()
+    }
+
+    /// The directory holding the configuration, the sockets and the log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// One command on an HAProxy CLI socket (master or admin); the socket closes after answering.
+pub async fn cli(socket: &Path, command: &str) -> Result<String> {
+    let exchange = async {
+        let mut stream = UnixStream::connect(socket).await?;
+        stream.write_all(format!("{command}\n").as_bytes()).await?;
+        // The master CLI answers, then waits for more until it sees the end of input.
+        stream.shutdown().await?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await?;
+        anyhow::Ok(answer)
+    };
+    tokio::time::timeout(WAIT, exchange)
+        .await
+        .with_context(|| format!("'{command}' on {} timed out", socket.display()))?
+        .with_context(|| format!("'{command}' on {}", socket.display()))
+}
+
+/// Parses the master's `show proc`.
+pub fn parse_show_proc(text: &str) -> Vec<Proc> {
+    let mut old = false;
+    let mut procs = Vec::new();
+    for line in text.lines() {
+        if line.starts_with('#') {
+            old = line.contains("old workers");
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [pid, kind, reloads, ..] = fields.as_slice() else {
+            continue;
+        };
+        let (Ok(pid), Ok(reloads)) = (pid.parse(), reloads.parse()) else {
+            continue;
+        };
+        procs.push(Proc {
+            pid,
+            kind: (*kind).to_owned(),
+            reloads,
+            old,
+        });
+    }
+    procs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn show_proc_of_2_6_is_parsed() {
+        let text = "#<PID>          <type>          <reloads>       <uptime>        <version>\n\
+                    1000            master          2 [failed: 0]   0d00h00m05s     2.6.12-1+deb12u4\n\
+                    # workers\n\
+                    1003            worker          0               0d00h00m01s     2.6.12-1+deb12u4\n\
+                    # old workers\n\
+                    1002            worker          1               0d00h00m03s     2.6.12-1+deb12u4\n\
+                    # programs\n\n";
+        let procs = parse_show_proc(text);
+        assert_eq!(procs.len(), 3);
+        assert_eq!(procs[0].kind, "master");
+        assert_eq!(procs[0].reloads, 2);
+        assert!(!procs[1].old);
+        assert_eq!(procs[2].pid, 1002);
+        assert!(procs[2].old);
+    }
+}

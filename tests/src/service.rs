@@ -1,0 +1,164 @@
+//! legate's own binaries, run as processes the way operators run them.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
+use tempfile::TempDir;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::process::ChildGuard;
+use crate::{WAIT, free_addr, wait_for};
+
+/// The path of a workspace binary (`legate-registrar`, `legate-backend`, ...), built with the
+/// profile of the running tests the first time this process asks for it, so that a test never
+/// runs a stale binary.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    static BUILT: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    let built = built.get_or_insert_with(HashMap::new);
+    if let Some(path) = built.get(name) {
+        return Ok(path.clone());
+    }
+    // The test executable lives in target/<profile>/deps/.
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("cannot locate the target directory")?;
+    let release = profile_dir.file_name().is_some_and(|p| p == "release");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command.args(["build", "--quiet", "--workspace", "--bin", name]);
+    if release {
+        command.arg("--release");
+    }
+    let output = command
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .with_context(|| format!("building {name}"))?;
+    if !output.status.success() {
+        bail!(
+            "cargo build --bin {name} failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        bail!("{} does not exist after the build", path.display());
+    }
+    built.insert(name.to_owned(), path.clone());
+    Ok(path)
+}
+
+/// A legate service process with its gRPC and metrics listeners on free loopback ports.
+#[derive(Debug)]
+pub struct Service {
+    child: ChildGuard,
+    grpc: SocketAddr,
+    metrics: SocketAddr,
+    _dir: TempDir,
+}
+
+impl Service {
+    /// Starts `binary` with `--listen` and `--metrics-listen` on free ports, plus `args` and
+    /// `env` (the environment is otherwise cleared of legate and seed variables).
+    pub fn start(binary: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("legate-service-")
+            .tempdir()?;
+        let grpc = free_addr()?;
+        let metrics = free_addr()?;
+        let mut command = Command::new(self::binary(binary)?);
+        command
+            .arg("--listen")
+            .arg(grpc.to_string())
+            .arg("--metrics-listen")
+            .arg(metrics.to_string())
+            .args(args);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("LEGATE_") || key.starts_with("ETCD_") || key.starts_with("HOST_") {
+                command.env_remove(key);
+            }
+        }
+        command.envs(env.iter().copied());
+        let log = dir.path().join(format!("{binary}.log"));
+        let child = ChildGuard::spawn(binary, command, &log)?;
+        Ok(Self {
+            child,
+            grpc,
+            metrics,
+            _dir: dir,
+        })
+    }
+
+    /// The gRPC address.
+    pub fn grpc(&self) -> SocketAddr {
+        self.grpc
+    }
+
+    /// The metrics address.
+    pub fn metrics(&self) -> SocketAddr {
+        self.metrics
+    }
+
+    /// Waits until `grpc.health.v1` reports the server (service "") as SERVING.
+    pub async fn wait_serving(&mut self) -> Result<()> {
+        let endpoint = format!("http://{}", self.grpc);
+        let child = &mut self.child;
+        wait_for("the service to report SERVING", WAIT, || {
+            let running = child.check_running();
+            let endpoint = endpoint.clone();
+            async move {
+                running?;
+                let channel = tonic::transport::Channel::from_shared(endpoint)?
+                    .connect()
+                    .await?;
+                let mut client = HealthClient::new(channel);
+                let request = HealthCheckRequest {
+                    service: String::new(),
+                };
+                let status = client.check(request).await?.into_inner().status();
+                Ok((status == ServingStatus::Serving).then_some(()))
+            }
+        })
+        .await
+    }
+
+    /// The Prometheus metrics text.
+    pub async fn metrics_text(&self) -> Result<String> {
+        let (status, body) = crate::http_get(self.metrics, "localhost", "/metrics").await?;
+        if status != 200 {
+            bail!("metrics answered {status}");
+        }
+        Ok(body)
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub async fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        self.child.signal(Signal::SIGTERM)?;
+        self.child.wait_exit(timeout).await
+    }
+
+    /// Waits for the process to exit on its own.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        self.child.wait_exit(timeout).await
+    }
+
+    /// The process's output so far.
+    pub fn log(&self) -> String {
+        self.child.log()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+}

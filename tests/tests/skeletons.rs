@@ -1,0 +1,74 @@
+//! The service binaries of the foundation: configuration, health, metrics, clean shutdown.
+
+use legate_tests::WAIT;
+use legate_tests::service::Service;
+
+const BINARIES: [&str; 3] = ["legate-registrar", "legate-confgen", "legate-supervisor"];
+
+#[tokio::test]
+async fn each_service_serves_health_and_metrics_and_stops_on_sigterm() {
+    for binary in BINARIES {
+        let mut service = Service::start(binary, &["--log-format", "json"], &[]).unwrap();
+        service.wait_serving().await.unwrap();
+        let metrics = service.metrics_text().await.unwrap();
+        let service_name = binary.trim_start_matches("legate-");
+        assert!(
+            metrics.contains(&format!("legate_build_info{{service=\"{binary}\"")),
+            "{service_name} metrics: {metrics}"
+        );
+        let status = service.terminate(WAIT).await.unwrap();
+        assert!(
+            status.success(),
+            "{binary} exited with {status}:\n{}",
+            service.log()
+        );
+        let log = service.log();
+        let first = log.lines().next().unwrap_or_default();
+        assert!(
+            serde_json::from_str::<serde_json::Value>(first).is_ok(),
+            "{binary} logs JSON with --log-format json: {first}"
+        );
+        assert!(log.contains("SIGTERM"), "{binary} logs the signal:\n{log}");
+    }
+}
+
+#[tokio::test]
+async fn a_bad_configuration_exits_with_64_and_says_why() {
+    type Case = (
+        &'static str,
+        &'static [&'static str],
+        &'static [(&'static str, &'static str)],
+        &'static str,
+    );
+    let cases: [Case; 4] = [
+        (
+            "legate-registrar",
+            &[],
+            &[("HOST_IP", "0.0.0.0")],
+            "unspecified",
+        ),
+        (
+            "legate-registrar",
+            &[],
+            &[("ETCD_HOST", "https://etcd:2379")],
+            "TLS",
+        ),
+        ("legate-confgen", &["--prefix", "legate/"], &[], "prefix"),
+        ("legate-supervisor", &["--log-format", "xml"], &[], "xml"),
+    ];
+    for (binary, args, env, says) in cases {
+        let mut service = Service::start(binary, args, env).unwrap();
+        let status = service.wait_exit(WAIT).await.unwrap();
+        assert_eq!(
+            status.code(),
+            Some(64),
+            "{binary} {args:?} {env:?}: {}",
+            service.log()
+        );
+        assert!(
+            service.log().contains(says),
+            "{binary} error says {says:?}: {}",
+            service.log()
+        );
+    }
+}
