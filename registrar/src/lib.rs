@@ -1,37 +1,86 @@
-//! The registrar: one per Docker host, it will write the host's containers into etcd under a
-//! lease (DESIGN.md). This is the skeleton of the foundation issue: it parses its configuration,
-//! serves `grpc.health.v1` and metrics, and stops on SIGTERM/SIGINT. Registration itself is the
-//! registrar issue's work and is not implemented here.
+//! The registrar: one per Docker host. It writes the host's containers into etcd, as host IP and
+//! published port, under a lease kept alive while it runs (DESIGN.md).
+//!
+//! Lifecycle: connect to Docker and etcd (retrying with backoff), claim the host id (adopting
+//! the lease of a previous run, refusing if another registrar holds it), then run until
+//! shutdown: a reconciler (level-triggered: Docker's running containers against the keys this
+//! host owns), triggered by Docker events, a periodic resync, lease changes and
+//! `Registrar.Resync`; a lease keeper (a lost lease is replaced and everything re-registered);
+//! a guard of the host record; the gRPC API. On shutdown keys are left to expire with the lease,
+//! or removed at once with `--deregister-on-exit`.
 
+pub mod conventions;
+pub mod docker;
+mod hostip;
+pub mod reconcile;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
+use std::time::Duration;
 
-use legate_proto::registry::{HostId, HostIp};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::StreamExt;
+use legate_proto::registry::{HostId, HostIp, HostRecord, Schema};
 use legate_proto::runtime::{self, CommonArgs, EtcdArgs, RuntimeError};
+use legate_proto::v1;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tokio_util::task::TaskTracker;
+use tonic_health::ServingStatus;
+use tracing::{debug, info, warn};
+
+use crate::conventions::{Target, Verdict};
+use crate::docker::DockerSource;
+use crate::store::{Store, StoreError};
 
 /// The registrar's configuration: every flag has an environment fallback.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "legate-registrar",
     version,
-    about = "legate registrar (skeleton)"
+    about = "legate registrar: this host's containers into etcd"
 )]
 pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
     pub etcd: EtcdArgs,
-    /// IP under which this host's containers are reached; detected when not set.
+    /// IP under which this host's containers are reached; detected (default route) when not set.
     #[arg(long, env = "HOST_IP", value_parser = runtime::parse_host_ip)]
     pub host_ip: Option<HostIp>,
     /// This host's id in the registry; the host name when not set.
     #[arg(long, env = "HOST_ID")]
     pub host_id: Option<HostId>,
-    /// TTL of the registrar's etcd lease, in seconds.
+    /// TTL of the registrar's etcd lease, in seconds: a dead host's keys vanish after it.
     #[arg(long, env = "LEGATE_LEASE_TTL", default_value_t = 10,
           value_parser = clap::value_parser!(i64).range(2..=3600))]
     pub lease_ttl: i64,
+    /// Seconds between full resyncs, whatever the events say.
+    #[arg(long, env = "LEGATE_RESYNC_INTERVAL", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub resync_interval: u64,
+    /// Docker engine to watch.
+    #[arg(
+        long,
+        env = "DOCKER_HOST",
+        default_value = "unix:///var/run/docker.sock"
+    )]
+    pub docker_host: String,
+    /// Only consider containers matching this filter, `label=<key>` or `label=<key>=<value>`;
+    /// repeatable. Lets several registrars share one Docker engine.
+    #[arg(long = "filter", env = "LEGATE_CONTAINER_FILTER", value_parser = parse_filter)]
+    pub filters: Vec<String>,
+    /// Revoke the lease on exit, deleting this host's keys at once, instead of letting them
+    /// expire with the TTL.
+    #[arg(long, env = "LEGATE_DEREGISTER_ON_EXIT")]
+    pub deregister_on_exit: bool,
+    /// Milliseconds a starting registrar waits for another live registrar with the same host id
+    /// to answer before adopting the previous run's lease.
+    #[arg(long, env = "LEGATE_CLAIM_WINDOW_MS", default_value_t = 1500)]
+    pub claim_window_ms: u64,
     /// gRPC listen address (Registrar API and health).
     #[arg(long, env = "LEGATE_LISTEN", default_value = "127.0.0.1:7401")]
     pub listen: SocketAddr,
@@ -40,27 +89,590 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
 }
 
+fn parse_filter(s: &str) -> Result<String, String> {
+    match s.strip_prefix("label=") {
+        Some(label) if !label.is_empty() && !label.contains(char::is_whitespace) => {
+            Ok(label.to_owned())
+        }
+        _ => Err(format!(
+            "'{}' is not label=<key>[=<value>]",
+            s.escape_default()
+        )),
+    }
+}
+
 /// Errors that stop the registrar.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The process around the service failed (listeners).
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// etcd refused the start (a duplicate host id).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The host's identity could not be determined.
+    #[error("{0}")]
+    Identity(String),
+}
+
+/// What triggers a reconcile.
+#[derive(Debug)]
+enum Trigger {
+    /// Docker reported an event about this container.
+    Container(String),
+    /// Re-inspect everything (periodic resync, lost event stream, new lease).
+    Full,
+    /// `Registrar.Resync`: re-inspect everything and answer.
+    Resync(oneshot::Sender<v1::ResyncResponse>),
 }
 
 /// Runs the registrar until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let host_id = match &config.host_id {
+        Some(id) => id.clone(),
+        None => {
+            let name = nix::unistd::gethostname()
+                .map_err(|e| Error::Identity(format!("host name: {e}")))?;
+            HostId::new(&name.to_string_lossy())
+                .map_err(|e| Error::Identity(format!("{e}: set HOST_ID")))?
+        }
+    };
+    let host_ip = match config.host_ip {
+        Some(ip) => ip,
+        None => {
+            let ip = hostip::detect().map_err(Error::Identity)?;
+            info!(%ip, "host IP detected (set HOST_IP to choose another)");
+            ip
+        }
+    };
+    let instance = format!("{:016x}", RandomState::new().hash_one(std::process::id()));
+    let record = HostRecord::new(host_ip, &instance, env!("CARGO_PKG_VERSION"))
+        .map_err(|e| Error::Identity(e.to_string()))?;
+    let schema = Schema::new(config.etcd.prefix.clone());
     info!(
-        etcd = ?config.etcd.endpoints(),
-        prefix = %config.etcd.prefix,
-        host_ip = ?config.host_ip.map(|ip| ip.to_string()),
-        host_id = ?config.host_id.as_ref().map(HostId::as_str),
-        lease_ttl = config.lease_ttl,
-        "configuration"
+        %host_id, %host_ip, instance, prefix = %schema.prefix(), etcd = ?config.etcd.endpoints(),
+        docker = config.docker_host, filters = ?config.filters, lease_ttl = config.lease_ttl,
+        "registrar starting"
     );
-    warn!("skeleton: serves health and metrics only; containers are not registered yet");
-    let (_health, health_service) = tonic_health::server::health_reporter();
-    let routes = tonic::service::Routes::new(health_service);
-    runtime::serve_grpc(config.listen, routes, shutdown).await?;
-    Ok(())
+
+    // The API and health come up first: NOT_SERVING until the host id is claimed.
+    let (trigger_tx, trigger_rx) = mpsc::channel(1024);
+    let (list_tx, list_rx) = watch::channel(v1::ListResponse {
+        host_id: host_id.to_string(),
+        host_ip: host_ip.to_string(),
+        ..Default::default()
+    });
+    let tracker = TaskTracker::new();
+    let tasks = shutdown.child_token();
+    let api = v1::registrar_server::RegistrarServer::new(Api {
+        list: list_rx,
+        trigger: trigger_tx.clone(),
+    });
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let routes = tonic::service::Routes::new(health_service).add_service(api);
+    let mut grpc = tracker.spawn(runtime::serve_grpc(config.listen, routes, tasks.clone()));
+
+    let started = async {
+        let source = retry("connecting to Docker", &tasks, || {
+            DockerSource::connect(&config.docker_host, config.filters.clone())
+        })
+        .await?;
+        let endpoints = config.etcd.endpoints();
+        let client = retry("connecting to etcd", &tasks, || {
+            etcd_client::Client::connect(endpoints.clone(), Some(connect_options()))
+        })
+        .await?;
+        let store = Store::new(client, schema.clone(), host_id.clone(), record);
+        let window = Duration::from_millis(config.claim_window_ms);
+        let claimed = retry_unless_duplicate(&tasks, || {
+            let mut store = store.clone();
+            async move { store.claim(config.lease_ttl, window).await }
+        })
+        .await;
+        Some(claimed.map(|lease| (source, store, lease)))
+    };
+    let (source, mut store, lease) = tokio::select! {
+        started = started => match started {
+            Some(Ok(started)) => started,
+            Some(Err(e)) => {
+                tasks.cancel();
+                tracker.close();
+                tracker.wait().await;
+                return Err(e.into());
+            }
+            None => {
+                tracker.close();
+                tracker.wait().await;
+                return Ok(());
+            }
+        },
+        result = &mut grpc => return grpc_outcome(result),
+    };
+    health.set_service_status("", ServingStatus::Serving).await;
+    health
+        .set_serving::<v1::registrar_server::RegistrarServer<Api>>()
+        .await;
+
+    let (lease_tx, lease_rx) = watch::channel(lease);
+    tracker.spawn(keep_lease(
+        store.clone(),
+        config.lease_ttl,
+        lease_tx,
+        trigger_tx.clone(),
+        tasks.clone(),
+    ));
+    tracker.spawn(guard(store.clone(), lease_rx.clone(), tasks.clone()));
+    tracker.spawn(follow_events(
+        config.docker_host.clone(),
+        config.filters.clone(),
+        trigger_tx.clone(),
+        tasks.clone(),
+    ));
+    tracker.spawn(periodic(
+        Duration::from_secs(config.resync_interval),
+        trigger_tx.clone(),
+        tasks.clone(),
+    ));
+    tracker.close();
+
+    let reconciler = Reconciler {
+        source,
+        store: store.clone(),
+        host_ip,
+        host_id,
+        lease: lease_rx.clone(),
+        list: list_tx,
+        refused: HashMap::new(),
+    };
+    let outcome = tokio::select! {
+        () = reconciler.run(trigger_rx, tasks.clone()) => Ok(()),
+        result = &mut grpc => grpc_outcome(result),
+    };
+    tasks.cancel();
+    tracker.wait().await;
+    if config.deregister_on_exit {
+        let lease = *lease_rx.borrow();
+        match store.revoke(lease).await {
+            Ok(()) => info!(
+                lease = format!("{lease:x}"),
+                "lease revoked: this host's keys are deleted"
+            ),
+            Err(e) => warn!(error = %e, "cannot revoke the lease: keys expire with the TTL"),
+        }
+    } else {
+        info!("stopping: this host's keys expire with the lease unless a restart adopts them");
+    }
+    outcome
+}
+
+fn grpc_outcome(
+    result: Result<Result<(), RuntimeError>, tokio::task::JoinError>,
+) -> Result<(), Error> {
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(Error::Identity(format!("gRPC task: {e}"))),
+    }
+}
+
+/// Retries a claim through transient etcd errors; a duplicate host id is final.
+async fn retry_unless_duplicate<Fut: Future<Output = Result<i64, StoreError>>>(
+    shutdown: &CancellationToken,
+    mut attempt: impl FnMut() -> Fut,
+) -> Result<i64, StoreError> {
+    let mut delays = backoff();
+    loop {
+        match attempt().await {
+            Err(StoreError::Etcd(e)) => {
+                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                warn!(error = %e, retry_in = ?delay, "claiming the host id");
+                tokio::select! {
+                    () = shutdown.cancelled() => return Err(StoreError::Etcd(e)),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+fn connect_options() -> etcd_client::ConnectOptions {
+    etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+        .with_keep_alive_while_idle(true)
+}
+
+/// Jittered exponential backoff, 100 ms up to 5 s, forever.
+fn backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Retries `attempt` with backoff until it succeeds (`Some`) or `shutdown` (`None`).
+async fn retry<T, E: std::fmt::Display, Fut: Future<Output = Result<T, E>>>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut attempt: impl FnMut() -> Fut,
+) -> Option<T> {
+    let mut delays = backoff();
+    loop {
+        match attempt().await {
+            Ok(value) => return Some(value),
+            Err(e) => {
+                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                warn!(error = %e, retry_in = ?delay, "{what}");
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the lease alive; when it is lost, grants a new one and triggers a full re-registration.
+async fn keep_lease(
+    mut store: Store,
+    ttl: i64,
+    lease: watch::Sender<i64>,
+    trigger: mpsc::Sender<Trigger>,
+    shutdown: CancellationToken,
+) {
+    let mut delays = backoff();
+    while !shutdown.is_cancelled() {
+        let id = *lease.borrow();
+        match store.keep_alive(id, ttl, &shutdown).await {
+            Ok(()) => return,
+            Err(StoreError::LeaseLost(_)) => {
+                warn!(
+                    lease = format!("{id:x}"),
+                    "lease lost: granting a new one and registering everything again"
+                );
+                metrics::counter!("legate_registrar_leases_lost_total").increment(1);
+                let Some(new) = retry("granting a lease", &shutdown, || {
+                    let mut store = store.clone();
+                    async move { store.grant(ttl).await }
+                })
+                .await
+                else {
+                    return;
+                };
+                info!(lease = format!("{new:x}"), "new lease");
+                lease.send_replace(new);
+                let _ = trigger.send(Trigger::Full).await;
+                delays = backoff();
+            }
+            Err(e) => {
+                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                warn!(error = %e, retry_in = ?delay, "lease keep-alive failed");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Restarts the host record guard whenever its watch fails.
+async fn guard(mut store: Store, lease: watch::Receiver<i64>, shutdown: CancellationToken) {
+    let mut delays = backoff();
+    while !shutdown.is_cancelled() {
+        if let Err(e) = store.guard_host_record(&lease, &shutdown).await {
+            debug!(error = %e, "host record guard restarts");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))) => {}
+        }
+    }
+}
+
+/// Follows Docker's events; a lost stream reconnects with backoff and triggers a full resync.
+async fn follow_events(
+    host: String,
+    filters: Vec<String>,
+    trigger: mpsc::Sender<Trigger>,
+    shutdown: CancellationToken,
+) {
+    let mut delays = backoff();
+    while !shutdown.is_cancelled() {
+        match DockerSource::connect(&host, filters.clone()).await {
+            Ok(source) => {
+                let mut events = std::pin::pin!(source.events());
+                // Anything may have happened while the stream was down.
+                let _ = trigger.send(Trigger::Full).await;
+                loop {
+                    let event = tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        event = events.next() => event,
+                    };
+                    match event {
+                        Some(Ok(id)) => {
+                            delays = backoff();
+                            if trigger.send(Trigger::Container(id)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Some(Err(e)) => {
+                            warn!(error = %e, "Docker event stream failed");
+                            break;
+                        }
+                        None => {
+                            warn!("Docker event stream ended");
+                            break;
+                        }
+                    }
+                }
+                metrics::counter!("legate_registrar_event_stream_restarts_total").increment(1);
+            }
+            Err(e) => warn!(error = %e, "connecting to Docker for events"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))) => {}
+        }
+    }
+}
+
+/// Triggers a full resync every `interval`.
+async fn periodic(interval: Duration, trigger: mpsc::Sender<Trigger>, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {
+                if trigger.send(Trigger::Full).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Owns the Docker source and the view published to `Registrar.List`.
+struct Reconciler {
+    source: DockerSource,
+    store: Store,
+    host_ip: HostIp,
+    host_id: HostId,
+    lease: watch::Receiver<i64>,
+    list: watch::Sender<v1::ListResponse>,
+    /// Reasons of the containers refused at the last reconcile, to warn once per change.
+    refused: HashMap<String, String>,
+}
+
+impl Reconciler {
+    async fn run(mut self, mut triggers: mpsc::Receiver<Trigger>, shutdown: CancellationToken) {
+        let mut delays = backoff();
+        let mut retry_in: Option<Duration> = Some(Duration::ZERO);
+        loop {
+            let mut full = false;
+            let mut replies = Vec::new();
+            let first = tokio::select! {
+                () = shutdown.cancelled() => return,
+                trigger = triggers.recv() => trigger,
+                () = sleep_opt(retry_in) => None,
+            };
+            if first.is_none() && retry_in.is_none() {
+                return; // every sender is gone
+            }
+            if retry_in.is_some() {
+                full = true;
+            }
+            // Coalesce whatever else is already queued into this one reconcile.
+            let mut next = first;
+            loop {
+                match next {
+                    Some(Trigger::Container(id)) => self.source.invalidate(&id),
+                    Some(Trigger::Full) => full = true,
+                    Some(Trigger::Resync(reply)) => {
+                        full = true;
+                        replies.push(reply);
+                    }
+                    None => {}
+                }
+                match triggers.try_recv() {
+                    Ok(trigger) => next = Some(trigger),
+                    Err(_) => break,
+                }
+            }
+            if full {
+                self.source.clear_cache();
+            }
+            match self.reconcile().await {
+                Ok(response) => {
+                    retry_in = None;
+                    delays = backoff();
+                    for reply in replies {
+                        let _ = reply.send(response);
+                    }
+                }
+                Err(e) => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                    warn!(error = %e, retry_in = ?delay, "reconcile failed");
+                    metrics::counter!("legate_registrar_reconcile_errors_total").increment(1);
+                    retry_in = Some(delay);
+                    // Resync callers get no answer (their call fails) rather than a stale one.
+                }
+            }
+        }
+    }
+
+    async fn reconcile(&mut self) -> Result<v1::ResyncResponse, Error> {
+        let started = std::time::Instant::now();
+        let containers = self
+            .source
+            .running()
+            .await
+            .map_err(|e| Error::Identity(e.to_string()))?;
+        let mut desired = BTreeMap::new();
+        let mut registrations = Vec::new();
+        let mut refused = Vec::new();
+        let mut refused_now = HashMap::new();
+        for info in &containers {
+            match conventions::evaluate(info, self.host_ip, &self.host_id) {
+                Verdict::Ignore => {}
+                Verdict::NotRouted(why) => debug!(container = info.name, why, "not routed"),
+                Verdict::Register(targets, value) => {
+                    let json = value.to_json();
+                    for target in targets {
+                        let (key, registration) = self.describe(&target, info);
+                        desired.insert(key, json.clone());
+                        registrations.push(registration);
+                    }
+                }
+                Verdict::Refuse(reason) => {
+                    if self.refused.get(&info.id) != Some(&reason) {
+                        warn!(
+                            container = info.name,
+                            id = &info.id[..12.min(info.id.len())],
+                            reason,
+                            "container refused"
+                        );
+                        metrics::counter!("legate_registrar_refused_total").increment(1);
+                    }
+                    refused_now.insert(info.id.clone(), reason.clone());
+                    refused.push(v1::RefusedContainer {
+                        container_id: info.id.clone(),
+                        container_name: info.name.clone(),
+                        reason,
+                    });
+                }
+            }
+        }
+        self.refused = refused_now;
+        desired.insert(self.store.host_key(), self.store.record_json());
+
+        let lease = *self.lease.borrow();
+        let owned = self.store.owned().await?;
+        let plan = reconcile::plan(&desired, &owned, lease);
+        if !plan.is_empty() {
+            self.store.apply(&plan, lease).await?;
+            info!(
+                written = plan.puts.len(),
+                deleted = plan.deletes.len(),
+                "registry updated"
+            );
+        }
+        registrations.sort_by(|a, b| a.key.cmp(&b.key));
+        refused.sort_by(|a, b| a.container_name.cmp(&b.container_name));
+        metrics::gauge!("legate_registrar_registrations").set(registrations.len() as f64);
+        metrics::gauge!("legate_registrar_refused").set(refused.len() as f64);
+        metrics::histogram!("legate_registrar_reconcile_seconds")
+            .record(started.elapsed().as_secs_f64());
+        let response = v1::ResyncResponse {
+            written: plan.puts.len() as u32,
+            deleted: plan.deletes.len() as u32,
+            registered: registrations.len() as u32,
+            refused: refused.len() as u32,
+        };
+        self.list.send_modify(|list| {
+            list.lease_id = lease;
+            list.registrations = registrations;
+            list.refused = refused;
+        });
+        Ok(response)
+    }
+
+    fn describe(
+        &self,
+        target: &Target,
+        info: &conventions::ContainerInfo,
+    ) -> (String, v1::Registration) {
+        let schema = self.store.schema();
+        let mut registration = v1::Registration {
+            container_id: info.id.clone(),
+            container_name: info.name.clone(),
+            ..Default::default()
+        };
+        let key = match target {
+            Target::App(app) => {
+                registration.kind = v1::RegistrationKind::App as i32;
+                registration.domain = app.domain.to_string();
+                registration.ip = app.endpoint.ip.to_string();
+                registration.port = u32::from(app.endpoint.port.get());
+                schema.app_key(app)
+            }
+            Target::Service(service) => {
+                registration.kind = v1::RegistrationKind::Service as i32;
+                registration.service_name = service.name.to_string();
+                registration.service_port = u32::from(service.service_port.get());
+                registration.ip = service.endpoint.ip.to_string();
+                registration.port = u32::from(service.endpoint.port.get());
+                schema.service_key(service)
+            }
+        };
+        registration.key = key.clone();
+        (key, registration)
+    }
+}
+
+async fn sleep_opt(delay: Option<Duration>) {
+    match delay {
+        Some(delay) => tokio::time::sleep(delay).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The `legate.v1.Registrar` gRPC service.
+struct Api {
+    list: watch::Receiver<v1::ListResponse>,
+    trigger: mpsc::Sender<Trigger>,
+}
+
+#[tonic::async_trait]
+impl v1::registrar_server::Registrar for Api {
+    async fn list(
+        &self,
+        _: tonic::Request<v1::ListRequest>,
+    ) -> Result<tonic::Response<v1::ListResponse>, tonic::Status> {
+        Ok(tonic::Response::new(self.list.borrow().clone()))
+    }
+
+    async fn resync(
+        &self,
+        _: tonic::Request<v1::ResyncRequest>,
+    ) -> Result<tonic::Response<v1::ResyncResponse>, tonic::Status> {
+        let (reply, answer) = oneshot::channel();
+        self.trigger
+            .send(Trigger::Resync(reply))
+            .await
+            .map_err(|_| tonic::Status::unavailable("the registrar is stopping"))?;
+        let response = tokio::time::timeout(Duration::from_secs(30), answer)
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("reconcile did not finish within 30 s"))?
+            .map_err(|_| tonic::Status::unavailable("reconcile failed: see the registrar's log"))?;
+        Ok(tonic::Response::new(response))
+    }
 }

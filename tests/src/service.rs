@@ -147,6 +147,11 @@ impl Service {
         self.child.wait_exit(timeout).await
     }
 
+    /// Kills the process with SIGKILL (a crash).
+    pub fn kill(&mut self) {
+        self.child.kill();
+    }
+
     /// Waits for the process to exit on its own.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
         self.child.wait_exit(timeout).await

@@ -1,14 +1,23 @@
-//! The service binaries of the foundation: configuration, health, metrics, clean shutdown.
+//! What every service binary does: configuration, health, metrics, clean shutdown.
 
 use legate_tests::WAIT;
+use legate_tests::etcd::Etcd;
 use legate_tests::service::Service;
 
 const BINARIES: [&str; 3] = ["legate-registrar", "legate-confgen", "legate-supervisor"];
 
 #[tokio::test]
 async fn each_service_serves_health_and_metrics_and_stops_on_sigterm() {
+    let etcd = Etcd::start().await.unwrap();
+    let endpoint = etcd.endpoint();
     for binary in BINARIES {
-        let mut service = Service::start(binary, &["--log-format", "json"], &[]).unwrap();
+        // The registrar reports SERVING once it holds its host id in etcd.
+        let env = [
+            ("ETCD_ENDPOINTS", endpoint.as_str()),
+            ("HOST_IP", "127.0.0.1"),
+            ("HOST_ID", "services-test"),
+        ];
+        let mut service = Service::start(binary, &["--log-format", "json"], &env).unwrap();
         service.wait_serving().await.unwrap();
         let metrics = service.metrics_text().await.unwrap();
         let service_name = binary.trim_start_matches("legate-");

@@ -1,0 +1,50 @@
+//! Detects the host IP when `HOST_IP` is not set: the IPv4 address of the interface that holds
+//! the default route, else the first non-loopback IPv4 address. Reads local tables only; sends
+//! nothing.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use legate_proto::registry::HostIp;
+
+/// The detected host IP, or why there is none.
+pub(crate) fn detect() -> Result<HostIp, String> {
+    let default_interface = std::fs::read_to_string("/proc/net/route")
+        .ok()
+        .and_then(|routes| default_route_interface(&routes));
+    let addresses: Vec<(String, Ipv4Addr)> = nix::ifaddrs::getifaddrs()
+        .map_err(|e| format!("cannot list network interfaces ({e}): set HOST_IP"))?
+        .filter_map(|ifaddr| {
+            let ip = ifaddr.address?.as_sockaddr_in()?.ip();
+            Some((ifaddr.interface_name, ip))
+        })
+        .filter(|(_, ip)| !ip.is_loopback() && !ip.is_link_local())
+        .collect();
+    let chosen = default_interface
+        .and_then(|name| addresses.iter().find(|(n, _)| *n == name))
+        .or_else(|| addresses.first())
+        .map(|(_, ip)| *ip)
+        .ok_or("cannot detect the host IP: no non-loopback IPv4 address; set HOST_IP")?;
+    HostIp::new(IpAddr::V4(chosen)).map_err(|e| e.to_string())
+}
+
+/// The interface of the default route in `/proc/net/route`.
+fn default_route_interface(routes: &str) -> Option<String> {
+    routes.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1) == Some(&"00000000")).then(|| fields[0].to_owned())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_route_is_found() {
+        let routes = "Iface\tDestination\tGateway\tFlags\n\
+                      docker0\t000011AC\t00000000\t0001\n\
+                      eth0\t00000000\t0100000A\t0003\n";
+        assert_eq!(default_route_interface(routes).as_deref(), Some("eth0"));
+        assert_eq!(default_route_interface("Iface\tDestination\n"), None);
+    }
+}

@@ -1,0 +1,357 @@
+//! The etcd edge: the host's claim on its host id, its lease, the keys it owns, and applying a
+//! reconcile plan.
+//!
+//! Ownership: a key is this host's when its JSON value names this host id (registrations) or
+//! when it is `<prefix>/hosts/<host-id>` itself. Keys are never guessed from addresses.
+//!
+//! Claiming a host id at start ([`Store::claim`]): with no host record, one is created under a
+//! new lease (create-if-absent). With a record left by a previous run, the newcomer overwrites it
+//! with its own instance id, keeps the old lease alive, and watches the record for a short
+//! window: a live registrar with the same host id restores its record at once
+//! ([`Store::guard_host_record`]), and the newcomer refuses to run. If nobody answers, the
+//! previous run is dead and the newcomer adopts its lease and keys: a restart flaps no route.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
+use legate_proto::registry::{HostId, HostKey, HostRecord, KeyKind, RegistrationValue, Schema};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::reconcile::{Owned, Plan};
+
+/// Most operations in one etcd transaction (etcd's default limit is 128).
+const MAX_TXN_OPS: usize = 100;
+
+/// etcd errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// etcd failed or is unreachable.
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    /// Another live registrar holds this host id.
+    #[error(
+        "another registrar (instance {other}) is running with host id '{host_id}': refusing to run a second one"
+    )]
+    Duplicate {
+        /// The host id.
+        host_id: String,
+        /// The other registrar's instance id, if known.
+        other: String,
+    },
+    /// The lease expired: keys attached to it are gone.
+    #[error("lease {0:x} expired")]
+    LeaseLost(i64),
+}
+
+/// The registry as this host sees it.
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    schema: Schema,
+    host_id: HostId,
+    record: HostRecord,
+}
+
+impl Store {
+    /// A store for `host_id`, whose record is `record`.
+    pub fn new(client: Client, schema: Schema, host_id: HostId, record: HostRecord) -> Self {
+        Self {
+            client,
+            schema,
+            host_id,
+            record,
+        }
+    }
+
+    /// The key schema.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// The key of this host's record.
+    pub fn host_key(&self) -> String {
+        self.schema.host_key(&HostKey {
+            host_id: self.host_id.clone(),
+        })
+    }
+
+    /// This host's record, as JSON.
+    pub fn record_json(&self) -> String {
+        self.record.to_json()
+    }
+
+    /// Claims the host id (see the module documentation) and returns the lease to use.
+    pub async fn claim(&mut self, ttl: i64, window: Duration) -> Result<i64, StoreError> {
+        let key = self.host_key();
+        let current = self.client.get(key.as_str(), None).await?;
+        let Some(existing) = current.kvs().first() else {
+            let lease = self.client.lease_grant(ttl, None).await?.id();
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    key.as_str(),
+                    self.record_json(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            if !self.client.txn(txn).await?.succeeded() {
+                let _ = self.client.lease_revoke(lease).await;
+                return Err(self.duplicate(None));
+            }
+            info!(host_id = %self.host_id, lease = format!("{lease:x}"), "host id claimed with a new lease");
+            return Ok(lease);
+        };
+        let previous = HostRecord::parse(existing.value()).ok().map(|r| r.instance);
+        let old_lease = existing.lease();
+        let alive =
+            old_lease != 0 && self.client.lease_time_to_live(old_lease, None).await?.ttl() > 0;
+        let lease = if alive {
+            old_lease
+        } else {
+            self.client.lease_grant(ttl, None).await?.id()
+        };
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                existing.mod_revision(),
+            )])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                self.record_json(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let response = self.client.txn(txn).await?;
+        if !response.succeeded() {
+            return Err(self.duplicate(previous));
+        }
+        let revision = response.header().map_or(0, |h| h.revision());
+        if alive {
+            // Keep the adopted lease alive while waiting for an answer.
+            let (mut keeper, mut stream) = self.client.lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            let _ = stream.message().await?;
+        }
+        let options = WatchOptions::new().with_start_revision(revision + 1);
+        let mut watch = self.client.watch(key.as_str(), Some(options)).await?;
+        let deadline = tokio::time::sleep(window);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                () = &mut deadline => break,
+                message = watch.message() => {
+                    let Some(response) = message? else { break };
+                    for event in response.events() {
+                        let answered = event.event_type() == EventType::Put
+                            && event.kv().is_some_and(|kv| {
+                                HostRecord::parse(kv.value()).ok().map(|r| r.instance)
+                                    != Some(self.record.instance.clone())
+                            });
+                        if answered {
+                            let other = event
+                                .kv()
+                                .and_then(|kv| HostRecord::parse(kv.value()).ok())
+                                .map(|r| r.instance);
+                            return Err(self.duplicate(other));
+                        }
+                    }
+                }
+            }
+        }
+        if alive {
+            info!(
+                host_id = %self.host_id,
+                lease = format!("{lease:x}"),
+                previous = previous.as_deref().unwrap_or("unknown"),
+                "previous run of this host is gone: adopting its lease and keys"
+            );
+        } else {
+            info!(host_id = %self.host_id, lease = format!("{lease:x}"), "host record taken over with a new lease");
+        }
+        Ok(lease)
+    }
+
+    fn duplicate(&self, other: Option<String>) -> StoreError {
+        StoreError::Duplicate {
+            host_id: self.host_id.to_string(),
+            other: other.unwrap_or_else(|| "unknown".to_owned()),
+        }
+    }
+
+    /// Watches this host's record until `shutdown`: whenever another writer replaces or deletes
+    /// it (a second registrar claiming the host id), logs it loudly and restores it, which makes
+    /// the newcomer refuse to run. Returns on a watch failure; the caller restarts it.
+    pub async fn guard_host_record(
+        &mut self,
+        lease: &tokio::sync::watch::Receiver<i64>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StoreError> {
+        let key = self.host_key();
+        let mut watch = self.client.watch(key.as_str(), None).await?;
+        loop {
+            let message = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                message = watch.message() => message?,
+            };
+            let Some(response) = message else {
+                return Ok(());
+            };
+            for event in response.events() {
+                let foreign = match event.event_type() {
+                    EventType::Delete => Some("deleted".to_owned()),
+                    EventType::Put => event.kv().and_then(|kv| {
+                        let instance = HostRecord::parse(kv.value()).ok().map(|r| r.instance);
+                        (instance.as_deref() != Some(self.record.instance.as_str())).then(|| {
+                            format!(
+                                "claimed by instance {}",
+                                instance.as_deref().unwrap_or("unknown")
+                            )
+                        })
+                    }),
+                };
+                let Some(what) = foreign else { continue };
+                if event.event_type() == EventType::Delete && shutdown.is_cancelled() {
+                    continue;
+                }
+                error!(host_id = %self.host_id, "host record {what}: another registrar with this host id? restoring ours");
+                metrics::counter!("legate_registrar_host_id_conflicts_total").increment(1);
+                let lease = *lease.borrow();
+                self.client
+                    .put(
+                        key.as_str(),
+                        self.record_json(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )
+                    .await?;
+            }
+        }
+    }
+
+    /// The keys this host owns: registrations whose value names this host id, and its record.
+    pub async fn owned(&mut self) -> Result<BTreeMap<String, Owned>, StoreError> {
+        let mut owned = BTreeMap::new();
+        for kind in [KeyKind::App, KeyKind::Service] {
+            let dir = self.schema.dir(kind);
+            let response = self
+                .client
+                .get(dir, Some(GetOptions::new().with_prefix()))
+                .await?;
+            for kv in response.kvs() {
+                let Ok(key) = self.schema.parse(kv.key()) else {
+                    continue;
+                };
+                let endpoint = match &key {
+                    legate_proto::registry::Key::App(k) => k.endpoint,
+                    legate_proto::registry::Key::Service(k) => k.endpoint,
+                    legate_proto::registry::Key::Host(_) => continue,
+                };
+                let mine = RegistrationValue::parse(kv.value(), &endpoint)
+                    .is_ok_and(|v| v.host_id.as_ref() == Some(&self.host_id));
+                if mine {
+                    owned.insert(
+                        self.schema.format(&key),
+                        Owned {
+                            value: kv.value().to_vec(),
+                            lease: kv.lease(),
+                        },
+                    );
+                }
+            }
+        }
+        let host_key = self.host_key();
+        let response = self.client.get(host_key.as_str(), None).await?;
+        if let Some(kv) = response.kvs().first() {
+            owned.insert(
+                host_key,
+                Owned {
+                    value: kv.value().to_vec(),
+                    lease: kv.lease(),
+                },
+            );
+        }
+        Ok(owned)
+    }
+
+    /// Applies a plan: puts attached to `lease`, deletes, in transactions of at most 100 ops.
+    pub async fn apply(&mut self, plan: &Plan, lease: i64) -> Result<(), StoreError> {
+        let ops: Vec<TxnOp> = plan
+            .puts
+            .iter()
+            .map(|(key, value)| {
+                TxnOp::put(
+                    key.as_str(),
+                    value.as_str(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+            })
+            .chain(
+                plan.deletes
+                    .iter()
+                    .map(|key| TxnOp::delete(key.as_str(), None)),
+            )
+            .collect();
+        for chunk in ops.chunks(MAX_TXN_OPS) {
+            self.client.txn(Txn::new().and_then(chunk.to_vec())).await?;
+        }
+        Ok(())
+    }
+
+    /// Grants a new lease.
+    pub async fn grant(&mut self, ttl: i64) -> Result<i64, StoreError> {
+        Ok(self.client.lease_grant(ttl, None).await?.id())
+    }
+
+    /// Keeps `lease` alive until `shutdown` (then `Ok`), or until it expires or etcd fails.
+    pub async fn keep_alive(
+        &mut self,
+        lease: i64,
+        ttl: i64,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StoreError> {
+        let (mut keeper, mut stream) = self.client.lease_keep_alive(lease).await?;
+        let period = Duration::from_millis((ttl as u64 * 1000 / 3).max(500));
+        let mut ticks = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                _ = ticks.tick() => {}
+            }
+            keeper.keep_alive().await?;
+            let answer = tokio::time::timeout(period, stream.message()).await;
+            match answer {
+                Ok(Ok(Some(response))) if response.ttl() > 0 => {}
+                Ok(Ok(Some(_))) => return Err(StoreError::LeaseLost(lease)),
+                Ok(Ok(None)) => {
+                    warn!("lease keep-alive stream closed by etcd");
+                    return self.check_lease(lease).await;
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => {
+                    warn!(
+                        lease = format!("{lease:x}"),
+                        "no keep-alive answer within {period:?}"
+                    );
+                    return self.check_lease(lease).await;
+                }
+            }
+        }
+    }
+
+    /// Whether `lease` still lives.
+    pub async fn check_lease(&mut self, lease: i64) -> Result<(), StoreError> {
+        if self.client.lease_time_to_live(lease, None).await?.ttl() > 0 {
+            Ok(())
+        } else {
+            Err(StoreError::LeaseLost(lease))
+        }
+    }
+
+    /// Revokes `lease`: every key attached to it is deleted at once.
+    pub async fn revoke(&mut self, lease: i64) -> Result<(), StoreError> {
+        self.client.lease_revoke(lease).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,681 @@
+//! The registrar against a real Docker engine and a real etcd.
+//!
+//! Each test runs its own etcd and registrar; the registrar only sees the containers of its
+//! test (a `legate.test.case` label filter), so tests run side by side on one engine.
+
+#![allow(clippy::unwrap_used)] // test helpers panic on failure, like the tests themselves
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use legate_proto::v1;
+use legate_proto::v1::registrar_client::RegistrarClient;
+use legate_tests::docker::{self, Container};
+use legate_tests::etcd::Etcd;
+use legate_tests::service::Service;
+use legate_tests::{WAIT, http_get, tcp_banner, wait_for};
+
+const TTL: &str = "3";
+
+struct Fixture {
+    etcd: Etcd,
+    registrar: Service,
+    case: String,
+    host_id: String,
+}
+
+impl Fixture {
+    async fn start(extra: &[&str]) -> Self {
+        let etcd = Etcd::start().await.unwrap();
+        let case = format!(
+            "{}-{}",
+            docker::run_id(),
+            legate_tests::free_port().unwrap()
+        );
+        let host_id = format!("host-{}", legate_tests::free_port().unwrap());
+        let registrar = start_registrar(&etcd, &case, &host_id, extra).await;
+        Self {
+            etcd,
+            registrar,
+            case,
+            host_id,
+        }
+    }
+
+    /// Runs a container of this test: `args` are docker run options, the image and command.
+    async fn run(&self, args: &[&str]) -> Container {
+        let label = format!("legate.test.case={}", self.case);
+        let mut full = vec!["--label", &label];
+        full.extend_from_slice(args);
+        Container::run(&full).await.unwrap()
+    }
+
+    /// Every key and value in etcd.
+    async fn keys(&self) -> BTreeMap<String, String> {
+        all_keys(&self.etcd).await
+    }
+
+    /// Waits until the registration keys (apps and services) satisfy `check`.
+    async fn wait_keys(
+        &self,
+        what: &str,
+        check: impl Fn(&BTreeMap<String, String>) -> bool,
+    ) -> BTreeMap<String, String> {
+        wait_for(what, WAIT, || async {
+            let keys = registrations(&self.keys().await);
+            Ok(check(&keys).then_some(keys))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nregistrar log:\n{}", self.registrar.log()))
+    }
+
+    async fn client(&self) -> RegistrarClient<tonic::transport::Channel> {
+        RegistrarClient::connect(format!("http://{}", self.registrar.grpc()))
+            .await
+            .unwrap()
+    }
+}
+
+async fn start_registrar(etcd: &Etcd, case: &str, host_id: &str, extra: &[&str]) -> Service {
+    let filter = format!("label=legate.test.case={case}");
+    let endpoint = etcd.endpoint();
+    let mut args = vec![
+        "--etcd-endpoints",
+        &endpoint,
+        "--filter",
+        &filter,
+        "--lease-ttl",
+        TTL,
+    ];
+    args.extend_from_slice(extra);
+    let mut registrar = Service::start(
+        "legate-registrar",
+        &args,
+        &[
+            ("HOST_IP", "127.0.0.1"),
+            ("HOST_ID", host_id),
+            ("LEGATE_LOG", "info,legate_registrar=debug"),
+        ],
+    )
+    .unwrap();
+    registrar.wait_serving().await.unwrap();
+    registrar
+}
+
+async fn all_keys(etcd: &Etcd) -> BTreeMap<String, String> {
+    let mut client = etcd.client().await.unwrap();
+    let response = client
+        .get("/", Some(etcd_client::GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    response
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key_str().unwrap().to_owned(),
+                kv.value_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn registrations(keys: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    keys.iter()
+        .filter(|(k, _)| k.starts_with("/apps/") || k.starts_with("/services/"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+fn images() -> &'static docker::Images {
+    docker::images().unwrap()
+}
+
+/// The `<ip>:<port>` at the end of a key.
+fn endpoint_of(key: &str) -> std::net::SocketAddr {
+    key.rsplit('/').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn seed_scenario_registers_service_and_app_and_follows_their_lifecycle() {
+    let f = Fixture::start(&[]).await;
+    let mysql = f
+        .run(&[
+            "--name",
+            &format!("some-mysql-{}", f.case),
+            "-e",
+            "SERVICE_PORT=3306",
+            "-p",
+            "127.0.0.1::3306",
+            &images().tcp_service,
+        ])
+        .await;
+    let wordpress = f
+        .run(&[
+            "-e",
+            "DOMAIN_NAME=blog.example.com",
+            "-p",
+            "127.0.0.1::80",
+            &images().http_app,
+        ])
+        .await;
+    let service_port = mysql.published("3306/tcp").await.unwrap();
+    let app_port = wordpress.published("80/tcp").await.unwrap();
+
+    let service_key = format!(
+        "/services/some-mysql-{}/3306/{}/{service_port}",
+        f.case,
+        mysql.id()
+    );
+    let app_key = format!("/apps/blog.example.com/{}/{app_port}", wordpress.id());
+    let keys = f
+        .wait_keys("both containers registered", |k| {
+            k.contains_key(&service_key) && k.contains_key(&app_key)
+        })
+        .await;
+    assert_eq!(keys.len(), 2, "{keys:#?}");
+    let value: serde_json::Value = serde_json::from_str(&keys[&app_key]).unwrap();
+    assert_eq!(value["host_id"], f.host_id.as_str());
+    let all = f.keys().await;
+    let record: serde_json::Value =
+        serde_json::from_str(&all[&format!("/hosts/{}", f.host_id)]).unwrap();
+    assert_eq!(record["ip"], "127.0.0.1");
+
+    // The registered addresses reach the containers.
+    let (status, body) = http_get(endpoint_of(&app_key), "blog.example.com", "/")
+        .await
+        .unwrap();
+    assert_eq!((status, body.trim()), (200, &wordpress.id()[..12]));
+    assert_eq!(
+        tcp_banner(endpoint_of(&service_key)).await.unwrap(),
+        mysql.id()[..12]
+    );
+
+    // stop → gone; start → back (Docker may publish another port); kill → gone.
+    wordpress.command("stop").await.unwrap();
+    f.wait_keys("the stopped app deregistered", |k| {
+        !k.keys().any(|k| k.starts_with("/apps/"))
+    })
+    .await;
+    wordpress.command("start").await.unwrap();
+    let new_port = wordpress.published("80/tcp").await.unwrap();
+    let new_key = format!("/apps/blog.example.com/{}/{new_port}", wordpress.id());
+    f.wait_keys("the restarted app registered", |k| k.contains_key(&new_key))
+        .await;
+    mysql.command("kill").await.unwrap();
+    f.wait_keys("the killed service deregistered", |k| {
+        !k.contains_key(&service_key)
+    })
+    .await;
+    drop(mysql);
+    drop(wordpress);
+    f.wait_keys("removed containers deregistered", BTreeMap::is_empty)
+        .await;
+}
+
+#[tokio::test]
+async fn containers_running_before_the_registrar_starts_are_registered() {
+    let etcd = Etcd::start().await.unwrap();
+    let case = format!(
+        "{}-pre-{}",
+        docker::run_id(),
+        legate_tests::free_port().unwrap()
+    );
+    let label = format!("legate.test.case={case}");
+    let app = Container::run(&[
+        "--label",
+        &label,
+        "-e",
+        "DOMAIN_NAME=early.example.com",
+        "-p",
+        "127.0.0.1::80",
+        &images().http_app,
+    ])
+    .await
+    .unwrap();
+    let port = app.published("80/tcp").await.unwrap();
+    let registrar = start_registrar(&etcd, &case, "early-host", &[]).await;
+    let key = format!("/apps/early.example.com/{}/{port}", app.id());
+    wait_for("the early container registered", WAIT, || async {
+        Ok(all_keys(&etcd).await.contains_key(&key).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", registrar.log()));
+}
+
+#[tokio::test]
+async fn health_transitions_register_only_healthy_containers() {
+    let f = Fixture::start(&[]).await;
+    let app = f
+        .run(&[
+            "-e",
+            "DOMAIN_NAME=healthy.example.com",
+            "-p",
+            "127.0.0.1::80",
+            "--health-cmd",
+            "test -f /tmp/healthy",
+            "--health-interval",
+            "1s",
+            "--health-retries",
+            "1",
+            &images().http_app,
+        ])
+        .await;
+    // Starting, then unhealthy: not routed.
+    wait_for("the container to be unhealthy", WAIT, || async {
+        let info = app.inspect().await?;
+        Ok((info["State"]["Health"]["Status"] == "unhealthy").then_some(()))
+    })
+    .await
+    .unwrap();
+    let mut client = f.client().await;
+    client.resync(v1::ResyncRequest {}).await.unwrap();
+    assert!(
+        registrations(&f.keys().await).is_empty(),
+        "an unhealthy container is not registered"
+    );
+
+    docker::docker(&["exec", app.id(), "touch", "/tmp/healthy"])
+        .await
+        .unwrap();
+    f.wait_keys("the healthy container registered", |k| {
+        k.keys()
+            .any(|k| k.starts_with("/apps/healthy.example.com/"))
+    })
+    .await;
+    docker::docker(&["exec", app.id(), "rm", "/tmp/healthy"])
+        .await
+        .unwrap();
+    f.wait_keys("the unhealthy container deregistered", BTreeMap::is_empty)
+        .await;
+}
+
+#[tokio::test]
+async fn comma_lists_and_labels_over_environment() {
+    let f = Fixture::start(&[]).await;
+    let c = f
+        .run(&[
+            "-e",
+            "DOMAIN_NAME=env.example.com",
+            "--label",
+            "legate.domain=a.example.com,B.example.com",
+            "-e",
+            "SERVICE_PORT=5432,6379",
+            "-e",
+            "SERVICE_NAME=cache",
+            "-p",
+            "127.0.0.1::80",
+            "-p",
+            "127.0.0.1::5432",
+            "-p",
+            "127.0.0.1::6379",
+            &images().http_app,
+        ])
+        .await;
+    let web = c.published("80/tcp").await.unwrap();
+    let pg = c.published("5432/tcp").await.unwrap();
+    let redis = c.published("6379/tcp").await.unwrap();
+    let id = c.id();
+    let expected: Vec<String> = vec![
+        format!("/apps/a.example.com/{id}/{web}"),
+        format!("/apps/b.example.com/{id}/{web}"),
+        format!("/services/cache/5432/{id}/{pg}"),
+        format!("/services/cache/6379/{id}/{redis}"),
+    ];
+    let keys = f.wait_keys("lists registered", |k| k.len() == 4).await;
+    assert_eq!(keys.keys().cloned().collect::<Vec<_>>(), expected);
+}
+
+/// Hostile container configurations: each is refused with a reason, never reaches etcd, and
+/// does not disturb a good container.
+#[tokio::test]
+async fn hostile_containers_are_refused_and_listed_with_reasons() {
+    let f = Fixture::start(&[]).await;
+    let long = format!("DOMAIN_NAME={}.com", "x".repeat(300));
+    let hostile: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["-e", "DOMAIN_NAME=a b.com"], "character ' ' at byte 1"),
+        (
+            vec!["-e", "DOMAIN_NAME=a.com\nbackend evil"],
+            "character '\\n' at byte 5",
+        ),
+        (vec!["-e", "DOMAIN_NAME=a.com;x"], "character ';'"),
+        (vec!["-e", "DOMAIN_NAME=a.com#x"], "character '#'"),
+        (vec!["-e", "DOMAIN_NAME=a'.com"], "character '\\''"),
+        (vec!["-e", "DOMAIN_NAME=a\".com"], "character '\\\"'"),
+        (vec!["-e", "DOMAIN_NAME=-a.com"], "starts or ends with '-'"),
+        (vec!["-e", "DOMAIN_NAME=a..com"], "empty label"),
+        (vec!["-e", "DOMAIN_NAME=.a.com"], "empty label"),
+        (vec!["-e", "DOMAIN_NAME=a.com."], "empty label"),
+        (vec!["-e", "DOMAIN_NAME=*.*.com"], "'*' is only allowed"),
+        (vec!["-e", "DOMAIN_NAME=bücher.de"], "character '\\u{fc}'"),
+        (vec!["-e", &long], "at most 253"),
+        (vec!["-e", "DOMAIN_NAME=a.com,"], "is empty"),
+        (vec!["-e", "DOMAIN_NAME=10.0.0.1"], "all digits"),
+        (vec!["-e", "DOMAIN_NAME=a.com\tb"], "character '\\t'"),
+        (vec!["-e", "DOMAIN_NAME={{x}}.com"], "character '{'"),
+        (vec!["-e", "SERVICE_PORT=mysql"], "not a decimal number"),
+        (vec!["-e", "SERVICE_PORT=0"], "out of range"),
+        (vec!["-e", "SERVICE_PORT=70000"], "out of range"),
+        (vec!["-e", "SERVICE_PORT=3306 "], "not a decimal number"),
+        (vec!["-e", "SERVICE_PORT=080"], "leading zero"),
+        (vec!["-e", "SERVICE_PORT=9999"], "9999/tcp is not published"),
+        (
+            vec!["-e", "DOMAIN_NAME=a.com", "-e", "APP_PORT=8o"],
+            "APP_PORT",
+        ),
+        (
+            vec!["-e", "SERVICE_PORT=3306", "-e", "SERVICE_NAME=my sql"],
+            "SERVICE_NAME",
+        ),
+        (
+            vec![
+                "--label",
+                "legate.domain=a b.com",
+                "-e",
+                "DOMAIN_NAME=ok.example.com",
+            ],
+            "legate.domain",
+        ),
+        (
+            vec!["--label", "legate.ignore=yes", "-e", "DOMAIN_NAME=a.com"],
+            "legate.ignore",
+        ),
+    ];
+    let mut containers = Vec::new();
+    for (options, reason) in &hostile {
+        let mut args = options.clone();
+        args.extend_from_slice(&[
+            "-p",
+            "127.0.0.1::80",
+            "-p",
+            "127.0.0.1::3306",
+            &images().http_app,
+        ]);
+        containers.push((f.run(&args).await, *reason));
+    }
+    let good = f
+        .run(&[
+            "-e",
+            "DOMAIN_NAME=good.example.com",
+            "-p",
+            "127.0.0.1::80",
+            &images().http_app,
+        ])
+        .await;
+
+    let mut client = f.client().await;
+    let list = wait_for("every hostile container refused", WAIT, || {
+        let mut client = client.clone();
+        let expected = containers.len();
+        async move {
+            client.resync(v1::ResyncRequest {}).await?;
+            let list = client.list(v1::ListRequest {}).await?.into_inner();
+            Ok((list.refused.len() == expected && list.registrations.len() == 1).then_some(list))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", f.registrar.log()));
+    for (container, reason) in &containers {
+        let refused = list
+            .refused
+            .iter()
+            .find(|r| r.container_id == container.id())
+            .unwrap();
+        assert!(
+            refused.reason.contains(reason),
+            "reason {:?} does not say {reason:?}",
+            refused.reason
+        );
+    }
+    assert_eq!(list.registrations[0].container_id, good.id());
+    assert_eq!(list.registrations[0].domain, "good.example.com");
+    let keys = registrations(&f.keys().await);
+    assert_eq!(
+        keys.len(),
+        1,
+        "only the good container is in etcd: {keys:#?}"
+    );
+    assert!(keys.keys().all(|k| k.contains(good.id())));
+
+    // Refusals are logged once per change, not on every reconcile.
+    client.resync(v1::ResyncRequest {}).await.unwrap();
+    let log = f.registrar.log();
+    assert_eq!(
+        log.matches("container refused").count(),
+        containers.len(),
+        "{log}"
+    );
+    let metrics = f.registrar.metrics_text().await.unwrap();
+    assert!(
+        metrics.contains(&format!("legate_registrar_refused {}", containers.len())),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_lost_lease_re_registers_everything() {
+    let f = Fixture::start(&[]).await;
+    let _app = f
+        .run(&[
+            "-e",
+            "DOMAIN_NAME=lease.example.com",
+            "-p",
+            "127.0.0.1::80",
+            &images().http_app,
+        ])
+        .await;
+    let keys = f.wait_keys("the app registered", |k| k.len() == 1).await;
+    let mut client = f.etcd.client().await.unwrap();
+    let before = client
+        .get(keys.keys().next().unwrap().as_str(), None)
+        .await
+        .unwrap()
+        .kvs()[0]
+        .lease();
+    // Revoking the lease is what its expiry does: every key attached to it is deleted.
+    client.lease_revoke(before).await.unwrap();
+    let after = wait_for("re-registration under a new lease", WAIT, || {
+        let mut client = client.clone();
+        let key = keys.keys().next().unwrap().clone();
+        async move {
+            let response = client.get(key.as_str(), None).await?;
+            Ok(response
+                .kvs()
+                .first()
+                .map(|kv| kv.lease())
+                .filter(|l| *l != before))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", f.registrar.log()));
+    let host = client
+        .get(format!("/hosts/{}", f.host_id), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        host.kvs()[0].lease(),
+        after,
+        "the host record is back under the new lease"
+    );
+}
+
+#[tokio::test]
+async fn etcd_restart_keeps_or_restores_every_key() {
+    let mut f = Fixture::start(&[]).await;
+    let _app = f
+        .run(&[
+            "-e",
+            "DOMAIN_NAME=outage.example.com",
+            "-p",
+            "127.0.0.1::80",
+            &images().http_app,
+        ])
+        .await;
+    let keys = f.wait_keys("the app registered", |k| k.len() == 1).await;
+    f.etcd.kill();
+    // Down for longer than the lease TTL.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    f.etcd.restart().await.unwrap();
+    let _ = f
+        .wait_keys("the app registered after the outage", |k| *k == keys)
+        .await;
+    // And the lease is kept alive afterwards: the keys outlive several TTLs.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(
+        registrations(&f.keys().await),
+        keys,
+        "{}",
+        f.registrar.log()
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_registrar_adopts_its_keys_without_deleting_them() {
+    let mut f = Fixture::start(&[]).await;
+    let _app = f
+        .run(&[
+            "-e",
+            "DOMAIN_NAME=restart.example.com",
+            "-p",
+            "127.0.0.1::80",
+            &images().http_app,
+        ])
+        .await;
+    f.wait_keys("the app registered", |k| k.len() == 1).await;
+    let mut client = f.etcd.client().await.unwrap();
+    let revision = client
+        .get("/", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+
+    let status = f.registrar.terminate(WAIT).await.unwrap();
+    assert!(status.success(), "{status}");
+    f.registrar = start_registrar(&f.etcd, &f.case, &f.host_id, &[]).await;
+    let mut registrar_client = f.client().await;
+    registrar_client.resync(v1::ResyncRequest {}).await.unwrap();
+    // Past the old lease's TTL: had it not been adopted, the keys would be gone now.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    registrar_client.resync(v1::ResyncRequest {}).await.unwrap();
+
+    let now = client
+        .get("/", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let options = etcd_client::WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(revision + 1);
+    let mut watch = client.watch("/", Some(options)).await.unwrap();
+    let mut deletes = Vec::new();
+    let mut seen = revision;
+    while seen < now {
+        let response = tokio::time::timeout(WAIT, watch.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        for event in response.events() {
+            let kv = event.kv().unwrap();
+            seen = seen.max(kv.mod_revision());
+            if event.event_type() == etcd_client::EventType::Delete {
+                deletes.push(kv.key_str().unwrap().to_owned());
+            }
+        }
+    }
+    assert!(deletes.is_empty(), "the restart deleted {deletes:?}");
+    assert_eq!(registrations(&f.keys().await).len(), 1);
+}
+
+#[tokio::test]
+async fn a_killed_registrars_keys_expire_with_the_ttl() {
+    let mut f = Fixture::start(&[]).await;
+    let _app = f
+        .run(&[
+            "-e",
+            "DOMAIN_NAME=dead.example.com",
+            "-p",
+            "127.0.0.1::80",
+            &images().http_app,
+        ])
+        .await;
+    f.wait_keys("the app registered", |k| k.len() == 1).await;
+    f.registrar.kill();
+    wait_for("the dead host's keys to expire", WAIT, || async {
+        Ok(f.keys().await.is_empty().then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn deregister_on_exit_removes_the_keys_at_once() {
+    let mut f = Fixture::start(&["--deregister-on-exit"]).await;
+    let _app = f
+        .run(&[
+            "-e",
+            "DOMAIN_NAME=bye.example.com",
+            "-p",
+            "127.0.0.1::80",
+            &images().http_app,
+        ])
+        .await;
+    f.wait_keys("the app registered", |k| k.len() == 1).await;
+    let status = f.registrar.terminate(WAIT).await.unwrap();
+    assert!(status.success());
+    assert!(
+        f.keys().await.is_empty(),
+        "keys left after --deregister-on-exit"
+    );
+}
+
+#[tokio::test]
+async fn a_second_registrar_with_the_same_host_id_is_refused() {
+    let f = Fixture::start(&[]).await;
+    let _app = f
+        .run(&[
+            "-e",
+            "DOMAIN_NAME=first.example.com",
+            "-p",
+            "127.0.0.1::80",
+            &images().http_app,
+        ])
+        .await;
+    let keys = f.wait_keys("the app registered", |k| k.len() == 1).await;
+    let filter = format!("label=legate.test.case={}", f.case);
+    let endpoint = f.etcd.endpoint();
+    let mut second = Service::start(
+        "legate-registrar",
+        &[
+            "--etcd-endpoints",
+            &endpoint,
+            "--filter",
+            &filter,
+            "--lease-ttl",
+            TTL,
+        ],
+        &[("HOST_IP", "127.0.0.1"), ("HOST_ID", &f.host_id)],
+    )
+    .unwrap();
+    let status = second.wait_exit(WAIT).await.unwrap();
+    assert!(!status.success(), "the second registrar kept running");
+    assert!(
+        second.log().contains("another registrar"),
+        "{}",
+        second.log()
+    );
+    // The first one keeps its registrations and its host record.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(registrations(&f.keys().await), keys);
+    assert!(
+        f.registrar
+            .log()
+            .contains("another registrar with this host id"),
+        "{}",
+        f.registrar.log()
+    );
+}
