@@ -181,13 +181,26 @@ pub struct Container {
 impl Container {
     /// `docker run -d` with the harness labels, then `args` (options, image, command).
     pub async fn run(args: &[&str]) -> Result<Self> {
+        Self::new(&["run", "-d"], args).await
+    }
+
+    /// `docker create`, like [`Container::run`] but not started.
+    pub async fn create(args: &[&str]) -> Result<Self> {
+        Self::new(&["create"], args).await
+    }
+
+    async fn new(verb: &[&str], args: &[&str]) -> Result<Self> {
         let test_label = format!("{TEST_LABEL}=1");
         let run_label = format!("{RUN_LABEL}={}", run_id());
-        let mut full = vec!["run", "-d", "--label", &test_label, "--label", &run_label];
+        let mut full = verb.to_vec();
+        full.extend_from_slice(&["--label", &test_label, "--label", &run_label]);
         full.extend_from_slice(args);
         let id = docker(&full).await?;
         if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            bail!("docker run printed {id:?}, not a container id");
+            bail!(
+                "docker {} printed {id:?}, not a container id",
+                verb.join(" ")
+            );
         }
         Ok(Self { id })
     }

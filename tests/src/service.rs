@@ -27,12 +27,14 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     if let Some(path) = built.get(name) {
         return Ok(path.clone());
     }
-    // The test executable lives in target/<profile>/deps/.
+    // Tests live in target/<profile>/deps/, binaries such as `bench` in target/<profile>/.
     let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .context("cannot locate the target directory")?;
+    let dir = exe.parent().context("cannot locate the target directory")?;
+    let profile_dir = if dir.ends_with("deps") {
+        dir.parent().context("cannot locate the target directory")?
+    } else {
+        dir
+    };
     let release = profile_dir.file_name().is_some_and(|p| p == "release");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
