@@ -334,3 +334,80 @@ pub fn engine_answers() -> Result<()> {
     }
     Ok(())
 }
+
+/// A TCP proxy in front of the Docker socket whose connections a test can cut, to provoke what
+/// a restarting engine does to its clients: a lost event stream.
+#[derive(Debug)]
+pub struct SocketProxy {
+    addr: SocketAddr,
+    state: std::sync::Arc<ProxyState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Default)]
+struct ProxyState {
+    paused: std::sync::atomic::AtomicBool,
+    connections: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+impl SocketProxy {
+    /// Listens on a free loopback port and forwards to `/var/run/docker.sock`.
+    pub async fn start() -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let addr = listener.local_addr()?;
+        let state = std::sync::Arc::new(ProxyState::default());
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if shared.paused.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the client sees its connection closed
+                }
+                let handle = tokio::spawn(async move {
+                    if let Ok(mut engine) =
+                        tokio::net::UnixStream::connect("/var/run/docker.sock").await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut engine).await;
+                    }
+                });
+                let mut connections = shared.connections.lock().unwrap_or_else(|e| e.into_inner());
+                connections.retain(|c| !c.is_finished());
+                connections.push(handle.abort_handle());
+            }
+        });
+        Ok(Self { addr, state, task })
+    }
+
+    /// The `DOCKER_HOST` value that goes through the proxy.
+    pub fn docker_host(&self) -> String {
+        format!("tcp://{}", self.addr)
+    }
+
+    /// Cuts every connection and refuses new ones until [`SocketProxy::resume`].
+    pub fn cut(&self) {
+        self.state
+            .paused
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut connections = self
+            .state
+            .connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for connection in connections.drain(..) {
+            connection.abort();
+        }
+    }
+
+    /// Accepts connections again.
+    pub fn resume(&self) {
+        self.state
+            .paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for SocketProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut();
+    }
+}

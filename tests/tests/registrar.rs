@@ -592,6 +592,54 @@ async fn a_restarted_registrar_adopts_its_keys_without_deleting_them() {
 }
 
 #[tokio::test]
+async fn a_lost_docker_event_stream_reconnects_and_resyncs() {
+    let proxy = docker::SocketProxy::start().await.unwrap();
+    let host = proxy.docker_host();
+    let f = Fixture::start(&["--docker-host", &host]).await;
+    let _first = f
+        .run(&[
+            "-e",
+            "DOMAIN_NAME=first.example.com",
+            "-p",
+            "127.0.0.1::80",
+            &images().http_app,
+        ])
+        .await;
+    f.wait_keys("the first app registered", |k| k.len() == 1)
+        .await;
+
+    // The engine "restarts": the event stream is lost, and a container starts meanwhile.
+    proxy.cut();
+    let _second = f
+        .run(&[
+            "-e",
+            "DOMAIN_NAME=second.example.com",
+            "-p",
+            "127.0.0.1::80",
+            &images().http_app,
+        ])
+        .await;
+    wait_for("the registrar to notice the lost stream", WAIT, || async {
+        Ok(f.registrar
+            .log()
+            .contains("Docker event stream")
+            .then_some(()))
+    })
+    .await
+    .unwrap();
+    proxy.resume();
+    f.wait_keys("the container started during the outage registered", |k| {
+        k.len() == 2
+    })
+    .await;
+    let metrics = f.registrar.metrics_text().await.unwrap();
+    assert!(
+        metrics.contains("legate_registrar_event_stream_restarts_total"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn a_killed_registrars_keys_expire_with_the_ttl() {
     let mut f = Fixture::start(&[]).await;
     let _app = f
