@@ -110,9 +110,15 @@ pub enum Error {
     /// etcd refused the start (a duplicate host id).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Docker failed.
+    #[error(transparent)]
+    Docker(#[from] docker::DockerError),
     /// The host's identity could not be determined.
     #[error("{0}")]
     Identity(String),
+    /// A task of the registrar panicked.
+    #[error("task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// What triggers a reconcile.
@@ -274,7 +280,7 @@ fn grpc_outcome(
     match result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.into()),
-        Err(e) => Err(Error::Identity(format!("gRPC task: {e}"))),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -69,6 +69,16 @@ impl Fixture {
         .unwrap_or_else(|e| panic!("{e}\nregistrar log:\n{}", self.registrar.log()))
     }
 
+    /// Runs an app for `domain` and waits until it is the one registration.
+    async fn registered_app(&self, domain: &str) -> (Container, BTreeMap<String, String>) {
+        let env = format!("DOMAIN_NAME={domain}");
+        let app = self
+            .run(&["-e", &env, "-p", "127.0.0.1::80", &images().http_app])
+            .await;
+        let keys = self.wait_keys("the app registered", |k| k.len() == 1).await;
+        (app, keys)
+    }
+
     async fn client(&self) -> RegistrarClient<tonic::transport::Channel> {
         RegistrarClient::connect(format!("http://{}", self.registrar.grpc()))
             .await
@@ -455,16 +465,7 @@ async fn hostile_containers_are_refused_and_listed_with_reasons() {
 #[tokio::test]
 async fn a_lost_lease_re_registers_everything() {
     let f = Fixture::start(&[]).await;
-    let _app = f
-        .run(&[
-            "-e",
-            "DOMAIN_NAME=lease.example.com",
-            "-p",
-            "127.0.0.1::80",
-            &images().http_app,
-        ])
-        .await;
-    let keys = f.wait_keys("the app registered", |k| k.len() == 1).await;
+    let (_app, keys) = f.registered_app("lease.example.com").await;
     let mut client = f.etcd.client().await.unwrap();
     let before = client
         .get(keys.keys().next().unwrap().as_str(), None)
@@ -502,16 +503,7 @@ async fn a_lost_lease_re_registers_everything() {
 #[tokio::test]
 async fn etcd_restart_keeps_or_restores_every_key() {
     let mut f = Fixture::start(&[]).await;
-    let _app = f
-        .run(&[
-            "-e",
-            "DOMAIN_NAME=outage.example.com",
-            "-p",
-            "127.0.0.1::80",
-            &images().http_app,
-        ])
-        .await;
-    let keys = f.wait_keys("the app registered", |k| k.len() == 1).await;
+    let (_app, keys) = f.registered_app("outage.example.com").await;
     f.etcd.kill();
     // Down for longer than the lease TTL.
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -532,16 +524,7 @@ async fn etcd_restart_keeps_or_restores_every_key() {
 #[tokio::test]
 async fn a_restarted_registrar_adopts_its_keys_without_deleting_them() {
     let mut f = Fixture::start(&[]).await;
-    let _app = f
-        .run(&[
-            "-e",
-            "DOMAIN_NAME=restart.example.com",
-            "-p",
-            "127.0.0.1::80",
-            &images().http_app,
-        ])
-        .await;
-    f.wait_keys("the app registered", |k| k.len() == 1).await;
+    let _app = f.registered_app("restart.example.com").await;
     let mut client = f.etcd.client().await.unwrap();
     let revision = client
         .get("/", None)
@@ -642,16 +625,7 @@ async fn a_lost_docker_event_stream_reconnects_and_resyncs() {
 #[tokio::test]
 async fn a_killed_registrars_keys_expire_with_the_ttl() {
     let mut f = Fixture::start(&[]).await;
-    let _app = f
-        .run(&[
-            "-e",
-            "DOMAIN_NAME=dead.example.com",
-            "-p",
-            "127.0.0.1::80",
-            &images().http_app,
-        ])
-        .await;
-    f.wait_keys("the app registered", |k| k.len() == 1).await;
+    let _app = f.registered_app("dead.example.com").await;
     f.registrar.kill();
     wait_for("the dead host's keys to expire", WAIT, || async {
         Ok(f.keys().await.is_empty().then_some(()))
@@ -663,16 +637,7 @@ async fn a_killed_registrars_keys_expire_with_the_ttl() {
 #[tokio::test]
 async fn deregister_on_exit_removes_the_keys_at_once() {
     let mut f = Fixture::start(&["--deregister-on-exit"]).await;
-    let _app = f
-        .run(&[
-            "-e",
-            "DOMAIN_NAME=bye.example.com",
-            "-p",
-            "127.0.0.1::80",
-            &images().http_app,
-        ])
-        .await;
-    f.wait_keys("the app registered", |k| k.len() == 1).await;
+    let _app = f.registered_app("bye.example.com").await;
     let status = f.registrar.terminate(WAIT).await.unwrap();
     assert!(status.success());
     assert!(
@@ -684,16 +649,7 @@ async fn deregister_on_exit_removes_the_keys_at_once() {
 #[tokio::test]
 async fn a_second_registrar_with_the_same_host_id_is_refused() {
     let f = Fixture::start(&[]).await;
-    let _app = f
-        .run(&[
-            "-e",
-            "DOMAIN_NAME=first.example.com",
-            "-p",
-            "127.0.0.1::80",
-            &images().http_app,
-        ])
-        .await;
-    let keys = f.wait_keys("the app registered", |k| k.len() == 1).await;
+    let (_app, keys) = f.registered_app("first.example.com").await;
     let filter = format!("label=legate.test.case={}", f.case);
     let endpoint = f.etcd.endpoint();
     let mut second = Service::start(
