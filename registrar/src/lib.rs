@@ -252,6 +252,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         lease: lease_rx.clone(),
         list: list_tx,
         refused: HashMap::new(),
+        owned: None,
     };
     let outcome = tokio::select! {
         () = reconciler.run(trigger_rx, tasks.clone()) => Ok(()),
@@ -476,6 +477,10 @@ struct Reconciler {
     list: watch::Sender<v1::ListResponse>,
     /// Reasons of the containers refused at the last reconcile, to warn once per change.
     refused: HashMap<String, String>,
+    /// The keys this host owns, as of its last full read plus its own writes since. A full
+    /// trigger reads them from etcd again, so an event-triggered reconcile costs no scan of the
+    /// whole registry.
+    owned: Option<BTreeMap<String, reconcile::Owned>>,
 }
 
 impl Reconciler {
@@ -515,6 +520,7 @@ impl Reconciler {
             }
             if full {
                 self.source.clear_cache();
+                self.owned = None;
             }
             match self.reconcile().await {
                 Ok(response) => {
