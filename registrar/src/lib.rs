@@ -193,11 +193,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .await?;
         let store = Store::new(client, schema.clone(), host_id.clone(), record);
         let window = Duration::from_millis(config.claim_window_ms);
-        let claimed = retry_unless_duplicate(&tasks, || {
+        // etcd errors are retried; a duplicate host id is final.
+        let claimed = retry("claiming the host id", &tasks, || {
             let mut store = store.clone();
-            async move { store.claim(config.lease_ttl, window).await }
+            async move {
+                match store.claim(config.lease_ttl, window).await {
+                    Err(StoreError::Etcd(e)) => Err(e),
+                    final_outcome => Ok(final_outcome),
+                }
+            }
         })
-        .await;
+        .await?;
         Some(claimed.map(|lease| (source, store, lease)))
     };
     let (source, mut store, lease) = tokio::select! {
@@ -282,27 +288,6 @@ fn grpc_outcome(
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.into()),
         Err(e) => Err(e.into()),
-    }
-}
-
-/// Retries a claim through transient etcd errors; a duplicate host id is final.
-async fn retry_unless_duplicate<Fut: Future<Output = Result<i64, StoreError>>>(
-    shutdown: &CancellationToken,
-    mut attempt: impl FnMut() -> Fut,
-) -> Result<i64, StoreError> {
-    let mut delays = backoff();
-    loop {
-        match attempt().await {
-            Err(StoreError::Etcd(e)) => {
-                let delay = delays.next().unwrap_or(Duration::from_secs(5));
-                warn!(error = %e, retry_in = ?delay, "claiming the host id");
-                tokio::select! {
-                    () = shutdown.cancelled() => return Err(StoreError::Etcd(e)),
-                    () = tokio::time::sleep(delay) => {}
-                }
-            }
-            other => return other,
-        }
     }
 }
 

@@ -145,17 +145,14 @@ impl Store {
                 message = watch.message() => {
                     let Some(response) = message? else { break };
                     for event in response.events() {
+                        let instance = event
+                            .kv()
+                            .and_then(|kv| HostRecord::parse(kv.value()).ok())
+                            .map(|r| r.instance);
                         let answered = event.event_type() == EventType::Put
-                            && event.kv().is_some_and(|kv| {
-                                HostRecord::parse(kv.value()).ok().map(|r| r.instance)
-                                    != Some(self.record.instance.clone())
-                            });
+                            && instance.as_deref() != Some(self.record.instance.as_str());
                         if answered {
-                            let other = event
-                                .kv()
-                                .and_then(|kv| HostRecord::parse(kv.value()).ok())
-                                .map(|r| r.instance);
-                            return Err(self.duplicate(other));
+                            return Err(self.duplicate(instance));
                         }
                     }
                 }
@@ -213,9 +210,6 @@ impl Store {
                     }),
                 };
                 let Some(what) = foreign else { continue };
-                if event.event_type() == EventType::Delete && shutdown.is_cancelled() {
-                    continue;
-                }
                 error!(host_id = %self.host_id, "host record {what}: another registrar with this host id? restoring ours");
                 metrics::counter!("legate_registrar_host_id_conflicts_total").increment(1);
                 let lease = *lease.borrow();
