@@ -1,22 +1,70 @@
-//! confgen: it will watch the registry in etcd, render HAProxy configurations and stream them to
-//! supervisors (DESIGN.md). This is the skeleton of the foundation issue: it parses its
-//! configuration, serves `grpc.health.v1` and metrics, and stops on SIGTERM/SIGINT. Watching and
-//! rendering are the confgen issue's work and are not implemented here.
+//! confgen: watches the registry in etcd, renders HAProxy configurations and streams them to
+//! supervisors (DESIGN.md).
+//!
+//! Lifecycle: the gRPC API comes up at once (health NOT_SERVING until the first snapshot); the
+//! [`watcher`] lists the registry and follows it, handing consistent batches to the generator
+//! loop, which applies them to the [`model::Registry`], waits for a burst to settle (`--wait
+//! min:max`), builds the model, renders it ([`render`]) and, when the output changed, publishes
+//! a new snapshot to every subscriber and `--output`. A render that fails keeps the last good
+//! snapshot. Everything stops on shutdown; open Watch streams end with it.
 
-use std::net::SocketAddr;
+pub mod api;
+pub mod model;
+pub mod render;
+pub mod watcher;
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use legate_proto::registry::Schema;
 use legate_proto::runtime::{self, CommonArgs, EtcdArgs, RuntimeError};
+use legate_proto::v1;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tokio_util::task::TaskTracker;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tracing::{error, info, warn};
+
+use crate::api::Status;
+use crate::model::Registry;
+use crate::render::{Renderer, Settings};
+use crate::watcher::{Batch, Event};
 
 /// confgen's configuration: every flag has an environment fallback.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "legate-confgen", version, about = "legate confgen (skeleton)")]
+#[command(
+    name = "legate-confgen",
+    version,
+    about = "legate confgen: the registry in etcd rendered into HAProxy configurations"
+)]
 pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    /// Handlebars template to render instead of the built-in one.
+    #[arg(long, env = "LEGATE_TEMPLATE")]
+    pub template: Option<PathBuf>,
+    /// How long to let a burst of changes settle before rendering, `min:max`: render once no
+    /// change came for `min`, and at the latest `max` after the first change (units ms, s, m;
+    /// a lone `min` means `min:4×min`).
+    #[arg(long, env = "LEGATE_WAIT", default_value = "2ms:100ms", value_parser = parse_wait)]
+    pub wait: Wait,
+    /// Port of the HTTP frontend of the built-in template.
+    #[arg(long, env = "LEGATE_HTTP_PORT", default_value_t = 80,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub http_port: u16,
+    /// Address the HTTP frontend and the TCP service listeners bind.
+    #[arg(long, env = "LEGATE_BIND_ADDRESS", default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+    pub bind_address: IpAddr,
+    /// Directory to also write each rendered configuration into (`haproxy.cfg` and the map
+    /// files), for use without a supervisor.
+    #[arg(long, env = "LEGATE_OUTPUT")]
+    pub output: Option<PathBuf>,
     /// gRPC listen address (Confgen API and health).
     #[arg(long, env = "LEGATE_LISTEN", default_value = "127.0.0.1:7402")]
     pub listen: SocketAddr,
@@ -25,20 +73,345 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
 }
 
+/// The `--wait` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wait {
+    /// Quiet time that ends a burst.
+    pub min: Duration,
+    /// Longest time from a burst's first change to its render.
+    pub max: Duration,
+}
+
+/// Parses `min[:max]` as in `--wait`.
+pub fn parse_wait(s: &str) -> Result<Wait, String> {
+    let duration = |part: &str| -> Result<Duration, String> {
+        let split = part
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(part.len());
+        let (number, unit) = part.split_at(split);
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("'{}' is not a duration like 5ms", part.escape_default()))?;
+        match unit {
+            "ms" => Ok(Duration::from_millis(n)),
+            "s" => Ok(Duration::from_secs(n)),
+            "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+            "" if n == 0 => Ok(Duration::ZERO),
+            _ => Err(format!(
+                "'{}' needs a unit: ms, s or m",
+                part.escape_default()
+            )),
+        }
+    };
+    let wait = match s.split_once(':') {
+        Some((min, max)) => Wait {
+            min: duration(min)?,
+            max: duration(max)?,
+        },
+        None => {
+            let min = duration(s)?;
+            Wait { min, max: min * 4 }
+        }
+    };
+    if wait.min > wait.max {
+        return Err(format!("min {:?} is above max {:?}", wait.min, wait.max));
+    }
+    if wait.max > Duration::from_secs(600) {
+        return Err("max is above 10m".to_owned());
+    }
+    Ok(wait)
+}
+
 /// Errors that stop confgen.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The process around the service failed (listeners).
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// The template cannot be read or does not compile.
+    #[error("template {path}: {reason}")]
+    Template {
+        /// Where it was read from.
+        path: String,
+        /// Why it is unusable.
+        reason: String,
+    },
+    /// A task of confgen panicked.
+    #[error("task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// Runs confgen until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    info!(etcd = ?config.etcd.endpoints(), prefix = %config.etcd.prefix, "configuration");
-    warn!("skeleton: serves health and metrics only; no configuration is rendered yet");
-    let (_health, health_service) = tonic_health::server::health_reporter();
-    let routes = tonic::service::Routes::new(health_service);
-    runtime::serve_grpc(config.listen, routes, shutdown).await?;
+    let renderer = match &config.template {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::Template {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            Renderer::new(&text)
+        }
+        None => Renderer::new(render::DEFAULT_TEMPLATE),
+    }
+    .map_err(|e| Error::Template {
+        path: config
+            .template
+            .as_ref()
+            .map_or_else(|| "(built-in)".to_owned(), |p| p.display().to_string()),
+        reason: e.to_string(),
+    })?;
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let settings = Settings {
+        http_bind: SocketAddr::new(config.bind_address, config.http_port),
+        bind_address: config.bind_address,
+        generator: format!("confgen@{host}"),
+    };
+    let schema = Schema::new(config.etcd.prefix.clone());
+    info!(
+        etcd = ?config.etcd.endpoints(), prefix = %schema.prefix(),
+        template = ?config.template, wait = ?config.wait, http = %settings.http_bind,
+        output = ?config.output, "confgen starting"
+    );
+
+    let tracker = TaskTracker::new();
+    let tasks = shutdown.child_token();
+    let (snapshot_tx, snapshot_rx) = watch::channel(None);
+    let status = Arc::new(Status::default());
+    let api = v1::confgen_server::ConfgenServer::new(api::Api {
+        snapshots: snapshot_rx,
+        status: status.clone(),
+        shutdown: tasks.clone(),
+    });
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let routes = tonic::service::Routes::new(health_service).add_service(api);
+    let mut grpc = tracker.spawn(runtime::serve_grpc(config.listen, routes, tasks.clone()));
+
+    let registry = Registry::new(schema);
+    let (batch_tx, batch_rx) = mpsc::channel(64);
+    tracker.spawn(watcher::run(
+        config.etcd.clone(),
+        registry.range(),
+        batch_tx,
+        tasks.clone(),
+    ));
+    tracker.close();
+    let generator = Generator {
+        registry,
+        renderer: Arc::new(renderer),
+        reserved_ports: vec![config.http_port],
+        settings,
+        snapshots: snapshot_tx,
+        status,
+        output: config.output.clone(),
+        health,
+        serving: false,
+    };
+    let outcome = tokio::select! {
+        () = generator.run(batch_rx, config.wait, tasks.clone()) => Ok(()),
+        result = &mut grpc => match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(e.into()),
+        },
+    };
+    tasks.cancel();
+    tracker.wait().await;
+    outcome
+}
+
+/// Owns the registry and turns its batches into snapshots.
+struct Generator {
+    registry: Registry,
+    renderer: Arc<Renderer>,
+    settings: Settings,
+    /// Ports the ambassador listens on itself: no service may take them.
+    reserved_ports: Vec<u16>,
+    snapshots: watch::Sender<Option<Arc<v1::ConfigSnapshot>>>,
+    status: Arc<Status>,
+    output: Option<PathBuf>,
+    health: HealthReporter,
+    serving: bool,
+}
+
+impl Generator {
+    async fn run(
+        mut self,
+        mut batches: mpsc::Receiver<Batch>,
+        wait: Wait,
+        shutdown: CancellationToken,
+    ) {
+        // (first change of the pending burst, when to render it)
+        let mut pending: Option<(Instant, Instant)> = None;
+        loop {
+            let deadline = pending.map(|(_, at)| at);
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                batch = batches.recv() => {
+                    let Some(batch) = batch else { return };
+                    self.apply(batch);
+                    while let Ok(batch) = batches.try_recv() {
+                        self.apply(batch);
+                    }
+                    let now = Instant::now();
+                    let first = pending.map_or(now, |(first, _)| first);
+                    pending = Some((first, (now + wait.min).min(first + wait.max)));
+                }
+                () = sleep_until(deadline) => {
+                    pending = None;
+                    if let Err(e) = self.render().await {
+                        error!(error = %e, "render task failed");
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, batch: Batch) {
+        let notices = match batch {
+            Batch::Reset { kvs, revision } => self.registry.reset(kvs, revision),
+            Batch::Events(events) => events
+                .into_iter()
+                .filter_map(|event| match event {
+                    Event::Put {
+                        key,
+                        value,
+                        revision,
+                    } => self.registry.put(key, &value, revision),
+                    Event::Delete { key, revision } => {
+                        self.registry.delete(&key, revision);
+                        None
+                    }
+                })
+                .collect(),
+        };
+        for notice in notices {
+            warn!(
+                key = notice.key,
+                reason = notice.reason,
+                "registry key skipped"
+            );
+            metrics::counter!("legate_confgen_skipped_total").increment(1);
+        }
+        metrics::gauge!("legate_confgen_registry_keys").set(self.registry.len() as f64);
+    }
+
+    async fn render(&mut self) -> Result<(), tokio::task::JoinError> {
+        let started = std::time::Instant::now();
+        let model = self.registry.model(&self.reserved_ports);
+        let renderer = self.renderer.clone();
+        let settings = self.settings.clone();
+        let (model, result) = tokio::task::spawn_blocking(move || {
+            let result = renderer.render(&model, &settings);
+            (model, result)
+        })
+        .await?;
+        metrics::histogram!("legate_confgen_render_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::gauge!("legate_confgen_skipped_keys").set(model.skipped.len() as f64);
+        let shared = model.shared_ports();
+        let error = result.as_ref().err().map(ToString::to_string);
+        let previous_shared = self.status.rendered(
+            model.skipped_proto(),
+            shared.clone(),
+            error.unwrap_or_default(),
+        );
+        for port in shared.iter().filter(|p| !previous_shared.contains(p)) {
+            warn!(
+                port = port.port,
+                names = ?port.names,
+                "several service names share one port: they share one listener"
+            );
+        }
+        let rendered = match result {
+            Ok(rendered) => rendered,
+            Err(e) => {
+                warn!(
+                    revision = self.registry.revision(),
+                    error = %e,
+                    "render failed: the last good configuration stays"
+                );
+                metrics::counter!("legate_confgen_renders_total", "result" => "error").increment(1);
+                return Ok(());
+            }
+        };
+        let unchanged = self
+            .snapshots
+            .borrow()
+            .as_ref()
+            .is_some_and(|s| s.checksum == rendered.checksum);
+        if unchanged {
+            metrics::counter!("legate_confgen_renders_total", "result" => "unchanged").increment(1);
+            return Ok(());
+        }
+        metrics::counter!("legate_confgen_renders_total", "result" => "changed").increment(1);
+        let version = u64::try_from(self.registry.revision()).unwrap_or_default();
+        let snapshot = v1::ConfigSnapshot {
+            version,
+            checksum: rendered.checksum,
+            haproxy_config: rendered.config,
+            maps: rendered.maps,
+            model: Some(model.to_proto()),
+            generator: self.settings.generator.clone(),
+        };
+        if let Some(dir) = &self.output
+            && let Err(e) = write_output(dir, &snapshot).await
+        {
+            error!(dir = %dir.display(), error = %e, "cannot write the rendered configuration");
+            metrics::counter!("legate_confgen_output_errors_total").increment(1);
+        }
+        info!(
+            version,
+            checksum = snapshot.checksum,
+            apps = model.apps.len(),
+            services = model.services.len(),
+            skipped = model.skipped.len(),
+            render_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "new configuration"
+        );
+        metrics::gauge!("legate_confgen_snapshot_version").set(version as f64);
+        metrics::counter!("legate_confgen_snapshots_total").increment(1);
+        self.snapshots.send_replace(Some(Arc::new(snapshot)));
+        if !self.serving {
+            self.serving = true;
+            self.health
+                .set_service_status("", ServingStatus::Serving)
+                .await;
+            self.health
+                .set_serving::<v1::confgen_server::ConfgenServer<api::Api>>()
+                .await;
+        }
+        Ok(())
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes the map files, then `haproxy.cfg`, each atomically (temporary file, then rename), so
+/// a reader never sees a configuration that refers to a map not yet written.
+async fn write_output(dir: &Path, snapshot: &v1::ConfigSnapshot) -> std::io::Result<()> {
+    tokio::fs::create_dir_all(dir).await?;
+    let files = snapshot
+        .maps
+        .iter()
+        .map(|m| (m.name.as_str(), m.content.as_str()))
+        .chain([("haproxy.cfg", snapshot.haproxy_config.as_str())]);
+    for (name, content) in files {
+        let staged = dir.join(format!(".{name}.tmp"));
+        tokio::fs::write(&staged, content).await?;
+        tokio::fs::rename(&staged, dir.join(name)).await?;
+    }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

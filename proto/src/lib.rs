@@ -3,6 +3,7 @@
 //! - [`v1`]: the `legate.v1` gRPC API (messages, clients and servers) generated from `proto/`.
 //! - [`registry`]: the etcd key schema and its JSON values, with the validation every
 //!   registration goes through before it is written to etcd or read into a configuration.
+//! - [`checksum`]: the checksum that identifies a configuration's content.
 //! - [`runtime`] (feature `runtime`): what every service binary shares: tracing, Prometheus
 //!   metrics, the gRPC health service and shutdown on signals.
 
@@ -14,4 +15,56 @@ pub mod runtime;
 #[allow(unreachable_pub, clippy::all, clippy::pedantic, rust_2018_idioms)]
 pub mod v1 {
     tonic::include_proto!("legate.v1");
+}
+
+/// The checksum of a configuration, as in `ConfigSnapshot.checksum`: `"sha256:"` and the
+/// lower-case hex SHA-256 over `haproxy_config`, then each map's name and content, in order,
+/// each part preceded by its length in bytes as a big-endian u64 (so no two different
+/// configurations hash the same parts).
+pub fn checksum(haproxy_config: &str, maps: &[v1::ConfigFile]) -> String {
+    use sha2::Digest;
+    use std::fmt::Write;
+    let mut hasher = sha2::Sha256::new();
+    let mut part = |bytes: &[u8]| {
+        hasher.update((bytes.len() as u64).to_be_bytes());
+        hasher.update(bytes);
+    };
+    part(haproxy_config.as_bytes());
+    for map in maps {
+        part(map.name.as_bytes());
+        part(map.content.as_bytes());
+    }
+    let mut hex = String::with_capacity(7 + 64);
+    hex.push_str("sha256:");
+    for byte in hasher.finalize() {
+        let _ = write!(hex, "{byte:02x}");
+    }
+    hex
+}
+
+#[cfg(test)]
+mod checksum_tests {
+    use super::*;
+
+    fn file(name: &str, content: &str) -> v1::ConfigFile {
+        v1::ConfigFile {
+            name: name.to_owned(),
+            content: content.to_owned(),
+        }
+    }
+
+    #[test]
+    fn checksum_is_sha256_of_length_prefixed_parts() {
+        // Reference computed independently: printf of the length-prefixed parts | sha256sum.
+        assert_eq!(
+            checksum("", &[]),
+            "sha256:af5570f5a1810b7af78caf4bc70a660f0df51e42baf91d4de5b2328de0e83dfc"
+        );
+        let a = checksum("defaults\n", &[file("hosts.map", "a b\n")]);
+        assert!(a.starts_with("sha256:") && a.len() == 71, "{a}");
+        // Moving bytes between parts changes the checksum.
+        assert_ne!(a, checksum("defaults\nhosts.map", &[file("", "a b\n")]));
+        assert_ne!(a, checksum("defaults\n", &[file("hosts.ma", "pa b\n")]));
+        assert_eq!(a, checksum("defaults\n", &[file("hosts.map", "a b\n")]));
+    }
 }

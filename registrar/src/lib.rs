@@ -16,15 +16,15 @@ pub mod reconcile;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use legate_proto::registry::{HostId, HostIp, HostRecord, Schema};
-use legate_proto::runtime::{self, CommonArgs, EtcdArgs, RuntimeError};
+use legate_proto::runtime::{
+    self, CommonArgs, EtcdArgs, MAX_BACKOFF, RuntimeError, backoff, retry,
+};
 use legate_proto::v1;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -186,11 +186,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             DockerSource::connect(&config.docker_host, config.filters.clone())
         })
         .await?;
-        let endpoints = config.etcd.endpoints();
-        let client = retry("connecting to etcd", &tasks, || {
-            etcd_client::Client::connect(endpoints.clone(), Some(connect_options()))
-        })
-        .await?;
+        let client = retry("connecting to etcd", &tasks, || config.etcd.connect()).await?;
         let store = Store::new(client, schema.clone(), host_id.clone(), record);
         let window = Duration::from_millis(config.claim_window_ms);
         // etcd errors are retried; a duplicate host id is final.
@@ -291,46 +287,6 @@ fn grpc_outcome(
     }
 }
 
-fn connect_options() -> etcd_client::ConnectOptions {
-    etcd_client::ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(3))
-        .with_timeout(Duration::from_secs(5))
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-        .with_keep_alive_while_idle(true)
-}
-
-/// Jittered exponential backoff, 100 ms up to 5 s, forever.
-fn backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build()
-}
-
-/// Retries `attempt` with backoff until it succeeds (`Some`) or `shutdown` (`None`).
-async fn retry<T, E: std::fmt::Display, Fut: Future<Output = Result<T, E>>>(
-    what: &str,
-    shutdown: &CancellationToken,
-    mut attempt: impl FnMut() -> Fut,
-) -> Option<T> {
-    let mut delays = backoff();
-    loop {
-        match attempt().await {
-            Ok(value) => return Some(value),
-            Err(e) => {
-                let delay = delays.next().unwrap_or(Duration::from_secs(5));
-                warn!(error = %e, retry_in = ?delay, "{what}");
-                tokio::select! {
-                    () = shutdown.cancelled() => return None,
-                    () = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
-    }
-}
-
 /// Keeps the lease alive; when it is lost, grants a new one and triggers a full re-registration.
 async fn keep_lease(
     mut store: Store,
@@ -364,7 +320,7 @@ async fn keep_lease(
                 delays = backoff();
             }
             Err(e) => {
-                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                let delay = delays.next().unwrap_or(MAX_BACKOFF);
                 warn!(error = %e, retry_in = ?delay, "lease keep-alive failed");
                 tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -384,7 +340,7 @@ async fn guard(mut store: Store, lease: watch::Receiver<i64>, shutdown: Cancella
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))) => {}
+            () = tokio::time::sleep(delays.next().unwrap_or(MAX_BACKOFF)) => {}
         }
     }
 }
@@ -431,7 +387,7 @@ async fn follow_events(
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))) => {}
+            () = tokio::time::sleep(delays.next().unwrap_or(MAX_BACKOFF)) => {}
         }
     }
 }
@@ -516,7 +472,7 @@ impl Reconciler {
                     }
                 }
                 Err(e) => {
-                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                    let delay = delays.next().unwrap_or(MAX_BACKOFF);
                     warn!(error = %e, retry_in = ?delay, "reconcile failed");
                     metrics::counter!("legate_registrar_reconcile_errors_total").increment(1);
                     retry_in = Some(delay);

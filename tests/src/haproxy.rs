@@ -20,8 +20,9 @@ pub fn binary() -> PathBuf {
     std::env::var_os("LEGATE_TEST_HAPROXY").map_or_else(|| PathBuf::from("haproxy"), PathBuf::from)
 }
 
-/// Validates configuration files with `haproxy -c`; the error carries HAProxy's messages.
-pub fn check(files: &[&Path]) -> Result<()> {
+/// Validates configuration files with `haproxy -c`; returns HAProxy's output (warnings), and
+/// the error carries its messages.
+pub fn check(files: &[&Path]) -> Result<String> {
     let mut command = Command::new(binary());
     command.arg("-c");
     for file in files {
@@ -34,6 +35,34 @@ pub fn check(files: &[&Path]) -> Result<()> {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
+    }
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    ))
+}
+
+/// Validates a configuration that comes without its `global` section, with the files it refers
+/// to by bare name, as a supervisor would load it: after a minimal `global` with a log target
+/// and `default-path config`, all in one temporary directory. Warnings count as errors.
+pub fn check_with(config: &str, files: &[(&str, &str)]) -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("legate-haproxy-check-")
+        .tempdir()?;
+    let global = dir.path().join("global.cfg");
+    std::fs::write(
+        &global,
+        "global\n    log stderr format raw local0\n    default-path config\n",
+    )?;
+    let path = dir.path().join("haproxy.cfg");
+    std::fs::write(&path, config)?;
+    for (name, content) in files {
+        std::fs::write(dir.path().join(name), content)?;
+    }
+    let output = check(&[&global, &path])?;
+    if output.contains("[WARNING]") {
+        bail!("haproxy -c warns about the configuration:\n{output}");
     }
     Ok(())
 }
@@ -62,6 +91,12 @@ impl Haproxy {
     /// Starts HAProxy with `config` after the harness's `global` section and waits until the
     /// master reports a worker and the admin socket answers.
     pub async fn start(config: &str) -> Result<Self> {
+        Self::start_with(config, &[]).await
+    }
+
+    /// Like [`Haproxy::start`], with `files` (name, content), such as map files, written beside
+    /// the configuration, which refers to them by bare name.
+    pub async fn start_with(config: &str, files: &[(&str, &str)]) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("legate-haproxy-")
             .tempdir()?;
@@ -75,6 +110,9 @@ impl Haproxy {
         );
         std::fs::write(dir.path().join("global.cfg"), global)?;
         std::fs::write(dir.path().join("haproxy.cfg"), config)?;
+        for (name, content) in files {
+            std::fs::write(dir.path().join(name), content)?;
+        }
         check(&[
             &dir.path().join("global.cfg"),
             &dir.path().join("haproxy.cfg"),

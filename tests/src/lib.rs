@@ -6,7 +6,8 @@
 //!   their guard drops, pass or fail;
 //! - [`backend::Backend`]: a fast HTTP backend for load tests, in-process or as the
 //!   `legate-backend` binary;
-//! - [`service::Service`]: legate's own binaries run as processes.
+//! - [`service::Service`]: legate's own binaries run as processes;
+//! - [`proxy::Proxy`]: a TCP proxy whose connections a test cuts, to lose a stream on purpose.
 //!
 //! Every process is started in its own process group and killed, with its group, when its guard
 //! drops; every wait has a timeout and says what it waited for.
@@ -16,6 +17,7 @@ pub mod docker;
 pub mod etcd;
 pub mod haproxy;
 pub mod process;
+pub mod proxy;
 pub mod service;
 
 use std::future::Future;

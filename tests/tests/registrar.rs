@@ -12,6 +12,7 @@ use legate_proto::v1;
 use legate_proto::v1::registrar_client::RegistrarClient;
 use legate_tests::docker::{self, Container};
 use legate_tests::etcd::Etcd;
+use legate_tests::proxy::{Proxy, Upstream};
 use legate_tests::service::Service;
 use legate_tests::{WAIT, http_get, tcp_banner, wait_for};
 
@@ -576,8 +577,10 @@ async fn a_restarted_registrar_adopts_its_keys_without_deleting_them() {
 
 #[tokio::test]
 async fn a_lost_docker_event_stream_reconnects_and_resyncs() {
-    let proxy = docker::SocketProxy::start().await.unwrap();
-    let host = proxy.docker_host();
+    let proxy = Proxy::start(Upstream::Unix("/var/run/docker.sock".into()))
+        .await
+        .unwrap();
+    let host = format!("tcp://{}", proxy.addr());
     let f = Fixture::start(&["--docker-host", &host]).await;
     let _first = f
         .run(&[

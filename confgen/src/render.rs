@@ -1,0 +1,130 @@
+//! Rendering a [`Model`] into an HAProxy configuration with a handlebars template.
+//!
+//! The template sees a [`Context`]: the model (apps, services, hosts) plus the listener
+//! settings and the names of the map files. Handlebars runs in strict mode (a field that does
+//! not exist is an error, not an empty string) with HTML escaping off: every value in the
+//! context has passed the registry validation, so none can carry configuration syntax. The
+//! map files are not templated: confgen writes them from the model, so the supervisor can
+//! change their entries at runtime.
+
+use std::net::{IpAddr, SocketAddr};
+
+use handlebars::Handlebars;
+use legate_proto::v1;
+use serde::Serialize;
+
+use crate::model::{HOSTS_MAP, Model, WILDCARDS_MAP};
+
+/// The template used without `--template`.
+pub const DEFAULT_TEMPLATE: &str = include_str!("../templates/default.cfg.hbs");
+
+const NAME: &str = "haproxy";
+
+/// Why a template could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// The template does not compile.
+    #[error("template does not compile: {0}")]
+    Template(#[from] Box<handlebars::TemplateError>),
+    /// The template failed on this model.
+    #[error("template failed to render: {0}")]
+    Render(#[from] Box<handlebars::RenderError>),
+    /// The output has a `global` section, which the supervisor owns.
+    #[error("rendered configuration has a 'global' section at line {0}; the supervisor owns it")]
+    Global(usize),
+}
+
+/// What a template renders with, besides the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Address of the HTTP frontend.
+    pub http_bind: SocketAddr,
+    /// Address the TCP service listeners bind, on their service port.
+    pub bind_address: IpAddr,
+    /// Who renders, e.g. `confgen@host-a`.
+    pub generator: String,
+}
+
+/// Names of the map files, as the template refers to them.
+#[derive(Debug, Serialize)]
+struct MapNames {
+    hosts: &'static str,
+    wildcards: &'static str,
+}
+
+/// The data a template sees (documented in the README's "Templates" section).
+#[derive(Debug, Serialize)]
+struct Context<'a> {
+    generator: &'a str,
+    /// `address:port` of the HTTP frontend, e.g. `0.0.0.0:80` or `[::]:80`.
+    http_bind: String,
+    http_port: u16,
+    /// Address for `bind <address>:<port>`, e.g. `0.0.0.0` or `[::]`.
+    bind_address: String,
+    maps: MapNames,
+    #[serde(flatten)]
+    model: &'a Model,
+}
+
+/// A rendered configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// The HAProxy configuration, without `global`.
+    pub config: String,
+    /// The map files it refers to, ordered by name.
+    pub maps: Vec<v1::ConfigFile>,
+    /// `legate_proto::checksum` of both.
+    pub checksum: String,
+}
+
+/// A compiled template.
+#[derive(Debug)]
+pub struct Renderer {
+    handlebars: Handlebars<'static>,
+}
+
+impl Renderer {
+    /// Compiles `template`.
+    pub fn new(template: &str) -> Result<Self, RenderError> {
+        let mut handlebars = Handlebars::new();
+        handlebars.set_strict_mode(true);
+        handlebars.register_escape_fn(handlebars::no_escape);
+        handlebars
+            .register_template_string(NAME, template)
+            .map_err(Box::new)?;
+        Ok(Self { handlebars })
+    }
+
+    /// Renders `model`.
+    pub fn render(&self, model: &Model, settings: &Settings) -> Result<Rendered, RenderError> {
+        let bind_address = match settings.bind_address {
+            IpAddr::V4(ip) => ip.to_string(),
+            IpAddr::V6(ip) => format!("[{ip}]"),
+        };
+        let context = Context {
+            generator: &settings.generator,
+            http_bind: settings.http_bind.to_string(),
+            http_port: settings.http_bind.port(),
+            bind_address,
+            maps: MapNames {
+                hosts: HOSTS_MAP,
+                wildcards: WILDCARDS_MAP,
+            },
+            model,
+        };
+        let config = self.handlebars.render(NAME, &context).map_err(Box::new)?;
+        if let Some(line) = config
+            .lines()
+            .position(|line| line.split_whitespace().next() == Some("global"))
+        {
+            return Err(RenderError::Global(line + 1));
+        }
+        let maps = model.maps();
+        let checksum = legate_proto::checksum(&config, &maps);
+        Ok(Rendered {
+            config,
+            maps,
+            checksum,
+        })
+    }
+}

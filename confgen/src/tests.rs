@@ -1,0 +1,381 @@
+//! Unit tests of the pure core: registry parsing, model building, rendering, `--wait`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use legate_proto::registry::{Prefix, Schema};
+
+use crate::model::{HOSTS_MAP, Registry, WILDCARDS_MAP};
+use crate::render::{DEFAULT_TEMPLATE, RenderError, Renderer, Settings};
+use crate::{Wait, parse_wait};
+
+fn id(n: u32) -> String {
+    format!("{:08x}{n:056x}", n.wrapping_mul(2_654_435_761))
+}
+
+fn registry(prefix: &str) -> Registry {
+    Registry::new(Schema::new(Prefix::new(prefix).unwrap()))
+}
+
+fn settings() -> Settings {
+    Settings {
+        http_bind: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 8080)),
+        bind_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        generator: "confgen@test".to_owned(),
+    }
+}
+
+fn app(domain: &str, n: u32, endpoint: &str) -> Vec<u8> {
+    format!("/apps/{domain}/{}/{endpoint}", id(n)).into_bytes()
+}
+
+fn service(name: &str, port: u16, n: u32, endpoint: &str) -> Vec<u8> {
+    format!("/services/{name}/{port}/{}/{endpoint}", id(n)).into_bytes()
+}
+
+const VALUE: &[u8] = br#"{"host_id":"host-a","container_name":"web-1"}"#;
+
+#[test]
+fn keys_parse_with_json_seed_and_empty_values() {
+    let mut registry = registry("");
+    let kvs = vec![
+        (app("blog.example.com", 1, "10.0.0.1:32768"), VALUE.to_vec()),
+        (
+            app("blog.example.com", 2, "10.0.0.2:32769"),
+            b"10.0.0.2:32769".to_vec(),
+        ),
+        (app("blog.example.com", 3, "10.0.0.3:32770"), Vec::new()),
+        (service("mysql", 3306, 4, "10.0.0.1:32771"), VALUE.to_vec()),
+        (
+            b"/hosts/host-a".to_vec(),
+            br#"{"ip":"10.0.0.1","instance":"abc","version":"0.1.0"}"#.to_vec(),
+        ),
+    ];
+    assert!(registry.reset(kvs, 42).is_empty());
+    let model = registry.model(&[]);
+    assert_eq!(model.revision, 42);
+    assert!(model.skipped.is_empty(), "{:?}", model.skipped);
+    assert_eq!(model.apps.len(), 1);
+    let servers = &model.apps[0].servers;
+    assert_eq!(servers.len(), 3);
+    assert_eq!(servers[0].host_id, "host-a");
+    assert_eq!(servers[0].container_name, "web-1");
+    assert_eq!(servers[0].weight, 100);
+    assert_eq!(servers[0].address, "10.0.0.1:32768");
+    assert_eq!(servers[0].name, format!("{}-10.0.0.1-32768", &id(1)[..12]));
+    assert_eq!(servers[1].host_id, "", "seed value carries no host id");
+    assert_eq!(model.services.len(), 1);
+    assert_eq!(model.services[0].backend, "svc_3306");
+    assert_eq!(model.services[0].names, ["mysql"]);
+    assert_eq!(model.hosts.len(), 1);
+    assert_eq!(model.hosts[0].ip, "10.0.0.1");
+}
+
+#[test]
+fn bad_keys_and_values_are_skipped_with_reasons_and_the_rest_renders() {
+    let mut registry = registry("/legate");
+    let good = b"/legate/apps/ok.example.com/".to_vec();
+    let good = [good, format!("{}/10.0.0.1:80", id(1)).into_bytes()].concat();
+    let kvs = vec![
+        (good.clone(), VALUE.to_vec()),
+        (
+            format!("/legate/apps/a.com\nbackend evil/{}/10.0.0.1:80", id(2)).into_bytes(),
+            Vec::new(),
+        ),
+        (
+            format!("/legate/apps/x.example.com/{}/10.0.0.1:http", id(3)).into_bytes(),
+            Vec::new(),
+        ),
+        (
+            format!("/legate/apps/y.example.com/{}/10.0.0.1:80", id(4)).into_bytes(),
+            b"{not json".to_vec(),
+        ),
+        (
+            format!("/legate/apps/z.example.com/{}/10.0.0.1:80", id(5)).into_bytes(),
+            b"10.0.0.9:80".to_vec(),
+        ),
+        (b"/legate/apps/\xff/x/y".to_vec(), Vec::new()),
+        (b"/legate/services/db/3306".to_vec(), Vec::new()),
+        (b"/legate/hosts/h".to_vec(), b"{}".to_vec()),
+        // Not a registry directory: ignored, not skipped.
+        (b"/legate/bogus/x".to_vec(), Vec::new()),
+        (b"/other/apps/a.com/x/y".to_vec(), Vec::new()),
+    ];
+    let notices = registry.reset(kvs, 7);
+    assert_eq!(notices.len(), 7, "{notices:#?}");
+    assert!(
+        notices.iter().all(|n| !n.key.contains('\n')),
+        "keys are escaped"
+    );
+    let model = registry.model(&[]);
+    assert_eq!(model.skipped.len(), 7);
+    let reasons: Vec<&str> = model.skipped.iter().map(|s| s.reason.as_str()).collect();
+    assert!(
+        reasons.iter().any(|r| r.starts_with("key: domain")),
+        "{reasons:#?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("not valid UTF-8")),
+        "{reasons:#?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.starts_with("value:")),
+        "{reasons:#?}"
+    );
+    assert_eq!(model.apps.len(), 1);
+    assert_eq!(model.apps[0].domain, "ok.example.com");
+    let rendered = Renderer::new(DEFAULT_TEMPLATE)
+        .unwrap()
+        .render(&model, &settings())
+        .unwrap();
+    assert!(!rendered.config.contains("evil"));
+    assert!(rendered.config.contains("backend app_ok.example.com"));
+
+    // The same listing again announces nothing new; a changed reason is announced.
+    let again = vec![(b"/legate/hosts/h".to_vec(), b"{}".to_vec())];
+    assert!(registry.clone().reset(again, 8).is_empty());
+    let changed = vec![(b"/legate/hosts/h".to_vec(), b"[]".to_vec())];
+    assert_eq!(registry.reset(changed, 9).len(), 1);
+}
+
+#[test]
+fn puts_and_deletes_follow_the_revision() {
+    let mut registry = registry("");
+    registry.reset(Vec::new(), 10);
+    let key = app("a.example.com", 1, "10.0.0.1:80");
+    assert!(registry.put(key.clone(), b"", 11).is_none());
+    assert_eq!(registry.model(&[]).apps.len(), 1);
+    assert!(registry.put(key.clone(), b"{bad", 12).is_some());
+    let model = registry.model(&[]);
+    assert!(
+        model.apps.is_empty(),
+        "a bad new value replaces the good one"
+    );
+    assert_eq!(model.skipped.len(), 1);
+    registry.delete(&key, 13);
+    let model = registry.model(&[]);
+    assert!(model.skipped.is_empty() && model.apps.is_empty());
+    assert_eq!(model.revision, 13);
+    // A put outside the registry still advances the revision (it is in the watched range).
+    assert!(registry.put(b"/b/x".to_vec(), b"", 14).is_none());
+    assert_eq!(registry.revision(), 14);
+    assert!(registry.is_empty());
+}
+
+#[test]
+fn same_registry_in_any_order_renders_byte_identical_output() {
+    let kvs = vec![
+        (app("b.example.com", 1, "10.0.0.10:80"), VALUE.to_vec()),
+        (app("b.example.com", 2, "10.0.0.9:80"), VALUE.to_vec()),
+        (app("a.example.com", 3, "[2001:db8::1]:80"), VALUE.to_vec()),
+        (app("*.example.com", 4, "10.0.0.1:81"), VALUE.to_vec()),
+        (service("db", 3306, 5, "10.0.0.1:3306"), VALUE.to_vec()),
+        (service("cache", 6379, 6, "10.0.0.2:6379"), VALUE.to_vec()),
+    ];
+    let renderer = Renderer::new(DEFAULT_TEMPLATE).unwrap();
+    let mut forward = registry("");
+    forward.reset(kvs.clone(), 5);
+    let mut backward = registry("");
+    backward.reset(Vec::new(), 1);
+    for (key, value) in kvs.into_iter().rev() {
+        backward.put(key, &value, 5);
+    }
+    let a = renderer.render(&forward.model(&[]), &settings()).unwrap();
+    let b = renderer.render(&backward.model(&[]), &settings()).unwrap();
+    assert_eq!(a, b);
+    // Servers are ordered by address, numerically.
+    let model = forward.model(&[]);
+    let b_app = model
+        .apps
+        .iter()
+        .find(|a| a.domain == "b.example.com")
+        .unwrap();
+    let ips: Vec<&str> = b_app.servers.iter().map(|s| s.ip.as_str()).collect();
+    assert_eq!(ips, ["10.0.0.9", "10.0.0.10"]);
+    // Services by port.
+    let ports: Vec<u16> = model.services.iter().map(|s| s.port).collect();
+    assert_eq!(ports, [3306, 6379]);
+}
+
+#[test]
+fn shared_service_ports_share_one_listener_and_reserved_ports_are_skipped() {
+    let mut registry = registry("");
+    registry.reset(
+        vec![
+            (service("mysql", 3306, 1, "10.0.0.1:3306"), Vec::new()),
+            (service("mariadb", 3306, 2, "10.0.0.2:3306"), Vec::new()),
+            // One container under two names: one server.
+            (
+                service("mariadb-alias", 3306, 2, "10.0.0.2:3306"),
+                Vec::new(),
+            ),
+            (service("web", 8080, 3, "10.0.0.3:8080"), Vec::new()),
+        ],
+        3,
+    );
+    let model = registry.model(&[8080]);
+    assert_eq!(model.services.len(), 1);
+    let shared = &model.services[0];
+    assert_eq!(shared.names, ["mariadb", "mariadb-alias", "mysql"]);
+    assert_eq!(shared.servers.len(), 2);
+    assert_eq!(model.shared_ports().len(), 1);
+    assert_eq!(model.skipped.len(), 1);
+    assert!(
+        model.skipped[0].reason.contains("8080"),
+        "{:?}",
+        model.skipped
+    );
+}
+
+#[test]
+fn server_names_are_unique_within_a_backend() {
+    let mut registry = registry("");
+    // Two ids sharing their first 12 digits at one endpoint: only hand-written keys do this.
+    let a = format!("{}{}", "a".repeat(12), "0".repeat(52));
+    let b = format!("{}{}", "a".repeat(12), "1".repeat(52));
+    registry.reset(
+        vec![
+            (
+                format!("/apps/x.com/{a}/10.0.0.1:80").into_bytes(),
+                Vec::new(),
+            ),
+            (
+                format!("/apps/x.com/{b}/10.0.0.1:80").into_bytes(),
+                Vec::new(),
+            ),
+        ],
+        1,
+    );
+    let model = registry.model(&[]);
+    let names: Vec<&str> = model.apps[0]
+        .servers
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["aaaaaaaaaaaa-10.0.0.1-80", "aaaaaaaaaaaa-10.0.0.1-80-2"]
+    );
+}
+
+#[test]
+fn maps_route_exact_names_and_wildcards_longest_suffix_first() {
+    let mut registry = registry("");
+    registry.reset(
+        vec![
+            (app("*.example.com", 1, "10.0.0.1:80"), Vec::new()),
+            (app("*.eu.example.com", 2, "10.0.0.1:81"), Vec::new()),
+            (app("www.example.com", 3, "10.0.0.1:82"), Vec::new()),
+        ],
+        1,
+    );
+    let maps = registry.model(&[]).maps();
+    assert_eq!(maps[0].name, HOSTS_MAP);
+    assert_eq!(maps[0].content, "www.example.com app_www.example.com\n");
+    assert_eq!(maps[1].name, WILDCARDS_MAP);
+    assert_eq!(
+        maps[1].content,
+        ".eu.example.com wild_eu.example.com\n.example.com wild_example.com\n"
+    );
+}
+
+#[test]
+fn default_template_renders_checks_listeners_and_no_global() {
+    let mut registry = registry("");
+    let check = br#"{"check_path":"/healthz","weight":5}"#;
+    registry.reset(
+        vec![
+            (app("blog.example.com", 1, "10.0.0.1:80"), check.to_vec()),
+            (service("db", 3306, 2, "[2001:db8::2]:3306"), Vec::new()),
+        ],
+        1,
+    );
+    let mut settings = settings();
+    settings.bind_address = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+    let rendered = Renderer::new(DEFAULT_TEMPLATE)
+        .unwrap()
+        .render(&registry.model(&[]), &settings)
+        .unwrap();
+    let config = &rendered.config;
+    for line in [
+        "    bind 0.0.0.0:8080",
+        "    http-check send meth GET uri /healthz ver HTTP/1.1 hdr Host blog.example.com",
+        &format!(
+            "    server {}-10.0.0.1-80 10.0.0.1:80 weight 5 check",
+            &id(1)[..12]
+        ),
+        "listen svc_3306",
+        "    bind [::]:3306",
+        &format!(
+            "    server {}-2001:db8::2-3306 [2001:db8::2]:3306 weight 100 check",
+            &id(2)[..12]
+        ),
+        "    default_backend legate_no_route",
+    ] {
+        assert!(
+            config.lines().any(|l| l == line),
+            "no line {line:?} in:\n{config}"
+        );
+    }
+    assert!(!config.lines().any(|l| l.starts_with("global")));
+    assert_eq!(
+        rendered.checksum,
+        legate_proto::checksum(config, &rendered.maps)
+    );
+}
+
+#[test]
+fn templates_are_strict_unescaped_and_may_not_own_global() {
+    let model = registry("").model(&[]);
+    let mut settings = settings();
+    settings.generator = "a&b<c>\"".to_owned();
+    let raw = Renderer::new("# {{generator}}\n").unwrap();
+    assert_eq!(
+        raw.render(&model, &settings).unwrap().config,
+        "# a&b<c>\"\n"
+    );
+
+    let strict = Renderer::new("{{no_such_field}}").unwrap();
+    assert!(matches!(
+        strict.render(&model, &settings),
+        Err(RenderError::Render(_))
+    ));
+    assert!(matches!(
+        Renderer::new("{{#each apps}}"),
+        Err(RenderError::Template(_))
+    ));
+    let global = Renderer::new("defaults\nglobal\n    maxconn 1\n").unwrap();
+    assert!(matches!(
+        global.render(&model, &settings),
+        Err(RenderError::Global(2))
+    ));
+}
+
+#[test]
+fn wait_parses_min_max() {
+    let ms = Duration::from_millis;
+    assert_eq!(
+        parse_wait("2ms:100ms"),
+        Ok(Wait {
+            min: ms(2),
+            max: ms(100)
+        })
+    );
+    assert_eq!(
+        parse_wait("500ms"),
+        Ok(Wait {
+            min: ms(500),
+            max: ms(2000)
+        })
+    );
+    assert_eq!(
+        parse_wait("0:1s"),
+        Ok(Wait {
+            min: ms(0),
+            max: ms(1000)
+        })
+    );
+    for bad in ["", "5", "1s:5ms", "x", "1h", "-1ms", "1ms:11m", "1ms:"] {
+        assert!(parse_wait(bad).is_err(), "{bad:?} accepted");
+    }
+}

@@ -1,0 +1,795 @@
+//! confgen against a real etcd and a real HAProxy: watch semantics (start mid-stream, etcd
+//! restart, compaction behind a cut-off watch), coalescing, 1000 keys, bad keys, templates,
+//! the Watch/Report/Status API, `--output`, and golden outputs that `haproxy -c` accepts.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use etcd_client::{Client, Txn, TxnOp};
+use legate_confgen::model::Registry;
+use legate_confgen::render::{DEFAULT_TEMPLATE, Renderer, Settings};
+use legate_proto::registry::{Prefix, Schema};
+use legate_proto::v1;
+use legate_proto::v1::confgen_client::ConfgenClient;
+use legate_tests::backend::Backend;
+use legate_tests::etcd::Etcd;
+use legate_tests::haproxy::{self, Haproxy};
+use legate_tests::proxy::{Proxy, Upstream};
+use legate_tests::service::Service;
+use legate_tests::{WAIT, free_port, http_get, wait_for};
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+fn id(n: u32) -> String {
+    format!("{:08x}{n:056x}", n.wrapping_mul(2_654_435_761))
+}
+
+fn app_key(domain: &str, n: u32, endpoint: &str) -> String {
+    format!("/apps/{domain}/{}/{endpoint}", id(n))
+}
+
+fn service_key(name: &str, port: u16, n: u32, endpoint: &str) -> String {
+    format!("/services/{name}/{port}/{}/{endpoint}", id(n))
+}
+
+/// Starts confgen on `etcd` (an endpoint URL) with the HTTP frontend on a free loopback port.
+async fn start_confgen(etcd: &str, args: &[&str]) -> Service {
+    let http_port = free_port().unwrap().to_string();
+    let mut all = vec![
+        "--etcd-endpoints",
+        etcd,
+        "--bind-address",
+        "127.0.0.1",
+        "--http-port",
+        &http_port,
+    ];
+    all.extend_from_slice(args);
+    let mut confgen = Service::start("legate-confgen", &all, &[]).unwrap();
+    confgen.wait_serving().await.unwrap();
+    confgen
+}
+
+async fn client(confgen: &Service) -> ConfgenClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{}", confgen.grpc()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    ConfgenClient::new(channel).max_decoding_message_size(64 << 20)
+}
+
+async fn subscribe(confgen: &Service, node: &str) -> Streaming<v1::ConfigSnapshot> {
+    client(confgen)
+        .await
+        .watch(v1::WatchRequest {
+            node_id: node.to_owned(),
+            have_checksum: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Reads snapshots until one satisfies `done`; checks that versions never go back.
+async fn until(
+    stream: &mut Streaming<v1::ConfigSnapshot>,
+    what: &str,
+    done: impl Fn(&v1::ConfigSnapshot) -> bool,
+) -> v1::ConfigSnapshot {
+    let mut last_version = 0;
+    let wait = async {
+        loop {
+            let snapshot = stream.message().await.unwrap().expect("stream ended");
+            assert!(
+                snapshot.version >= last_version,
+                "version went back from {last_version} to {}",
+                snapshot.version
+            );
+            last_version = snapshot.version;
+            if done(&snapshot) {
+                return snapshot;
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for a snapshot with {what}"))
+}
+
+fn model(snapshot: &v1::ConfigSnapshot) -> &v1::Model {
+    snapshot.model.as_ref().unwrap()
+}
+
+fn app_servers(snapshot: &v1::ConfigSnapshot) -> usize {
+    model(snapshot).apps.iter().map(|a| a.servers.len()).sum()
+}
+
+/// A metric's value summed over its label sets; 0 when absent.
+async fn metric(service: &Service, name: &str) -> f64 {
+    let text = service.metrics_text().await.unwrap();
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Puts `kvs` in transactions of at most 100 operations.
+async fn put_all(client: &mut Client, kvs: &[(String, String)]) {
+    for chunk in kvs.chunks(100) {
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|(k, v)| TxnOp::put(k.as_str(), v.as_str(), None))
+            .collect();
+        client.txn(Txn::new().and_then(ops)).await.unwrap();
+    }
+}
+
+fn etcd_addr(etcd: &Etcd) -> SocketAddr {
+    etcd.endpoint()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn routes_http_by_host_and_tcp_by_port_through_a_real_haproxy() {
+    let etcd = Etcd::start().await.unwrap();
+    let mut kv = etcd.client().await.unwrap();
+    let blog = Backend::start("blog", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let wild = Backend::start("wild", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let db = Backend::start("db", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let service_port = free_port().unwrap();
+    put_all(
+        &mut kv,
+        &[
+            (
+                app_key("blog.example.com", 1, &blog.addr().to_string()),
+                r#"{"host_id":"h1","container_name":"blog"}"#.to_owned(),
+            ),
+            // A seed-era key: the value is ip:port only.
+            (
+                app_key("*.apps.example.com", 2, &wild.addr().to_string()),
+                wild.addr().to_string(),
+            ),
+            (
+                service_key("db", service_port, 3, &db.addr().to_string()),
+                String::new(),
+            ),
+        ],
+    )
+    .await;
+    let http_port = free_port().unwrap();
+    let http = SocketAddr::from(([127, 0, 0, 1], http_port));
+    let mut confgen = Service::start(
+        "legate-confgen",
+        &[
+            "--etcd-endpoints",
+            &etcd.endpoint(),
+            "--bind-address",
+            "127.0.0.1",
+            "--http-port",
+            &http_port.to_string(),
+        ],
+        &[],
+    )
+    .unwrap();
+    confgen.wait_serving().await.unwrap();
+    let mut stream = subscribe(&confgen, "node-a").await;
+    let snapshot = until(&mut stream, "3 routes", |s| {
+        model(s).apps.len() == 2 && model(s).services.len() == 1
+    })
+    .await;
+    let maps: Vec<(&str, &str)> = snapshot
+        .maps
+        .iter()
+        .map(|m| (m.name.as_str(), m.content.as_str()))
+        .collect();
+    let haproxy = Haproxy::start_with(&snapshot.haproxy_config, &maps)
+        .await
+        .unwrap();
+
+    let (status, body) = http_get(http, "blog.example.com", "/").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "blog\n"));
+    let (status, body) = http_get(http, "BLOG.example.com:8080", "/").await.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "blog\n"),
+        "case and port ignored"
+    );
+    let (status, body) = http_get(http, "x.apps.example.com", "/").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "wild\n"));
+    let (status, _) = http_get(http, "apps.example.com", "/").await.unwrap();
+    assert_eq!(status, 503, "a wildcard does not match its bare suffix");
+    let (status, _) = http_get(http, "unknown.example.com", "/").await.unwrap();
+    assert_eq!(status, 503);
+    let tcp = SocketAddr::from(([127, 0, 0, 1], service_port));
+    let (status, body) = http_get(tcp, "anything", "/").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "db\n"));
+    drop(haproxy);
+}
+
+#[tokio::test]
+async fn golden_outputs_are_stable_and_haproxy_accepts_them() {
+    let value = r#"{"host_id":"host-a","container_name":"web-1"}"#;
+    let registries: [(&str, Vec<(String, String)>); 3] = [
+        ("empty", Vec::new()),
+        (
+            "seed",
+            vec![
+                (
+                    app_key("blog.example.com", 1, "10.0.0.1:32768"),
+                    "10.0.0.1:32768".to_owned(),
+                ),
+                (
+                    service_key("mysql", 3306, 2, "10.0.0.2:32769"),
+                    String::new(),
+                ),
+            ],
+        ),
+        (
+            "mixed",
+            vec![
+                (
+                    app_key("blog.example.com", 1, "10.0.0.1:32768"),
+                    value.to_owned(),
+                ),
+                (
+                    app_key("blog.example.com", 2, "10.0.0.10:32768"),
+                    r#"{"weight":0}"#.to_owned(),
+                ),
+                (
+                    app_key("api.example.com", 3, "[2001:db8::5]:8080"),
+                    r#"{"check_path":"/healthz","weight":50}"#.to_owned(),
+                ),
+                (app_key("*.example.com", 4, "10.0.0.2:80"), value.to_owned()),
+                (
+                    app_key("*.eu.example.com", 5, "10.0.0.3:80"),
+                    value.to_owned(),
+                ),
+                (
+                    service_key("mysql", 3306, 6, "10.0.0.1:33060"),
+                    value.to_owned(),
+                ),
+                (
+                    service_key("mariadb", 3306, 7, "10.0.0.2:33060"),
+                    value.to_owned(),
+                ),
+                (
+                    service_key("redis", 6379, 8, "10.0.0.3:6379"),
+                    value.to_owned(),
+                ),
+                // Skipped: a hostile domain and a service on the HTTP port.
+                (
+                    format!("/apps/a.com\nbackend evil/{}/10.0.0.1:80", id(9)),
+                    String::new(),
+                ),
+                (service_key("web", 80, 10, "10.0.0.4:80"), String::new()),
+                (
+                    "/hosts/host-a".to_owned(),
+                    r#"{"ip":"10.0.0.1","instance":"i","version":"0.1.0"}"#.to_owned(),
+                ),
+            ],
+        ),
+    ];
+    let renderer = Renderer::new(DEFAULT_TEMPLATE).unwrap();
+    let settings = Settings {
+        http_bind: "0.0.0.0:80".parse().unwrap(),
+        bind_address: "0.0.0.0".parse().unwrap(),
+        generator: "confgen@golden".to_owned(),
+    };
+    let golden = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden/confgen");
+    let update = std::env::var_os("LEGATE_UPDATE_GOLDEN").is_some();
+    for (name, kvs) in registries {
+        let mut registry = Registry::new(Schema::new(Prefix::default()));
+        let kvs = kvs
+            .into_iter()
+            .map(|(k, v)| (k.into_bytes(), v.into_bytes()));
+        registry.reset(kvs, 1);
+        let model = registry.model(&[80]);
+        let rendered = renderer.render(&model, &settings).unwrap();
+        let mut files = vec![("haproxy.cfg", rendered.config.as_str())];
+        files.extend(
+            rendered
+                .maps
+                .iter()
+                .map(|m| (m.name.as_str(), m.content.as_str())),
+        );
+        let dir = golden.join(name);
+        for (file, content) in &files {
+            let path = dir.join(file);
+            if update {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, content).unwrap();
+            }
+            let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+                panic!("{}: {e} (LEGATE_UPDATE_GOLDEN=1 writes it)", path.display())
+            });
+            assert_eq!(
+                content, &expected,
+                "{name}/{file} differs from its golden file"
+            );
+        }
+        haproxy::check_with(&rendered.config, &files[1..])
+            .unwrap_or_else(|e| panic!("golden registry {name}: {e:#}"));
+    }
+}
+
+#[tokio::test]
+async fn starts_mid_stream_and_converges_on_what_etcd_holds() {
+    let etcd = Etcd::start().await.unwrap();
+    let mut kv = etcd.client().await.unwrap();
+    let before: Vec<(String, String)> = (0..50)
+        .map(|n| {
+            (
+                app_key(&format!("a{n}.example.com"), n, "10.0.0.1:80"),
+                String::new(),
+            )
+        })
+        .collect();
+    put_all(&mut kv, &before).await;
+    // A writer keeps changing the registry while confgen starts: puts, and deletes of keys
+    // written before.
+    let writer = {
+        let mut kv = kv.clone();
+        tokio::spawn(async move {
+            for n in 0..300u32 {
+                let key = app_key(&format!("b{n}.example.com"), n, "10.0.0.2:80");
+                kv.put(key, "", None).await.unwrap();
+                if n % 6 == 0 {
+                    let old = app_key(&format!("a{}.example.com", n / 6), n / 6, "10.0.0.1:80");
+                    kv.delete(old, None).await.unwrap();
+                }
+            }
+        })
+    };
+    let confgen = start_confgen(&etcd.endpoint(), &[]).await;
+    writer.await.unwrap();
+    // Every a-key was deleted (n / 6 covers 0..50), every b-key written.
+    let expected: BTreeSet<String> = (0..300).map(|n| format!("b{n}.example.com")).collect();
+    let mut stream = subscribe(&confgen, "node-a").await;
+    let snapshot = until(&mut stream, "the writer's last change", |s| {
+        model(s).apps.iter().all(|a| a.domain.starts_with('b')) && model(s).apps.len() == 300
+    })
+    .await;
+    let domains: BTreeSet<String> = model(&snapshot)
+        .apps
+        .iter()
+        .map(|a| a.domain.clone())
+        .collect();
+    assert_eq!(domains, expected);
+    let revision = kv
+        .get("x", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    assert_eq!(
+        snapshot.version, revision as u64,
+        "version is the etcd revision"
+    );
+}
+
+#[tokio::test]
+async fn keeps_its_snapshot_through_an_etcd_restart_and_follows_after() {
+    let mut etcd = Etcd::start().await.unwrap();
+    let mut kv = etcd.client().await.unwrap();
+    kv.put(app_key("a.example.com", 1, "10.0.0.1:80"), "", None)
+        .await
+        .unwrap();
+    let confgen = start_confgen(&etcd.endpoint(), &[]).await;
+    let mut stream = subscribe(&confgen, "node-a").await;
+    let first = until(&mut stream, "one app", |s| model(s).apps.len() == 1).await;
+
+    etcd.kill();
+    // While etcd is down, the last snapshot is still served to a new subscriber.
+    let mut during = subscribe(&confgen, "node-b").await;
+    let served = until(&mut during, "the current snapshot", |_| true).await;
+    assert_eq!(served.checksum, first.checksum);
+
+    etcd.restart().await.unwrap();
+    let mut kv = etcd.client().await.unwrap();
+    kv.put(app_key("b.example.com", 2, "10.0.0.2:80"), "", None)
+        .await
+        .unwrap();
+    let after = until(&mut stream, "the app put after the restart", |s| {
+        model(s).apps.len() == 2
+    })
+    .await;
+    assert!(after.version > first.version);
+    assert!(metric(&confgen, "legate_confgen_watch_restarts_total").await >= 1.0);
+}
+
+#[tokio::test]
+async fn lists_again_when_compaction_passed_a_cut_off_watch() {
+    let etcd = Etcd::start().await.unwrap();
+    let mut kv = etcd.client().await.unwrap();
+    let proxy = Proxy::start(Upstream::Tcp(etcd_addr(&etcd))).await.unwrap();
+    for n in 0..5 {
+        kv.put(
+            app_key(&format!("a{n}.example.com"), n, "10.0.0.1:80"),
+            "",
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    let confgen = start_confgen(&format!("http://{}", proxy.addr()), &[]).await;
+    let mut stream = subscribe(&confgen, "node-a").await;
+    until(&mut stream, "5 apps", |s| model(s).apps.len() == 5).await;
+
+    // Cut confgen off; change the registry; compact the history it would resume from.
+    proxy.cut();
+    kv.delete(app_key("a0.example.com", 0, "10.0.0.1:80"), None)
+        .await
+        .unwrap();
+    for n in 5..8 {
+        kv.put(
+            app_key(&format!("a{n}.example.com"), n, "10.0.0.1:80"),
+            "",
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    let revision = kv
+        .put("/unrelated", "", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    kv.compact(revision, None).await.unwrap();
+    proxy.resume();
+
+    let snapshot = until(&mut stream, "7 apps after the relist", |s| {
+        model(s).apps.len() == 7
+    })
+    .await;
+    assert!(
+        !model(&snapshot)
+            .apps
+            .iter()
+            .any(|a| a.domain == "a0.example.com")
+    );
+    wait_for("a compaction restart in the metrics", WAIT, || async {
+        let restarts = confgen.metrics_text().await?;
+        Ok(restarts
+            .lines()
+            .any(|l| l.starts_with("legate_confgen_watch_restarts_total{reason=\"compacted\"}"))
+            .then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn bursts_are_coalesced_and_identical_output_is_not_sent_again() {
+    let etcd = Etcd::start().await.unwrap();
+    let mut kv = etcd.client().await.unwrap();
+    let confgen = start_confgen(&etcd.endpoint(), &["--wait", "300ms:5s"]).await;
+    let mut stream = subscribe(&confgen, "node-a").await;
+    until(&mut stream, "the empty registry", |_| true).await;
+    let before = metric(&confgen, "legate_confgen_snapshots_total").await;
+    assert_eq!(before, 1.0);
+    // 100 separate writes, well within 300 ms of each other.
+    for n in 0..100 {
+        kv.put(
+            app_key(&format!("a{n}.example.com"), n, "10.0.0.1:80"),
+            "",
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    until(&mut stream, "100 apps", |s| model(s).apps.len() == 100).await;
+    let after = metric(&confgen, "legate_confgen_snapshots_total").await;
+    assert!(
+        after - before <= 3.0,
+        "100 writes in one burst made {} snapshots",
+        after - before
+    );
+
+    // Rewriting a value identically renders, but sends nothing new.
+    let unchanged = metric(
+        &confgen,
+        "legate_confgen_renders_total{result=\"unchanged\"}",
+    )
+    .await;
+    kv.put(app_key("a1.example.com", 1, "10.0.0.1:80"), "", None)
+        .await
+        .unwrap();
+    wait_for("an unchanged render", WAIT, || async {
+        let now = metric(
+            &confgen,
+            "legate_confgen_renders_total{result=\"unchanged\"}",
+        )
+        .await;
+        Ok((now > unchanged).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        metric(&confgen, "legate_confgen_snapshots_total").await,
+        after
+    );
+}
+
+#[tokio::test]
+async fn renders_a_thousand_keys_that_haproxy_accepts() {
+    let etcd = Etcd::start().await.unwrap();
+    let mut kv = etcd.client().await.unwrap();
+    // 100 services, 900 app servers over 300 domains.
+    let kvs: Vec<(String, String)> = (0..1000u32)
+        .map(|n| {
+            let key = if n % 10 == 0 {
+                service_key(&format!("svc{n}"), 20000 + n as u16, n, "10.0.1.1:3306")
+            } else {
+                app_key(
+                    &format!("app{}.example.com", (n - n / 10 - 1) / 3),
+                    n,
+                    &format!("10.0.{}.{}:80", n / 250, n % 250),
+                )
+            };
+            (key, r#"{"host_id":"h"}"#.to_owned())
+        })
+        .collect();
+    put_all(&mut kv, &kvs).await;
+    let confgen = start_confgen(&etcd.endpoint(), &[]).await;
+    let mut stream = subscribe(&confgen, "node-a").await;
+    let snapshot = until(&mut stream, "1000 keys", |s| {
+        app_servers(s) == 900 && model(s).services.len() == 100
+    })
+    .await;
+    assert_eq!(model(&snapshot).apps.len(), 300);
+    let maps: Vec<(&str, &str)> = snapshot
+        .maps
+        .iter()
+        .map(|m| (m.name.as_str(), m.content.as_str()))
+        .collect();
+    haproxy::check_with(&snapshot.haproxy_config, &maps).unwrap();
+}
+
+#[tokio::test]
+async fn bad_keys_are_skipped_reported_and_never_rendered() {
+    let etcd = Etcd::start().await.unwrap();
+    let mut kv = etcd.client().await.unwrap();
+    let confgen = start_confgen(&etcd.endpoint(), &["--prefix", "/legate"]).await;
+    let mut stream = subscribe(&confgen, "node-a").await;
+    until(&mut stream, "the empty registry", |_| true).await;
+    let good = format!("/legate{}", app_key("ok.example.com", 1, "10.0.0.1:80"));
+    let hostile: Vec<(Vec<u8>, Vec<u8>)> = vec![
+        (
+            format!("/legate/apps/a.com\nbackend evil/{}/10.0.0.1:80", id(2)).into_bytes(),
+            Vec::new(),
+        ),
+        (
+            format!("/legate/apps/b.com/{}/10.0.0.1:80 # evil", id(3)).into_bytes(),
+            Vec::new(),
+        ),
+        (
+            format!("/legate/services/db/99999/{}/10.0.0.1:80", id(4)).into_bytes(),
+            Vec::new(),
+        ),
+        (
+            format!("/legate/apps/c.com/{}/10.0.0.1:80", id(5)).into_bytes(),
+            b"{\"check_path\":\"/x\\nbackend evil\"}".to_vec(),
+        ),
+        (
+            format!("/legate/apps/d.com/{}/10.0.0.1:80", id(6)).into_bytes(),
+            b"\xff\xfe".to_vec(),
+        ),
+        (b"/legate/hosts/\xffevil".to_vec(), Vec::new()),
+    ];
+    let mut ops = vec![TxnOp::put(good.as_str(), "", None)];
+    ops.extend(
+        hostile
+            .iter()
+            .map(|(k, v)| TxnOp::put(k.clone(), v.clone(), None)),
+    );
+    kv.txn(Txn::new().and_then(ops)).await.unwrap();
+    let snapshot = until(&mut stream, "the good app", |s| model(s).apps.len() == 1).await;
+    assert!(!snapshot.haproxy_config.contains("evil"));
+    assert!(snapshot.maps.iter().all(|m| !m.content.contains("evil")));
+    assert_eq!(model(&snapshot).skipped.len(), hostile.len());
+
+    let status = client(&confgen)
+        .await
+        .status(v1::ConfgenStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.version, snapshot.version);
+    let skipped: BTreeSet<Vec<u8>> = status.skipped.iter().map(|s| s.key.clone()).collect();
+    let expected: BTreeSet<Vec<u8>> = hostile.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(skipped, expected);
+    assert!(status.skipped.iter().all(|s| !s.reason.is_empty()));
+    assert_eq!(metric(&confgen, "legate_confgen_skipped_keys").await, 6.0);
+    // Each is in the log with its reason, escaped onto one line.
+    let log = confgen.log();
+    assert_eq!(log.matches("registry key skipped").count(), 6, "{log}");
+    assert!(!log.lines().any(|l| l.starts_with("backend evil")), "{log}");
+}
+
+#[tokio::test]
+async fn a_template_that_fails_keeps_the_last_good_snapshot() {
+    let etcd = Etcd::start().await.unwrap();
+    let mut kv = etcd.client().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("custom.cfg.hbs");
+    // A custom template; it refers to a field that does not exist, but only for apps with a
+    // check path: strict mode makes that an error.
+    std::fs::write(
+        &template,
+        "defaults\n    timeout connect 1s\n    timeout client 1s\n    timeout server 1s\n\
+         {{#each apps}}# app {{domain}} on {{@root.http_port}}{{#if check_path}} {{no_such_field}}{{/if}}\n{{/each}}",
+    )
+    .unwrap();
+    let output = dir.path().join("out");
+    let confgen = start_confgen(
+        &etcd.endpoint(),
+        &[
+            "--template",
+            template.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let mut stream = subscribe(&confgen, "node-a").await;
+    kv.put(app_key("a.example.com", 1, "10.0.0.1:80"), "", None)
+        .await
+        .unwrap();
+    let good = until(&mut stream, "the custom rendering", |s| {
+        s.haproxy_config.contains("# app a.example.com on")
+    })
+    .await;
+    // --output holds the same files.
+    assert_eq!(
+        std::fs::read_to_string(output.join("haproxy.cfg")).unwrap(),
+        good.haproxy_config
+    );
+    assert_eq!(
+        std::fs::read_to_string(output.join("hosts.map")).unwrap(),
+        "a.example.com app_a.example.com\n"
+    );
+
+    kv.put(
+        app_key("b.example.com", 2, "10.0.0.1:81"),
+        r#"{"check_path":"/health"}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    let mut api = client(&confgen).await;
+    let status = wait_for("the render error in the status", WAIT, || {
+        let mut api = api.clone();
+        async move {
+            let status = api.status(v1::ConfgenStatusRequest {}).await?.into_inner();
+            Ok((!status.last_render_error.is_empty()).then_some(status))
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.last_render_error.contains("no_such_field"),
+        "{}",
+        status.last_render_error
+    );
+    assert_eq!(
+        status.checksum, good.checksum,
+        "the last good snapshot stays"
+    );
+    assert!(metric(&confgen, "legate_confgen_renders_total{result=\"error\"}").await >= 1.0);
+
+    kv.delete(app_key("b.example.com", 2, "10.0.0.1:81"), None)
+        .await
+        .unwrap();
+    kv.put(app_key("c.example.com", 3, "10.0.0.1:82"), "", None)
+        .await
+        .unwrap();
+    until(&mut stream, "a render after the fix", |s| {
+        s.haproxy_config.contains("# app c.example.com")
+    })
+    .await;
+    let status = api
+        .status(v1::ConfgenStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.last_render_error, "");
+}
+
+#[tokio::test]
+async fn a_template_that_does_not_compile_stops_confgen_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("broken.hbs");
+    std::fs::write(&template, "{{#each apps}}\n").unwrap();
+    let mut confgen = Service::start(
+        "legate-confgen",
+        &["--template", template.to_str().unwrap()],
+        &[],
+    )
+    .unwrap();
+    let status = confgen.wait_exit(WAIT).await.unwrap();
+    assert!(!status.success());
+    let log = confgen.log();
+    assert!(
+        log.contains("broken.hbs") && log.contains("template"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn nodes_report_outcomes_that_the_status_shows() {
+    let etcd = Etcd::start().await.unwrap();
+    let confgen = start_confgen(&etcd.endpoint(), &[]).await;
+    let mut stream = subscribe(&confgen, "node-a").await;
+    let snapshot = until(&mut stream, "the first snapshot", |_| true).await;
+    let mut api = client(&confgen).await;
+    let report = |node: &str, outcome: v1::ApplyOutcome, message: &str| v1::ApplyReport {
+        node_id: node.to_owned(),
+        result: Some(v1::ApplyResult {
+            outcome: outcome as i32,
+            message: message.to_owned(),
+            duration_us: 1200,
+            version: snapshot.version,
+            checksum: snapshot.checksum.clone(),
+        }),
+    };
+    api.report(report("node-a", v1::ApplyOutcome::Reloaded, "reloaded"))
+        .await
+        .unwrap();
+    api.report(report(
+        "node-b",
+        v1::ApplyOutcome::Rejected,
+        "[ALERT] parsing error",
+    ))
+    .await
+    .unwrap();
+    let bad = api
+        .report(report("no\nde", v1::ApplyOutcome::Reloaded, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+
+    let status = api
+        .status(v1::ConfgenStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.nodes.len(), 2);
+    let a = &status.nodes[0];
+    assert_eq!(a.node_id, "node-a");
+    assert!(a.connected);
+    assert_eq!(a.running_checksum, snapshot.checksum);
+    assert_eq!(a.running_version, snapshot.version);
+    let b = &status.nodes[1];
+    assert!(!b.connected);
+    assert_eq!(b.running_checksum, "", "a rejected config is not running");
+    let last = b.last_result.as_ref().unwrap();
+    assert_eq!(last.outcome, v1::ApplyOutcome::Rejected as i32);
+    assert_eq!(last.message, "[ALERT] parsing error");
+
+    drop(stream);
+    wait_for("node-a to show disconnected", WAIT, || {
+        let mut api = api.clone();
+        async move {
+            let status = api.status(v1::ConfgenStatusRequest {}).await?.into_inner();
+            Ok((!status.nodes[0].connected).then_some(()))
+        }
+    })
+    .await
+    .unwrap();
+}
