@@ -202,7 +202,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     tracker.close();
     let generator = Generator {
         registry,
-        renderer: Arc::new(renderer),
+        renderer,
         reserved_ports: vec![config.http_port],
         settings,
         snapshots: snapshot_tx,
@@ -227,7 +227,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 /// Owns the registry and turns its batches into snapshots.
 struct Generator {
     registry: Registry,
-    renderer: Arc<Renderer>,
+    renderer: Renderer,
     settings: Settings,
     /// Ports the ambassador listens on itself: no service may take them.
     reserved_ports: Vec<u16>,
@@ -263,9 +263,7 @@ impl Generator {
                 }
                 () = sleep_until(deadline) => {
                     pending = None;
-                    if let Err(e) = self.render().await {
-                        error!(error = %e, "render task failed");
-                    }
+                    self.render().await;
                 }
             }
         }
@@ -300,16 +298,16 @@ impl Generator {
         metrics::gauge!("legate_confgen_registry_keys").set(self.registry.len() as f64);
     }
 
-    async fn render(&mut self) -> Result<(), tokio::task::JoinError> {
+    /// Builds the model and renders it, on this worker thread: rendering a large registry
+    /// takes a while, and keeping the model, its JSON and the text on one thread keeps
+    /// malloc from spreading them over arenas that each keep their peak.
+    async fn render(&mut self) {
         let started = std::time::Instant::now();
-        let model = self.registry.model(&self.reserved_ports);
-        let renderer = self.renderer.clone();
-        let settings = self.settings.clone();
-        let (model, result) = tokio::task::spawn_blocking(move || {
-            let result = renderer.render(&model, &settings);
+        let (model, result) = tokio::task::block_in_place(|| {
+            let model = Arc::new(self.registry.model(&self.reserved_ports));
+            let result = self.renderer.render(&model, &self.settings);
             (model, result)
-        })
-        .await?;
+        });
         metrics::histogram!("legate_confgen_render_seconds")
             .record(started.elapsed().as_secs_f64());
         metrics::gauge!("legate_confgen_skipped_keys").set(model.skipped.len() as f64);
@@ -336,7 +334,7 @@ impl Generator {
                     "render failed: the last good configuration stays"
                 );
                 metrics::counter!("legate_confgen_renders_total", "result" => "error").increment(1);
-                return Ok(());
+                return;
             }
         };
         let unchanged = self
@@ -346,16 +344,17 @@ impl Generator {
             .is_some_and(|s| s.checksum == rendered.checksum);
         if unchanged {
             metrics::counter!("legate_confgen_renders_total", "result" => "unchanged").increment(1);
-            return Ok(());
+            return;
         }
         metrics::counter!("legate_confgen_renders_total", "result" => "changed").increment(1);
         let version = u64::try_from(self.registry.revision()).unwrap_or_default();
+        let proto = tokio::task::block_in_place(|| model.to_proto());
         let snapshot = v1::ConfigSnapshot {
             version,
             checksum: rendered.checksum,
             haproxy_config: rendered.config,
             maps: rendered.maps,
-            model: Some(model.to_proto()),
+            model: Some(proto),
             generator: self.settings.generator.clone(),
         };
         if let Some(dir) = &self.output
@@ -385,7 +384,6 @@ impl Generator {
                 .set_serving::<v1::confgen_server::ConfgenServer<api::Api>>()
                 .await;
         }
-        Ok(())
     }
 }
 

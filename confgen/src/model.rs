@@ -396,7 +396,7 @@ pub struct SkippedKey {
 }
 
 /// Everything rendered from one registry revision.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Model {
     /// Apps ordered by domain.
     pub apps: Vec<App>,
@@ -405,10 +405,8 @@ pub struct Model {
     /// Live registrars ordered by host id.
     pub hosts: Vec<Host>,
     /// Skipped keys ordered by key. Not given to templates: a key is hostile text.
-    #[serde(skip)]
     pub skipped: Vec<SkippedKey>,
     /// The etcd revision it was read at.
-    #[serde(skip)]
     pub revision: i64,
 }
 

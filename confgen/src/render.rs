@@ -1,19 +1,26 @@
 //! Rendering a [`Model`] into an HAProxy configuration with a handlebars template.
 //!
-//! The template sees a [`Context`]: the model (apps, services, hosts) plus the listener
-//! settings and the names of the map files. Handlebars runs in strict mode (a field that does
-//! not exist is an error, not an empty string) with HTML escaping off: every value in the
-//! context has passed the registry validation, so none can carry configuration syntax. The
-//! map files are not templated: confgen writes them from the model, so the supervisor can
-//! change their entries at runtime.
+//! The template sees a [`Context`]: the listener settings, the names of the map files and the
+//! live hosts; apps and services are iterated with the block helpers `{{#apps}}...{{/apps}}`
+//! and `{{#services}}...{{/services}}`, inside which the context is one app or service. They
+//! stream: handlebars turns its data into JSON, and the JSON of 10,000 apps would take more
+//! memory than everything else confgen holds, so only one app's JSON exists at a time.
+//! Handlebars runs in strict mode (a field that does not exist is an error, not an empty
+//! string) with HTML escaping off: every value in the context has passed the registry
+//! validation, so none can carry configuration syntax. The map files are not templated:
+//! confgen writes them from the model, so the supervisor can change their entries at runtime.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
-use handlebars::Handlebars;
+use handlebars::{
+    BlockContext, Context as HbContext, Handlebars, Helper, HelperDef, HelperResult, Output,
+    RenderContext, Renderable, to_json,
+};
 use legate_proto::v1;
 use serde::Serialize;
 
-use crate::model::{HOSTS_MAP, Model, WILDCARDS_MAP};
+use crate::model::{HOSTS_MAP, Host, Model, WILDCARDS_MAP};
 
 /// The template used without `--template`.
 pub const DEFAULT_TEMPLATE: &str = include_str!("../templates/default.cfg.hbs");
@@ -62,8 +69,9 @@ struct Context<'a> {
     /// Address for `bind <address>:<port>`, e.g. `0.0.0.0` or `[::]`.
     bind_address: String,
     maps: MapNames,
-    #[serde(flatten)]
-    model: &'a Model,
+    hosts: &'a [Host],
+    app_count: usize,
+    service_count: usize,
 }
 
 /// A rendered configuration.
@@ -96,7 +104,11 @@ impl Renderer {
     }
 
     /// Renders `model`.
-    pub fn render(&self, model: &Model, settings: &Settings) -> Result<Rendered, RenderError> {
+    pub fn render(
+        &mut self,
+        model: &Arc<Model>,
+        settings: &Settings,
+    ) -> Result<Rendered, RenderError> {
         let bind_address = match settings.bind_address {
             IpAddr::V4(ip) => ip.to_string(),
             IpAddr::V6(ip) => format!("[{ip}]"),
@@ -110,9 +122,24 @@ impl Renderer {
                 hosts: HOSTS_MAP,
                 wildcards: WILDCARDS_MAP,
             },
-            model,
+            hosts: &model.hosts,
+            app_count: model.apps.len(),
+            service_count: model.services.len(),
         };
-        let config = self.handlebars.render(NAME, &context).map_err(Box::new)?;
+        for section in [Section::Apps, Section::Services] {
+            let helper = Sections {
+                model: model.clone(),
+                section,
+            };
+            self.handlebars
+                .register_helper(section.name(), Box::new(helper));
+        }
+        let config = self.handlebars.render(NAME, &context);
+        // The helpers hold the model: let it go with the render.
+        for section in [Section::Apps, Section::Services] {
+            self.handlebars.unregister_helper(section.name());
+        }
+        let config = config.map_err(Box::new)?;
         if let Some(line) = config
             .lines()
             .position(|line| line.split_whitespace().next() == Some("global"))
@@ -126,5 +153,66 @@ impl Renderer {
             maps,
             checksum,
         })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Section {
+    Apps,
+    Services,
+}
+
+impl Section {
+    fn name(self) -> &'static str {
+        match self {
+            Section::Apps => "apps",
+            Section::Services => "services",
+        }
+    }
+}
+
+/// The `{{#apps}}` and `{{#services}}` block helpers: render their block once per app or
+/// service, with it as the context and `@index`, `@first`, `@last` set, like `#each`.
+struct Sections {
+    model: Arc<Model>,
+    section: Section,
+}
+
+impl HelperDef for Sections {
+    fn call<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        r: &'reg Handlebars<'reg>,
+        ctx: &'rc HbContext,
+        rc: &mut RenderContext<'reg, 'rc>,
+        out: &mut dyn Output,
+    ) -> HelperResult {
+        let Some(template) = h.template() else {
+            return Ok(());
+        };
+        let len = match self.section {
+            Section::Apps => self.model.apps.len(),
+            Section::Services => self.model.services.len(),
+        };
+        rc.push_block(BlockContext::new());
+        for i in 0..len {
+            let value = match self.section {
+                Section::Apps => to_json(&self.model.apps[i]),
+                Section::Services => to_json(&self.model.services[i]),
+            };
+            if let Some(block) = rc.block_mut() {
+                block.set_base_value(value);
+                block.set_local_var("index", to_json(i));
+                block.set_local_var("first", to_json(i == 0));
+                block.set_local_var("last", to_json(i + 1 == len));
+            }
+            let rendered = template.render(r, ctx, rc, out);
+            if rendered.is_err() {
+                rc.pop_block();
+                return rendered;
+            }
+        }
+        rc.pop_block();
+        Ok(())
     }
 }

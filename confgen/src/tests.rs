@@ -1,6 +1,7 @@
 //! Unit tests of the pure core: registry parsing, model building, rendering, `--wait`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use legate_proto::registry::{Prefix, Schema};
@@ -126,7 +127,7 @@ fn bad_keys_and_values_are_skipped_with_reasons_and_the_rest_renders() {
     assert_eq!(model.apps[0].domain, "ok.example.com");
     let rendered = Renderer::new(DEFAULT_TEMPLATE)
         .unwrap()
-        .render(&model, &settings())
+        .render(&Arc::new(model.clone()), &settings())
         .unwrap();
     assert!(!rendered.config.contains("evil"));
     assert!(rendered.config.contains("backend app_ok.example.com"));
@@ -172,7 +173,7 @@ fn same_registry_in_any_order_renders_byte_identical_output() {
         (service("db", 3306, 5, "10.0.0.1:3306"), VALUE.to_vec()),
         (service("cache", 6379, 6, "10.0.0.2:6379"), VALUE.to_vec()),
     ];
-    let renderer = Renderer::new(DEFAULT_TEMPLATE).unwrap();
+    let mut renderer = Renderer::new(DEFAULT_TEMPLATE).unwrap();
     let mut forward = registry("");
     forward.reset(kvs.clone(), 5);
     let mut backward = registry("");
@@ -180,8 +181,12 @@ fn same_registry_in_any_order_renders_byte_identical_output() {
     for (key, value) in kvs.into_iter().rev() {
         backward.put(key, &value, 5);
     }
-    let a = renderer.render(&forward.model(&[]), &settings()).unwrap();
-    let b = renderer.render(&backward.model(&[]), &settings()).unwrap();
+    let a = renderer
+        .render(&Arc::new(forward.model(&[])), &settings())
+        .unwrap();
+    let b = renderer
+        .render(&Arc::new(backward.model(&[])), &settings())
+        .unwrap();
     assert_eq!(a, b);
     // Servers are ordered by address, numerically.
     let model = forward.model(&[]);
@@ -294,7 +299,7 @@ fn default_template_renders_checks_listeners_and_no_global() {
     settings.bind_address = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
     let rendered = Renderer::new(DEFAULT_TEMPLATE)
         .unwrap()
-        .render(&registry.model(&[]), &settings)
+        .render(&Arc::new(registry.model(&[])), &settings)
         .unwrap();
     let config = &rendered.config;
     for line in [
@@ -329,25 +334,55 @@ fn templates_are_strict_unescaped_and_may_not_own_global() {
     let model = registry("").model(&[]);
     let mut settings = settings();
     settings.generator = "a&b<c>\"".to_owned();
-    let raw = Renderer::new("# {{generator}}\n").unwrap();
+    let mut raw = Renderer::new("# {{generator}}\n").unwrap();
     assert_eq!(
-        raw.render(&model, &settings).unwrap().config,
+        raw.render(&Arc::new(model.clone()), &settings)
+            .unwrap()
+            .config,
         "# a&b<c>\"\n"
     );
 
-    let strict = Renderer::new("{{no_such_field}}").unwrap();
+    let mut strict = Renderer::new("{{no_such_field}}").unwrap();
     assert!(matches!(
-        strict.render(&model, &settings),
+        strict.render(&Arc::new(model.clone()), &settings),
         Err(RenderError::Render(_))
     ));
     assert!(matches!(
         Renderer::new("{{#each apps}}"),
         Err(RenderError::Template(_))
     ));
-    let global = Renderer::new("defaults\nglobal\n    maxconn 1\n").unwrap();
+    let mut global = Renderer::new("defaults\nglobal\n    maxconn 1\n").unwrap();
     assert!(matches!(
-        global.render(&model, &settings),
+        global.render(&Arc::new(model.clone()), &settings),
         Err(RenderError::Global(2))
+    ));
+}
+
+#[test]
+fn apps_and_services_stream_through_block_helpers() {
+    let mut registry = registry("");
+    registry.reset(
+        vec![
+            (app("a.example.com", 1, "10.0.0.1:80"), Vec::new()),
+            (app("b.example.com", 2, "10.0.0.2:80"), Vec::new()),
+            (service("db", 3306, 3, "10.0.0.3:3306"), Vec::new()),
+        ],
+        1,
+    );
+    let model = Arc::new(registry.model(&[]));
+    let mut renderer = Renderer::new(
+        "{{app_count}} {{service_count}}|{{#apps}}{{@index}}{{#if @first}}F{{/if}}{{#if @last}}L{{/if}}:{{domain}}@{{@root.http_bind}}={{#each servers}}{{address}}{{/each}};{{/apps}}|{{#services}}{{port}}{{names.[0]}}{{/services}}",
+    )
+    .unwrap();
+    assert_eq!(
+        renderer.render(&model, &settings()).unwrap().config,
+        "2 1|0F:a.example.com@0.0.0.0:8080=10.0.0.1:80;1L:b.example.com@0.0.0.0:8080=10.0.0.2:80;|3306db"
+    );
+    // `apps` is a helper, not a list: `#each apps` fails (strict mode) with a clear error.
+    let mut each = Renderer::new("{{#each apps}}{{/each}}").unwrap();
+    assert!(matches!(
+        each.render(&model, &settings()),
+        Err(RenderError::Render(_))
     ));
 }
 

@@ -331,7 +331,8 @@ pub async fn serve_grpc(
     tonic::transport::Server::builder()
         .add_routes(routes)
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
+            // Snapshots are streamed as they come: no Nagle delay on small frames.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.cancelled_owned(),
         )
         .await?;

@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use etcd_client::{Client, Txn, TxnOp};
 use legate_confgen::model::Registry;
@@ -282,7 +283,7 @@ async fn golden_outputs_are_stable_and_haproxy_accepts_them() {
             ],
         ),
     ];
-    let renderer = Renderer::new(DEFAULT_TEMPLATE).unwrap();
+    let mut renderer = Renderer::new(DEFAULT_TEMPLATE).unwrap();
     let settings = Settings {
         http_bind: "0.0.0.0:80".parse().unwrap(),
         bind_address: "0.0.0.0".parse().unwrap(),
@@ -297,7 +298,9 @@ async fn golden_outputs_are_stable_and_haproxy_accepts_them() {
             .map(|(k, v)| (k.into_bytes(), v.into_bytes()));
         registry.reset(kvs, 1);
         let model = registry.model(&[80]);
-        let rendered = renderer.render(&model, &settings).unwrap();
+        let rendered = renderer
+            .render(&Arc::new(model.clone()), &settings)
+            .unwrap();
         let mut files = vec![("haproxy.cfg", rendered.config.as_str())];
         files.extend(
             rendered
@@ -633,7 +636,7 @@ async fn a_template_that_fails_keeps_the_last_good_snapshot() {
     std::fs::write(
         &template,
         "defaults\n    timeout connect 1s\n    timeout client 1s\n    timeout server 1s\n\
-         {{#each apps}}# app {{domain}} on {{@root.http_port}}{{#if check_path}} {{no_such_field}}{{/if}}\n{{/each}}",
+         {{#apps}}# app {{domain}} on {{@root.http_port}}{{#if check_path}} {{no_such_field}}{{/if}}\n{{/apps}}",
     )
     .unwrap();
     let output = dir.path().join("out");

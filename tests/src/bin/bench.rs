@@ -1,11 +1,17 @@
 //! `bench`: legate's benchmarks against real etcd, Docker and HAProxy on this host.
 //!
 //! `cargo run --release -p legate-tests --bin bench -- registrar [--containers N] [--idle-secs S]`
+//! `cargo run --release -p legate-tests --bin bench -- confgen [--puts N] [--apps N] [--services N]`
 //!
 //! registrar: Docker start → key visible in etcd and stop → key deleted, for N containers
 //! started and stopped one by one (p50/p99/max), then the registrar's RSS and CPU while idle
 //! with N registered containers. Every container is created by the benchmark and removed at
 //! the end; traffic stays on loopback.
+//!
+//! confgen: etcd put → snapshot delivered to a Watch subscriber, for N puts one at a time at
+//! the default `--wait` (p50/p99/max); then a registry of `--apps` apps × 3 servers plus
+//! `--services` services × 2 servers, read and rendered by a confgen started on it: time from
+//! start to the first complete snapshot, confgen's RSS, and put → snapshot at that size.
 
 #![allow(clippy::print_stdout)]
 
@@ -14,9 +20,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use etcd_client::{EventType, WatchOptions};
+use legate_proto::v1;
+use legate_proto::v1::confgen_client::ConfgenClient;
 use legate_tests::docker::{self, Container};
 use legate_tests::etcd::Etcd;
 use legate_tests::service::Service;
+use tonic::Streaming;
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -24,8 +33,14 @@ async fn main() -> Result<()> {
     let scenario = args.next().unwrap_or_default();
     let mut containers = 100usize;
     let mut idle_secs = 30u64;
+    let mut puts = 200usize;
+    let mut apps = 10_000usize;
+    let mut services = 500usize;
     while let Some(arg) = args.next() {
         match arg.as_str() {
+            "--puts" => puts = args.next().context("--puts N")?.parse()?,
+            "--apps" => apps = args.next().context("--apps N")?.parse()?,
+            "--services" => services = args.next().context("--services N")?.parse()?,
             "--containers" => containers = args.next().context("--containers N")?.parse()?,
             "--idle-secs" => idle_secs = args.next().context("--idle-secs S")?.parse()?,
             other => bail!("unknown argument {other:?}"),
@@ -33,7 +48,11 @@ async fn main() -> Result<()> {
     }
     match scenario.as_str() {
         "registrar" => registrar(containers, Duration::from_secs(idle_secs)).await,
-        _ => bail!("usage: bench registrar [--containers N] [--idle-secs S]"),
+        "confgen" => confgen(puts, apps, services).await,
+        _ => bail!(
+            "usage: bench registrar [--containers N] [--idle-secs S]\n       \
+             bench confgen [--puts N] [--apps N] [--services N]"
+        ),
     }
 }
 
@@ -152,6 +171,205 @@ async fn registrar(count: usize, idle: Duration) -> Result<()> {
         idle
     );
     drop(created);
+    Ok(())
+}
+
+fn container_id(n: usize) -> String {
+    format!("{:08x}{n:056x}", (n as u32).wrapping_mul(2_654_435_761))
+}
+
+async fn start_confgen(etcd: &Etcd) -> Result<(Service, Streaming<v1::ConfigSnapshot>)> {
+    let http_port = legate_tests::free_port()?.to_string();
+    let mut confgen = Service::start(
+        "legate-confgen",
+        &[
+            "--etcd-endpoints",
+            &etcd.endpoint(),
+            "--bind-address",
+            "127.0.0.1",
+            "--http-port",
+            &http_port,
+        ],
+        &[("LEGATE_LOG", "warn")],
+    )?;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", confgen.grpc()))?;
+    // Subscribe as soon as the API answers, before the first snapshot exists.
+    let stream = legate_tests::wait_for("the Confgen API", legate_tests::WAIT, || {
+        let channel = channel.clone();
+        async move {
+            let mut client =
+                ConfgenClient::new(channel.connect().await?).max_decoding_message_size(256 << 20);
+            let request = v1::WatchRequest {
+                node_id: "bench".to_owned(),
+                have_checksum: String::new(),
+            };
+            Ok(Some(client.watch(request).await?.into_inner()))
+        }
+    })
+    .await?;
+    confgen.wait_serving().await?;
+    Ok((confgen, stream))
+}
+
+/// Reads snapshots until one has at least `version`; returns when it arrived.
+async fn snapshot_at(
+    stream: &mut Streaming<v1::ConfigSnapshot>,
+    version: u64,
+) -> Result<(Instant, v1::ConfigSnapshot)> {
+    loop {
+        let snapshot = tokio::time::timeout(Duration::from_secs(60), stream.message())
+            .await
+            .with_context(|| format!("no snapshot with version {version} within 60 s"))??
+            .context("the Watch stream ended")?;
+        if snapshot.version >= version {
+            return Ok((Instant::now(), snapshot));
+        }
+    }
+}
+
+/// Latency of `count` puts, one at a time, each to a new app key.
+async fn put_latencies(
+    client: &mut etcd_client::Client,
+    stream: &mut Streaming<v1::ConfigSnapshot>,
+    count: usize,
+    tag: &str,
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let mut issued = Vec::with_capacity(count);
+    let mut returned = Vec::with_capacity(count);
+    for n in 0..count {
+        let key = format!(
+            "/apps/{tag}-{n}.example.com/{}/127.0.0.1:80",
+            container_id(n)
+        );
+        let start = Instant::now();
+        let response = client.put(key, "", None).await?;
+        let done = Instant::now();
+        let revision = response.header().context("no header")?.revision();
+        let (at, _) = snapshot_at(stream, revision as u64).await?;
+        issued.push(at - start);
+        returned.push(at.saturating_duration_since(done));
+    }
+    Ok((issued, returned))
+}
+
+async fn confgen(puts: usize, apps: usize, services: usize) -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let mut client = etcd.client().await?;
+    let (confgen, mut stream) = start_confgen(&etcd).await?;
+    snapshot_at(&mut stream, 0).await?;
+    let (mut small_issued, mut small_returned) =
+        put_latencies(&mut client, &mut stream, puts, "small").await?;
+    drop((confgen, stream));
+    client
+        .delete(
+            "/apps/small-",
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await?;
+
+    println!("writing {apps} apps x 3 servers and {services} services x 2 servers...");
+    let mut ops = Vec::new();
+    for a in 0..apps {
+        for s in 0..3 {
+            let n = a * 3 + s;
+            let key = format!(
+                "/apps/app-{a}.example.com/{}/10.{}.{}.{}:{}",
+                container_id(n),
+                s,
+                a / 250 % 250,
+                a % 250 + 1,
+                30000 + s
+            );
+            ops.push((
+                key,
+                r#"{"host_id":"bench","container_name":"c"}"#.to_owned(),
+            ));
+        }
+    }
+    for p in 0..services {
+        for s in 0..2 {
+            let n = 1_000_000 + p * 2 + s;
+            let key = format!(
+                "/services/svc-{p}/{}/{}/10.100.{s}.{}:{}",
+                10_000 + p,
+                container_id(n),
+                p % 250 + 1,
+                40000 + p
+            );
+            ops.push((key, String::new()));
+        }
+    }
+    for chunk in ops.chunks(100) {
+        let txn: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|(k, v)| etcd_client::TxnOp::put(k.as_str(), v.as_str(), None))
+            .collect();
+        client.txn(etcd_client::Txn::new().and_then(txn)).await?;
+    }
+    let revision = client
+        .get("x", None)
+        .await?
+        .header()
+        .context("no header")?
+        .revision();
+
+    let started = Instant::now();
+    let (confgen, mut stream) = start_confgen(&etcd).await?;
+    let (at, snapshot) = snapshot_at(&mut stream, revision as u64).await?;
+    let sync = at - started;
+    let model = snapshot.model.as_ref().context("no model")?;
+    let servers: usize = model.apps.iter().map(|a| a.servers.len()).sum::<usize>()
+        + model
+            .services
+            .iter()
+            .map(|s| s.servers.len())
+            .sum::<usize>();
+    if model.apps.len() != apps || model.services.len() != services {
+        bail!(
+            "snapshot has {} apps and {} services",
+            model.apps.len(),
+            model.services.len()
+        );
+    }
+    let rss = rss_kib(confgen.pid())?;
+    let (mut big_issued, mut big_returned) =
+        put_latencies(&mut client, &mut stream, puts.min(50), "big").await?;
+    let rss_after = rss_kib(confgen.pid())?;
+
+    println!();
+    println!(
+        "confgen benchmark: etcd, confgen and one Watch subscriber on this host, default --wait"
+    );
+    println!("{:<44} {:>9} {:>9} {:>9}", "", "p50", "p99", "max");
+    report(
+        &format!("empty registry: put issued -> snapshot ({puts})"),
+        &mut small_issued,
+    );
+    report(
+        "               put returned -> snapshot",
+        &mut small_returned,
+    );
+    report(
+        &format!(
+            "{} keys: put issued -> snapshot ({})",
+            ops.len(),
+            puts.min(50)
+        ),
+        &mut big_issued,
+    );
+    report("               put returned -> snapshot", &mut big_returned);
+    println!(
+        "full sync + render of {apps} apps x 3 + {services} services x 2 ({servers} servers): \
+         {:.0} ms from process start to the snapshot received ({:.1} MB of config)",
+        sync.as_secs_f64() * 1000.0,
+        snapshot.haproxy_config.len() as f64 / 1e6
+    );
+    println!(
+        "confgen RSS: {:.1} MiB after the sync, {:.1} MiB after {} more renders",
+        rss as f64 / 1024.0,
+        rss_after as f64 / 1024.0,
+        puts.min(50)
+    );
     Ok(())
 }
 
