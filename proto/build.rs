@@ -11,6 +11,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");
     }
-    tonic_prost_build::configure().compile_protos(&PROTOS, &["proto"])?;
+    // confgen hands the model's messages to handlebars templates as they are.
+    let mut builder = tonic_prost_build::configure();
+    for message in ["Server", "App", "Service", "Host"] {
+        builder = builder.type_attribute(
+            format!(".legate.v1.{message}"),
+            "#[derive(serde::Serialize)]",
+        );
+    }
+    builder.compile_protos(&PROTOS, &["proto"])?;
     Ok(())
 }

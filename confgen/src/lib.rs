@@ -30,7 +30,7 @@ use tonic_health::server::HealthReporter;
 use tracing::{error, info, warn};
 
 use crate::api::Status;
-use crate::model::Registry;
+use crate::model::{Model, Registry};
 use crate::render::{Renderer, Settings};
 use crate::watcher::{Batch, Event};
 
@@ -311,10 +311,10 @@ impl Generator {
         metrics::histogram!("legate_confgen_render_seconds")
             .record(started.elapsed().as_secs_f64());
         metrics::gauge!("legate_confgen_skipped_keys").set(model.skipped.len() as f64);
-        let shared = model.shared_ports();
+        let shared = model::shared_ports(&model);
         let error = result.as_ref().err().map(ToString::to_string);
         let previous_shared = self.status.rendered(
-            model.skipped_proto(),
+            model.skipped.clone(),
             shared.clone(),
             error.unwrap_or_default(),
         );
@@ -348,13 +348,16 @@ impl Generator {
         }
         metrics::counter!("legate_confgen_renders_total", "result" => "changed").increment(1);
         let version = u64::try_from(self.registry.revision()).unwrap_or_default();
-        let proto = tokio::task::block_in_place(|| model.to_proto());
+        let (apps, services, skipped) =
+            (model.apps.len(), model.services.len(), model.skipped.len());
+        // The renderer let go of its reference: the model moves into the snapshot.
+        let model = Arc::try_unwrap(model).unwrap_or_else(|shared| Model::clone(&shared));
         let snapshot = v1::ConfigSnapshot {
             version,
             checksum: rendered.checksum,
             haproxy_config: rendered.config,
             maps: rendered.maps,
-            model: Some(proto),
+            model: Some(model),
             generator: self.settings.generator.clone(),
         };
         if let Some(dir) = &self.output
@@ -366,9 +369,9 @@ impl Generator {
         info!(
             version,
             checksum = snapshot.checksum,
-            apps = model.apps.len(),
-            services = model.services.len(),
-            skipped = model.skipped.len(),
+            apps,
+            services,
+            skipped,
             render_ms = started.elapsed().as_secs_f64() * 1000.0,
             "new configuration"
         );

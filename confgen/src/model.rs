@@ -15,7 +15,6 @@ use legate_proto::registry::{
     Schema, ServiceKey,
 };
 use legate_proto::v1;
-use serde::Serialize;
 
 /// One key of the registry directories, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,14 +161,14 @@ impl Registry {
     /// Builds the model of the current registry. Service ports in `reserved_ports` (the
     /// ambassador's own listeners) are not routed: their keys are skipped with a reason.
     pub fn model(&self, reserved_ports: &[u16]) -> Model {
-        let mut apps: BTreeMap<&str, (&AppKey, Vec<Server>)> = BTreeMap::new();
-        let mut services: BTreeMap<u16, (BTreeSet<&str>, Vec<Server>)> = BTreeMap::new();
+        let mut apps: BTreeMap<&str, (&AppKey, Vec<Sortable>)> = BTreeMap::new();
+        let mut services: BTreeMap<u16, (BTreeSet<&str>, Vec<Sortable>)> = BTreeMap::new();
         let mut hosts = Vec::new();
         let mut skipped = Vec::new();
         for (raw, entry) in &self.entries {
             match entry {
                 Entry::App(key, value) => {
-                    let server = Server::new(&key.container_id, key.endpoint, value);
+                    let server = server(&key.container_id, key.endpoint, value);
                     apps.entry(key.domain.as_str())
                         .or_insert_with(|| (key, Vec::new()))
                         .1
@@ -178,7 +177,7 @@ impl Registry {
                 Entry::Service(key, value) => {
                     let port = key.service_port.get();
                     if reserved_ports.contains(&port) {
-                        skipped.push(SkippedKey {
+                        skipped.push(v1::SkippedKey {
                             key: raw.clone(),
                             reason: format!(
                                 "service port {port} is taken by the ambassador's own listener"
@@ -190,27 +189,27 @@ impl Registry {
                     service.0.insert(key.name.as_str());
                     service
                         .1
-                        .push(Server::new(&key.container_id, key.endpoint, value));
+                        .push(server(&key.container_id, key.endpoint, value));
                 }
-                Entry::Host(key, record) => hosts.push(Host {
+                Entry::Host(key, record) => hosts.push(v1::Host {
                     host_id: key.host_id.to_string(),
                     ip: record.ip.to_string(),
                     version: record.version.clone(),
                 }),
-                Entry::Skipped(reason) => skipped.push(SkippedKey {
+                Entry::Skipped(reason) => skipped.push(v1::SkippedKey {
                     key: raw.clone(),
                     reason: reason.clone(),
                 }),
             }
         }
-        skipped.sort();
+        skipped.sort_by(|a, b| a.key.cmp(&b.key));
         let apps = apps
             .into_values()
             .map(|(key, servers)| {
                 let servers = arrange(servers);
                 let wildcard = key.domain.is_wildcard();
                 let domain = key.domain.to_string();
-                App {
+                v1::App {
                     backend: if wildcard {
                         format!("wild_{}", &domain[2..])
                     } else {
@@ -230,8 +229,8 @@ impl Registry {
             .collect();
         let services = services
             .into_iter()
-            .map(|(port, (names, servers))| Service {
-                port,
+            .map(|(port, (names, servers))| v1::Service {
+                port: u32::from(port),
                 names: names.into_iter().map(str::to_owned).collect(),
                 backend: format!("svc_{port}"),
                 servers: arrange(servers),
@@ -242,32 +241,55 @@ impl Registry {
             services,
             hosts,
             skipped,
-            revision: self.revision,
+            etcd_revision: self.revision,
         }
     }
 }
 
+/// A server with the address it is ordered by.
+type Sortable = (IpAddr, v1::Server);
+
+fn server(container_id: &ContainerId, endpoint: Endpoint, value: &RegistrationValue) -> Sortable {
+    let ip = endpoint.ip.get();
+    let server = v1::Server {
+        name: format!("{}-{ip}-{}", container_id.short(), endpoint.port),
+        container_id: container_id.to_string(),
+        ip: ip.to_string(),
+        port: u32::from(endpoint.port.get()),
+        host_id: text(value.host_id.as_ref()),
+        container_name: text(value.container_name.as_ref()),
+        weight: u32::from(value.weight.unwrap_or_default().get()),
+        check_path: text(value.check_path.as_ref()),
+        address: endpoint.to_string(),
+    };
+    (ip, server)
+}
+
+fn text(value: Option<&impl ToString>) -> String {
+    value.map(ToString::to_string).unwrap_or_default()
+}
+
 /// Orders servers by (ip, port, container id), drops duplicates of one container endpoint (one
 /// container registered under two names of one service port) and makes names unique.
-fn arrange(mut servers: Vec<Server>) -> Vec<Server> {
-    servers.sort_by(|a, b| {
-        (a.ip_addr, a.port, &a.container_id).cmp(&(b.ip_addr, b.port, &b.container_id))
-    });
-    servers.dedup_by(|a, b| {
-        (a.ip_addr, a.port, &a.container_id) == (b.ip_addr, b.port, &b.container_id)
-    });
+fn arrange(mut servers: Vec<Sortable>) -> Vec<v1::Server> {
+    let order = |(ip, s): &Sortable| (*ip, s.port, s.container_id.clone());
+    servers.sort_by_cached_key(order);
+    servers.dedup_by(|a, b| order(a) == order(b));
     let mut names = BTreeSet::new();
-    for server in &mut servers {
-        // Names derive from a 12-digit id prefix: two ids sharing it at one endpoint can only
-        // come from hand-written keys, and still get distinct, stable names.
-        let base = server.name.clone();
-        let mut n = 1;
-        while !names.insert(server.name.clone()) {
-            n += 1;
-            server.name = format!("{base}-{n}");
-        }
-    }
     servers
+        .into_iter()
+        .map(|(_, mut server)| {
+            // Names derive from a 12-digit id prefix: two ids sharing it at one endpoint can
+            // only come from hand-written keys, and still get distinct, stable names.
+            let base = server.name.clone();
+            let mut n = 1;
+            while !names.insert(server.name.clone()) {
+                n += 1;
+                server.name = format!("{base}-{n}");
+            }
+            server
+        })
+        .collect()
 }
 
 /// The printable form of a raw key, for logs: escaped, at most 200 characters.
@@ -279,136 +301,10 @@ pub fn printable(key: &[u8]) -> String {
     }
 }
 
-/// One backend endpoint. Every string field has passed the registry validation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Server {
-    /// Name inside its backend: `<12-digit id>-<ip>-<port>`, stable across renders.
-    pub name: String,
-    /// Full container id.
-    pub container_id: String,
-    /// Host IP, without brackets.
-    pub ip: String,
-    /// Published host port.
-    pub port: u16,
-    /// `ip:port`, with brackets around an IPv6 address: what an HAProxy `server` line takes.
-    pub address: String,
-    /// Host id of the registrar that wrote it; empty for seed-era keys.
-    pub host_id: String,
-    /// Container name; empty when unknown.
-    pub container_name: String,
-    /// HAProxy weight, 0-256.
-    pub weight: u16,
-    /// HTTP health-check path; empty for a plain TCP check.
-    pub check_path: String,
-    #[serde(skip)]
-    ip_addr: IpAddr,
-}
-
-impl Server {
-    fn new(container_id: &ContainerId, endpoint: Endpoint, value: &RegistrationValue) -> Self {
-        let ip = endpoint.ip.get();
-        Self {
-            name: format!("{}-{ip}-{}", container_id.short(), endpoint.port),
-            container_id: container_id.to_string(),
-            ip: ip.to_string(),
-            port: endpoint.port.get(),
-            address: endpoint.to_string(),
-            host_id: value
-                .host_id
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-            container_name: value
-                .container_name
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-            weight: value.weight.unwrap_or_default().get(),
-            check_path: value
-                .check_path
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-            ip_addr: ip,
-        }
-    }
-
-    fn to_proto(&self) -> v1::Server {
-        v1::Server {
-            name: self.name.clone(),
-            container_id: self.container_id.clone(),
-            ip: self.ip.clone(),
-            port: u32::from(self.port),
-            host_id: self.host_id.clone(),
-            container_name: self.container_name.clone(),
-            weight: u32::from(self.weight),
-            check_path: self.check_path.clone(),
-        }
-    }
-}
-
-/// An HTTP app: the servers of one domain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct App {
-    /// Lower-case domain, possibly `*.example.com`.
-    pub domain: String,
-    /// Whether the domain is a wildcard.
-    pub wildcard: bool,
-    /// Backend name: `app_<domain>`, or `wild_<suffix>` for `*.<suffix>`.
-    pub backend: String,
-    /// The first non-empty check path of its servers; empty: TCP checks.
-    pub check_path: String,
-    /// Servers ordered by (ip, port, container id).
-    pub servers: Vec<Server>,
-}
-
-/// A TCP service: the servers of one service port.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Service {
-    /// The service port.
-    pub port: u16,
-    /// Names registered on it, sorted; several share one listener.
-    pub names: Vec<String>,
-    /// Backend (listener) name: `svc_<port>`.
-    pub backend: String,
-    /// Servers ordered by (ip, port, container id).
-    pub servers: Vec<Server>,
-}
-
-/// A live registrar.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Host {
-    /// Its host id.
-    pub host_id: String,
-    /// The IP it publishes under.
-    pub ip: String,
-    /// Its legate version.
-    pub version: String,
-}
-
-/// A registry key that is not rendered, and why.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct SkippedKey {
-    /// The raw key.
-    pub key: Vec<u8>,
-    /// Why it is skipped.
-    pub reason: String,
-}
-
-/// Everything rendered from one registry revision.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Model {
-    /// Apps ordered by domain.
-    pub apps: Vec<App>,
-    /// Services ordered by port.
-    pub services: Vec<Service>,
-    /// Live registrars ordered by host id.
-    pub hosts: Vec<Host>,
-    /// Skipped keys ordered by key. Not given to templates: a key is hostile text.
-    pub skipped: Vec<SkippedKey>,
-    /// The etcd revision it was read at.
-    pub revision: i64,
-}
+/// Everything rendered from one registry revision: the `legate.v1` model, built directly so
+/// that a large registry is held once, not once more for the snapshot. Every string in it has
+/// passed the registry validation.
+pub type Model = v1::Model;
 
 /// Map file of exact host names: `<domain> <backend>` lines.
 pub const HOSTS_MAP: &str = "hosts.map";
@@ -416,91 +312,43 @@ pub const HOSTS_MAP: &str = "hosts.map";
 /// `map_end` returns the first match in file order).
 pub const WILDCARDS_MAP: &str = "wildcards.map";
 
-impl Model {
-    /// The map files routing host names to backends, ordered by name.
-    pub fn maps(&self) -> Vec<v1::ConfigFile> {
-        let mut hosts = String::new();
-        let mut wildcards: Vec<(&str, &str)> = Vec::new();
-        for app in &self.apps {
-            if app.wildcard {
-                wildcards.push((&app.domain[1..], &app.backend));
-            } else {
-                hosts.push_str(&format!("{} {}\n", app.domain, app.backend));
-            }
-        }
-        wildcards.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(b.0)));
-        let wildcards: String = wildcards
-            .into_iter()
-            .map(|(suffix, backend)| format!("{suffix} {backend}\n"))
-            .collect();
-        vec![
-            v1::ConfigFile {
-                name: HOSTS_MAP.to_owned(),
-                content: hosts,
-            },
-            v1::ConfigFile {
-                name: WILDCARDS_MAP.to_owned(),
-                content: wildcards,
-            },
-        ]
-    }
-
-    /// Service ports that several names share.
-    pub fn shared_ports(&self) -> Vec<v1::SharedPort> {
-        self.services
-            .iter()
-            .filter(|s| s.names.len() > 1)
-            .map(|s| v1::SharedPort {
-                port: u32::from(s.port),
-                names: s.names.clone(),
-            })
-            .collect()
-    }
-
-    /// The model as sent to supervisors.
-    pub fn to_proto(&self) -> v1::Model {
-        v1::Model {
-            apps: self
-                .apps
-                .iter()
-                .map(|a| v1::App {
-                    domain: a.domain.clone(),
-                    backend: a.backend.clone(),
-                    servers: a.servers.iter().map(Server::to_proto).collect(),
-                })
-                .collect(),
-            services: self
-                .services
-                .iter()
-                .map(|s| v1::Service {
-                    port: u32::from(s.port),
-                    names: s.names.clone(),
-                    backend: s.backend.clone(),
-                    servers: s.servers.iter().map(Server::to_proto).collect(),
-                })
-                .collect(),
-            hosts: self
-                .hosts
-                .iter()
-                .map(|h| v1::Host {
-                    host_id: h.host_id.clone(),
-                    ip: h.ip.clone(),
-                    version: h.version.clone(),
-                })
-                .collect(),
-            skipped: self.skipped_proto(),
-            etcd_revision: self.revision,
+/// The map files routing host names to backends, ordered by name.
+pub fn maps(model: &Model) -> Vec<v1::ConfigFile> {
+    let mut hosts = String::new();
+    let mut wildcards: Vec<(&str, &str)> = Vec::new();
+    for app in &model.apps {
+        if app.wildcard {
+            wildcards.push((&app.domain[1..], &app.backend));
+        } else {
+            hosts.push_str(&format!("{} {}\n", app.domain, app.backend));
         }
     }
+    wildcards.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(b.0)));
+    let wildcards: String = wildcards
+        .into_iter()
+        .map(|(suffix, backend)| format!("{suffix} {backend}\n"))
+        .collect();
+    vec![
+        v1::ConfigFile {
+            name: HOSTS_MAP.to_owned(),
+            content: hosts,
+        },
+        v1::ConfigFile {
+            name: WILDCARDS_MAP.to_owned(),
+            content: wildcards,
+        },
+    ]
+}
 
-    /// The skipped keys as in `Model.skipped` and `ConfgenStatus.skipped`.
-    pub fn skipped_proto(&self) -> Vec<v1::SkippedKey> {
-        self.skipped
-            .iter()
-            .map(|s| v1::SkippedKey {
-                key: s.key.clone(),
-                reason: s.reason.clone(),
-            })
-            .collect()
-    }
+/// Service ports that several names share.
+pub fn shared_ports(model: &Model) -> Vec<v1::SharedPort> {
+    model
+        .services
+        .iter()
+        .filter(|s| s.names.len() > 1)
+        .map(|s| v1::SharedPort {
+            port: s.port,
+            names: s.names.clone(),
+        })
+        .collect()
 }

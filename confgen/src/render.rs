@@ -20,7 +20,7 @@ use handlebars::{
 use legate_proto::v1;
 use serde::Serialize;
 
-use crate::model::{HOSTS_MAP, Host, Model, WILDCARDS_MAP};
+use crate::model::{self, HOSTS_MAP, Model, WILDCARDS_MAP};
 
 /// The template used without `--template`.
 pub const DEFAULT_TEMPLATE: &str = include_str!("../templates/default.cfg.hbs");
@@ -69,7 +69,7 @@ struct Context<'a> {
     /// Address for `bind <address>:<port>`, e.g. `0.0.0.0` or `[::]`.
     bind_address: String,
     maps: MapNames,
-    hosts: &'a [Host],
+    hosts: &'a [v1::Host],
     app_count: usize,
     service_count: usize,
 }
@@ -146,7 +146,7 @@ impl Renderer {
         {
             return Err(RenderError::Global(line + 1));
         }
-        let maps = model.maps();
+        let maps = model::maps(model);
         let checksum = legate_proto::checksum(&config, &maps);
         Ok(Rendered {
             config,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use legate_proto::registry::{Prefix, Schema};
 
-use crate::model::{HOSTS_MAP, Registry, WILDCARDS_MAP};
+use crate::model::{self, HOSTS_MAP, Registry, WILDCARDS_MAP};
 use crate::render::{DEFAULT_TEMPLATE, RenderError, Renderer, Settings};
 use crate::{Wait, parse_wait};
 
@@ -54,7 +54,7 @@ fn keys_parse_with_json_seed_and_empty_values() {
     ];
     assert!(registry.reset(kvs, 42).is_empty());
     let model = registry.model(&[]);
-    assert_eq!(model.revision, 42);
+    assert_eq!(model.etcd_revision, 42);
     assert!(model.skipped.is_empty(), "{:?}", model.skipped);
     assert_eq!(model.apps.len(), 1);
     let servers = &model.apps[0].servers;
@@ -156,7 +156,7 @@ fn puts_and_deletes_follow_the_revision() {
     registry.delete(&key, 13);
     let model = registry.model(&[]);
     assert!(model.skipped.is_empty() && model.apps.is_empty());
-    assert_eq!(model.revision, 13);
+    assert_eq!(model.etcd_revision, 13);
     // A put outside the registry still advances the revision (it is in the watched range).
     assert!(registry.put(b"/b/x".to_vec(), b"", 14).is_none());
     assert_eq!(registry.revision(), 14);
@@ -198,7 +198,7 @@ fn same_registry_in_any_order_renders_byte_identical_output() {
     let ips: Vec<&str> = b_app.servers.iter().map(|s| s.ip.as_str()).collect();
     assert_eq!(ips, ["10.0.0.9", "10.0.0.10"]);
     // Services by port.
-    let ports: Vec<u16> = model.services.iter().map(|s| s.port).collect();
+    let ports: Vec<u32> = model.services.iter().map(|s| s.port).collect();
     assert_eq!(ports, [3306, 6379]);
 }
 
@@ -223,7 +223,7 @@ fn shared_service_ports_share_one_listener_and_reserved_ports_are_skipped() {
     let shared = &model.services[0];
     assert_eq!(shared.names, ["mariadb", "mariadb-alias", "mysql"]);
     assert_eq!(shared.servers.len(), 2);
-    assert_eq!(model.shared_ports().len(), 1);
+    assert_eq!(model::shared_ports(&model).len(), 1);
     assert_eq!(model.skipped.len(), 1);
     assert!(
         model.skipped[0].reason.contains("8080"),
@@ -274,7 +274,7 @@ fn maps_route_exact_names_and_wildcards_longest_suffix_first() {
         ],
         1,
     );
-    let maps = registry.model(&[]).maps();
+    let maps = model::maps(&registry.model(&[]));
     assert_eq!(maps[0].name, HOSTS_MAP);
     assert_eq!(maps[0].content, "www.example.com app_www.example.com\n");
     assert_eq!(maps[1].name, WILDCARDS_MAP);
