@@ -311,6 +311,16 @@ pub fn cancel_on_signals(token: CancellationToken) -> Result<(), RuntimeError> {
     Ok(())
 }
 
+/// The `grpc.health.v1` service, reporting NOT_SERVING until the service sets it SERVING, as
+/// the routes to add the service's API to.
+pub async fn health_routes() -> (tonic_health::server::HealthReporter, tonic::service::Routes) {
+    let (health, service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    (health, tonic::service::Routes::new(service))
+}
+
 /// Serves `routes` (which include `grpc.health.v1`) on `addr` until `shutdown` is cancelled,
 /// then lets in-flight calls finish.
 pub async fn serve_grpc(

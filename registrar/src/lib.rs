@@ -174,11 +174,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         list: list_rx,
         trigger: trigger_tx.clone(),
     });
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    let routes = tonic::service::Routes::new(health_service).add_service(api);
+    let (health, routes) = runtime::health_routes().await;
+    let routes = routes.add_service(api);
     let mut grpc = tracker.spawn(runtime::serve_grpc(config.listen, routes, tasks.clone()));
 
     let started = async {

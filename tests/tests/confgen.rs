@@ -130,6 +130,17 @@ async fn put_all(client: &mut Client, kvs: &[(String, String)]) {
     }
 }
 
+/// Puts app `a<n>.example.com` with one server.
+async fn put_app(kv: &mut Client, n: u32) {
+    kv.put(
+        app_key(&format!("a{n}.example.com"), n, "10.0.0.1:80"),
+        "",
+        None,
+    )
+    .await
+    .unwrap();
+}
+
 fn etcd_addr(etcd: &Etcd) -> SocketAddr {
     etcd.endpoint()
         .trim_start_matches("http://")
@@ -420,13 +431,7 @@ async fn lists_again_when_compaction_passed_a_cut_off_watch() {
     let mut kv = etcd.client().await.unwrap();
     let proxy = Proxy::start(Upstream::Tcp(etcd_addr(&etcd))).await.unwrap();
     for n in 0..5 {
-        kv.put(
-            app_key(&format!("a{n}.example.com"), n, "10.0.0.1:80"),
-            "",
-            None,
-        )
-        .await
-        .unwrap();
+        put_app(&mut kv, n).await;
     }
     let confgen = start_confgen(&format!("http://{}", proxy.addr()), &[]).await;
     let mut stream = subscribe(&confgen, "node-a").await;
@@ -438,13 +443,7 @@ async fn lists_again_when_compaction_passed_a_cut_off_watch() {
         .await
         .unwrap();
     for n in 5..8 {
-        kv.put(
-            app_key(&format!("a{n}.example.com"), n, "10.0.0.1:80"),
-            "",
-            None,
-        )
-        .await
-        .unwrap();
+        put_app(&mut kv, n).await;
     }
     let revision = kv
         .put("/unrelated", "", None)
@@ -488,13 +487,7 @@ async fn bursts_are_coalesced_and_identical_output_is_not_sent_again() {
     assert_eq!(before, 1.0);
     // 100 separate writes, well within 300 ms of each other.
     for n in 0..100 {
-        kv.put(
-            app_key(&format!("a{n}.example.com"), n, "10.0.0.1:80"),
-            "",
-            None,
-        )
-        .await
-        .unwrap();
+        put_app(&mut kv, n).await;
     }
     until(&mut stream, "100 apps", |s| model(s).apps.len() == 100).await;
     let after = metric(&confgen, "legate_confgen_snapshots_total").await;
@@ -510,9 +503,7 @@ async fn bursts_are_coalesced_and_identical_output_is_not_sent_again() {
         "legate_confgen_renders_total{result=\"unchanged\"}",
     )
     .await;
-    kv.put(app_key("a1.example.com", 1, "10.0.0.1:80"), "", None)
-        .await
-        .unwrap();
+    put_app(&mut kv, 1).await;
     wait_for("an unchanged render", WAIT, || async {
         let now = metric(
             &confgen,
