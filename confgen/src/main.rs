@@ -10,7 +10,11 @@ fn main() -> ExitCode {
     };
     let common = config.common.clone();
     let metrics_listen = config.metrics_listen;
-    runtime::run_service("legate-confgen", &common, metrics_listen, |shutdown| {
-        legate_confgen::run(config, shutdown)
-    })
+    runtime::run_service(
+        "legate-confgen",
+        &common,
+        metrics_listen,
+        runtime::Threads::One,
+        |shutdown| legate_confgen::run(config, shutdown),
+    )
 }

@@ -176,12 +176,23 @@ pub async fn retry<T, E: std::fmt::Display, Fut: Future<Output = Result<T, E>>>(
     }
 }
 
+/// Which tokio runtime a service runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// One thread: for a service whose heavy work is sequential anyway (confgen renders one
+    /// configuration at a time); its memory stays in one malloc arena.
+    One,
+    /// A worker per core.
+    PerCore,
+}
+
 /// Runs a service to completion: tracing, the Prometheus exporter on `metrics_listen`, and
 /// SIGTERM/SIGINT cancelling the token given to `service`. Returns the process exit code.
 pub fn run_service<F, Fut, E>(
     name: &'static str,
     common: &CommonArgs,
     metrics_listen: SocketAddr,
+    threads: Threads,
     service: F,
 ) -> ExitCode
 where
@@ -193,10 +204,11 @@ where
         eprintln!("{name}: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = match threads {
+        Threads::One => tokio::runtime::Builder::new_current_thread(),
+        Threads::PerCore => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             error!(error = %e, "cannot start the async runtime");
