@@ -106,3 +106,15 @@ impl Etcd {
         self.dir.path()
     }
 }
+
+/// Puts `kvs` in transactions of at most 100 operations (etcd's default limit is 128).
+pub async fn put_all(client: &mut etcd_client::Client, kvs: &[(String, String)]) -> Result<()> {
+    for chunk in kvs.chunks(100) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|(k, v)| etcd_client::TxnOp::put(k.as_str(), v.as_str(), None))
+            .collect();
+        client.txn(etcd_client::Txn::new().and_then(ops)).await?;
+    }
+    Ok(())
+}

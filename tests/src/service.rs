@@ -101,6 +101,27 @@ impl Service {
         })
     }
 
+    /// Starts `legate-confgen` on the etcd endpoint `etcd`, with the HTTP frontend of its
+    /// template on `127.0.0.1:<http_port>`, plus `args` and `env`.
+    pub fn confgen(
+        etcd: &str,
+        http_port: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let http_port = http_port.to_string();
+        let mut all = vec![
+            "--etcd-endpoints",
+            etcd,
+            "--bind-address",
+            "127.0.0.1",
+            "--http-port",
+            &http_port,
+        ];
+        all.extend_from_slice(args);
+        Self::start("legate-confgen", &all, env)
+    }
+
     /// The gRPC address.
     pub fn grpc(&self) -> SocketAddr {
         self.grpc

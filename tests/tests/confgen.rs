@@ -15,7 +15,7 @@ use legate_proto::registry::{Prefix, Schema};
 use legate_proto::v1;
 use legate_proto::v1::confgen_client::ConfgenClient;
 use legate_tests::backend::Backend;
-use legate_tests::etcd::Etcd;
+use legate_tests::etcd::{self, Etcd};
 use legate_tests::haproxy::{self, Haproxy};
 use legate_tests::proxy::{Proxy, Upstream};
 use legate_tests::service::Service;
@@ -37,17 +37,7 @@ fn service_key(name: &str, port: u16, n: u32, endpoint: &str) -> String {
 
 /// Starts confgen on `etcd` (an endpoint URL) with the HTTP frontend on a free loopback port.
 async fn start_confgen(etcd: &str, args: &[&str]) -> Service {
-    let http_port = free_port().unwrap().to_string();
-    let mut all = vec![
-        "--etcd-endpoints",
-        etcd,
-        "--bind-address",
-        "127.0.0.1",
-        "--http-port",
-        &http_port,
-    ];
-    all.extend_from_slice(args);
-    let mut confgen = Service::start("legate-confgen", &all, &[]).unwrap();
+    let mut confgen = Service::confgen(etcd, free_port().unwrap(), args, &[]).unwrap();
     confgen.wait_serving().await.unwrap();
     confgen
 }
@@ -119,15 +109,8 @@ async fn metric(service: &Service, name: &str) -> f64 {
         .sum()
 }
 
-/// Puts `kvs` in transactions of at most 100 operations.
 async fn put_all(client: &mut Client, kvs: &[(String, String)]) {
-    for chunk in kvs.chunks(100) {
-        let ops: Vec<TxnOp> = chunk
-            .iter()
-            .map(|(k, v)| TxnOp::put(k.as_str(), v.as_str(), None))
-            .collect();
-        client.txn(Txn::new().and_then(ops)).await.unwrap();
-    }
+    etcd::put_all(client, kvs).await.unwrap();
 }
 
 /// Puts app `a<n>.example.com` with one server.
@@ -183,19 +166,7 @@ async fn routes_http_by_host_and_tcp_by_port_through_a_real_haproxy() {
     .await;
     let http_port = free_port().unwrap();
     let http = SocketAddr::from(([127, 0, 0, 1], http_port));
-    let mut confgen = Service::start(
-        "legate-confgen",
-        &[
-            "--etcd-endpoints",
-            &etcd.endpoint(),
-            "--bind-address",
-            "127.0.0.1",
-            "--http-port",
-            &http_port.to_string(),
-        ],
-        &[],
-    )
-    .unwrap();
+    let mut confgen = Service::confgen(&etcd.endpoint(), http_port, &[], &[]).unwrap();
     confgen.wait_serving().await.unwrap();
     let mut stream = subscribe(&confgen, "node-a").await;
     let snapshot = until(&mut stream, "3 routes", |s| {

@@ -179,17 +179,10 @@ fn container_id(n: usize) -> String {
 }
 
 async fn start_confgen(etcd: &Etcd) -> Result<(Service, Streaming<v1::ConfigSnapshot>)> {
-    let http_port = legate_tests::free_port()?.to_string();
-    let mut confgen = Service::start(
-        "legate-confgen",
-        &[
-            "--etcd-endpoints",
-            &etcd.endpoint(),
-            "--bind-address",
-            "127.0.0.1",
-            "--http-port",
-            &http_port,
-        ],
+    let mut confgen = Service::confgen(
+        &etcd.endpoint(),
+        legate_tests::free_port()?,
+        &[],
         &[("LEGATE_LOG", "warn")],
     )?;
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", confgen.grpc()))?;
@@ -299,13 +292,7 @@ async fn confgen(puts: usize, apps: usize, services: usize) -> Result<()> {
             ops.push((key, String::new()));
         }
     }
-    for chunk in ops.chunks(100) {
-        let txn: Vec<etcd_client::TxnOp> = chunk
-            .iter()
-            .map(|(k, v)| etcd_client::TxnOp::put(k.as_str(), v.as_str(), None))
-            .collect();
-        client.txn(etcd_client::Txn::new().and_then(txn)).await?;
-    }
+    legate_tests::etcd::put_all(&mut client, &ops).await?;
     let revision = client
         .get("x", None)
         .await?
