@@ -143,21 +143,18 @@ pub enum Error {
 
 /// Runs confgen until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let renderer = match &config.template {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::Template {
+    let (path, text) = match &config.template {
+        Some(path) => (
+            path.display().to_string(),
+            std::fs::read_to_string(path).map_err(|e| Error::Template {
                 path: path.display().to_string(),
                 reason: e.to_string(),
-            })?;
-            Renderer::new(&text)
-        }
-        None => Renderer::new(render::DEFAULT_TEMPLATE),
-    }
-    .map_err(|e| Error::Template {
-        path: config
-            .template
-            .as_ref()
-            .map_or_else(|| "(built-in)".to_owned(), |p| p.display().to_string()),
+            })?,
+        ),
+        None => ("(built-in)".to_owned(), render::DEFAULT_TEMPLATE.to_owned()),
+    };
+    let renderer = Renderer::new(&text).map_err(|e| Error::Template {
+        path,
         reason: e.to_string(),
     })?;
     let host = nix::unistd::gethostname()

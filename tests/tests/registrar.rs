@@ -70,12 +70,16 @@ impl Fixture {
         .unwrap_or_else(|e| panic!("{e}\nregistrar log:\n{}", self.registrar.log()))
     }
 
+    /// Runs an HTTP app for `domain`, its port 80 published on loopback.
+    async fn run_app(&self, domain: &str) -> Container {
+        let env = format!("DOMAIN_NAME={domain}");
+        self.run(&["-e", &env, "-p", "127.0.0.1::80", &images().http_app])
+            .await
+    }
+
     /// Runs an app for `domain` and waits until it is the one registration.
     async fn registered_app(&self, domain: &str) -> (Container, BTreeMap<String, String>) {
-        let env = format!("DOMAIN_NAME={domain}");
-        let app = self
-            .run(&["-e", &env, "-p", "127.0.0.1::80", &images().http_app])
-            .await;
+        let app = self.run_app(domain).await;
         let keys = self.wait_keys("the app registered", |k| k.len() == 1).await;
         (app, keys)
     }
@@ -161,15 +165,7 @@ async fn seed_scenario_registers_service_and_app_and_follows_their_lifecycle() {
             &images().tcp_service,
         ])
         .await;
-    let wordpress = f
-        .run(&[
-            "-e",
-            "DOMAIN_NAME=blog.example.com",
-            "-p",
-            "127.0.0.1::80",
-            &images().http_app,
-        ])
-        .await;
+    let wordpress = f.run_app("blog.example.com").await;
     let service_port = mysql.published("3306/tcp").await.unwrap();
     let app_port = wordpress.published("80/tcp").await.unwrap();
 
@@ -404,15 +400,7 @@ async fn hostile_containers_are_refused_and_listed_with_reasons() {
         ]);
         containers.push((f.run(&args).await, *reason));
     }
-    let good = f
-        .run(&[
-            "-e",
-            "DOMAIN_NAME=good.example.com",
-            "-p",
-            "127.0.0.1::80",
-            &images().http_app,
-        ])
-        .await;
+    let good = f.run_app("good.example.com").await;
 
     let mut client = f.client().await;
     let list = wait_for("every hostile container refused", WAIT, || {
@@ -582,29 +570,13 @@ async fn a_lost_docker_event_stream_reconnects_and_resyncs() {
         .unwrap();
     let host = format!("tcp://{}", proxy.addr());
     let f = Fixture::start(&["--docker-host", &host]).await;
-    let _first = f
-        .run(&[
-            "-e",
-            "DOMAIN_NAME=first.example.com",
-            "-p",
-            "127.0.0.1::80",
-            &images().http_app,
-        ])
-        .await;
+    let _first = f.run_app("first.example.com").await;
     f.wait_keys("the first app registered", |k| k.len() == 1)
         .await;
 
     // The engine "restarts": the event stream is lost, and a container starts meanwhile.
     proxy.cut();
-    let _second = f
-        .run(&[
-            "-e",
-            "DOMAIN_NAME=second.example.com",
-            "-p",
-            "127.0.0.1::80",
-            &images().http_app,
-        ])
-        .await;
+    let _second = f.run_app("second.example.com").await;
     wait_for("the registrar to notice the lost stream", WAIT, || async {
         Ok(f.registrar
             .log()
