@@ -207,11 +207,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     };
     let outcome = tokio::select! {
         () = generator.run(batch_rx, config.wait, tasks.clone()) => Ok(()),
-        result = &mut grpc => match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.into()),
-            Err(e) => Err(e.into()),
-        },
+        result = &mut grpc => result.map_err(Error::from).and_then(|r| r.map_err(Error::from)),
     };
     tasks.cancel();
     tracker.wait().await;

@@ -140,11 +140,8 @@ impl Renderer {
             self.handlebars.unregister_helper(section.name());
         }
         let config = config.map_err(Box::new)?;
-        if let Some(line) = config
-            .lines()
-            .position(|line| line.split_whitespace().next() == Some("global"))
-        {
-            return Err(RenderError::Global(line + 1));
+        if let Some(line) = legate_proto::global_section(&config) {
+            return Err(RenderError::Global(line));
         }
         let maps = model::maps(model);
         let checksum = legate_proto::checksum(&config, &maps);

@@ -3,7 +3,7 @@
 //! - [`v1`]: the `legate.v1` gRPC API (messages, clients and servers) generated from `proto/`.
 //! - [`registry`]: the etcd key schema and its JSON values, with the validation every
 //!   registration goes through before it is written to etcd or read into a configuration.
-//! - [`checksum`]: the checksum that identifies a configuration's content.
+//! - [`checksum`], [`global_section`], [`valid_file_name`]: the rules of a `ConfigSnapshot`.
 //! - [`runtime`] (feature `runtime`): what every service binary shares: tracing, Prometheus
 //!   metrics, the gRPC health service and shutdown on signals.
 
@@ -42,6 +42,25 @@ pub fn checksum(haproxy_config: &str, maps: &[v1::ConfigFile]) -> String {
     hex
 }
 
+/// The 1-based line of a `global` section in a configuration, if it has one: the supervisor
+/// owns that section, so a snapshot must not carry one (`ConfigSnapshot.haproxy_config`).
+pub fn global_section(haproxy_config: &str) -> Option<usize> {
+    haproxy_config
+        .lines()
+        .position(|line| line.split_whitespace().next() == Some("global"))
+        .map(|line| line + 1)
+}
+
+/// Whether `name` is a valid `ConfigFile.name`: 1-64 characters of `[a-z0-9._-]`, not starting
+/// with '.', so that it can only name a file inside the configuration's directory.
+pub fn valid_file_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
 #[cfg(test)]
 mod checksum_tests {
     use super::*;
@@ -66,5 +85,27 @@ mod checksum_tests {
         assert_ne!(a, checksum("defaults\nhosts.map", &[file("", "a b\n")]));
         assert_ne!(a, checksum("defaults\n", &[file("hosts.ma", "pa b\n")]));
         assert_eq!(a, checksum("defaults\n", &[file("hosts.map", "a b\n")]));
+    }
+
+    #[test]
+    fn global_sections_and_file_names() {
+        assert_eq!(global_section("defaults\n  mode http\n"), None);
+        assert_eq!(global_section("defaults\n  # global\n"), None);
+        assert_eq!(global_section("defaults\n\n  global  \n"), Some(3));
+        for good in ["hosts.map", "a", "wild-cards_2.map"] {
+            assert!(valid_file_name(good), "{good}");
+        }
+        let long = "a".repeat(65);
+        for bad in [
+            "",
+            ".hidden",
+            "../x",
+            "a/b",
+            "Hosts.map",
+            "a b",
+            long.as_str(),
+        ] {
+            assert!(!valid_file_name(bad), "{bad:?}");
+        }
     }
 }

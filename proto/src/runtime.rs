@@ -16,7 +16,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::registry::{HostIp, Prefix};
+use crate::registry::{HostId, HostIp, Prefix};
 
 /// Exit code for a bad configuration (`EX_USAGE` of sysexits.h).
 pub const EXIT_CONFIG: u8 = 64;
@@ -136,6 +136,16 @@ pub fn parse_args<T: Parser>() -> Result<T, ExitCode> {
             ExitCode::SUCCESS
         }
     })
+}
+
+/// This host's id: `configured` (`--host-id`/`HOST_ID`), else the host name if it is a valid
+/// host id; the error says why not and what to set.
+pub fn host_id(configured: Option<&HostId>) -> Result<HostId, String> {
+    if let Some(id) = configured {
+        return Ok(id.clone());
+    }
+    let name = nix::unistd::gethostname().map_err(|e| format!("host name: {e}"))?;
+    HostId::new(&name.to_string_lossy()).map_err(|e| format!("{e}: set HOST_ID"))
 }
 
 /// Jittered exponential backoff, 100 ms up to 5 s, forever: the delays between attempts of

@@ -134,15 +134,7 @@ enum Trigger {
 
 /// Runs the registrar until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let host_id = match &config.host_id {
-        Some(id) => id.clone(),
-        None => {
-            let name = nix::unistd::gethostname()
-                .map_err(|e| Error::Identity(format!("host name: {e}")))?;
-            HostId::new(&name.to_string_lossy())
-                .map_err(|e| Error::Identity(format!("{e}: set HOST_ID")))?
-        }
-    };
+    let host_id = runtime::host_id(config.host_id.as_ref()).map_err(Error::Identity)?;
     let host_ip = match config.host_ip {
         Some(ip) => ip,
         None => {

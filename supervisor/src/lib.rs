@@ -1,31 +1,80 @@
-//! The supervisor: it will run HAProxy and apply each configuration snapshot to it (DESIGN.md).
-//! This is the skeleton of the foundation issue: it parses its configuration, serves
-//! `grpc.health.v1` and metrics, and stops on SIGTERM/SIGINT. Running HAProxy and applying
-//! configurations are the supervisor issue's work and are not implemented here.
+//! The supervisor: runs HAProxy and applies each configuration snapshot to it (DESIGN.md).
+//!
+//! - [`apply`]: the one task that owns HAProxy: validates, applies through the runtime API or
+//!   a reload, restores the last good configuration, restarts a crashed HAProxy.
+//! - [`diff`]: what the runtime API can do for a new configuration (pure).
+//! - [`haproxy`]: the process (started or adopted) and its CLI sockets.
+//! - [`subscriber`]: snapshots from confgen's `Watch`, outcomes back through `Report`.
+//! - [`api`]: the `legate.v1.Supervisor` gRPC service.
+
+pub mod api;
+pub mod apply;
+pub mod diff;
+pub mod haproxy;
+pub mod subscriber;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
+use legate_proto::registry::HostId;
 use legate_proto::runtime::{self, CommonArgs, RuntimeError};
+use legate_proto::v1;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+/// The name of the configuration file (after `global`) in the live and staged directories.
+pub const CONFIG_FILE: &str = "haproxy.cfg";
+
+/// Largest gRPC message accepted: a snapshot of 10,000 apps is about 8 MiB.
+pub const MAX_MESSAGE: usize = 64 << 20;
 
 /// The supervisor's configuration: every flag has an environment fallback.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "legate-supervisor",
     version,
-    about = "legate supervisor (skeleton)"
+    about = "Runs HAProxy and applies legate configuration snapshots to it"
 )]
 pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// confgen's gRPC endpoint to subscribe to.
+    /// confgen's gRPC endpoint to subscribe to; "none" to take snapshots only from
+    /// `Supervisor.Apply`.
     #[arg(long, env = "LEGATE_CONFGEN", default_value = "http://127.0.0.1:7402")]
     pub confgen: String,
+    /// This node's id in confgen's status; the host name when not set.
+    #[arg(long, env = "HOST_ID")]
+    pub node_id: Option<HostId>,
     /// The HAProxy binary.
     #[arg(long, env = "LEGATE_HAPROXY", default_value = "haproxy")]
     pub haproxy: PathBuf,
+    /// Directory of the configuration: the `global` file, the live and staged files, the
+    /// server states.
+    #[arg(long, env = "LEGATE_STATE_DIR", default_value = "/var/lib/legate/supervisor",
+          value_parser = parse_dir)]
+    pub state_dir: PathBuf,
+    /// Directory of HAProxy's sockets, pidfile and log.
+    #[arg(long, env = "LEGATE_RUN_DIR", default_value = "/run/legate", value_parser = parse_dir)]
+    pub run_dir: PathBuf,
+    /// How long old workers may finish their connections after a reload (HAProxy time).
+    #[arg(long, env = "LEGATE_HARD_STOP_AFTER", default_value = "10m",
+          value_parser = parse_haproxy_time)]
+    pub hard_stop_after: String,
+    /// Reloads after which the oldest old workers are stopped (`mworker-max-reloads`).
+    #[arg(long, env = "LEGATE_MAX_RELOADS", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_reloads: u32,
+    /// Target of HAProxy's traffic log, as HAProxy's `log` line takes it; "none" for no log.
+    #[arg(long, env = "LEGATE_HAPROXY_LOG", default_value = "stdout format raw local0 info",
+          value_parser = parse_log_target)]
+    pub haproxy_log: String,
+    /// Stop HAProxy when the supervisor stops (by default it keeps serving, and the next
+    /// supervisor adopts it).
+    #[arg(long, env = "LEGATE_STOP_HAPROXY")]
+    pub stop_haproxy: bool,
     /// gRPC listen address (Supervisor API and health). Apply runs configuration on this host:
     /// keep it on loopback.
     #[arg(long, env = "LEGATE_LISTEN", default_value = "127.0.0.1:7403")]
@@ -35,20 +84,162 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
 }
 
+/// A directory that can appear in HAProxy's configuration and command line as is.
+fn parse_dir(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty()
+        || s.chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "\"'#,\\".contains(c))
+    {
+        return Err("must be non-empty, without spaces, quotes, '#', ',' or '\\'".to_owned());
+    }
+    Ok(PathBuf::from(s))
+}
+
+/// An HAProxy time: digits and an optional unit (us, ms, s, m, h, d).
+fn parse_haproxy_time(s: &str) -> Result<String, String> {
+    let digits = s.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &s[digits.len()..];
+    if digits.is_empty()
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+        || !["", "us", "ms", "s", "m", "h", "d"].contains(&unit)
+    {
+        return Err("expected a number with an optional unit: us, ms, s, m, h or d".to_owned());
+    }
+    Ok(s.to_owned())
+}
+
+/// The arguments of HAProxy's `log` line: one line of printable text.
+fn parse_log_target(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.is_empty() || s.chars().any(|c| c.is_control() || c == '#') {
+        return Err("must be one line, without '#'".to_owned());
+    }
+    Ok(s.to_owned())
+}
+
+/// What the applier needs of the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub haproxy: PathBuf,
+    pub paths: haproxy::Paths,
+    pub hard_stop_after: String,
+    pub max_reloads: u32,
+    pub haproxy_log: String,
+    pub stop_haproxy: bool,
+}
+
+impl Settings {
+    /// Takes what the applier needs from the flags.
+    pub fn new(config: &Config) -> Self {
+        Self {
+            haproxy: config.haproxy.clone(),
+            paths: haproxy::Paths {
+                state_dir: config.state_dir.clone(),
+                run_dir: config.run_dir.clone(),
+            },
+            hard_stop_after: config.hard_stop_after.clone(),
+            max_reloads: config.max_reloads,
+            haproxy_log: config.haproxy_log.clone(),
+            stop_haproxy: config.stop_haproxy,
+        }
+    }
+
+    /// The `global` section the supervisor owns, loaded before every configuration.
+    pub fn global(&self) -> String {
+        let paths = &self.paths;
+        let mut global = format!(
+            "# Written by legate-supervisor when it starts: change its flags, not this file.\n\
+             global\n\
+             \x20   stats socket {admin} mode 600 level admin expose-fd listeners\n\
+             \x20   stats timeout 30s\n\
+             \x20   hard-stop-after {hard_stop_after}\n\
+             \x20   mworker-max-reloads {max_reloads}\n\
+             \x20   server-state-file {state}\n\
+             \x20   default-path config\n",
+            admin = paths.admin_socket().display(),
+            hard_stop_after = self.hard_stop_after,
+            max_reloads = self.max_reloads,
+            state = paths.server_state().display(),
+        );
+        if self.haproxy_log != "none" {
+            global.push_str(&format!("    log {}\n", self.haproxy_log));
+        }
+        global
+    }
+}
+
 /// Errors that stop the supervisor.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The process around the service failed (listeners).
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// The node id could not be determined.
+    #[error("node id: {0}")]
+    Identity(String),
+    /// The directories or the `global` file could not be prepared.
+    #[error("{what}: {reason}")]
+    Setup { what: String, reason: String },
+    /// The confgen endpoint is not a URL.
+    #[error("confgen endpoint '{0}': {1}")]
+    Endpoint(String, String),
+    /// A task panicked.
+    #[error("a task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// Runs the supervisor until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    info!(confgen = %config.confgen, haproxy = %config.haproxy.display(), "configuration");
-    warn!("skeleton: serves health and metrics only; HAProxy is not run yet");
-    let (_health, health_service) = tonic_health::server::health_reporter();
-    let routes = tonic::service::Routes::new(health_service);
-    runtime::serve_grpc(config.listen, routes, shutdown).await?;
-    Ok(())
+    let node_id = runtime::host_id(config.node_id.as_ref()).map_err(Error::Identity)?;
+    let settings = Settings::new(&config);
+    info!(
+        confgen = %config.confgen, node_id = %node_id, haproxy = %config.haproxy.display(),
+        state_dir = %config.state_dir.display(), run_dir = %config.run_dir.display(),
+        "supervisor starting"
+    );
+    let confgen = match config.confgen.as_str() {
+        "" | "none" => None,
+        endpoint => Some(
+            tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+                .map_err(|e| Error::Endpoint(endpoint.to_owned(), e.to_string()))?,
+        ),
+    };
+
+    let tracker = TaskTracker::new();
+    let tasks = shutdown.child_token();
+    let stats = Arc::new(Mutex::new(apply::Stats::default()));
+    let (health, routes) = runtime::health_routes().await;
+    tracker.spawn(haproxy::tail_log(settings.paths.log(), tasks.clone()));
+    let applier = apply::Applier::start(settings.clone(), stats.clone(), health).await?;
+
+    let (request_tx, request_rx) = mpsc::channel(16);
+    let api = v1::supervisor_server::SupervisorServer::new(api::Api {
+        requests: request_tx,
+        stats: stats.clone(),
+        master_socket: settings.paths.master_socket(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE);
+    let routes = routes.add_service(api);
+    let mut grpc = tracker.spawn(runtime::serve_grpc(config.listen, routes, tasks.clone()));
+
+    // The sender lives as long as the applier: without confgen, nothing is ever sent.
+    let (snapshot_tx, snapshots) = watch::channel(None);
+    let (report_tx, report_rx) = watch::channel(None);
+    if let Some(endpoint) = confgen {
+        let subscriber = subscriber::Subscriber {
+            channel: endpoint.connect_lazy(),
+            node_id: node_id.to_string(),
+            stats,
+        };
+        tracker.spawn(subscriber.clone().watch(snapshot_tx.clone(), tasks.clone()));
+        tracker.spawn(subscriber.report(report_rx, tasks.clone()));
+    }
+    tracker.close();
+    let outcome = tokio::select! {
+        () = applier.run(request_rx, snapshots, report_tx, tasks.clone()) => Ok(()),
+        result = &mut grpc => result.map_err(Error::from).and_then(|r| r.map_err(Error::from)),
+    };
+    tasks.cancel();
+    tracker.wait().await;
+    outcome
 }

@@ -51,9 +51,15 @@ pub fn check_with(config: &str, files: &[(&str, &str)]) -> Result<()> {
         .prefix("legate-haproxy-check-")
         .tempdir()?;
     let global = dir.path().join("global.cfg");
+    let state = dir.path().join("server-state");
+    std::fs::write(&state, "1\n")?;
     std::fs::write(
         &global,
-        "global\n    log stderr format raw local0\n    default-path config\n",
+        format!(
+            "global\n    log stderr format raw local0\n    default-path config\n    \
+             server-state-file {}\n",
+            state.display()
+        ),
     )?;
     let path = dir.path().join("haproxy.cfg");
     std::fs::write(&path, config)?;
@@ -105,9 +111,12 @@ impl Haproxy {
              \x20   stats socket {admin} mode 600 level admin\n\
              \x20   hard-stop-after 10s\n\
              \x20   mworker-max-reloads 50\n\
-             \x20   default-path config\n",
-            admin = dir.path().join("admin.sock").display()
+             \x20   default-path config\n\
+             \x20   server-state-file {state}\n",
+            admin = dir.path().join("admin.sock").display(),
+            state = dir.path().join("server-state").display(),
         );
+        std::fs::write(dir.path().join("server-state"), "1\n")?;
         std::fs::write(dir.path().join("global.cfg"), global)?;
         std::fs::write(dir.path().join("haproxy.cfg"), config)?;
         for (name, content) in files {

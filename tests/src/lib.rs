@@ -7,7 +7,10 @@
 //! - [`backend::Backend`]: a fast HTTP backend for load tests, in-process or as the
 //!   `legate-backend` binary;
 //! - [`service::Service`]: legate's own binaries run as processes;
-//! - [`proxy::Proxy`]: a TCP proxy whose connections a test cuts, to lose a stream on purpose.
+//! - [`proxy::Proxy`]: a TCP proxy whose connections a test cuts, to lose a stream on purpose;
+//! - [`supervisor::Supervised`]: a supervisor's directories, and the HAProxy it leaves behind
+//!   killed at the end;
+//! - [`load`]: bounded HTTP load with `wrk`, to loopback only.
 //!
 //! Every process is started in its own process group and killed, with its group, when its guard
 //! drops; every wait has a timeout and says what it waited for.
@@ -16,9 +19,11 @@ pub mod backend;
 pub mod docker;
 pub mod etcd;
 pub mod haproxy;
+pub mod load;
 pub mod process;
 pub mod proxy;
 pub mod service;
+pub mod supervisor;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};

@@ -1,8 +1,14 @@
 //! What every service binary does: configuration, health, metrics, clean shutdown.
 
+#![allow(clippy::unwrap_used)]
+
+use legate_proto::v1::ApplyOutcome;
+use legate_proto::v1::supervisor_client::SupervisorClient;
 use legate_tests::WAIT;
 use legate_tests::etcd::Etcd;
 use legate_tests::service::Service;
+use legate_tests::supervisor::{Supervised, config};
+use legate_tests::{free_port, wait_for};
 
 const BINARIES: [&str; 3] = ["legate-registrar", "legate-confgen", "legate-supervisor"];
 
@@ -17,7 +23,16 @@ async fn each_service_serves_health_and_metrics_and_stops_on_sigterm() {
             ("HOST_IP", "127.0.0.1"),
             ("HOST_ID", "services-test"),
         ];
-        let mut service = Service::start(binary, &["--log-format", "json"], &env).unwrap();
+        let args = ["--log-format", "json"];
+        // The supervisor reports SERVING once HAProxy runs a configuration.
+        let supervised = Supervised::new().unwrap();
+        let mut service = if binary == "legate-supervisor" {
+            let service = supervised.start(None, &args).unwrap();
+            apply_minimal_config(&service).await;
+            service
+        } else {
+            Service::start(binary, &args, &env).unwrap()
+        };
         service.wait_serving().await.unwrap();
         let metrics = service.metrics_text().await.unwrap();
         let service_name = binary.trim_start_matches("legate-");
@@ -41,6 +56,19 @@ async fn each_service_serves_health_and_metrics_and_stops_on_sigterm() {
     }
 }
 
+async fn apply_minimal_config(supervisor: &Service) {
+    let endpoint = format!("http://{}", supervisor.grpc());
+    let mut client = wait_for("the supervisor's gRPC port", WAIT, || {
+        let endpoint = endpoint.clone();
+        async move { Ok(Some(SupervisorClient::connect(endpoint).await?)) }
+    })
+    .await
+    .unwrap();
+    let snapshot = config(free_port().unwrap(), &[], "");
+    let result = client.apply(snapshot).await.unwrap().into_inner();
+    assert_eq!(result.outcome(), ApplyOutcome::Reloaded, "{result:?}");
+}
+
 #[tokio::test]
 async fn a_bad_configuration_exits_with_64_and_says_why() {
     type Case = (
@@ -49,7 +77,7 @@ async fn a_bad_configuration_exits_with_64_and_says_why() {
         &'static [(&'static str, &'static str)],
         &'static str,
     );
-    let cases: [Case; 4] = [
+    let cases: [Case; 6] = [
         (
             "legate-registrar",
             &[],
@@ -64,6 +92,19 @@ async fn a_bad_configuration_exits_with_64_and_says_why() {
         ),
         ("legate-confgen", &["--prefix", "legate/"], &[], "prefix"),
         ("legate-supervisor", &["--log-format", "xml"], &[], "xml"),
+        // Would break HAProxy's configuration: refused before anything is written.
+        (
+            "legate-supervisor",
+            &["--state-dir", "/tmp/a b"],
+            &[],
+            "without spaces",
+        ),
+        (
+            "legate-supervisor",
+            &[],
+            &[("LEGATE_HARD_STOP_AFTER", "10 minutes")],
+            "unit",
+        ),
     ];
     for (binary, args, env, says) in cases {
         let mut service = Service::start(binary, args, env).unwrap();

@@ -2,6 +2,7 @@
 //!
 //! `cargo run --release -p legate-tests --bin bench -- registrar [--containers N] [--idle-secs S]`
 //! `cargo run --release -p legate-tests --bin bench -- confgen [--puts N] [--apps N] [--services N]`
+//! `cargo run --release -p legate-tests --bin bench -- supervisor [--changes N] [--reloads N]`
 //!
 //! registrar: Docker start → key visible in etcd and stop → key deleted, for N containers
 //! started and stopped one by one (p50/p99/max), then the registrar's RSS and CPU while idle
@@ -12,6 +13,11 @@
 //! the default `--wait` (p50/p99/max); then a registry of `--apps` apps × 3 servers plus
 //! `--services` services × 2 servers, read and rendered by a confgen started on it: time from
 //! start to the first complete snapshot, confgen's RSS, and put → snapshot at that size.
+//!
+//! supervisor: `Supervisor.Apply` latency per path against a real HAProxy, without load
+//! (runtime: a server added or removed; reload: a change beyond servers), then the same churn
+//! (`--changes` runtime applies and `--reloads` reloads) under `wrk` on loopback, keep-alive and
+//! `Connection: close` at once: requests served, socket errors and non-2xx responses.
 
 #![allow(clippy::print_stdout)]
 
@@ -21,10 +27,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use etcd_client::{EventType, WatchOptions};
 use legate_proto::v1;
+use legate_proto::v1::ApplyOutcome;
 use legate_proto::v1::confgen_client::ConfgenClient;
+use legate_proto::v1::supervisor_client::SupervisorClient;
+use legate_tests::backend::Backend;
 use legate_tests::docker::{self, Container};
 use legate_tests::etcd::Etcd;
+use legate_tests::load;
 use legate_tests::service::Service;
+use legate_tests::supervisor::{Supervised, config, with_comment};
 use tonic::Streaming;
 
 #[tokio::main]
@@ -36,6 +47,8 @@ async fn main() -> Result<()> {
     let mut puts = 200usize;
     let mut apps = 10_000usize;
     let mut services = 500usize;
+    let mut changes = 1000usize;
+    let mut reloads = 50usize;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--puts" => puts = args.next().context("--puts N")?.parse()?,
@@ -43,15 +56,19 @@ async fn main() -> Result<()> {
             "--services" => services = args.next().context("--services N")?.parse()?,
             "--containers" => containers = args.next().context("--containers N")?.parse()?,
             "--idle-secs" => idle_secs = args.next().context("--idle-secs S")?.parse()?,
+            "--changes" => changes = args.next().context("--changes N")?.parse()?,
+            "--reloads" => reloads = args.next().context("--reloads N")?.parse()?,
             other => bail!("unknown argument {other:?}"),
         }
     }
     match scenario.as_str() {
         "registrar" => registrar(containers, Duration::from_secs(idle_secs)).await,
         "confgen" => confgen(puts, apps, services).await,
+        "supervisor" => supervisor(changes, reloads).await,
         _ => bail!(
             "usage: bench registrar [--containers N] [--idle-secs S]\n       \
-             bench confgen [--puts N] [--apps N] [--services N]"
+             bench confgen [--puts N] [--apps N] [--services N]\n       \
+             bench supervisor [--changes N] [--reloads N]"
         ),
     }
 }
@@ -357,6 +374,108 @@ async fn confgen(puts: usize, apps: usize, services: usize) -> Result<()> {
         rss_after as f64 / 1024.0,
         puts.min(50)
     );
+    Ok(())
+}
+
+/// Applies `changes` runtime changes (a server added, then removed) and `reloads` reloads,
+/// returning the latencies of each path as the Apply caller sees them.
+async fn churn(
+    client: &mut SupervisorClient<tonic::transport::Channel>,
+    snapshots: [&v1::ConfigSnapshot; 2],
+    changes: usize,
+    reloads: usize,
+    version: &mut u64,
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let mut runtime = Vec::with_capacity(changes);
+    let mut reload = Vec::with_capacity(reloads);
+    for i in 0..changes + reloads {
+        *version += 1;
+        let (mut next, expected, samples) = if i < changes {
+            (
+                snapshots[i % 2].clone(),
+                ApplyOutcome::Runtime,
+                &mut runtime,
+            )
+        } else {
+            let forced = with_comment(snapshots[0], &format!("reload {version}"));
+            (forced, ApplyOutcome::Reloaded, &mut reload)
+        };
+        next.version = *version;
+        let started = Instant::now();
+        let result = client.apply(next).await?.into_inner();
+        samples.push(started.elapsed());
+        if result.outcome() != expected {
+            bail!("expected {expected:?}: {result:?}");
+        }
+    }
+    Ok((runtime, reload))
+}
+
+async fn supervisor(changes: usize, reloads: usize) -> Result<()> {
+    let b1 = Backend::start("b1", "127.0.0.1:0".parse()?).await?;
+    let b2 = Backend::start("b2", "127.0.0.1:0".parse()?).await?;
+    let http = legate_tests::free_port()?;
+    let supervised = Supervised::new()?;
+    let supervisor = supervised.start(None, &[])?;
+    let endpoint = format!("http://{}", supervisor.grpc());
+    let channel = legate_tests::wait_for("the supervisor", legate_tests::WAIT, || {
+        let endpoint = endpoint.clone();
+        async move {
+            Ok(Some(
+                tonic::transport::Channel::from_shared(endpoint)?
+                    .connect()
+                    .await?,
+            ))
+        }
+    })
+    .await?;
+    let mut client = SupervisorClient::new(channel);
+    let one = config(http, &[("a.test", &[("s1", b1.addr())])], "");
+    let both = config(
+        http,
+        &[("a.test", &[("s1", b1.addr()), ("s2", b2.addr())])],
+        "",
+    );
+    let mut version = 1;
+    let mut first = one.clone();
+    first.version = version;
+    client.apply(first).await?;
+
+    println!("{changes} runtime applies and {reloads} reloads, no load:");
+    println!("{:<44} {:>9} {:>9} {:>9}", "", "p50", "p99", "max");
+    let (mut runtime, mut reload) =
+        churn(&mut client, [&both, &one], changes, reloads, &mut version).await?;
+    report("Apply, runtime path", &mut runtime);
+    report("Apply, reload path", &mut reload);
+
+    // Back to the plain configuration (the last reload left a comment in it).
+    version += 1;
+    let mut plain = one.clone();
+    plain.version = version;
+    client.apply(plain).await?;
+
+    let load_for = Duration::from_secs(60);
+    println!("\nthe same under wrk for {load_for:?} (keep-alive x8 and Connection: close x4):");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], http));
+    let keep_alive = tokio::spawn(load::wrk(addr, "a.test", load_for, 8, false));
+    let close = tokio::spawn(load::wrk(addr, "a.test", load_for, 4, true));
+    let started = Instant::now();
+    let (mut runtime, mut reload) =
+        churn(&mut client, [&both, &one], changes, reloads, &mut version).await?;
+    let churn_took = started.elapsed();
+    report("Apply, runtime path, under load", &mut runtime);
+    report("Apply, reload path, under load", &mut reload);
+    if keep_alive.is_finished() || close.is_finished() {
+        bail!("the churn ({churn_took:?}) outlasted the load: rerun with fewer changes");
+    }
+    println!("churn took {:.1} s of the load", churn_took.as_secs_f64());
+    for (mode, run) in [("keep-alive", keep_alive), ("close", close)] {
+        let report = run.await??;
+        println!(
+            "wrk {mode:<10} requests {:>8}  socket errors {}  non-2xx {}",
+            report.requests, report.socket_errors, report.non_2xx
+        );
+    }
     Ok(())
 }
 

@@ -1,0 +1,63 @@
+//! The `legate.v1.Supervisor` gRPC service: `Apply` hands a snapshot to the applier and waits
+//! for its outcome; `Status` reports what runs, the counters and HAProxy's processes.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use legate_proto::v1;
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status};
+
+use crate::apply::{self, Stats};
+
+/// The service; the applier task does the work.
+#[derive(Debug)]
+pub struct Api {
+    pub requests: mpsc::Sender<apply::Request>,
+    pub stats: Arc<Mutex<Stats>>,
+    pub master_socket: PathBuf,
+}
+
+#[tonic::async_trait]
+impl v1::supervisor_server::Supervisor for Api {
+    async fn apply(
+        &self,
+        request: Request<v1::ConfigSnapshot>,
+    ) -> Result<Response<v1::ApplyResult>, Status> {
+        let (reply, result) = oneshot::channel();
+        self.requests
+            .send((Arc::new(request.into_inner()), reply))
+            .await
+            .map_err(|_| Status::unavailable("the supervisor is stopping"))?;
+        let result = result
+            .await
+            .map_err(|_| Status::unavailable("the supervisor is stopping"))?;
+        Ok(Response::new(result))
+    }
+
+    async fn status(
+        &self,
+        _: Request<v1::SupervisorStatusRequest>,
+    ) -> Result<Response<v1::SupervisorStatus>, Status> {
+        let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let workers = if stats.master_pid == 0 {
+            0
+        } else {
+            apply::procs(&self.master_socket)
+                .await
+                .map_or(0, |procs| procs.workers.len())
+        };
+        Ok(Response::new(v1::SupervisorStatus {
+            running_version: stats.running_version,
+            running_checksum: stats.running_checksum,
+            last_result: stats.last_result,
+            last_error: stats.last_error,
+            reloads: stats.reloads,
+            runtime_applies: stats.runtime_applies,
+            rejected: stats.rejected,
+            workers: u32::try_from(workers).unwrap_or(u32::MAX),
+            master_pid: stats.master_pid,
+            haproxy_uptime_s: stats.started.map_or(0, |s| s.elapsed().as_secs()),
+        }))
+    }
+}

@@ -1,0 +1,660 @@
+//! The applier: one task that owns HAProxy and applies snapshots to it, one at a time.
+//!
+//! For each snapshot: identical to what runs -> nothing; otherwise [`diff::plan`] decides. The
+//! runtime path sends the commands in one batch on the admin socket, checks every reply, then
+//! writes the files so that a later reload reproduces the same state. The reload path stages
+//! the files, validates them with `haproxy -c`, saves the server states, moves the files into
+//! place, reloads through the master CLI and confirms from `show proc`. When a runtime batch
+//! fails half-way, the reload path takes over, so HAProxy always ends up running either the new
+//! configuration or the last good one; when a reload fails, the last good files are put back
+//! and reloaded. The last good configuration is what runs: it is replaced only by a confirmed
+//! apply.
+//!
+//! The same task watches the HAProxy master: a crashed one is started again on the live files,
+//! with backoff.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use legate_proto::runtime;
+use legate_proto::v1::{ApplyOutcome, ApplyResult, ConfigFile, ConfigSnapshot};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tonic_health::server::HealthReporter;
+use tracing::{debug, error, info, warn};
+
+use crate::diff::{self, Files, Plan};
+use crate::haproxy::{self, Haproxy, Paths, Procs};
+use crate::{CONFIG_FILE, Settings};
+
+/// A snapshot to apply and where to send the result (`Supervisor.Apply`).
+pub type Request = (Arc<ConfigSnapshot>, oneshot::Sender<ApplyResult>);
+
+/// How long HAProxy must run before a crash starts the backoff anew.
+const HEALTHY_PERIOD: Duration = Duration::from_secs(30);
+
+/// Counters and the last outcome, shared with `Supervisor.Status`.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub running_version: u64,
+    pub running_checksum: String,
+    pub last_result: Option<ApplyResult>,
+    pub last_error: String,
+    pub reloads: u64,
+    pub runtime_applies: u64,
+    pub rejected: u64,
+    pub master_pid: u32,
+    pub started: Option<Instant>,
+}
+
+/// Why an apply was refused: the message for `ApplyResult`.
+struct Rejected(String);
+
+pub struct Applier {
+    settings: Settings,
+    paths: Paths,
+    haproxy: Option<Haproxy>,
+    /// What HAProxy runs (the last good configuration); `None` when unknown or none yet.
+    running: Option<Arc<ConfigSnapshot>>,
+    /// Servers removed at runtime that still hold connections, to delete once drained.
+    draining: diff::Draining,
+    stats: Arc<Mutex<Stats>>,
+    health: HealthReporter,
+    serving: bool,
+    restart_at: Option<Instant>,
+    backoff: Box<dyn Iterator<Item = Duration> + Send>,
+}
+
+impl Applier {
+    /// Prepares the directories and the `global` file, then adopts the HAProxy a previous
+    /// supervisor left running, or starts one on the last good files if there are some.
+    pub async fn start(
+        settings: Settings,
+        stats: Arc<Mutex<Stats>>,
+        health: HealthReporter,
+    ) -> Result<Self, crate::Error> {
+        let paths = settings.paths.clone();
+        for dir in [
+            &paths.state_dir,
+            &paths.live(),
+            &paths.staged(),
+            &paths.run_dir,
+        ] {
+            std::fs::create_dir_all(dir).map_err(|e| crate::Error::Setup {
+                what: format!("creating {}", dir.display()),
+                reason: e.to_string(),
+            })?;
+        }
+        let setup = |what: &str, path: &Path, content: &str| {
+            write_atomic(path, content).map_err(|e| crate::Error::Setup {
+                what: format!("{what} {}", path.display()),
+                reason: e.to_string(),
+            })
+        };
+        setup("writing", &paths.global(), &settings.global())?;
+        if !paths.server_state().exists() {
+            // The format's version line and no servers: HAProxy warns about an empty file.
+            setup("writing", &paths.server_state(), "1\n")?;
+        }
+        let mut applier = Self {
+            paths,
+            haproxy: None,
+            running: None,
+            draining: diff::Draining::new(),
+            stats,
+            health,
+            serving: false,
+            restart_at: None,
+            backoff: Box::new(runtime::backoff()),
+            settings,
+        };
+        let live = applier.read_live();
+        if let Some(haproxy) = Haproxy::adopt(&applier.paths).await {
+            // What runs is known only if the files are the ones a confirmed apply recorded.
+            applier.running = live.filter(|(_, recorded)| *recorded).map(|(s, _)| s);
+            if applier.running.is_none() {
+                warn!("the live files are not the ones last applied: the next apply reloads");
+            }
+            applier.haproxy = Some(haproxy);
+        } else if let Some((snapshot, _)) = live {
+            info!(
+                version = snapshot.version,
+                "starting haproxy on the last good configuration"
+            );
+            applier.running = Some(snapshot);
+            applier.restart_at = Some(Instant::now());
+            applier.check_process().await;
+        } else {
+            info!("no configuration yet: haproxy starts with the first snapshot");
+        }
+        applier.update_status().await;
+        Ok(applier)
+    }
+
+    /// Applies snapshots from `Supervisor.Apply` and from confgen (`snapshots`, latest wins;
+    /// each result goes to `reports`) until `shutdown`.
+    pub async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Request>,
+        mut snapshots: watch::Receiver<Option<Arc<ConfigSnapshot>>>,
+        reports: watch::Sender<Option<ApplyResult>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                Some((snapshot, reply)) = requests.recv() => {
+                    let result = self.apply(snapshot).await;
+                    let _ = reply.send(result);
+                }
+                Ok(()) = snapshots.changed() => {
+                    let latest = snapshots.borrow_and_update().clone();
+                    if let Some(snapshot) = latest {
+                        let result = self.apply(snapshot).await;
+                        reports.send_replace(Some(result));
+                    }
+                }
+                _ = tick.tick() => {
+                    self.check_process().await;
+                    self.delete_drained().await;
+                }
+            }
+        }
+        if let Some(haproxy) = self.haproxy.take() {
+            if self.settings.stop_haproxy {
+                haproxy.stop(Duration::from_secs(8)).await;
+            } else {
+                info!(pid = haproxy.pid(), "leaving haproxy running");
+            }
+        }
+    }
+
+    /// Applies one snapshot and records the outcome.
+    pub async fn apply(&mut self, snapshot: Arc<ConfigSnapshot>) -> ApplyResult {
+        let started = Instant::now();
+        let (outcome, message) = match self.apply_inner(&snapshot).await {
+            Ok((outcome, message)) => (outcome, message),
+            Err(Rejected(message)) => (ApplyOutcome::Rejected, message),
+        };
+        let result = ApplyResult {
+            outcome: outcome.into(),
+            message,
+            duration_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            version: snapshot.version,
+            checksum: snapshot.checksum.clone(),
+        };
+        let name = outcome.as_str_name().trim_start_matches("APPLY_OUTCOME_");
+        metrics::counter!("legate_supervisor_applies_total", "outcome" => name.to_lowercase())
+            .increment(1);
+        match outcome {
+            ApplyOutcome::Rejected => warn!(
+                version = result.version, checksum = %result.checksum,
+                generator = %snapshot.generator, "snapshot rejected: {}", result.message
+            ),
+            ApplyOutcome::Unchanged => debug!(version = result.version, "snapshot unchanged"),
+            _ => info!(
+                version = result.version,
+                outcome = name,
+                duration_us = result.duration_us,
+                "snapshot applied{}{}",
+                if result.message.is_empty() { "" } else { ": " },
+                result.message
+            ),
+        }
+        {
+            let mut stats = self.lock_stats();
+            match outcome {
+                ApplyOutcome::Rejected => {
+                    stats.rejected += 1;
+                    stats.last_error.clone_from(&result.message);
+                }
+                ApplyOutcome::Runtime => stats.runtime_applies += 1,
+                _ => {}
+            }
+            stats.last_result = Some(result.clone());
+        }
+        self.update_status().await;
+        result
+    }
+
+    async fn apply_inner(
+        &mut self,
+        snapshot: &Arc<ConfigSnapshot>,
+    ) -> Result<(ApplyOutcome, String), Rejected> {
+        check_shape(snapshot)?;
+        if !self.haproxy_alive() {
+            return self.reload(snapshot, "haproxy is not running").await;
+        }
+        let Some(running) = self.running.clone() else {
+            return self.reload(snapshot, "what haproxy runs is unknown").await;
+        };
+        if running.checksum == snapshot.checksum {
+            return Ok((ApplyOutcome::Unchanged, String::new()));
+        }
+        let plan = diff::plan(files(&running), files(snapshot), &self.draining);
+        let reason = match plan {
+            Plan::Reload(reason) => reason,
+            Plan::Runtime(work) => {
+                let started = Instant::now();
+                match self.runtime(work, snapshot).await {
+                    Ok(message) => {
+                        metrics::histogram!("legate_supervisor_apply_seconds", "path" => "runtime")
+                            .record(started.elapsed().as_secs_f64());
+                        return Ok((ApplyOutcome::Runtime, message));
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "runtime apply failed: reloading instead");
+                        format!("the runtime API refused a change ({e})")
+                    }
+                }
+            }
+        };
+        self.reload(snapshot, &reason).await
+    }
+
+    /// The runtime path: one batch of commands, every reply checked, then the files.
+    async fn runtime(
+        &mut self,
+        work: diff::Runtime,
+        snapshot: &Arc<ConfigSnapshot>,
+    ) -> Result<String, String> {
+        let lines: Vec<&str> = work.commands.iter().map(|c| c.line.as_str()).collect();
+        let replies = haproxy::batch(&self.paths.admin_socket(), &lines)
+            .await
+            .map_err(|e| e.to_string())?;
+        for (command, reply) in work.commands.iter().zip(&replies) {
+            if !command.succeeded(reply) {
+                return Err(format!("'{}': {}", command.line, reply.trim()));
+            }
+        }
+        for server in &work.revived {
+            self.draining.remove(server);
+        }
+        self.draining.extend(work.removed);
+        self.delete_drained().await;
+        write_files(&self.paths.live(), snapshot).map_err(|e| format!("writing files: {e}"))?;
+        self.confirmed(snapshot.clone());
+        Ok(format!("{} runtime commands", work.commands.len()))
+    }
+
+    /// The reload path (or the first start). On failure the last good files are restored.
+    async fn reload(
+        &mut self,
+        snapshot: &Arc<ConfigSnapshot>,
+        reason: &str,
+    ) -> Result<(ApplyOutcome, String), Rejected> {
+        let started = Instant::now();
+        debug!(reason, "reload path");
+        let staged = self.paths.staged();
+        write_files(&staged, snapshot)
+            .map_err(|e| Rejected(format!("staging {}: {e}", staged.display())))?;
+        if let Err(e) = self.validate(&staged).await {
+            // A half-applied runtime batch leaves HAProxy between the two: put it back.
+            self.restore().await;
+            return Err(Rejected(e));
+        }
+        let alive = self.haproxy_alive();
+        if alive {
+            self.save_server_state().await;
+        }
+        if let Err(e) = write_files(&self.paths.live(), snapshot) {
+            self.restore().await;
+            return Err(Rejected(format!("writing the live files: {e}")));
+        }
+        let outcome = if alive {
+            self.reload_haproxy().await
+        } else {
+            self.spawn().await
+        };
+        if let Err(e) = outcome {
+            self.restore().await;
+            return Err(Rejected(e));
+        }
+        self.draining.clear();
+        self.confirmed(snapshot.clone());
+        metrics::histogram!("legate_supervisor_apply_seconds", "path" => "reload")
+            .record(started.elapsed().as_secs_f64());
+        Ok((ApplyOutcome::Reloaded, reason.to_owned()))
+    }
+
+    /// Puts the last good files back into place and makes HAProxy run them again. With no good
+    /// configuration yet, removes the refused one so that nothing starts it later.
+    async fn restore(&mut self) {
+        let Some(good) = self.running.clone() else {
+            let _ = std::fs::remove_file(self.paths.live().join(CONFIG_FILE));
+            return;
+        };
+        let result = async {
+            write_files(&self.paths.live(), &good).map_err(|e| e.to_string())?;
+            if self.haproxy_alive() {
+                self.reload_haproxy().await
+            } else {
+                self.spawn().await
+            }
+        }
+        .await;
+        match result {
+            Ok(()) => info!(version = good.version, "last good configuration restored"),
+            Err(e) => error!(error = %e, "cannot restore the last good configuration"),
+        }
+        self.draining.clear();
+    }
+
+    /// `haproxy -c` on the staged files, from their directory as HAProxy will run them.
+    async fn validate(&self, dir: &Path) -> Result<(), String> {
+        let output = tokio::process::Command::new(&self.settings.haproxy)
+            .arg("-c")
+            .arg("-f")
+            .arg(self.paths.global())
+            .arg("-f")
+            .arg(dir.join(CONFIG_FILE))
+            .current_dir(dir)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .map_err(|e| format!("running {} -c: {e}", self.settings.haproxy.display()))?;
+        if output.status.success() {
+            return Ok(());
+        }
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let errors: Vec<&str> = text
+            .lines()
+            .filter(|line| line.contains("[ALERT]"))
+            .map(|line| line.trim())
+            .collect();
+        let message = if errors.is_empty() {
+            text.trim().to_owned()
+        } else {
+            errors.join("\n")
+        };
+        Err(format!("haproxy -c refused the configuration:\n{message}"))
+    }
+
+    /// `show servers state` into the `server-state-file`, so that a reload keeps the servers'
+    /// health, weights and maintenance states.
+    async fn save_server_state(&self) {
+        let socket = self.paths.admin_socket();
+        match haproxy::cli(&socket, "show servers state").await {
+            Ok(state) if state.starts_with('1') => {
+                if let Err(e) = write_atomic(&self.paths.server_state(), &state) {
+                    warn!(error = %e, "cannot save the server states");
+                }
+            }
+            Ok(other) => warn!(reply = %other.trim(), "unexpected 'show servers state'"),
+            Err(e) => warn!(error = %e, "cannot save the server states"),
+        }
+    }
+
+    /// Reloads through the master CLI and waits until `show proc` confirms it: the reload
+    /// counter advanced with no failure and a new worker runs. In 2.6 `reload` itself answers
+    /// nothing.
+    async fn reload_haproxy(&mut self) -> Result<(), String> {
+        let master = self.paths.master_socket();
+        let before = procs(&master)
+            .await?
+            .master
+            .ok_or("show proc lists no master")?;
+        let offset = haproxy::log_offset(&self.paths.log());
+        haproxy::cli(&master, "reload")
+            .await
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + haproxy::START_TIMEOUT;
+        loop {
+            // The master re-executes itself: its socket is away for a moment.
+            if let Ok(now) = procs(&master).await
+                && let Some(m) = now.master.as_ref().filter(|m| m.reloads > before.reloads)
+            {
+                if m.failed > 0 {
+                    return Err(format!(
+                        "haproxy refused the reload:\n{}",
+                        haproxy::alerts_since(&self.paths.log(), offset)
+                    ));
+                }
+                if now.workers.iter().any(|w| !w.old && w.reloads == 0) {
+                    break;
+                }
+            }
+            if Instant::now() > deadline || !self.haproxy_alive() {
+                return Err(format!(
+                    "the reload was not confirmed:\n{}",
+                    haproxy::alerts_since(&self.paths.log(), offset)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        metrics::counter!("legate_supervisor_reloads_total").increment(1);
+        self.lock_stats().reloads += 1;
+        Ok(())
+    }
+
+    /// Starts HAProxy on the live files.
+    async fn spawn(&mut self) -> Result<(), String> {
+        match Haproxy::spawn(&self.settings.haproxy, &self.paths).await {
+            Ok(haproxy) => {
+                self.haproxy = Some(haproxy);
+                self.restart_at = None;
+                self.update_status().await;
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Notices a dead master and starts it again, with backoff.
+    async fn check_process(&mut self) {
+        if let Some(haproxy) = &mut self.haproxy {
+            if haproxy.alive() {
+                return;
+            }
+            error!(pid = haproxy.pid(), "haproxy exited: starting it again");
+            metrics::counter!("legate_supervisor_haproxy_restarts_total").increment(1);
+            if haproxy.uptime() > HEALTHY_PERIOD {
+                self.backoff = Box::new(runtime::backoff());
+            }
+            self.haproxy = None;
+            self.draining.clear();
+            self.restart_at = Some(Instant::now());
+            self.update_status().await;
+        }
+        let due = self.restart_at.is_some_and(|at| Instant::now() >= at);
+        if !due || self.running.is_none() {
+            return;
+        }
+        if let Err(e) = self.spawn().await {
+            let delay = self.backoff.next().unwrap_or(runtime::MAX_BACKOFF);
+            error!(error = %e, retry_in = ?delay, "cannot start haproxy");
+            self.restart_at = Some(Instant::now() + delay);
+        }
+        self.update_status().await;
+    }
+
+    /// Deletes the servers removed at runtime whose connections have ended.
+    async fn delete_drained(&mut self) {
+        if self.draining.is_empty() || self.haproxy.is_none() {
+            return;
+        }
+        let lines: Vec<String> = self
+            .draining
+            .keys()
+            .map(|(backend, server)| format!("del server {backend}/{server}"))
+            .collect();
+        let commands: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let replies = match haproxy::batch(&self.paths.admin_socket(), &commands).await {
+            Ok(replies) => replies,
+            Err(e) => {
+                warn!(error = %e, "cannot delete drained servers");
+                return;
+            }
+        };
+        let servers: Vec<diff::ServerId> = self.draining.keys().cloned().collect();
+        for (server, reply) in servers.into_iter().zip(replies) {
+            let reply = reply.trim();
+            if reply == diff::SERVER_DELETED || reply == "No such server." {
+                debug!(backend = server.0, server = server.1, "server deleted");
+                self.draining.remove(&server);
+            }
+        }
+        metrics::gauge!("legate_supervisor_draining_servers").set(self.draining.len() as f64);
+    }
+
+    /// Records `snapshot` as what runs: in memory, on disk and in the status.
+    fn confirmed(&mut self, snapshot: Arc<ConfigSnapshot>) {
+        let record = format!("{} {}\n", snapshot.version, snapshot.checksum);
+        if let Err(e) = write_atomic(&self.paths.running(), &record) {
+            warn!(error = %e, "cannot record the running version");
+        }
+        metrics::gauge!("legate_supervisor_running_version").set(snapshot.version as f64);
+        {
+            let mut stats = self.lock_stats();
+            stats.running_version = snapshot.version;
+            stats.running_checksum.clone_from(&snapshot.checksum);
+        }
+        self.running = Some(snapshot);
+    }
+
+    /// The live files as a snapshot, and whether they are the ones the last confirmed apply
+    /// recorded (then the version is known too).
+    fn read_live(&self) -> Option<(Arc<ConfigSnapshot>, bool)> {
+        let live = self.paths.live();
+        let config = std::fs::read_to_string(live.join(CONFIG_FILE)).ok()?;
+        let mut maps = Vec::new();
+        for entry in std::fs::read_dir(&live).ok()?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == CONFIG_FILE || !legate_proto::valid_file_name(&name) {
+                continue;
+            }
+            let content = std::fs::read_to_string(entry.path()).ok()?;
+            maps.push(ConfigFile { name, content });
+        }
+        maps.sort_by(|a, b| a.name.cmp(&b.name));
+        let checksum = legate_proto::checksum(&config, &maps);
+        let record = std::fs::read_to_string(self.paths.running()).unwrap_or_default();
+        let recorded = record
+            .split_once(' ')
+            .filter(|(_, sum)| sum.trim() == checksum)
+            .and_then(|(version, _)| version.parse::<u64>().ok());
+        let snapshot = ConfigSnapshot {
+            version: recorded.unwrap_or(0),
+            checksum,
+            haproxy_config: config,
+            maps,
+            model: None,
+            generator: "live files".to_owned(),
+        };
+        if let Some(version) = recorded {
+            let mut stats = self.lock_stats();
+            stats.running_version = version;
+            stats.running_checksum.clone_from(&snapshot.checksum);
+        }
+        Some((Arc::new(snapshot), recorded.is_some()))
+    }
+
+    fn haproxy_alive(&mut self) -> bool {
+        self.haproxy.as_mut().is_some_and(Haproxy::alive)
+    }
+
+    fn lock_stats(&self) -> std::sync::MutexGuard<'_, Stats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Health and the process part of the status follow HAProxy.
+    async fn update_status(&mut self) {
+        let alive = self.haproxy_alive();
+        {
+            let mut stats = self.lock_stats();
+            let haproxy = self.haproxy.as_ref().filter(|_| alive);
+            stats.master_pid = haproxy.map_or(0, Haproxy::pid);
+            stats.started = haproxy.map(|h| Instant::now() - h.uptime());
+        }
+        metrics::gauge!("legate_supervisor_haproxy_up").set(if alive { 1.0 } else { 0.0 });
+        let serving = alive && self.running.is_some();
+        if serving != self.serving {
+            self.serving = serving;
+            let status = if serving {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            self.health.set_service_status("", status).await;
+        }
+    }
+}
+
+/// The master's `show proc`.
+pub async fn procs(master: &Path) -> Result<Procs, String> {
+    haproxy::cli(master, "show proc")
+        .await
+        .map(|text| Procs::parse(&text))
+        .map_err(|e| e.to_string())
+}
+
+fn files(snapshot: &ConfigSnapshot) -> Files<'_> {
+    Files {
+        config: &snapshot.haproxy_config,
+        maps: &snapshot.maps,
+    }
+}
+
+/// What any snapshot must be before HAProxy sees it (`config.proto`).
+fn check_shape(snapshot: &ConfigSnapshot) -> Result<(), Rejected> {
+    if let Some(line) = legate_proto::global_section(&snapshot.haproxy_config) {
+        return Err(Rejected(format!(
+            "the configuration has a 'global' section at line {line}; the supervisor owns it"
+        )));
+    }
+    let mut names = BTreeSet::new();
+    for map in &snapshot.maps {
+        if !legate_proto::valid_file_name(&map.name) || map.name == CONFIG_FILE {
+            return Err(Rejected(format!(
+                "map file name '{}' is not allowed",
+                map.name.escape_default()
+            )));
+        }
+        if !names.insert(map.name.as_str()) {
+            return Err(Rejected(format!("map file '{}' appears twice", map.name)));
+        }
+    }
+    let checksum = legate_proto::checksum(&snapshot.haproxy_config, &snapshot.maps);
+    if checksum != snapshot.checksum {
+        return Err(Rejected(format!(
+            "checksum {} does not match the content ({checksum})",
+            snapshot.checksum.escape_default()
+        )));
+    }
+    Ok(())
+}
+
+/// Writes the snapshot's maps, then its configuration, into `dir`, each atomically, and
+/// removes map files it no longer has.
+fn write_files(dir: &Path, snapshot: &ConfigSnapshot) -> std::io::Result<()> {
+    for map in &snapshot.maps {
+        write_atomic(&dir.join(&map.name), &map.content)?;
+    }
+    write_atomic(&dir.join(CONFIG_FILE), &snapshot.haproxy_config)?;
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let kept = name == CONFIG_FILE || snapshot.maps.iter().any(|m| m.name == name);
+        if !kept && !name.starts_with('.') {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `content` to a temporary file beside `path`, then renames it into place.
+pub fn write_atomic(path: &Path, content: &str) -> std::io::Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let tmp: PathBuf = path.with_file_name(format!(".{}.tmp", name.unwrap_or_default()));
+    std::fs::write(&tmp, content)?;
+    std::fs::rename(&tmp, path)
+}

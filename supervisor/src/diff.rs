@@ -1,0 +1,709 @@
+//! What it takes to go from the configuration HAProxy runs to a new one (pure, no I/O).
+//!
+//! The runtime API can change servers of existing backends and entries of loaded maps; anything
+//! else needs a reload. [`plan`] compares the two configurations as text, so it serves confgen's
+//! snapshots and hand-made ones alike: when every line other than the `server` lines of
+//! `backend`/`listen` sections is identical and every map keeps its name and entry order, the
+//! difference becomes runtime API commands; otherwise the answer is a reload, with the reason.
+//!
+//! Every word that goes into a command has passed [`cli_safe`]: the admin socket splits commands
+//! on `;` and new lines, so nothing from a snapshot can smuggle a second command in. A server
+//! line or map entry that is not safe, or not understood, simply takes the reload path, where
+//! `haproxy -c` judges it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv6Addr};
+
+use legate_proto::v1::ConfigFile;
+
+/// A configuration as files: the text after `global` and its maps.
+#[derive(Debug, Clone, Copy)]
+pub struct Files<'a> {
+    pub config: &'a str,
+    pub maps: &'a [ConfigFile],
+}
+
+/// How to apply a new configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// The runtime API can do it: no reload.
+    Runtime(Runtime),
+    /// A reload is needed, for this reason.
+    Reload(String),
+}
+
+/// Runtime API work, in the order it must run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Runtime {
+    /// Commands for the admin socket: servers added, map entries changed, servers changed,
+    /// removed servers put into maintenance (they drain their connections from then on).
+    pub commands: Vec<Command>,
+    /// Servers to delete (`del server`) once drained, with their definition.
+    pub removed: Vec<(ServerId, String)>,
+    /// Servers that were draining and are back as they were: ready again, no longer draining.
+    pub revived: Vec<ServerId>,
+}
+
+/// `(backend, server)`.
+pub type ServerId = (String, String);
+
+/// Servers removed at runtime that HAProxy still has, in maintenance until their connections
+/// end, with their definition (`address args...`).
+pub type Draining = BTreeMap<ServerId, String>;
+
+/// One admin socket command and the replies that mean it worked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    /// The command line, without its new line.
+    pub line: String,
+    /// Success replies start with one of these; empty: success is an empty reply.
+    pub ok: &'static [&'static str],
+}
+
+impl Command {
+    fn quiet(line: String) -> Self {
+        Self { line, ok: &[] }
+    }
+
+    /// Whether `reply` (trimmed) says the command worked.
+    pub fn succeeded(&self, reply: &str) -> bool {
+        let reply = reply.trim();
+        if self.ok.is_empty() {
+            reply.is_empty()
+        } else {
+            self.ok.iter().any(|ok| reply.starts_with(ok))
+        }
+    }
+}
+
+/// The reply of a successful `del server`.
+pub const SERVER_DELETED: &str = "Server deleted.";
+
+/// Whether `word` can go into an admin socket command as one argument: printable ASCII
+/// without `;` (command separator), `#` (comment), quotes or backslashes (which the CLI
+/// interprets).
+pub fn cli_safe(word: &str) -> bool {
+    !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b";#'\"\\".contains(&b))
+}
+
+/// The plan that takes HAProxy from `old` to `new`. `draining` lists servers removed by earlier
+/// runtime applies that HAProxy still has: one that comes back as it was is made ready again;
+/// one that comes back changed needs a reload.
+pub fn plan(old: Files<'_>, new: Files<'_>, draining: &Draining) -> Plan {
+    match runtime(old, new, draining) {
+        Ok(runtime) => Plan::Runtime(runtime),
+        Err(reason) => Plan::Reload(reason),
+    }
+}
+
+fn runtime(old: Files<'_>, new: Files<'_>, draining: &Draining) -> Result<Runtime, String> {
+    let before = Parsed::new(old.config)?;
+    let after = Parsed::new(new.config)?;
+    if before.skeleton != after.skeleton {
+        let line = before
+            .skeleton
+            .iter()
+            .zip(&after.skeleton)
+            .find(|(a, b)| a != b)
+            .map_or_else(
+                || "lines were added or removed".to_owned(),
+                |(_, b)| format!("'{}' changed", b.trim()),
+            );
+        return Err(format!("the configuration changed beyond servers: {line}"));
+    }
+    let mut added = Vec::new();
+    let mut changed = Vec::new();
+    let mut maint = Vec::new();
+    let mut removed = Vec::new();
+    let mut revived = Vec::new();
+    for (&(backend, name), server) in &after.servers {
+        let key = (backend.to_owned(), name.to_owned());
+        match before.servers.get(&(backend, name)) {
+            Some(was) if was == server => continue,
+            None => match draining.get(&key) {
+                Some(line) if *line == server.line() => {
+                    added.push(Command::quiet(format!(
+                        "set server {backend}/{name} state ready"
+                    )));
+                    revived.push(key);
+                }
+                Some(_) => {
+                    return Err(format!(
+                        "server {backend}/{name} is back, changed, while it drains"
+                    ));
+                }
+                None => added.extend(add_server(backend, name, server)?),
+            },
+            Some(was) => changed.extend(change_server(backend, name, was, server)?),
+        }
+        check_dynamic(&after, backend)?;
+    }
+    for (&(backend, name), server) in &before.servers {
+        if !after.servers.contains_key(&(backend, name)) {
+            check_dynamic(&before, backend)?;
+            maint.push(Command::quiet(format!(
+                "set server {backend}/{name} state maint"
+            )));
+            removed.push(((backend.to_owned(), name.to_owned()), server.line()));
+        }
+    }
+    let maps = map_commands(old.maps, new.maps)?;
+    let mut commands = added;
+    commands.extend(maps);
+    commands.extend(changed);
+    commands.extend(maint);
+    Ok(Runtime {
+        commands,
+        removed,
+        revived,
+    })
+}
+
+fn check_dynamic(parsed: &Parsed<'_>, backend: &str) -> Result<(), String> {
+    if parsed.fixed.contains(backend) {
+        return Err(format!(
+            "servers of '{backend}' changed, and its section header is not plain \
+             ('backend <name>' or 'listen <name>')"
+        ));
+    }
+    Ok(())
+}
+
+fn add_server(backend: &str, name: &str, server: &Server<'_>) -> Result<Vec<Command>, String> {
+    let words =
+        server
+            .defaults
+            .iter()
+            .chain(&server.args)
+            .copied()
+            .chain([server.address, name, backend]);
+    unsafe_word(words, backend, name)?;
+    let mut line = format!("add server {backend}/{name} {}", server.address);
+    for arg in server.defaults.iter().chain(&server.args) {
+        line.push(' ');
+        line.push_str(arg);
+    }
+    let mut commands = vec![Command {
+        line,
+        ok: &["New server registered."],
+    }];
+    let has = |word: &str| {
+        server
+            .defaults
+            .iter()
+            .chain(&server.args)
+            .any(|a| *a == word)
+    };
+    if has("check") {
+        commands.push(Command::quiet(format!("enable health {backend}/{name}")));
+    }
+    if has("agent-check") {
+        commands.push(Command::quiet(format!("enable agent {backend}/{name}")));
+    }
+    // Added servers start in maintenance.
+    if !has("disabled") {
+        commands.push(Command::quiet(format!(
+            "set server {backend}/{name} state ready"
+        )));
+    }
+    Ok(commands)
+}
+
+fn change_server(
+    backend: &str,
+    name: &str,
+    was: &Server<'_>,
+    now: &Server<'_>,
+) -> Result<Vec<Command>, String> {
+    let mut commands = Vec::new();
+    if was.defaults != now.defaults || without_weight(&was.args) != without_weight(&now.args) {
+        return Err(format!(
+            "server {backend}/{name} changed options other than address and weight"
+        ));
+    }
+    if was.address != now.address {
+        let (ip, port) = split_address(now.address).ok_or_else(|| {
+            format!(
+                "server {backend}/{name}: address '{}' is not ip:port",
+                now.address
+            )
+        })?;
+        commands.push(Command {
+            line: format!("set server {backend}/{name} addr {ip} port {port}"),
+            ok: &["IP changed from", "no need to change"],
+        });
+    }
+    let weight = weight(&now.args);
+    if weight != self::weight(&was.args) {
+        let weight = weight.unwrap_or("1");
+        unsafe_word([weight], backend, name)?;
+        commands.push(Command::quiet(format!(
+            "set server {backend}/{name} weight {weight}"
+        )));
+    }
+    Ok(commands)
+}
+
+fn unsafe_word<'a>(
+    words: impl IntoIterator<Item = &'a str>,
+    backend: &str,
+    name: &str,
+) -> Result<(), String> {
+    match words.into_iter().find(|w| !cli_safe(w)) {
+        Some(word) => Err(format!(
+            "server {}/{}: '{}' cannot go through the runtime API",
+            backend.escape_default(),
+            name.escape_default(),
+            word.escape_default()
+        )),
+        None => Ok(()),
+    }
+}
+
+fn weight<'a>(args: &[&'a str]) -> Option<&'a str> {
+    args.windows(2)
+        .rev()
+        .find(|pair| pair[0] == "weight")
+        .map(|pair| pair[1])
+}
+
+fn without_weight<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut words = args.iter();
+    while let Some(&word) = words.next() {
+        if word == "weight" {
+            words.next();
+        } else {
+            out.push(word);
+        }
+    }
+    out
+}
+
+/// `ip:port` or `[ipv6]:port` with a literal IP and a port.
+fn split_address(address: &str) -> Option<(IpAddr, u16)> {
+    let (ip, port) = address.rsplit_once(':')?;
+    let ip: IpAddr = match ip.strip_prefix('[').and_then(|ip| ip.strip_suffix(']')) {
+        Some(v6) => v6.parse::<Ipv6Addr>().ok()?.into(),
+        None => ip.parse::<std::net::Ipv4Addr>().ok()?.into(),
+    };
+    let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
+    Some((ip, port))
+}
+
+/// Commands that turn each old map into the new one, if the runtime API can.
+fn map_commands(old: &[ConfigFile], new: &[ConfigFile]) -> Result<Vec<Command>, String> {
+    if !old.iter().map(|m| &m.name).eq(new.iter().map(|m| &m.name)) {
+        return Err("the set of map files changed".to_owned());
+    }
+    let mut commands = Vec::new();
+    for (was, now) in old.iter().zip(new) {
+        if was.content != now.content {
+            commands.extend(map_diff(&now.name, &was.content, &now.content)?);
+        }
+    }
+    Ok(commands)
+}
+
+/// Entries are `key value` lines. Some matches (`map_end`, `map_beg`, `map_reg`, ...) take the
+/// first entry that matches, in file order, and `add map` appends: the runtime API is used only
+/// when the new file's order is the old one minus removed keys, plus added keys at the end.
+fn map_diff(name: &str, old: &str, new: &str) -> Result<Vec<Command>, String> {
+    if !cli_safe(name) {
+        return Err(format!("map name '{}' is not safe", name.escape_default()));
+    }
+    let before = map_entries(name, old)?;
+    let after = map_entries(name, new)?;
+    let before_values: HashMap<&str, &str> = before.iter().copied().collect();
+    let after_values: HashMap<&str, &str> = after.iter().copied().collect();
+    let kept = before
+        .iter()
+        .map(|(key, _)| *key)
+        .filter(|key| after_values.contains_key(key));
+    let added = after
+        .iter()
+        .map(|(key, _)| *key)
+        .filter(|key| !before_values.contains_key(key));
+    if !kept.chain(added).eq(after.iter().map(|(key, _)| *key)) {
+        return Err(format!(
+            "map {name}: entries were inserted before existing ones or reordered"
+        ));
+    }
+    let mut commands = Vec::new();
+    for (key, _) in &before {
+        if !after_values.contains_key(key) {
+            commands.push(Command::quiet(format!("del map {name} {key}")));
+        }
+    }
+    for (key, value) in &after {
+        match before_values.get(key) {
+            Some(was) if was == value => {}
+            Some(_) => commands.push(Command::quiet(format!("set map {name} {key} {value}"))),
+            None => commands.push(Command::quiet(format!("add map {name} {key} {value}"))),
+        }
+    }
+    Ok(commands)
+}
+
+fn map_entries<'a>(name: &str, content: &'a str) -> Result<Vec<(&'a str, &'a str)>, String> {
+    let mut entries = Vec::new();
+    let mut seen = BTreeSet::new();
+    for line in content.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut words = words(line);
+        let (Some(key), Some(value), None) = (words.next(), words.next(), words.next()) else {
+            return Err(format!(
+                "map {name}: '{}' is not 'key value'",
+                line.escape_default()
+            ));
+        };
+        if !cli_safe(key) || !cli_safe(value) {
+            return Err(format!(
+                "map {name}: '{}' cannot go through the runtime API",
+                line.escape_default()
+            ));
+        }
+        if !seen.insert(key) {
+            return Err(format!("map {name}: key '{key}' appears twice"));
+        }
+        entries.push((key, value));
+    }
+    Ok(entries)
+}
+
+/// The words of a line as HAProxy splits them: on spaces and tabs only.
+fn words(line: &str) -> impl Iterator<Item = &str> {
+    line.split([' ', '\t']).filter(|word| !word.is_empty())
+}
+
+/// A `server` line: `server <name> <address> <args>...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Server<'a> {
+    address: &'a str,
+    args: Vec<&'a str>,
+    /// Arguments of the `default-server` lines in force where the server is declared (its
+    /// `defaults` section's, then its own section's): `add server` does not apply them itself.
+    defaults: Vec<&'a str>,
+}
+
+impl Server<'_> {
+    /// The definition as one string, to recognise a draining server that comes back.
+    fn line(&self) -> String {
+        let mut line = self.address.to_owned();
+        for word in self.defaults.iter().chain(&self.args) {
+            line.push(' ');
+            line.push_str(word);
+        }
+        line
+    }
+}
+
+/// Sections whose header starts a new section.
+const SECTIONS: &[&str] = &[
+    "global",
+    "defaults",
+    "frontend",
+    "backend",
+    "listen",
+    "peers",
+    "resolvers",
+    "userlist",
+    "mailers",
+    "program",
+    "http-errors",
+    "ring",
+    "cache",
+    "fcgi-app",
+    "log-forward",
+];
+
+#[derive(Debug, Default)]
+struct Parsed<'a> {
+    /// Every line but the server lines of backends, as is.
+    skeleton: Vec<&'a str>,
+    /// `(backend, server)` -> its line.
+    servers: BTreeMap<(&'a str, &'a str), Server<'a>>,
+    /// Backends whose header is not plain `backend <name>`/`listen <name>` (`from`, a bind
+    /// address): their servers are left to reloads.
+    fixed: BTreeSet<&'a str>,
+}
+
+impl<'a> Parsed<'a> {
+    fn new(config: &'a str) -> Result<Self, String> {
+        let mut parsed = Self::default();
+        let mut backend: Option<&'a str> = None;
+        let mut defaults: Vec<&'a str> = Vec::new();
+        let mut own_defaults: Vec<&'a str> = Vec::new();
+        for line in config.lines() {
+            let words: Vec<&'a str> = words(line).collect();
+            let Some(&first) = words.first() else {
+                parsed.skeleton.push(line);
+                continue;
+            };
+            if SECTIONS.contains(&first) {
+                own_defaults.clear();
+                backend = None;
+                match first {
+                    "defaults" => defaults.clear(),
+                    "backend" | "listen" => {
+                        let name = words.get(1).copied().unwrap_or_default();
+                        if words.len() != 2 {
+                            parsed.fixed.insert(name);
+                        }
+                        backend = Some(name);
+                    }
+                    _ => {}
+                }
+                parsed.skeleton.push(line);
+                continue;
+            }
+            if first == "default-server" {
+                if backend.is_some() {
+                    own_defaults.extend(&words[1..]);
+                } else {
+                    defaults.extend(&words[1..]);
+                }
+            }
+            match (backend, first, words.as_slice()) {
+                (Some(backend), "server", [_, name, address, args @ ..]) => {
+                    let server = Server {
+                        address,
+                        args: args.to_vec(),
+                        defaults: defaults.iter().chain(&own_defaults).copied().collect(),
+                    };
+                    if parsed.servers.insert((backend, name), server).is_some() {
+                        return Err(format!("server {backend}/{name} is declared twice"));
+                    }
+                }
+                _ => parsed.skeleton.push(line),
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "defaults\n    mode http\n    default-server inter 2s\n\n\
+                        frontend http\n    bind :80\n    default_backend app_a\n\n\
+                        backend app_a\n    balance roundrobin\n\
+                        \x20   server a1 10.0.0.1:8080 weight 100 check\n\
+                        \x20   server a2 10.0.0.2:8080 weight 100 check\n\n\
+                        listen svc_3306\n    mode tcp\n    bind :3306\n\
+                        \x20   server m1 10.0.0.3:3306 weight 100 check\n";
+
+    fn map(name: &str, content: &str) -> ConfigFile {
+        ConfigFile {
+            name: name.to_owned(),
+            content: content.to_owned(),
+        }
+    }
+
+    fn plan_of(old: &str, new: &str) -> Plan {
+        plan(
+            Files {
+                config: old,
+                maps: &[],
+            },
+            Files {
+                config: new,
+                maps: &[],
+            },
+            &Draining::new(),
+        )
+    }
+
+    fn lines(plan: &Plan) -> Vec<&str> {
+        match plan {
+            Plan::Runtime(runtime) => runtime.commands.iter().map(|c| c.line.as_str()).collect(),
+            Plan::Reload(reason) => panic!("reload: {reason}"),
+        }
+    }
+
+    fn reload_reason(plan: Plan) -> String {
+        match plan {
+            Plan::Reload(reason) => reason,
+            Plan::Runtime(runtime) => panic!("runtime: {runtime:?}"),
+        }
+    }
+
+    #[test]
+    fn identical_configurations_need_nothing() {
+        assert_eq!(plan_of(BASE, BASE), Plan::Runtime(Runtime::default()));
+    }
+
+    #[test]
+    fn an_added_server_gets_the_defaults_its_line_would_get_and_is_made_ready() {
+        let new = BASE.replace(
+            "    server m1",
+            "    server m2 [fd00::1]:3306 weight 5 check\n    server m1",
+        );
+        assert_eq!(
+            lines(&plan_of(BASE, &new)),
+            [
+                "add server svc_3306/m2 [fd00::1]:3306 inter 2s weight 5 check",
+                "enable health svc_3306/m2",
+                "set server svc_3306/m2 state ready",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_removed_server_goes_to_maintenance_then_is_deleted() {
+        let new = BASE.replace("    server a2 10.0.0.2:8080 weight 100 check\n", "");
+        let Plan::Runtime(runtime) = plan_of(BASE, &new) else {
+            panic!("reload")
+        };
+        assert_eq!(runtime.commands[0].line, "set server app_a/a2 state maint");
+        assert_eq!(
+            runtime.removed,
+            [(
+                ("app_a".to_owned(), "a2".to_owned()),
+                "10.0.0.2:8080 inter 2s weight 100 check".to_owned()
+            )]
+        );
+    }
+
+    #[test]
+    fn address_and_weight_changes_are_set_in_place() {
+        let new = BASE.replace(
+            "server a1 10.0.0.1:8080 weight 100",
+            "server a1 10.0.0.9:9090 weight 0",
+        );
+        let plan = plan_of(BASE, &new);
+        assert_eq!(
+            lines(&plan),
+            [
+                "set server app_a/a1 addr 10.0.0.9 port 9090",
+                "set server app_a/a1 weight 0",
+            ]
+        );
+        let Plan::Runtime(runtime) = plan else {
+            unreachable!()
+        };
+        assert!(runtime.commands[0].succeeded("IP changed from '10.0.0.1' to '10.0.0.9'\n"));
+        assert!(!runtime.commands[0].succeeded("No such server.\n"));
+        assert!(runtime.commands[1].succeeded("\n"));
+        assert!(!runtime.commands[1].succeeded("Invalid weight.\n"));
+    }
+
+    #[test]
+    fn anything_beyond_servers_and_map_entries_reloads() {
+        let cases = [
+            BASE.replace("bind :3306", "bind :3307"),
+            BASE.replace("inter 2s", "inter 3s"),
+            BASE.replace("listen svc_3306", "listen svc_3306 from x"),
+            BASE.replace("weight 100 check\n\n", "weight 100 check backup\n\n"),
+            format!("{BASE}\nbackend app_b\n    server b1 10.0.0.4:80\n"),
+            BASE.replace("10.0.0.3:3306", "db.example:3306"),
+        ];
+        for new in cases {
+            reload_reason(plan_of(BASE, &new));
+        }
+    }
+
+    #[test]
+    fn nothing_from_a_snapshot_can_inject_a_command() {
+        for hostile in [
+            "server a3 10.0.0.5:80 check;shutdown sessions",
+            "server a3 10.0.0.5:80 # comment",
+            "server a3 10.0.0.5:80 'quoted'",
+            "server a3;x 10.0.0.5:80",
+            "server a3 10.0.0.5:80 weight\x0b1",
+            "server a3 10.0.0.5:80 weight\u{a0}1",
+        ] {
+            let new = BASE.replace("    server a2", &format!("    {hostile}\n    server a2"));
+            let reason = reload_reason(plan_of(BASE, &new));
+            assert!(reason.contains("runtime API"), "{hostile}: {reason}");
+        }
+        let maps = [map("hosts.map", "a.example app_a\n")];
+        for hostile in [
+            "a.example app_a;del map hosts.map a",
+            "b\x01 app_a",
+            "b app a",
+        ] {
+            let new = [map("hosts.map", &format!("a.example app_a\n{hostile}\n"))];
+            let plan = plan(
+                Files {
+                    config: BASE,
+                    maps: &maps,
+                },
+                Files {
+                    config: BASE,
+                    maps: &new,
+                },
+                &Draining::new(),
+            );
+            reload_reason(plan);
+        }
+    }
+
+    fn map_plan(old: &str, new: &str) -> Plan {
+        plan(
+            Files {
+                config: BASE,
+                maps: &[map("wild.map", old)],
+            },
+            Files {
+                config: BASE,
+                maps: &[map("wild.map", new)],
+            },
+            &Draining::new(),
+        )
+    }
+
+    #[test]
+    fn map_entries_change_in_place_when_the_order_is_kept() {
+        let plan = map_plan(
+            ".a.example x\n.b.example y\n.c.example z\n",
+            "# comment\n.a.example x2\n.c.example z\n.d.example w\n",
+        );
+        assert_eq!(
+            lines(&plan),
+            [
+                "del map wild.map .b.example",
+                "set map wild.map .a.example x2",
+                "add map wild.map .d.example w",
+            ]
+        );
+        // A new first entry would be matched after the others at runtime.
+        reload_reason(map_plan(".b.example y\n", ".a.b.example x\n.b.example y\n"));
+        reload_reason(map_plan("a x\nb y\n", "b y\na x\n"));
+        reload_reason(map_plan("a x\n", "a x\na y\n"));
+    }
+
+    #[test]
+    fn a_draining_server_comes_back_ready_if_unchanged_and_by_reload_otherwise() {
+        let without = BASE.replace("    server a2 10.0.0.2:8080 weight 100 check\n", "");
+        let Plan::Runtime(removal) = plan_of(BASE, &without) else {
+            panic!("reload")
+        };
+        let draining: Draining = removal.removed.into_iter().collect();
+        let back = |config: &str| {
+            plan(
+                Files {
+                    config: &without,
+                    maps: &[],
+                },
+                Files { config, maps: &[] },
+                &draining,
+            )
+        };
+        let plan = back(BASE);
+        assert_eq!(lines(&plan), ["set server app_a/a2 state ready"]);
+        let Plan::Runtime(runtime) = plan else {
+            unreachable!()
+        };
+        assert_eq!(runtime.revived, [("app_a".to_owned(), "a2".to_owned())]);
+        let moved = BASE.replace("10.0.0.2:8080", "10.0.0.7:8080");
+        assert!(reload_reason(back(&moved)).contains("drains"));
+    }
+}

@@ -1,0 +1,537 @@
+//! The HAProxy process and its two CLI sockets.
+//!
+//! HAProxy runs in master-worker mode (`-W -S <master socket>`) in its own process group, with
+//! its working directory in the configuration's directory so that the configuration names its
+//! map files by their bare names. Its stderr (start-up messages, alerts) goes to a log file in
+//! the run directory rather than a pipe: a supervisor that restarts can still read what
+//! HAProxy says, and HAProxy never writes into a pipe nobody reads. [`tail_log`] forwards those
+//! lines into the supervisor's own log.
+//!
+//! The supervisor does not kill HAProxy when it stops: a new supervisor [adopts](Haproxy::adopt)
+//! the running master through its pidfile and master socket.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// How long one CLI exchange may take.
+const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long HAProxy may take to start or reload a configuration (large ones parse for seconds).
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// The log file is emptied when HAProxy starts if it grew beyond this.
+const LOG_LIMIT: u64 = 16 << 20;
+
+/// Where the supervisor keeps its files.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// Configuration and state: `global.cfg`, `live/`, `staged/`, `server-state`, `running`.
+    pub state_dir: PathBuf,
+    /// Sockets, pidfile and HAProxy's log.
+    pub run_dir: PathBuf,
+}
+
+impl Paths {
+    /// The supervisor's `global` section.
+    pub fn global(&self) -> PathBuf {
+        self.state_dir.join("global.cfg")
+    }
+    /// The configuration HAProxy runs, and its maps.
+    pub fn live(&self) -> PathBuf {
+        self.state_dir.join("live")
+    }
+    /// Where a new configuration is validated before it goes live.
+    pub fn staged(&self) -> PathBuf {
+        self.state_dir.join("staged")
+    }
+    /// Server states saved before each reload (`server-state-file`).
+    pub fn server_state(&self) -> PathBuf {
+        self.state_dir.join("server-state")
+    }
+    /// Version and checksum of the live configuration, once applied.
+    pub fn running(&self) -> PathBuf {
+        self.state_dir.join("running")
+    }
+    /// The master CLI socket.
+    pub fn master_socket(&self) -> PathBuf {
+        self.run_dir.join("master.sock")
+    }
+    /// The admin socket (runtime API) of the current worker.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.run_dir.join("admin.sock")
+    }
+    /// The master's pidfile.
+    pub fn pidfile(&self) -> PathBuf {
+        self.run_dir.join("haproxy.pid")
+    }
+    /// HAProxy's stderr.
+    pub fn log(&self) -> PathBuf {
+        self.run_dir.join("haproxy.log")
+    }
+}
+
+/// Errors talking to or starting HAProxy.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A socket or file operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A CLI exchange took too long.
+    #[error("'{0}' timed out")]
+    Timeout(String),
+    /// HAProxy exited or did not come up.
+    #[error("haproxy did not start: {0}")]
+    Start(String),
+    /// The CLI answered something unexpected.
+    #[error("{0}")]
+    Cli(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// A running HAProxy master: started by this supervisor, or adopted.
+#[derive(Debug)]
+pub struct Haproxy {
+    pid: u32,
+    /// `None` when adopted: not our child.
+    child: Option<tokio::process::Child>,
+    started: Instant,
+}
+
+impl Haproxy {
+    /// Starts HAProxy on the live configuration and waits until the master lists a worker.
+    /// On failure, the error carries HAProxy's alerts.
+    pub async fn spawn(binary: &Path, paths: &Paths) -> Result<Self, Error> {
+        let log_path = paths.log();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io(format!("opening {}", log_path.display())))?;
+        if log.metadata().map(|m| m.len()).unwrap_or(0) > LOG_LIMIT {
+            // HAProxy writes with O_APPEND: emptying the file under it is safe.
+            let _ = log.set_len(0);
+        }
+        let offset = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = std::fs::remove_file(paths.master_socket());
+        let mut command = tokio::process::Command::new(binary);
+        command
+            .arg("-W")
+            .arg("-S")
+            .arg(format!("{},mode,600", paths.master_socket().display()))
+            .arg("-p")
+            .arg(paths.pidfile())
+            .arg("-f")
+            .arg(paths.global())
+            .arg("-f")
+            .arg(paths.live().join(crate::CONFIG_FILE))
+            .current_dir(paths.live())
+            .stdin(Stdio::null())
+            .stderr(log)
+            // Its own process group: a Ctrl-C meant for the supervisor does not reach it.
+            .process_group(0)
+            .kill_on_drop(false);
+        let child = command
+            .spawn()
+            .map_err(io(format!("starting {}", binary.display())))?;
+        let pid = child.id().unwrap_or_default();
+        let mut haproxy = Self {
+            pid,
+            child: Some(child),
+            started: Instant::now(),
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if !haproxy.alive() {
+                return Err(Error::Start(format!(
+                    "it exited: {}",
+                    alerts_since(&log_path, offset)
+                )));
+            }
+            if let Ok(text) = cli(&paths.master_socket(), "show proc").await {
+                let procs = Procs::parse(&text);
+                if procs.workers.iter().any(|w| !w.old) {
+                    info!(pid, "haproxy started");
+                    return Ok(haproxy);
+                }
+            }
+            if Instant::now() > deadline {
+                haproxy.signal(Signal::SIGKILL);
+                return Err(Error::Start(format!(
+                    "no worker after {START_TIMEOUT:?}: {}",
+                    alerts_since(&log_path, offset)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The HAProxy that a previous supervisor left running, if its pidfile names a live
+    /// process that answers on the master socket as that master.
+    pub async fn adopt(paths: &Paths) -> Option<Self> {
+        let pid: u32 = std::fs::read_to_string(paths.pidfile())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        kill(Pid::from_raw(i32::try_from(pid).ok()?), None).ok()?;
+        let procs = Procs::parse(&cli(&paths.master_socket(), "show proc").await.ok()?);
+        let master = procs.master?;
+        if master.pid != pid || !procs.workers.iter().any(|w| !w.old) {
+            return None;
+        }
+        info!(pid, uptime_s = master.uptime_s, "adopted a running haproxy");
+        Some(Self {
+            pid,
+            child: None,
+            started: Instant::now() - Duration::from_secs(master.uptime_s),
+        })
+    }
+
+    /// The master's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// How long the master has been running.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Whether the master still runs (and reaps it if it exited).
+    pub fn alive(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => i32::try_from(self.pid).is_ok_and(|pid| kill(Pid::from_raw(pid), None).is_ok()),
+        }
+    }
+
+    fn signal(&self, signal: Signal) {
+        if let Ok(pid) = i32::try_from(self.pid) {
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
+    }
+
+    /// Stops HAProxy: a soft stop (workers finish their connections, bounded by
+    /// `hard-stop-after`), then SIGTERM if it is still there after `grace`.
+    pub async fn stop(mut self, grace: Duration) {
+        info!(pid = self.pid, "stopping haproxy");
+        self.signal(Signal::SIGUSR1);
+        let deadline = Instant::now() + grace;
+        while self.alive() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if self.alive() {
+            warn!(pid = self.pid, "haproxy did not stop in time: SIGTERM");
+            self.signal(Signal::SIGTERM);
+        }
+    }
+}
+
+/// What the master's `show proc` lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Procs {
+    pub master: Option<Master>,
+    pub workers: Vec<Worker>,
+}
+
+/// The master's line of `show proc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Master {
+    pub pid: u32,
+    /// Reloads since it started.
+    pub reloads: u64,
+    /// Failed reloads since the last successful one.
+    pub failed: u64,
+    pub uptime_s: u64,
+}
+
+/// A worker's line of `show proc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Worker {
+    pub pid: u32,
+    /// Reloads since this worker started: 0 for the newest.
+    pub reloads: u64,
+    /// Listed under "old workers": it finishes its connections and exits.
+    pub old: bool,
+}
+
+impl Procs {
+    /// Parses HAProxy 2.6's `show proc`.
+    pub fn parse(text: &str) -> Self {
+        let mut procs = Self::default();
+        let mut old = false;
+        for line in text.lines() {
+            if line.starts_with('#') {
+                old = line.contains("old workers");
+                continue;
+            }
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            match fields.as_slice() {
+                [pid, "master", reloads, "[failed:", failed, uptime, ..] => {
+                    let (Ok(pid), Ok(reloads)) = (pid.parse(), reloads.parse()) else {
+                        continue;
+                    };
+                    procs.master = Some(Master {
+                        pid,
+                        reloads,
+                        failed: failed.trim_end_matches(']').parse().unwrap_or(0),
+                        uptime_s: parse_uptime(uptime).unwrap_or(0),
+                    });
+                }
+                [pid, "worker", reloads, ..] => {
+                    let (Ok(pid), Ok(reloads)) = (pid.parse(), reloads.parse()) else {
+                        continue;
+                    };
+                    procs.workers.push(Worker { pid, reloads, old });
+                }
+                _ => {}
+            }
+        }
+        procs
+    }
+}
+
+/// `0d00h01m05s` -> 65.
+fn parse_uptime(text: &str) -> Option<u64> {
+    let mut total = 0;
+    let mut number = 0u64;
+    for c in text.chars() {
+        if let Some(digit) = c.to_digit(10) {
+            number = number.checked_mul(10)?.checked_add(u64::from(digit))?;
+            continue;
+        }
+        let unit = match c {
+            'd' => 86_400,
+            'h' => 3_600,
+            'm' => 60,
+            's' => 1,
+            _ => return None,
+        };
+        total += number * unit;
+        number = 0;
+    }
+    Some(total)
+}
+
+/// Sends one command to a CLI socket and returns the whole answer.
+pub async fn cli(socket: &Path, command: &str) -> Result<String, Error> {
+    let exchange = async {
+        let mut stream = UnixStream::connect(socket).await?;
+        stream.write_all(format!("{command}\n").as_bytes()).await?;
+        // The master CLI waits for more commands until it sees the end of input.
+        stream.shutdown().await?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await?;
+        Ok(answer)
+    };
+    tokio::time::timeout(CLI_TIMEOUT, exchange)
+        .await
+        .map_err(|_| Error::Timeout(command.to_owned()))?
+        .map_err(io(format!("'{command}' on {}", socket.display())))
+}
+
+/// Sends `commands` in one exchange, in interactive mode, and returns one reply per command.
+/// Replies are told apart by the prompt HAProxy prints after each.
+pub async fn batch(socket: &Path, commands: &[&str]) -> Result<Vec<String>, Error> {
+    let mut input = String::from("prompt\n");
+    for command in commands {
+        input.push_str(command);
+        input.push('\n');
+    }
+    input.push_str("quit\n");
+    let exchange = async {
+        let stream = UnixStream::connect(socket).await?;
+        let (mut reader, mut writer) = stream.into_split();
+        // Written while the replies are read: a long batch would otherwise fill both buffers.
+        let write = async {
+            writer.write_all(input.as_bytes()).await?;
+            writer.shutdown().await
+        };
+        let mut output = String::new();
+        let (written, read) = tokio::join!(write, reader.read_to_string(&mut output));
+        written?;
+        read?;
+        Ok(output)
+    };
+    let output = tokio::time::timeout(CLI_TIMEOUT, exchange)
+        .await
+        .map_err(|_| Error::Timeout(format!("a batch of {} commands", commands.len())))?
+        .map_err(io(format!("a batch on {}", socket.display())))?;
+    let replies = split_replies(&output);
+    if replies.len() < commands.len() {
+        return Err(Error::Cli(format!(
+            "{} replies to {} commands: {}",
+            replies.len(),
+            commands.len(),
+            output.escape_debug()
+        )));
+    }
+    Ok(replies
+        .into_iter()
+        .take(commands.len())
+        .map(str::to_owned)
+        .collect())
+}
+
+/// The replies of an interactive session: the text after each prompt ("> " at the start of a
+/// line), the first of which answers the first command after `prompt`.
+fn split_replies(output: &str) -> Vec<&str> {
+    let mut starts = Vec::new();
+    let mut at_line_start = true;
+    for (i, c) in output.char_indices() {
+        if at_line_start && output[i..].starts_with("> ") {
+            starts.push(i + 2);
+        }
+        at_line_start = c == '\n';
+    }
+    starts
+        .iter()
+        .enumerate()
+        .map(|(n, &start)| {
+            let end = starts.get(n + 1).map_or(output.len(), |next| next - 2);
+            &output[start..end]
+        })
+        .collect()
+}
+
+/// HAProxy's alert lines in its log after `offset`, or its last lines if it wrote no alert.
+pub fn alerts_since(log: &Path, offset: u64) -> String {
+    let text = String::from_utf8_lossy(&read_from(log, offset, 1 << 20)).into_owned();
+    let alerts: Vec<&str> = text.lines().filter(|l| l.contains("[ALERT]")).collect();
+    let lines: Vec<&str> = if alerts.is_empty() {
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(10)..].to_vec()
+    } else {
+        alerts
+    };
+    let mut message = lines.join("\n");
+    if message.is_empty() {
+        message = "haproxy gave no reason".to_owned();
+    }
+    if message.len() > 4000 {
+        let cut = (0..=4000)
+            .rev()
+            .find(|&i| message.is_char_boundary(i))
+            .unwrap_or(0);
+        message.truncate(cut);
+        message.push_str(" ...");
+    }
+    message
+}
+
+/// Up to `limit` bytes of `path` from `offset`; what could be read.
+fn read_from(path: &Path, offset: u64, limit: u64) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    if let Ok(mut file) = std::fs::File::open(path)
+        && file.seek(SeekFrom::Start(offset)).is_ok()
+    {
+        let _ = file.take(limit).read_to_end(&mut bytes);
+    }
+    bytes
+}
+
+/// The log file's current length: where the lines of the next event start.
+pub fn log_offset(log: &Path) -> u64 {
+    std::fs::metadata(log).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Forwards the lines HAProxy writes to its log into the supervisor's log until `shutdown`.
+pub async fn tail_log(path: PathBuf, shutdown: CancellationToken) {
+    let mut offset = log_offset(&path);
+    let mut pending = String::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let length = log_offset(&path);
+        if length < offset {
+            offset = 0;
+        }
+        if length == offset {
+            continue;
+        }
+        let chunk = read_from(&path, offset, length - offset);
+        offset += chunk.len() as u64;
+        pending.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = pending.find('\n') {
+            let line: String = pending.drain(..=end).collect();
+            let line = line.trim_end();
+            if line.contains("[ALERT]") {
+                error!(target: "haproxy", "{line}");
+            } else if line.contains("[WARNING]") {
+                warn!(target: "haproxy", "{line}");
+            } else if !line.is_empty() {
+                info!(target: "haproxy", "{line}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn show_proc_of_2_6_is_parsed() {
+        let text = "#<PID>          <type>          <reloads>       <uptime>        <version>\n\
+                    1000            master          2 [failed: 1]   1d02h03m05s     2.6.12-1+deb12u4\n\
+                    # workers\n\
+                    1003            worker          0               0d00h00m01s     2.6.12-1+deb12u4\n\
+                    # old workers\n\
+                    1002            worker          1               0d00h00m03s     2.6.12-1+deb12u4\n\
+                    # programs\n\n";
+        let procs = Procs::parse(text);
+        assert_eq!(
+            procs.master,
+            Some(Master {
+                pid: 1000,
+                reloads: 2,
+                failed: 1,
+                uptime_s: 86_400 + 2 * 3_600 + 3 * 60 + 5
+            })
+        );
+        assert_eq!(
+            procs.workers,
+            [
+                Worker {
+                    pid: 1003,
+                    reloads: 0,
+                    old: false
+                },
+                Worker {
+                    pid: 1002,
+                    reloads: 1,
+                    old: true
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn interactive_replies_are_split_on_prompts() {
+        // As HAProxy 2.6 answers "prompt", three commands, then "quit".
+        let output = "\n> New server registered.\n\n> \n> Server deleted.\n> ";
+        assert_eq!(
+            split_replies(output),
+            ["New server registered.\n\n", "\n", "Server deleted.\n", ""]
+        );
+        assert_eq!(split_replies("x\n>  y"), [" y"]);
+    }
+}

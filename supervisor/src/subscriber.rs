@@ -1,0 +1,117 @@
+//! The supervisor as confgen's subscriber: `Confgen.Watch` feeds the latest snapshot into a
+//! `watch` channel (latest wins, so snapshots that arrive during an apply are coalesced), and
+//! each outcome goes back through `Confgen.Report`.
+//!
+//! Both reconnect with backoff. A reconnect replays confgen's current snapshot; if it is what
+//! runs, applying it is a no-op (UNCHANGED).
+
+use std::sync::{Arc, Mutex};
+
+use legate_proto::runtime;
+use legate_proto::v1::confgen_client::ConfgenClient;
+use legate_proto::v1::{ApplyReport, ApplyResult, ConfigSnapshot, WatchRequest};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use crate::MAX_MESSAGE;
+use crate::apply::Stats;
+
+/// A connection to confgen on behalf of one node.
+#[derive(Debug, Clone)]
+pub struct Subscriber {
+    pub channel: Channel,
+    pub node_id: String,
+    pub stats: Arc<Mutex<Stats>>,
+}
+
+impl Subscriber {
+    fn client(&self) -> ConfgenClient<Channel> {
+        ConfgenClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE)
+    }
+
+    /// Follows `Confgen.Watch` until `shutdown`, publishing every snapshot.
+    pub async fn watch(
+        self,
+        snapshots: watch::Sender<Option<Arc<ConfigSnapshot>>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut delays = runtime::backoff();
+        loop {
+            let have_checksum = self
+                .stats
+                .lock()
+                .map(|s| s.running_checksum.clone())
+                .unwrap_or_default();
+            let request = WatchRequest {
+                node_id: self.node_id.clone(),
+                have_checksum,
+            };
+            let mut client = self.client();
+            let error = tokio::select! {
+                () = shutdown.cancelled() => return,
+                result = client.watch(request) => match result {
+                    Err(status) => status.to_string(),
+                    Ok(response) => {
+                        info!("subscribed to confgen");
+                        let mut stream = response.into_inner();
+                        loop {
+                            tokio::select! {
+                                () = shutdown.cancelled() => return,
+                                message = stream.message() => match message {
+                                    Ok(Some(snapshot)) => {
+                                        delays = runtime::backoff();
+                                        snapshots.send_replace(Some(Arc::new(snapshot)));
+                                    }
+                                    Ok(None) => break "confgen ended the stream".to_owned(),
+                                    Err(status) => break status.to_string(),
+                                },
+                            }
+                        }
+                    }
+                },
+            };
+            let delay = delays.next().unwrap_or(runtime::MAX_BACKOFF);
+            warn!(error = %error, retry_in = ?delay, "confgen watch");
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Sends each outcome to `Confgen.Report` until `shutdown`; a newer outcome replaces one
+    /// that could not be sent yet.
+    pub async fn report(
+        self,
+        mut results: watch::Receiver<Option<ApplyResult>>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = results.changed() => if changed.is_err() { return },
+            }
+            let Some(result) = results.borrow_and_update().clone() else {
+                continue;
+            };
+            let report = ApplyReport {
+                node_id: self.node_id.clone(),
+                result: Some(result),
+            };
+            let sent = runtime::retry("reporting to confgen", &shutdown, || {
+                let mut client = self.client();
+                let report = report.clone();
+                async move { client.report(report).await }
+            });
+            tokio::select! {
+                _ = sent => {}
+                // A newer outcome supersedes this one.
+                _ = results.changed() => {
+                    results.mark_changed();
+                }
+            }
+        }
+    }
+}

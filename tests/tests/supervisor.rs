@@ -1,0 +1,501 @@
+//! The supervisor against a real HAProxy 2.6: first start, runtime and reload paths, refused
+//! configurations, failed reloads, a killed HAProxy, a restarted supervisor, zero dropped
+//! requests under load, and the whole chain from etcd through confgen.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use legate_proto::v1::supervisor_client::SupervisorClient;
+use legate_proto::v1::{self, ApplyOutcome};
+use legate_tests::backend::Backend;
+use legate_tests::etcd::Etcd;
+use legate_tests::service::Service;
+use legate_tests::supervisor::{Supervised, config, snapshot, with_comment};
+use legate_tests::{WAIT, free_port, http_get, load, wait_for};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tonic::transport::Channel;
+
+type Client = SupervisorClient<Channel>;
+
+fn versioned(mut snapshot: v1::ConfigSnapshot, version: u64) -> v1::ConfigSnapshot {
+    snapshot.version = version;
+    snapshot
+}
+
+/// Two backends, a free HTTP port, and a supervisor with no confgen and its client.
+struct Setup {
+    b1: Backend,
+    b2: Backend,
+    http: u16,
+    supervised: Supervised,
+    supervisor: Service,
+    client: Client,
+}
+
+impl Setup {
+    async fn start() -> Self {
+        let b1 = Backend::start("b1", "127.0.0.1:0".parse().unwrap()).await;
+        let b2 = Backend::start("b2", "127.0.0.1:0".parse().unwrap()).await;
+        let supervised = Supervised::new().unwrap();
+        let supervisor = supervised.start(None, &[]).unwrap();
+        let client = client(&supervisor).await;
+        Self {
+            b1: b1.unwrap(),
+            b2: b2.unwrap(),
+            http: free_port().unwrap(),
+            supervised,
+            supervisor,
+            client,
+        }
+    }
+}
+
+async fn client(service: &Service) -> Client {
+    let endpoint = format!("http://{}", service.grpc());
+    let channel = wait_for("the supervisor's gRPC port", WAIT, || {
+        let endpoint = endpoint.clone();
+        async move { Ok(Some(Channel::from_shared(endpoint)?.connect().await?)) }
+    })
+    .await
+    .unwrap();
+    SupervisorClient::new(channel).max_decoding_message_size(64 << 20)
+}
+
+async fn apply(client: &mut Client, snapshot: &v1::ConfigSnapshot) -> v1::ApplyResult {
+    client.apply(snapshot.clone()).await.unwrap().into_inner()
+}
+
+#[track_caller]
+fn assert_outcome(result: &v1::ApplyResult, outcome: ApplyOutcome) {
+    assert_eq!(result.outcome(), outcome, "{result:?}");
+}
+
+async fn status(client: &mut Client) -> v1::SupervisorStatus {
+    client
+        .status(v1::SupervisorStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The name of the backend that answers `host` on `port`.
+async fn served_by(port: u16, host: &str) -> anyhow::Result<String> {
+    let (status, body) = http_get(SocketAddr::from(([127, 0, 0, 1], port)), host, "/").await?;
+    anyhow::ensure!(status == 200, "{host} answered {status}: {body}");
+    Ok(body.trim().to_owned())
+}
+
+/// Waits until `host` is answered by `name`.
+async fn wait_served_by(port: u16, host: &str, name: &str) {
+    wait_for(&format!("{host} to be served by {name}"), WAIT, || async {
+        Ok((served_by(port, host).await? == name).then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
+/// The servers of `backend` that HAProxy runs, from the runtime API.
+async fn servers(supervised: &Supervised, backend: &str) -> Vec<String> {
+    let state = supervised
+        .admin(&format!("show servers state {backend}"))
+        .await
+        .unwrap();
+    state
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split_whitespace().nth(3).map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn applies_through_reloads_and_the_runtime_api_and_reports_its_status() {
+    let Setup {
+        b1,
+        b2,
+        http,
+        supervised,
+        mut supervisor,
+        mut client,
+        ..
+    } = Setup::start().await;
+
+    // The first snapshot starts HAProxy.
+    let one = versioned(config(http, &[("a.test", &[("s1", b1.addr())])], ""), 1);
+    let result = apply(&mut client, &one).await;
+    assert_outcome(&result, ApplyOutcome::Reloaded);
+    assert_eq!((result.version, &result.checksum), (1, &one.checksum));
+    supervisor.wait_serving().await.unwrap();
+    assert_eq!(served_by(http, "a.test").await.unwrap(), "b1");
+    assert_eq!(supervised.reloads().await.unwrap(), 0);
+
+    // The same content again is a no-op.
+    assert_outcome(
+        &apply(&mut client, &versioned(one.clone(), 2)).await,
+        ApplyOutcome::Unchanged,
+    );
+
+    // A server added: runtime API, no reload.
+    let two = versioned(
+        config(
+            http,
+            &[("a.test", &[("s1", b1.addr()), ("s2", b2.addr())])],
+            "",
+        ),
+        3,
+    );
+    let result = apply(&mut client, &two).await;
+    assert_outcome(&result, ApplyOutcome::Runtime);
+    assert_eq!(
+        supervised.reloads().await.unwrap(),
+        0,
+        "a runtime apply reloaded"
+    );
+    assert_eq!(servers(&supervised, "app_a.test").await, ["s1", "s2"]);
+    wait_served_by(http, "a.test", "b2").await;
+
+    // A server removed: runtime API; it is deleted once drained.
+    let three = versioned(config(http, &[("a.test", &[("s2", b2.addr())])], ""), 4);
+    assert_outcome(&apply(&mut client, &three).await, ApplyOutcome::Runtime);
+    wait_for("s1 to be deleted", WAIT, || async {
+        Ok((servers(&supervised, "app_a.test").await == ["s2"]).then_some(()))
+    })
+    .await
+    .unwrap();
+    for _ in 0..5 {
+        assert_eq!(served_by(http, "a.test").await.unwrap(), "b2");
+    }
+    assert_eq!(supervised.reloads().await.unwrap(), 0);
+
+    // A new app needs a new backend: reload, confirmed.
+    let four = versioned(
+        config(
+            http,
+            &[
+                ("a.test", &[("s2", b2.addr())]),
+                ("b.test", &[("s1", b1.addr())]),
+            ],
+            "",
+        ),
+        5,
+    );
+    let result = apply(&mut client, &four).await;
+    assert_outcome(&result, ApplyOutcome::Reloaded);
+    assert!(result.message.contains("beyond servers"), "{result:?}");
+    assert_eq!(supervised.reloads().await.unwrap(), 1);
+    assert_eq!(served_by(http, "b.test").await.unwrap(), "b1");
+    assert_eq!(served_by(http, "a.test").await.unwrap(), "b2");
+
+    let status = status(&mut client).await;
+    assert_eq!(status.running_version, 5);
+    assert_eq!(status.running_checksum, four.checksum);
+    assert_eq!(
+        (status.runtime_applies, status.reloads, status.rejected),
+        (2, 1, 0)
+    );
+    assert_eq!(status.master_pid, supervised.master_pid().unwrap());
+    assert!(status.workers >= 1, "{status:?}");
+    assert_eq!(
+        status.last_result.unwrap().outcome(),
+        ApplyOutcome::Reloaded
+    );
+    let metrics = supervisor.metrics_text().await.unwrap();
+    assert!(
+        metrics.contains("legate_supervisor_applies_total{outcome=\"runtime\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn refused_snapshots_leave_the_last_good_configuration_serving() {
+    let Setup {
+        b1,
+        http,
+        supervised,
+        supervisor: _supervisor,
+        mut client,
+        ..
+    } = Setup::start().await;
+    let good = versioned(config(http, &[("a.test", &[("s1", b1.addr())])], ""), 1);
+    assert_outcome(&apply(&mut client, &good).await, ApplyOutcome::Reloaded);
+
+    let mut bad_checksum = good.clone();
+    bad_checksum.haproxy_config.push_str("\n# edited\n");
+    let mut bad_map = good.clone();
+    bad_map.maps[0].name = "../hosts.map".to_owned();
+    bad_map.checksum = legate_proto::checksum(&bad_map.haproxy_config, &bad_map.maps);
+    let cases = [
+        (
+            config(
+                http,
+                &[("a.test", &[("s1", b1.addr())])],
+                "\nbackend x\n    bogus-keyword\n",
+            ),
+            "bogus-keyword",
+        ),
+        (
+            snapshot(format!("global\n    daemon\n{}", good.haproxy_config), &[]),
+            "'global' section",
+        ),
+        (bad_checksum, "does not match"),
+        (bad_map, "not allowed"),
+        // A map the configuration needs is missing.
+        (snapshot(good.haproxy_config.clone(), &[]), "hosts.map"),
+    ];
+    for (snapshot, expected) in cases {
+        let result = apply(&mut client, &snapshot).await;
+        assert_outcome(&result, ApplyOutcome::Rejected);
+        assert!(result.message.contains(expected), "{expected}: {result:?}");
+        assert_eq!(served_by(http, "a.test").await.unwrap(), "b1");
+    }
+    let status = status(&mut client).await;
+    assert_eq!(status.rejected, 5);
+    assert_eq!(status.running_checksum, good.checksum);
+    assert!(status.last_error.contains("hosts.map"), "{status:?}");
+    // The live files are still the good ones: a later reload reproduces them.
+    let live = std::fs::read_to_string(supervised.state_dir().join("live/haproxy.cfg")).unwrap();
+    assert_eq!(live, good.haproxy_config);
+}
+
+#[tokio::test]
+async fn a_reload_that_fails_is_rolled_back_to_the_last_good_configuration() {
+    let Setup {
+        b1,
+        http,
+        supervised: _supervised,
+        supervisor: _supervisor,
+        mut client,
+        ..
+    } = Setup::start().await;
+    let good = versioned(config(http, &[("a.test", &[("s1", b1.addr())])], ""), 1);
+    assert_outcome(&apply(&mut client, &good).await, ApplyOutcome::Reloaded);
+
+    // `haproxy -c` accepts it; binding the port fails at reload.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let extra = format!(
+        "\nlisten svc_{port}\n    mode tcp\n    bind 127.0.0.1:{port}\n    server m1 {}\n",
+        b1.addr()
+    );
+    let conflict = versioned(config(http, &[("a.test", &[("s1", b1.addr())])], &extra), 2);
+    let result = apply(&mut client, &conflict).await;
+    assert_outcome(&result, ApplyOutcome::Rejected);
+    assert!(result.message.contains("cannot bind"), "{result:?}");
+    assert_eq!(served_by(http, "a.test").await.unwrap(), "b1");
+    assert_eq!(status(&mut client).await.running_version, 1);
+
+    // Once the port is free the same snapshot goes through.
+    drop(taken);
+    assert_outcome(&apply(&mut client, &conflict).await, ApplyOutcome::Reloaded);
+    let banner = wait_for("the TCP listener to answer", WAIT, || async {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        Ok(http_get(addr, "a.test", "/").await.ok())
+    })
+    .await
+    .unwrap();
+    assert_eq!(banner.1.trim(), "b1");
+}
+
+#[tokio::test]
+async fn a_killed_haproxy_is_started_again_on_the_last_good_configuration() {
+    let Setup {
+        b1,
+        http,
+        supervised,
+        mut supervisor,
+        mut client,
+        ..
+    } = Setup::start().await;
+    let good = versioned(config(http, &[("a.test", &[("s1", b1.addr())])], ""), 7);
+    assert_outcome(&apply(&mut client, &good).await, ApplyOutcome::Reloaded);
+    let first = supervised.master_pid().unwrap();
+    kill(
+        Pid::from_raw(i32::try_from(first).unwrap()),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+
+    let second = wait_for("a new haproxy master", WAIT, || async {
+        let pid = status(&mut client.clone()).await.master_pid;
+        Ok((pid != 0 && pid != first).then_some(pid))
+    })
+    .await
+    .unwrap();
+    assert_eq!(supervised.master_pid(), Some(second));
+    supervisor.wait_serving().await.unwrap();
+    wait_served_by(http, "a.test", "b1").await;
+    assert_outcome(&apply(&mut client, &good).await, ApplyOutcome::Unchanged);
+    let metrics = supervisor.metrics_text().await.unwrap();
+    assert!(
+        metrics.contains("legate_supervisor_haproxy_restarts_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_supervisor_adopts_haproxy_which_serves_throughout() {
+    let Setup {
+        b1,
+        b2,
+        http,
+        supervised,
+        mut supervisor,
+        mut client,
+        ..
+    } = Setup::start().await;
+    let good = versioned(config(http, &[("a.test", &[("s1", b1.addr())])], ""), 3);
+    assert_outcome(&apply(&mut client, &good).await, ApplyOutcome::Reloaded);
+    let master = supervised.master_pid().unwrap();
+
+    supervisor.terminate(WAIT).await.unwrap();
+    // Nobody supervises it, and it serves.
+    assert_eq!(served_by(http, "a.test").await.unwrap(), "b1");
+
+    let mut successor = supervised.start(None, &[]).unwrap();
+    successor.wait_serving().await.unwrap();
+    let mut client = self::client(&successor).await;
+    let status = status(&mut client).await;
+    assert_eq!(status.master_pid, master, "{status:?}");
+    assert_eq!(status.running_version, 3);
+    assert_outcome(&apply(&mut client, &good).await, ApplyOutcome::Unchanged);
+    let more = versioned(
+        config(
+            http,
+            &[("a.test", &[("s1", b1.addr()), ("s2", b2.addr())])],
+            "",
+        ),
+        4,
+    );
+    assert_outcome(&apply(&mut client, &more).await, ApplyOutcome::Runtime);
+    wait_served_by(http, "a.test", "b2").await;
+    assert_eq!(supervised.master_pid(), Some(master));
+    assert_eq!(supervised.reloads().await.unwrap(), 0);
+}
+
+/// 200 runtime changes and 20 reloads under `wrk`, with keep-alive and with
+/// `Connection: close`: not one request may fail.
+#[tokio::test]
+async fn no_request_fails_during_runtime_changes_and_reloads() {
+    let Setup {
+        b1,
+        b2,
+        http,
+        supervised: _supervised,
+        supervisor: _supervisor,
+        mut client,
+        ..
+    } = Setup::start().await;
+    let one = config(http, &[("a.test", &[("s1", b1.addr())])], "");
+    let both = config(
+        http,
+        &[("a.test", &[("s1", b1.addr()), ("s2", b2.addr())])],
+        "",
+    );
+    assert_outcome(
+        &apply(&mut client, &versioned(one.clone(), 1)).await,
+        ApplyOutcome::Reloaded,
+    );
+
+    let addr = SocketAddr::from(([127, 0, 0, 1], http));
+    let duration = Duration::from_secs(20);
+    let keep_alive = tokio::spawn(load::wrk(addr, "a.test", duration, 8, false));
+    let close = tokio::spawn(load::wrk(addr, "a.test", duration, 4, true));
+    let mut version = 1;
+    for i in 0..200 {
+        version += 1;
+        let next = if i % 2 == 0 { &both } else { &one };
+        let result = apply(&mut client, &versioned(next.clone(), version)).await;
+        assert_outcome(&result, ApplyOutcome::Runtime);
+    }
+    for i in 0..20 {
+        version += 1;
+        // A comment changes the text beyond servers: each one is a reload.
+        let forced = with_comment(&both, &format!("reload {i}"));
+        let result = apply(&mut client, &versioned(forced, version)).await;
+        assert_outcome(&result, ApplyOutcome::Reloaded);
+    }
+    assert!(
+        !keep_alive.is_finished() && !close.is_finished(),
+        "the changes outlasted the load: the test proved nothing"
+    );
+    for (mode, run) in [("keep-alive", keep_alive), ("close", close)] {
+        let report = run.await.unwrap().unwrap();
+        assert!(report.requests > 100, "{mode}: {}", report.output);
+        assert_eq!(
+            (report.socket_errors, report.non_2xx),
+            (0, 0),
+            "{mode}: {}",
+            report.output
+        );
+    }
+    let status = status(&mut client).await;
+    // The first snapshot started HAProxy: that is not a reload.
+    assert_eq!((status.runtime_applies, status.reloads), (200, 20));
+    assert!(b1.requests() > 0 && b2.requests() > 0);
+}
+
+/// etcd -> confgen -> supervisor -> HAProxy, and the outcome back in confgen's status.
+#[tokio::test]
+async fn follows_confgen_and_reports_what_it_runs() {
+    let b1 = Backend::start("b1", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let b2 = Backend::start("b2", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let mut kv = etcd.client().await.unwrap();
+    let http = free_port().unwrap();
+    let mut confgen = Service::confgen(&etcd.endpoint(), http, &[], &[]).unwrap();
+    confgen.wait_serving().await.unwrap();
+    let supervised = Supervised::new().unwrap();
+    let endpoint = format!("http://{}", confgen.grpc());
+    let mut supervisor = supervised.start(Some(&endpoint), &[]).unwrap();
+
+    // Seed-style keys: the endpoint in the key, an empty value.
+    let key = |n: u32, addr: SocketAddr| format!("/apps/app.test/{n:064x}/{addr}");
+    kv.put(key(1, b1.addr()), "", None).await.unwrap();
+    supervisor.wait_serving().await.unwrap();
+    wait_served_by(http, "app.test", "b1").await;
+
+    // Whether the first app took a reload depends on when the supervisor subscribed (before
+    // the put: confgen's empty snapshot came first); a second server must not.
+    let reloads = supervised.reloads().await.unwrap();
+    kv.put(key(2, b2.addr()), "", None).await.unwrap();
+    wait_served_by(http, "app.test", "b2").await;
+    assert_eq!(
+        supervised.reloads().await.unwrap(),
+        reloads,
+        "a new server reloaded"
+    );
+
+    let mut confgen_client = v1::confgen_client::ConfgenClient::connect(endpoint.clone())
+        .await
+        .unwrap();
+    let node = wait_for(
+        "confgen to see the node run its latest snapshot",
+        WAIT,
+        || {
+            let mut confgen_client = confgen_client.clone();
+            async move {
+                let status = confgen_client
+                    .status(v1::ConfgenStatusRequest {})
+                    .await?
+                    .into_inner();
+                let node = status.nodes.into_iter().find(|n| n.node_id == "node-a");
+                Ok(node.filter(|n| n.connected && n.running_checksum == status.checksum))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(node.last_result.unwrap().outcome(), ApplyOutcome::Runtime);
+    let status = confgen_client
+        .status(v1::ConfgenStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node.running_version, status.version);
+}
