@@ -292,11 +292,14 @@ pub enum RuntimeError {
     Grpc(#[from] tonic::transport::Error),
 }
 
-/// Installs the global tracing subscriber, logging to stderr.
+/// Installs the global tracing subscriber, logging to stderr, in colour only on a terminal
+/// (journald and `docker logs` get plain text).
 pub fn init_tracing(common: &CommonArgs) -> Result<(), RuntimeError> {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::builder().parse(&common.log)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let installed = match common.log_format {
         LogFormat::Text => builder.try_init(),

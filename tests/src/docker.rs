@@ -24,11 +24,23 @@ pub const TEST_LABEL: &str = "legate.test";
 pub const RUN_LABEL: &str = "legate.test.run";
 
 const HTTP_APP_SCRIPT: &str = r#"#!/bin/sh
-# Serves "$RESPONSE" (default: the container's host name) on $PORT (default 80).
-mkdir -p /www
+# Serves "$RESPONSE" (default: the container's host name) on $PORT (default 80), and at
+# /cgi-bin/upstream the first line that the TCP service at $UPSTREAM (host:port) sends.
+mkdir -p /www/cgi-bin
 echo "${RESPONSE:-$(hostname)}" > /www/index.html
 echo ok > /www/health
+cp /bin/upstream /www/cgi-bin/upstream
 exec httpd -f -p "${PORT:-80}" -h /www
+"#;
+
+const UPSTREAM_CGI: &str = r#"#!/bin/sh
+# nc runs the reader on the connection: with stdin closed instead, nc would quit before a
+# banner that takes a moment (through a proxy) arrived.
+printf 'Content-Type: text/plain\r\n\r\n'
+line=/tmp/upstream.$$
+nc -w 5 "${UPSTREAM%:*}" "${UPSTREAM##*:}" -e /bin/sh -c "read -r line; echo \"\$line\" > $line"
+cat "$line"
+rm -f "$line"
 "#;
 
 const TCP_SERVICE_SCRIPT: &str = r#"#!/bin/sh
@@ -49,7 +61,8 @@ const DOCKERFILE_HEAD: &str = "FROM scratch\n\
 /// The locally built test images.
 #[derive(Debug, Clone)]
 pub struct Images {
-    /// HTTP app: busybox httpd on port 80 answering its host name (or `$RESPONSE`).
+    /// HTTP app: busybox httpd on port 80 answering its host name (or `$RESPONSE`); at
+    /// `/cgi-bin/upstream`, the first line of the TCP service at `$UPSTREAM` (`host:port`).
     pub http_app: String,
     /// TCP service: busybox nc on port 3306 sending its host name (or `$RESPONSE`), then echo.
     pub tcp_service: String,
@@ -73,9 +86,10 @@ pub fn images() -> Result<&'static Images> {
         "legate-test-http",
         &busybox,
         &format!(
-            "{DOCKERFILE_HEAD}COPY http-app /bin/http-app\nEXPOSE 80\nCMD [\"/bin/http-app\"]\n"
+            "{DOCKERFILE_HEAD}COPY http-app /bin/http-app\nCOPY upstream /bin/upstream\n\
+             EXPOSE 80\nCMD [\"/bin/http-app\"]\n"
         ),
-        &[("http-app", HTTP_APP_SCRIPT)],
+        &[("http-app", HTTP_APP_SCRIPT), ("upstream", UPSTREAM_CGI)],
     )?;
     let tcp_service = build_image(
         "legate-test-tcp",
@@ -249,6 +263,29 @@ impl Drop for Container {
     }
 }
 
+/// GETs `url` with the Host header `host` from a new container on `network` (busybox wget in
+/// the HTTP app image) and returns the body; the container is removed afterwards.
+pub async fn get_from_container(network: &Network, url: &str, host: &str) -> Result<String> {
+    let header = format!("Host: {host}");
+    let consumer = Container::create(&[
+        "--network",
+        network.name(),
+        &images()?.http_app,
+        // No `-T`: busybox 1.35's wget crashes with it; the timeout below bounds the request.
+        "wget",
+        "-q",
+        "-O",
+        "-",
+        "--header",
+        &header,
+        url,
+    ])
+    .await?;
+    tokio::time::timeout(crate::WAIT, docker(&["start", "--attach", consumer.id()]))
+        .await
+        .with_context(|| format!("the request to {url} from a container did not finish"))?
+}
+
 /// A user-defined bridge network this process created; removed on drop.
 #[derive(Debug)]
 pub struct Network {
@@ -285,6 +322,23 @@ impl Network {
     /// The network name, for `--network`.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The address of the host on this network (the bridge's gateway): containers on the
+    /// network reach the host's listeners there.
+    pub async fn gateway(&self) -> Result<std::net::IpAddr> {
+        let text = docker(&[
+            "network",
+            "inspect",
+            "--format",
+            "{{range .IPAM.Config}}{{.Gateway}} {{end}}",
+            &self.id,
+        ])
+        .await?;
+        text.split_whitespace()
+            .find_map(|a| a.parse::<Ipv4Addr>().ok())
+            .map(Into::into)
+            .with_context(|| format!("network {} has no IPv4 gateway: {text:?}", self.name))
     }
 }
 

@@ -10,11 +10,14 @@
 //! - [`proxy::Proxy`]: a TCP proxy whose connections a test cuts, to lose a stream on purpose;
 //! - [`supervisor::Supervised`]: a supervisor's directories, and the HAProxy it leaves behind
 //!   killed at the end;
-//! - [`load`]: bounded HTTP load with `wrk`, to loopback only.
+//! - [`load`]: bounded HTTP load with `wrk`, to loopback only;
+//! - [`ambassador::Ambassador`]: etcd, confgen and a supervisor together, with registrars for
+//!   "hosts" sharing this engine.
 //!
 //! Every process is started in its own process group and killed, with its group, when its guard
 //! drops; every wait has a timeout and says what it waited for.
 
+pub mod ambassador;
 pub mod backend;
 pub mod docker;
 pub mod etcd;

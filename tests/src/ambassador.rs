@@ -1,0 +1,163 @@
+//! A whole ambassador run as processes, the way the end-to-end tests use it: one etcd, confgen
+//! and a supervisor with HAProxy, and registrars for "hosts" that share this Docker engine, each
+//! with its own host id, address (its containers publish on it) and container label.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context, Result};
+
+use crate::docker::{self, Container};
+use crate::etcd::Etcd;
+use crate::service::Service;
+use crate::supervisor::Supervised;
+use crate::{free_port, http_get};
+
+/// etcd, confgen and a supervisor whose HAProxy listens on `bind`.
+#[derive(Debug)]
+pub struct Ambassador {
+    /// The registry.
+    pub etcd: Etcd,
+    /// confgen, watching `etcd`.
+    pub confgen: Service,
+    /// The supervisor, following `confgen`.
+    pub supervisor: Service,
+    supervised: Supervised,
+    bind: IpAddr,
+    http: u16,
+}
+
+impl Ambassador {
+    /// Starts the ambassador with its HTTP frontend and TCP listeners on `bind`, and waits
+    /// until HAProxy runs the first configuration.
+    pub async fn start(bind: IpAddr) -> Result<Self> {
+        let etcd = Etcd::start().await?;
+        let http = free_port()?;
+        let (bind_arg, http_arg) = (bind.to_string(), http.to_string());
+        let mut confgen = Service::start(
+            "legate-confgen",
+            &[
+                "--etcd-endpoints",
+                &etcd.endpoint(),
+                "--bind-address",
+                &bind_arg,
+                "--http-port",
+                &http_arg,
+            ],
+            &[],
+        )?;
+        confgen.wait_serving().await?;
+        let supervised = Supervised::new()?;
+        let mut supervisor = supervised.start(Some(&format!("http://{}", confgen.grpc())), &[])?;
+        supervisor.wait_serving().await?;
+        Ok(Self {
+            etcd,
+            confgen,
+            supervisor,
+            supervised,
+            bind,
+            http,
+        })
+    }
+
+    /// The HTTP frontend.
+    pub fn http(&self) -> SocketAddr {
+        SocketAddr::new(self.bind, self.http)
+    }
+
+    /// A TCP listener of the ambassador: `port` is a service port.
+    pub fn service(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.bind, port)
+    }
+
+    /// GET `path` through the ambassador with the Host header `host`.
+    pub async fn get(&self, host: &str, path: &str) -> Result<(u16, String)> {
+        http_get(self.http(), host, path).await
+    }
+
+    /// The supervisor's directories (HAProxy's sockets among them).
+    pub fn supervised(&self) -> &Supervised {
+        &self.supervised
+    }
+
+    /// Starts a registrar for a host with address `ip` (its containers publish on it) and
+    /// lease TTL `ttl` seconds.
+    pub async fn host(&self, ip: Ipv4Addr, ttl: u32) -> Result<Host> {
+        static COUNT: AtomicU32 = AtomicU32::new(0);
+        let id = format!(
+            "host-{}-{}",
+            docker::run_id(),
+            COUNT.fetch_add(1, Ordering::Relaxed)
+        );
+        let label = format!("legate.test.host={id}");
+        let filter = format!("label={label}");
+        let (ip_env, ttl) = (ip.to_string(), ttl.to_string());
+        let mut registrar = Service::start(
+            "legate-registrar",
+            &[
+                "--etcd-endpoints",
+                &self.etcd.endpoint(),
+                "--filter",
+                &filter,
+                "--lease-ttl",
+                &ttl,
+            ],
+            &[("HOST_IP", &ip_env), ("HOST_ID", &id)],
+        )?;
+        registrar.wait_serving().await?;
+        Ok(Host {
+            registrar,
+            id,
+            label,
+            ip,
+        })
+    }
+
+    /// The supervisor's, confgen's and the registrars' logs, for a failure message.
+    pub fn logs(&self, hosts: &[&Host]) -> String {
+        let mut text = format!(
+            "confgen:\n{}\nsupervisor:\n{}",
+            self.confgen.log(),
+            self.supervisor.log()
+        );
+        for host in hosts {
+            text.push_str(&format!(
+                "\nregistrar {}:\n{}",
+                host.id,
+                host.registrar.log()
+            ));
+        }
+        text
+    }
+}
+
+/// A "host": a registrar that only sees the containers started through it.
+#[derive(Debug)]
+pub struct Host {
+    /// The host's registrar.
+    pub registrar: Service,
+    id: String,
+    label: String,
+    ip: Ipv4Addr,
+}
+
+impl Host {
+    /// The host id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Runs a container on this host: `args` are `docker run` options, the image and command;
+    /// `ports` are container ports published on the host's address.
+    pub async fn run(&self, ports: &[u16], args: &[&str]) -> Result<Container> {
+        let publish: Vec<String> = ports.iter().map(|p| format!("{}::{p}", self.ip)).collect();
+        let mut full = vec!["--label", &self.label];
+        for p in &publish {
+            full.extend_from_slice(&["-p", p]);
+        }
+        full.extend_from_slice(args);
+        Container::run(&full)
+            .await
+            .with_context(|| format!("running a container on {}", self.id))
+    }
+}

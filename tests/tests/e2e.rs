@@ -1,0 +1,240 @@
+//! The seed's promises end to end: registrars, confgen and a supervisor with HAProxy as
+//! processes, a real etcd, and real containers on this Docker engine. Every registrar only
+//! sees the containers of its own "host" (a label filter), so the tests run side by side.
+
+#![allow(clippy::unwrap_used)] // test helpers panic on failure, like the tests themselves
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use legate_tests::ambassador::{Ambassador, Host};
+use legate_tests::docker::{Container, Network, docker, get_from_container, images};
+use legate_tests::{WAIT, free_port, tcp_banner, wait_for};
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// Runs an HTTP app for `domain` answering `response`, published on the host's address.
+async fn run_app(host: &Host, domain: &str, response: &str, extra: &[&str]) -> Container {
+    let (domain, response) = (
+        format!("DOMAIN_NAME={domain}"),
+        format!("RESPONSE={response}"),
+    );
+    let mut args = vec!["-e", &domain, "-e", &response];
+    args.extend_from_slice(extra);
+    args.push(&images().unwrap().http_app);
+    host.run(&[80], &args).await.unwrap()
+}
+
+/// Waits until `domain` answers `body` through the ambassador.
+async fn wait_answer(
+    ambassador: &Ambassador,
+    hosts: &[&Host],
+    domain: &str,
+    path: &str,
+    body: &str,
+) {
+    let what = format!("{domain}{path} to answer {body:?} through the ambassador");
+    wait_for(&what, WAIT, || async {
+        let (status, text) = ambassador.get(domain, path).await?;
+        Ok((status == 200 && text.trim() == body).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", ambassador.logs(hosts)));
+}
+
+/// The seed's sample: a TCP service with SERVICE_PORT (the MySQL role) and an app with
+/// DOMAIN_NAME (the WordPress role) that reaches the service through the ambassador by the
+/// service port, as the seed's `--link dynamic-ambassador:mysql` did; the app answers through
+/// the ambassador by Host header, from the host and from another container.
+#[tokio::test]
+async fn the_seed_sample_app_and_service_reach_each_other_through_the_ambassador() {
+    // Containers reach the ambassador on the host's address on their network.
+    let network = Network::create("seed").await.unwrap();
+    let gateway = network.gateway().await.unwrap();
+    let ambassador = Ambassador::start(gateway).await.unwrap();
+    let host = ambassador.host(Ipv4Addr::LOCALHOST, 10).await.unwrap();
+    let images = images().unwrap();
+
+    let service_port = free_port().unwrap();
+    let (service_env, port_env) = (
+        format!("SERVICE_PORT={service_port}"),
+        format!("PORT={service_port}"),
+    );
+    let _mysql = host
+        .run(
+            &[service_port],
+            &[
+                "-e",
+                &service_env,
+                "-e",
+                &port_env,
+                "-e",
+                "RESPONSE=mysql-role",
+                &images.tcp_service,
+            ],
+        )
+        .await
+        .unwrap();
+    let mysql_host = format!("mysql:{gateway}");
+    let upstream = format!("UPSTREAM=mysql:{service_port}");
+    let _wordpress = run_app(
+        &host,
+        "blog.test",
+        "wordpress-role",
+        &[
+            "--network",
+            network.name(),
+            "--add-host",
+            &mysql_host,
+            "-e",
+            &upstream,
+        ],
+    )
+    .await;
+
+    // From the host: the service by its port, the app by its name.
+    let service = ambassador.service(service_port);
+    wait_for("the service through the ambassador", WAIT, || async {
+        Ok(Some(tcp_banner(service).await?).filter(|b| b == "mysql-role"))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", ambassador.logs(&[&host])));
+    wait_answer(&ambassador, &[&host], "blog.test", "/", "wordpress-role").await;
+    // The app reaches the service through the ambassador, by the service port.
+    let (status, body) = ambassador
+        .get("blog.test", "/cgi-bin/upstream")
+        .await
+        .unwrap();
+    assert_eq!((status, body.trim()), (200, "mysql-role"));
+
+    // From another container on the network.
+    let url = format!("http://{}/", ambassador.http());
+    let answer = get_from_container(&network, &url, "blog.test")
+        .await
+        .unwrap();
+    assert_eq!(answer, "wordpress-role");
+}
+
+/// Sends `count` requests for `domain` and counts the answers by body (`status body`).
+async fn answers(ambassador: &Ambassador, domain: &str, count: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..count {
+        let answer = match ambassador.get(domain, "/").await {
+            Ok((status, body)) => format!("{status} {}", body.trim()),
+            Err(e) => format!("error {e:#}"),
+        };
+        *seen.entry(answer).or_default() += 1;
+    }
+    seen
+}
+
+/// Scale out: three replicas of one app share the requests; when one is stopped, no request
+/// fails once it is gone.
+#[tokio::test]
+async fn replicas_share_the_requests_and_none_fails_once_one_is_stopped() {
+    let ambassador = Ambassador::start(LOCALHOST).await.unwrap();
+    let host = ambassador.host(Ipv4Addr::LOCALHOST, 10).await.unwrap();
+    let mut replicas = Vec::new();
+    for i in 0..3 {
+        replicas.push(run_app(&host, "scale.test", &format!("replica-{i}"), &[]).await);
+    }
+    let all: BTreeMap<String, usize> = wait_for("the three replicas to answer", WAIT, || async {
+        let seen = answers(&ambassador, "scale.test", 30).await;
+        Ok((seen.len() == 3 && seen.keys().all(|k| k.starts_with("200 replica-"))).then_some(seen))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", ambassador.logs(&[&host])));
+    // Round robin: each replica took its share.
+    assert!(all.values().all(|&n| n >= 5), "uneven spread: {all:?}");
+
+    docker(&["stop", "--time", "1", replicas[0].id()])
+        .await
+        .unwrap();
+    let after = answers(&ambassador, "scale.test", 300).await;
+    assert_eq!(
+        after.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["200 replica-1", "200 replica-2"],
+        "answers after the stop: {after:?}\n{}",
+        ambassador.logs(&[&host])
+    );
+}
+
+/// The tutorial's reboot test across hosts: the provider runs on host A; host A dies (its
+/// registrar killed -9, its containers killed); the provider starts on host B. The consumer gets
+/// answers again within the lease TTL + 2 s, and from then on only answers from host B.
+#[tokio::test]
+async fn a_dead_hosts_provider_comes_back_on_another_host_within_the_lease_ttl() {
+    const TTL: u32 = 3;
+    let limit = Duration::from_secs(u64::from(TTL) + 2);
+    let ambassador = Ambassador::start(LOCALHOST).await.unwrap();
+    let mut host_a = ambassador
+        .host(Ipv4Addr::new(127, 0, 0, 2), TTL)
+        .await
+        .unwrap();
+    let host_b = ambassador
+        .host(Ipv4Addr::new(127, 0, 0, 3), TTL)
+        .await
+        .unwrap();
+    let provider_a = run_app(&host_a, "provider.test", "provider-a", &[]).await;
+    wait_answer(
+        &ambassador,
+        &[&host_a, &host_b],
+        "provider.test",
+        "/",
+        "provider-a",
+    )
+    .await;
+
+    // Host A dies.
+    host_a.registrar.kill();
+    provider_a.command("kill").await.unwrap();
+    let died = Instant::now();
+    let _provider_b = run_app(&host_b, "provider.test", "provider-b", &[]).await;
+    wait_answer(
+        &ambassador,
+        &[&host_a, &host_b],
+        "provider.test",
+        "/",
+        "provider-b",
+    )
+    .await;
+    let recovered = died.elapsed();
+    eprintln!("host A died -> answers from host B after {recovered:?} (TTL {TTL} s)");
+    assert!(
+        recovered <= limit,
+        "answers came back after {recovered:?}, more than the TTL + 2 s"
+    );
+
+    // From then on, through the expiry of host A's lease and beyond, only host B answers.
+    let mut count = 0;
+    while died.elapsed() < limit + Duration::from_secs(1) {
+        let (status, body) = ambassador.get("provider.test", "/").await.unwrap();
+        assert_eq!(
+            (status, body.trim()),
+            (200, "provider-b"),
+            "request {count} after the failover\n{}",
+            ambassador.logs(&[&host_a, &host_b])
+        );
+        count += 1;
+    }
+    assert!(count > 0);
+    // Host A's registrations expired with its lease.
+    let mut kv = ambassador.etcd.client().await.unwrap();
+    let keys = kv
+        .get(
+            "/apps/provider.test/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let endpoints: Vec<String> = keys
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect();
+    assert!(
+        endpoints.len() == 1 && endpoints[0].contains("/127.0.0.3:"),
+        "registrations left: {endpoints:?}"
+    );
+}

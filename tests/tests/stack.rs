@@ -1,0 +1,367 @@
+//! The deployment artifacts of `deploy/`: the compose stack brought up by the README's
+//! quick-start command (`deploy/stack up`), used and torn down; the systemd units and the fleet
+//! unit template checked by `systemd-analyze verify`.
+//!
+//! A test binary of its own: `deploy/stack up` may build release binaries and images, which
+//! must not slow the other tests down.
+
+#![allow(clippy::unwrap_used)] // test helpers panic on failure, like the tests themselves
+
+use std::path::{Path, PathBuf};
+use std::process::Command as StdCommand;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use legate_tests::docker::{self, Container, Network, get_from_container, images};
+use legate_tests::{WAIT, free_port, http_get, tcp_banner, wait_for};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// A program's path, found in `PATH`.
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+}
+
+/// Copies `unit` into `dir` as `name`, its executables replaced by the ones of this machine
+/// (legate's own binaries are built, not installed, here).
+fn on_this_machine(unit: &Path, dir: &Path, name: &str) -> PathBuf {
+    let mut text = std::fs::read_to_string(unit).unwrap();
+    for service in ["legate-registrar", "legate-confgen", "legate-supervisor"] {
+        let built = legate_tests::service::binary(service).unwrap();
+        text = text.replace(
+            &format!("/usr/local/bin/{service}"),
+            built.to_str().unwrap(),
+        );
+    }
+    let docker = which("docker").expect("docker in PATH");
+    text = text.replace("/usr/bin/docker", docker.to_str().unwrap());
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `systemd-analyze verify`: Ok when it accepts the units without a word (it reports unknown
+/// settings and bad values as warnings and still exits 0).
+fn verify(units: &[PathBuf]) -> Result<()> {
+    let output = StdCommand::new("systemd-analyze")
+        .arg("verify")
+        .args(units)
+        .output()
+        .context("running systemd-analyze (Debian's systemd package)")?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if !output.status.success() || !said.trim().is_empty() {
+        bail!("systemd-analyze verify: {}\n{said}", output.status);
+    }
+    Ok(())
+}
+
+/// The `key=value` settings of `section` in a unit file, continuation lines joined.
+fn settings(unit: &Path, section: &str) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(unit).unwrap().replace("\\\n", " ");
+    let mut current = String::new();
+    let mut found = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            current = line.to_owned();
+        } else if current == format!("[{section}]")
+            && let Some((key, value)) = line.split_once('=')
+            && !line.starts_with('#')
+        {
+            found.push((key.to_owned(), value.to_owned()));
+        }
+    }
+    found
+}
+
+#[test]
+fn the_systemd_units_verify_restart_on_failure_and_are_hardened() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut units = Vec::new();
+    for service in ["legate-registrar", "legate-confgen", "legate-supervisor"] {
+        let unit = repo().join(format!("deploy/systemd/{service}.service"));
+        let service_settings = settings(&unit, "Service");
+        for expected in [
+            ("Restart", "on-failure"),
+            ("NoNewPrivileges", "yes"),
+            ("ProtectSystem", "strict"),
+            ("ProtectHome", "yes"),
+            ("PrivateTmp", "yes"),
+            ("EnvironmentFile", "-/etc/legate/legate.env"),
+        ] {
+            assert!(
+                service_settings
+                    .iter()
+                    .any(|(k, v)| (k.as_str(), v.as_str()) == expected),
+                "{service}: no {}={}",
+                expected.0,
+                expected.1
+            );
+        }
+        let exec = &service_settings
+            .iter()
+            .find(|(k, _)| k == "ExecStart")
+            .unwrap()
+            .1;
+        assert!(
+            exec.starts_with(&format!("/usr/local/bin/{service}")),
+            "{exec}"
+        );
+        units.push(on_this_machine(
+            &unit,
+            dir.path(),
+            &format!("{service}.service"),
+        ));
+    }
+    verify(&units).unwrap();
+
+    // The check itself refuses what systemd would ignore with a warning.
+    let broken = dir.path().join("broken.service");
+    let text = std::fs::read_to_string(&units[0]).unwrap();
+    std::fs::write(
+        &broken,
+        text.replace("Restart=on-failure", "Restart=sometimes"),
+    )
+    .unwrap();
+    let error = verify(&[broken]).unwrap_err().to_string();
+    assert!(error.contains("restart specifier"), "{error}");
+}
+
+#[test]
+fn the_fleet_template_verifies_and_runs_one_ambassador_per_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = repo().join("deploy/fleet/ambassador@.service");
+    let instance = on_this_machine(&template, dir.path(), "ambassador@1.service");
+    verify(&[instance]).unwrap();
+    assert!(
+        settings(&template, "X-Fleet")
+            .contains(&("X-Conflicts".to_owned(), "ambassador@*.service".to_owned())),
+        "no X-Conflicts=ambassador@*.service in [X-Fleet]"
+    );
+    let service = settings(&template, "Service");
+    let exec: Vec<&str> = service
+        .iter()
+        .filter(|(k, _)| k.starts_with("ExecStart"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    // The three services, and only the registrar with the Docker socket, read-only.
+    for role in ["legate-registrar", "legate-confgen", "legate-supervisor"] {
+        let line = exec
+            .iter()
+            .find(|l| l.ends_with(&format!("${{LEGATE_IMAGE}} {role}")))
+            .unwrap_or_else(|| panic!("no container runs {role}: {exec:?}"));
+        let socket = line.contains("/var/run/docker.sock");
+        assert_eq!(socket, role == "legate-registrar", "{line}");
+        if socket {
+            assert!(line.contains("/var/run/docker.sock:/var/run/docker.sock:ro"));
+        }
+    }
+}
+
+/// A compose stack brought up by `deploy/stack up` under a project name and on ports of its
+/// own; taken down (with its volumes) when dropped, pass or fail.
+struct Stack {
+    env: Vec<(String, String)>,
+    project: String,
+    http: u16,
+}
+
+impl Stack {
+    fn new() -> Result<Self> {
+        let project = format!("legate-test-{}", docker::run_id());
+        let http = free_port()?;
+        let mut env = vec![
+            ("LEGATE_PROJECT".to_owned(), project.clone()),
+            ("LEGATE_HTTP_PORT".to_owned(), http.to_string()),
+            ("HOST_IP".to_owned(), "127.0.0.1".to_owned()),
+            ("HOST_ID".to_owned(), project.clone()),
+            // Only this run's containers: the engine may be running other tests.
+            (
+                "LEGATE_CONTAINER_FILTER".to_owned(),
+                format!("label={}={}", docker::RUN_LABEL, docker::run_id()),
+            ),
+        ];
+        for name in [
+            "LEGATE_ETCD_PORT",
+            "LEGATE_ETCD_PEER_PORT",
+            "LEGATE_REGISTRAR_PORT",
+            "LEGATE_CONFGEN_PORT",
+            "LEGATE_SUPERVISOR_PORT",
+            "LEGATE_REGISTRAR_METRICS_PORT",
+            "LEGATE_CONFGEN_METRICS_PORT",
+            "LEGATE_SUPERVISOR_METRICS_PORT",
+        ] {
+            env.push((name.to_owned(), free_port()?.to_string()));
+        }
+        Ok(Self { env, project, http })
+    }
+
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new("bash");
+        command
+            .arg(repo().join("deploy/stack"))
+            .args(args)
+            .current_dir(repo())
+            .kill_on_drop(true);
+        for key in ["ETCD_ENDPOINTS", "ETCD_HOST", "LEGATE_IMAGE"] {
+            command.env_remove(key);
+        }
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
+        command
+    }
+
+    /// Runs `deploy/stack <args>`, failing with its output.
+    async fn run(&self, args: &[&str], timeout: Duration) -> Result<String> {
+        let output = tokio::time::timeout(timeout, self.command(args).output())
+            .await
+            .with_context(|| format!("deploy/stack {} took over {timeout:?}", args.join(" ")))?
+            .context("running deploy/stack")?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if !output.status.success() {
+            bail!(
+                "deploy/stack {} failed: {}\n{text}",
+                args.join(" "),
+                output.status
+            );
+        }
+        Ok(text)
+    }
+
+    /// What the engine still has of the stack: containers and volumes of the project.
+    async fn leftovers(&self) -> Result<Vec<String>> {
+        let label = format!("label=com.docker.compose.project={}", self.project);
+        let containers = docker::docker(&["ps", "-a", "-q", "--filter", &label]).await?;
+        let volumes = docker::docker(&["volume", "ls", "-q", "--filter", &label]).await?;
+        Ok(containers
+            .lines()
+            .chain(volumes.lines())
+            .map(str::to_owned)
+            .collect())
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let mut command = StdCommand::new("bash");
+        command
+            .arg(repo().join("deploy/stack"))
+            .args(["down", "--volumes"])
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Err(e) = command.output() {
+            eprintln!("taking the stack {} down: {e}", self.project);
+        }
+    }
+}
+
+/// The README's quick start: one command brings the stack up (build included); an app started
+/// with `docker run -e DOMAIN_NAME=... -p 80` answers through the ambassador by Host header,
+/// from the host and from another container, and a TCP service on its port; `deploy/stack
+/// down --volumes` leaves nothing behind.
+#[tokio::test]
+async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind() {
+    let stack = Stack::new().unwrap();
+    // A first build on a fresh machine compiles the release binaries and makes the base image.
+    let up = stack
+        .run(&["up"], Duration::from_secs(25 * 60))
+        .await
+        .unwrap();
+    assert!(up.contains("legate is up"), "{up}");
+    let images = images().unwrap();
+    let ambassador = std::net::SocketAddr::from(([127, 0, 0, 1], stack.http));
+
+    let started = Instant::now();
+    let _app = Container::run(&[
+        "-e",
+        "DOMAIN_NAME=quick.test",
+        "-e",
+        "RESPONSE=quick-app",
+        "-p",
+        "80",
+        &images.http_app,
+    ])
+    .await
+    .unwrap();
+    let run_returned = started.elapsed();
+    wait_for("the app through the stack's ambassador", WAIT, || async {
+        let (status, body) = http_get(ambassador, "quick.test", "/").await?;
+        Ok((status == 200 && body.trim() == "quick-app").then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| {
+        let logs = StdCommand::new("bash")
+            .arg(repo().join("deploy/stack"))
+            .args(["logs", "--tail", "40"])
+            .envs(stack.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        panic!("{e}\n{logs}")
+    });
+    eprintln!(
+        "docker run -> first answer through the ambassador: {:?} ({:?} of it in docker run)",
+        started.elapsed(),
+        run_returned
+    );
+
+    let service_port = free_port().unwrap();
+    let (service_env, port_env, publish) = (
+        format!("SERVICE_PORT={service_port}"),
+        format!("PORT={service_port}"),
+        service_port.to_string(),
+    );
+    let _service = Container::run(&[
+        "-e",
+        &service_env,
+        "-e",
+        &port_env,
+        "-e",
+        "RESPONSE=quick-service",
+        "-p",
+        &publish,
+        &images.tcp_service,
+    ])
+    .await
+    .unwrap();
+    let service = std::net::SocketAddr::from(([127, 0, 0, 1], service_port));
+    wait_for(
+        "the service through the stack's ambassador",
+        WAIT,
+        || async { Ok(Some(tcp_banner(service).await?).filter(|b| b == "quick-service")) },
+    )
+    .await
+    .unwrap();
+
+    // From another container: the ambassador listens on the host, at the network's gateway.
+    let network = Network::create("stack").await.unwrap();
+    let url = format!(
+        "http://{}:{}/",
+        network.gateway().await.unwrap(),
+        stack.http
+    );
+    let answer = get_from_container(&network, &url, "quick.test")
+        .await
+        .unwrap();
+    assert_eq!(answer, "quick-app");
+
+    assert!(!stack.leftovers().await.unwrap().is_empty());
+    stack
+        .run(&["down", "--volumes"], Duration::from_secs(120))
+        .await
+        .unwrap();
+    let left = stack.leftovers().await.unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
