@@ -3,6 +3,8 @@
 //! `cargo run --release -p legate-tests --bin bench -- registrar [--containers N] [--idle-secs S]`
 //! `cargo run --release -p legate-tests --bin bench -- confgen [--puts N] [--apps N] [--services N]`
 //! `cargo run --release -p legate-tests --bin bench -- supervisor [--changes N] [--reloads N]`
+//! `cargo run --release -p legate-tests --bin bench -- convergence [--count N]`
+//! `cargo run --release -p legate-tests --bin bench -- docker [--count N]`
 //!
 //! registrar: Docker start → key visible in etcd and stop → key deleted, for N containers
 //! started and stopped one by one (p50/p99/max), then the registrar's RSS and CPU while idle
@@ -18,8 +20,18 @@
 //! (runtime: a server added or removed; reload: a change beyond servers), then the same churn
 //! (`--changes` runtime applies and `--reloads` reloads) under `wrk` on loopback, keep-alive and
 //! `Connection: close` at once: requests served, socket errors and non-2xx responses.
+//!
+//! convergence: etcd put → first request routed through HAProxy by the whole ambassador (confgen,
+//! supervisor), for N new servers of existing apps, N new domains and N new service ports, one at
+//! a time, beside the limits measured in the same run (etcd put → watch event, one runtime-API
+//! command, one HAProxy reload) and the ratio of the two.
+//!
+//! docker: `docker run` → routed and `docker stop` → no longer routed through registrar, etcd,
+//! confgen, supervisor and HAProxy, for N containers one at a time.
 
 #![allow(clippy::print_stdout)]
+
+mod pipeline;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -49,6 +61,7 @@ async fn main() -> Result<()> {
     let mut services = 500usize;
     let mut changes = 1000usize;
     let mut reloads = 50usize;
+    let mut count = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--puts" => puts = args.next().context("--puts N")?.parse()?,
@@ -58,6 +71,7 @@ async fn main() -> Result<()> {
             "--idle-secs" => idle_secs = args.next().context("--idle-secs S")?.parse()?,
             "--changes" => changes = args.next().context("--changes N")?.parse()?,
             "--reloads" => reloads = args.next().context("--reloads N")?.parse()?,
+            "--count" => count = Some(args.next().context("--count N")?.parse()?),
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -65,10 +79,14 @@ async fn main() -> Result<()> {
         "registrar" => registrar(containers, Duration::from_secs(idle_secs)).await,
         "confgen" => confgen(puts, apps, services).await,
         "supervisor" => supervisor(changes, reloads).await,
+        "convergence" => pipeline::convergence(count.unwrap_or(100)).await,
+        "docker" => pipeline::docker(count.unwrap_or(50)).await,
         _ => bail!(
             "usage: bench registrar [--containers N] [--idle-secs S]\n       \
              bench confgen [--puts N] [--apps N] [--services N]\n       \
-             bench supervisor [--changes N] [--reloads N]"
+             bench supervisor [--changes N] [--reloads N]\n       \
+             bench convergence [--count N]\n       \
+             bench docker [--count N]"
         ),
     }
 }
@@ -479,17 +497,25 @@ async fn supervisor(changes: usize, reloads: usize) -> Result<()> {
     Ok(())
 }
 
-fn report(label: &str, samples: &mut [Duration]) {
+/// The `q` quantile (nearest rank) of `samples`, which it sorts.
+fn percentile(samples: &mut [Duration], q: f64) -> Duration {
     samples.sort();
-    let at =
-        |q: f64| samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1];
+    samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1]
+}
+
+/// A table row: `label`, then p50, p99 and max of `samples`.
+fn row(label: &str, samples: &mut [Duration]) -> String {
     let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
-    println!(
+    format!(
         "{label:<44} {:>9} {:>9} {:>9}",
-        ms(at(0.5)),
-        ms(at(0.99)),
-        ms(at(1.0))
-    );
+        ms(percentile(samples, 0.5)),
+        ms(percentile(samples, 0.99)),
+        ms(percentile(samples, 1.0))
+    )
+}
+
+fn report(label: &str, samples: &mut [Duration]) {
+    println!("{}", row(label, samples));
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {
