@@ -226,8 +226,10 @@ fn default_app_port(info: &ContainerInfo) -> Result<Port, String> {
 }
 
 /// Where `container_port` is reached from other hosts: one endpoint per distinct published
-/// binding; a wildcard binding means `host_ip`; the IPv4 and IPv6 wildcard bindings of one port
-/// are the same endpoint.
+/// binding. A wildcard binding means `host_ip` when it is of the same family (`0.0.0.0` or the
+/// old API's empty address for IPv4, `::` for IPv6); a wildcard of the other family is not
+/// reachable there, and Docker may publish it on another port, which at `host_ip` can belong to
+/// another container.
 fn endpoints(
     info: &ContainerInfo,
     container_port: Port,
@@ -238,18 +240,32 @@ fn endpoints(
     if bindings.is_empty() {
         return Err(format!("container port {key} is not published"));
     }
-    bindings
+    let endpoints: BTreeSet<Endpoint> = bindings
         .iter()
-        .map(|binding| {
+        .filter_map(|binding| {
             let ip = match binding.host_ip.as_str() {
-                "" | "0.0.0.0" | "::" => host_ip,
-                ip => HostIp::parse(ip).map_err(|e| format!("binding of {key}: {e}"))?,
+                "" | "0.0.0.0" if host_ip.get().is_ipv4() => host_ip,
+                "::" if host_ip.get().is_ipv6() => host_ip,
+                "" | "0.0.0.0" | "::" => return None,
+                ip => match HostIp::parse(ip) {
+                    Ok(ip) => ip,
+                    Err(e) => return Some(Err(format!("binding of {key}: {e}"))),
+                },
             };
-            let port = Port::parse(Field::Port, &binding.host_port)
-                .map_err(|e| format!("binding of {key}: {e}"))?;
-            Ok(Endpoint { ip, port })
+            Some(
+                Port::parse(Field::Port, &binding.host_port)
+                    .map(|port| Endpoint { ip, port })
+                    .map_err(|e| format!("binding of {key}: {e}")),
+            )
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    if endpoints.is_empty() {
+        return Err(format!(
+            "container port {key} is published only on the wildcard address of the other IP \
+             family than the host IP {host_ip}"
+        ));
+    }
+    Ok(endpoints)
 }
 
 #[cfg(test)]
@@ -327,6 +343,32 @@ mod tests {
             targets(evaluate(&mysql, ip, &id)),
             ["service web-1 3306 10.0.0.5:49153"]
         );
+    }
+
+    #[test]
+    fn a_wildcard_binding_counts_only_for_the_host_ip_of_its_family() {
+        // Docker publishes the two wildcards on different ports once its allocators diverge.
+        let bindings = [("80/tcp", "0.0.0.0", "32789"), ("80/tcp", "::", "32788")];
+        let app = container(&["DOMAIN_NAME=blog.example.com"], &[], &bindings);
+        let (ip, id) = host();
+        assert_eq!(
+            targets(evaluate(&app, ip, &id)),
+            ["app blog.example.com 10.0.0.5:32789"]
+        );
+        let ipv6 = HostIp::parse("2001:db8::5").unwrap();
+        assert_eq!(
+            targets(evaluate(&app, ipv6, &id)),
+            ["app blog.example.com [2001:db8::5]:32788"]
+        );
+        let only_ipv6 = container(
+            &["DOMAIN_NAME=blog.example.com"],
+            &[],
+            &[("80/tcp", "::", "32788")],
+        );
+        match evaluate(&only_ipv6, ip, &id) {
+            Verdict::Refuse(reason) => assert!(reason.contains("other IP family"), "{reason}"),
+            other => panic!("not refused: {other:?}"),
+        }
     }
 
     #[test]
