@@ -206,13 +206,14 @@ impl Stack {
         Ok(Self { env, project, http })
     }
 
-    fn command(&self, args: &[&str]) -> tokio::process::Command {
-        let mut command = tokio::process::Command::new("bash");
+    /// `deploy/stack <args>` with this stack's environment; legate's own variables of the
+    /// caller are removed.
+    fn command(&self, args: &[&str]) -> StdCommand {
+        let mut command = StdCommand::new("bash");
         command
             .arg(repo().join("deploy/stack"))
             .args(args)
-            .current_dir(repo())
-            .kill_on_drop(true);
+            .current_dir(repo());
         for key in ["ETCD_ENDPOINTS", "ETCD_HOST", "LEGATE_IMAGE"] {
             command.env_remove(key);
         }
@@ -222,7 +223,9 @@ impl Stack {
 
     /// Runs `deploy/stack <args>`, failing with its output.
     async fn run(&self, args: &[&str], timeout: Duration) -> Result<String> {
-        let output = tokio::time::timeout(timeout, self.command(args).output())
+        let mut command = tokio::process::Command::from(self.command(args));
+        command.kill_on_drop(true);
+        let output = tokio::time::timeout(timeout, command.output())
             .await
             .with_context(|| format!("deploy/stack {} took over {timeout:?}", args.join(" ")))?
             .context("running deploy/stack")?;
@@ -256,12 +259,7 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        let mut command = StdCommand::new("bash");
-        command
-            .arg(repo().join("deploy/stack"))
-            .args(["down", "--volumes"])
-            .envs(self.env.iter().map(|(k, v)| (k, v)));
-        if let Err(e) = command.output() {
+        if let Err(e) = self.command(&["down", "--volumes"]).output() {
             eprintln!("taking the stack {} down: {e}", self.project);
         }
     }
@@ -302,10 +300,8 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
     })
     .await
     .unwrap_or_else(|e| {
-        let logs = StdCommand::new("bash")
-            .arg(repo().join("deploy/stack"))
-            .args(["logs", "--tail", "40"])
-            .envs(stack.env.iter().map(|(k, v)| (k, v)))
+        let logs = stack
+            .command(&["logs", "--tail", "40"])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();

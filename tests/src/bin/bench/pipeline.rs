@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use etcd_client::WatchOptions;
 use legate_tests::ambassador::Ambassador;
 use legate_tests::backend::Backend;
-use legate_tests::docker::{Container, images};
+use legate_tests::docker::images;
 use legate_tests::supervisor::Supervised;
 use legate_tests::{http_get, tcp_banner};
 use tokio::io::AsyncWriteExt;
@@ -268,7 +268,7 @@ pub(crate) async fn docker(count: usize) -> Result<()> {
         .await?;
         stop_issued.push(gone);
         stop_returned.push(gone.saturating_sub(returned));
-        drop::<Container>(container);
+        drop(container);
     }
     let reloads = reload_count(ambassador.supervised()).await? - reloads;
     println!();
