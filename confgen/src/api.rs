@@ -141,6 +141,25 @@ struct Subscription {
     status: Arc<Status>,
     node_id: String,
     shutdown: CancellationToken,
+    omit_model: bool,
+}
+
+impl Subscription {
+    /// The message for `snapshot`: a copy, since the stream owns what it sends, without the
+    /// model if the subscriber asked so (the largest part by far, and copied field by field).
+    fn copy(&self, snapshot: &v1::ConfigSnapshot) -> v1::ConfigSnapshot {
+        if !self.omit_model {
+            return snapshot.clone();
+        }
+        v1::ConfigSnapshot {
+            version: snapshot.version,
+            checksum: snapshot.checksum.clone(),
+            haproxy_config: snapshot.haproxy_config.clone(),
+            maps: snapshot.maps.clone(),
+            model: None,
+            generator: snapshot.generator.clone(),
+        }
+    }
 }
 
 impl Drop for Subscription {
@@ -175,6 +194,7 @@ impl v1::confgen_server::Confgen for Api {
         snapshots.mark_changed();
         let subscription = Subscription {
             snapshots,
+            omit_model: request.omit_model,
             status: self.status.clone(),
             node_id,
             shutdown: self.shutdown.clone(),
@@ -187,7 +207,7 @@ impl v1::confgen_server::Confgen for Api {
                 }
                 let current = sub.snapshots.borrow_and_update().clone();
                 if let Some(snapshot) = current {
-                    return Some((Ok(v1::ConfigSnapshot::clone(&snapshot)), sub));
+                    return Some((Ok(sub.copy(&snapshot)), sub));
                 }
             }
         });

@@ -39,6 +39,9 @@ pub enum RenderError {
     /// The output has a `global` section, which the supervisor owns.
     #[error("rendered configuration has a 'global' section at line {0}; the supervisor owns it")]
     Global(usize),
+    /// Cannot happen: handlebars writes strings only.
+    #[error("rendered configuration is not UTF-8")]
+    NotUtf8,
 }
 
 /// What a template renders with, besides the model.
@@ -89,6 +92,10 @@ pub struct Rendered {
 #[derive(Debug)]
 pub struct Renderer {
     handlebars: Handlebars<'static>,
+    /// Length of the last output: the next one is written into a buffer of about this size
+    /// rather than one grown by doubling, which would copy it and leave the smaller buffers
+    /// behind in the heap.
+    last_len: usize,
 }
 
 impl Renderer {
@@ -100,7 +107,10 @@ impl Renderer {
         handlebars
             .register_template_string(NAME, template)
             .map_err(Box::new)?;
-        Ok(Self { handlebars })
+        Ok(Self {
+            handlebars,
+            last_len: 0,
+        })
     }
 
     /// Renders `model`.
@@ -134,12 +144,19 @@ impl Renderer {
             self.handlebars
                 .register_helper(section.name(), Box::new(helper));
         }
-        let config = self.handlebars.render(NAME, &context);
+        let mut buffer = Vec::with_capacity(self.last_len + self.last_len / 16);
+        let config = self
+            .handlebars
+            .render_to_write(NAME, &context, &mut buffer)
+            .map(|()| buffer);
         // The helpers hold the model: let it go with the render.
         for section in [Section::Apps, Section::Services] {
             self.handlebars.unregister_helper(section.name());
         }
         let config = config.map_err(Box::new)?;
+        // The template and every value in the context are UTF-8.
+        let config = String::from_utf8(config).map_err(|_| RenderError::NotUtf8)?;
+        self.last_len = config.len();
         if let Some(line) = legate_proto::global_section(&config) {
             return Err(RenderError::Global(line));
         }

@@ -47,6 +47,7 @@ impl Subscriber {
             let request = WatchRequest {
                 node_id: self.node_id.clone(),
                 have_checksum,
+                omit_model: true,
             };
             let mut client = self.client();
             let error = tokio::select! {

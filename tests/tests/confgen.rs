@@ -52,11 +52,20 @@ async fn client(confgen: &Service) -> ConfgenClient<Channel> {
 }
 
 async fn subscribe(confgen: &Service, node: &str) -> Streaming<v1::ConfigSnapshot> {
+    subscribe_with(confgen, node, false).await
+}
+
+async fn subscribe_with(
+    confgen: &Service,
+    node: &str,
+    omit_model: bool,
+) -> Streaming<v1::ConfigSnapshot> {
     client(confgen)
         .await
         .watch(v1::WatchRequest {
             node_id: node.to_owned(),
             have_checksum: String::new(),
+            omit_model,
         })
         .await
         .unwrap()
@@ -518,6 +527,14 @@ async fn renders_a_thousand_keys_that_haproxy_accepts() {
     })
     .await;
     assert_eq!(model(&snapshot).apps.len(), 300);
+    // A supervisor asks for snapshots without the model: the same configuration, no model.
+    let mut lean = subscribe_with(&confgen, "node-b", true).await;
+    let without = lean.message().await.unwrap().unwrap();
+    assert_eq!(without.model, None);
+    assert_eq!(
+        (&without.checksum, &without.haproxy_config, &without.maps),
+        (&snapshot.checksum, &snapshot.haproxy_config, &snapshot.maps)
+    );
     let maps: Vec<(&str, &str)> = snapshot
         .maps
         .iter()

@@ -1,7 +1,7 @@
 //! `bench`: legate's benchmarks against real etcd, Docker and HAProxy on this host.
 //!
 //! `cargo run --release -p legate-tests --bin bench -- registrar [--containers N] [--idle-secs S]`
-//! `cargo run --release -p legate-tests --bin bench -- confgen [--puts N] [--apps N] [--services N]`
+//! `cargo run --release -p legate-tests --bin bench -- confgen [--puts N] [--renders N] [--apps N] [--services N]`
 //! `cargo run --release -p legate-tests --bin bench -- supervisor [--changes N] [--reloads N]`
 //! `cargo run --release -p legate-tests --bin bench -- convergence [--count N]`
 //! `cargo run --release -p legate-tests --bin bench -- docker [--count N]`
@@ -57,6 +57,7 @@ async fn main() -> Result<()> {
     let mut containers = 100usize;
     let mut idle_secs = 30u64;
     let mut puts = 200usize;
+    let mut renders = 50usize;
     let mut apps = 10_000usize;
     let mut services = 500usize;
     let mut changes = 1000usize;
@@ -65,6 +66,7 @@ async fn main() -> Result<()> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--puts" => puts = args.next().context("--puts N")?.parse()?,
+            "--renders" => renders = args.next().context("--renders N")?.parse()?,
             "--apps" => apps = args.next().context("--apps N")?.parse()?,
             "--services" => services = args.next().context("--services N")?.parse()?,
             "--containers" => containers = args.next().context("--containers N")?.parse()?,
@@ -77,13 +79,13 @@ async fn main() -> Result<()> {
     }
     match scenario.as_str() {
         "registrar" => registrar(containers, Duration::from_secs(idle_secs)).await,
-        "confgen" => confgen(puts, apps, services).await,
+        "confgen" => confgen(puts, renders, apps, services).await,
         "supervisor" => supervisor(changes, reloads).await,
         "convergence" => pipeline::convergence(count.unwrap_or(100)).await,
         "docker" => pipeline::docker(count.unwrap_or(50)).await,
         _ => bail!(
             "usage: bench registrar [--containers N] [--idle-secs S]\n       \
-             bench confgen [--puts N] [--apps N] [--services N]\n       \
+             bench confgen [--puts N] [--renders N] [--apps N] [--services N]\n       \
              bench supervisor [--changes N] [--reloads N]\n       \
              bench convergence [--count N]\n       \
              bench docker [--count N]"
@@ -230,6 +232,8 @@ async fn start_confgen(etcd: &Etcd) -> Result<(Service, Streaming<v1::ConfigSnap
             let request = v1::WatchRequest {
                 node_id: "bench".to_owned(),
                 have_checksum: String::new(),
+                // As the supervisor subscribes.
+                omit_model: true,
             };
             Ok(Some(client.watch(request).await?.into_inner()))
         }
@@ -280,7 +284,7 @@ async fn put_latencies(
     Ok((issued, returned))
 }
 
-async fn confgen(puts: usize, apps: usize, services: usize) -> Result<()> {
+async fn confgen(puts: usize, renders: usize, apps: usize, services: usize) -> Result<()> {
     let etcd = Etcd::start().await?;
     let mut client = etcd.client().await?;
     let (confgen, mut stream) = start_confgen(&etcd).await?;
@@ -339,23 +343,25 @@ async fn confgen(puts: usize, apps: usize, services: usize) -> Result<()> {
     let (confgen, mut stream) = start_confgen(&etcd).await?;
     let (at, snapshot) = snapshot_at(&mut stream, revision as u64).await?;
     let sync = at - started;
-    let model = snapshot.model.as_ref().context("no model")?;
-    let servers: usize = model.apps.iter().map(|a| a.servers.len()).sum::<usize>()
-        + model
-            .services
-            .iter()
-            .map(|s| s.servers.len())
-            .sum::<usize>();
-    if model.apps.len() != apps || model.services.len() != services {
+    // Counted in the configuration, since the subscriber gets no model.
+    let count = |prefix: &str| {
+        snapshot
+            .haproxy_config
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .count()
+    };
+    let servers = count("    server ");
+    if count("backend app_") != apps || count("listen svc_") != services {
         bail!(
             "snapshot has {} apps and {} services",
-            model.apps.len(),
-            model.services.len()
+            count("backend app_"),
+            count("listen svc_")
         );
     }
     let rss = rss_kib(confgen.pid())?;
     let (mut big_issued, mut big_returned) =
-        put_latencies(&mut client, &mut stream, puts.min(50), "big").await?;
+        put_latencies(&mut client, &mut stream, renders, "big").await?;
     let rss_after = rss_kib(confgen.pid())?;
 
     println!();
@@ -372,11 +378,7 @@ async fn confgen(puts: usize, apps: usize, services: usize) -> Result<()> {
         &mut small_returned,
     );
     report(
-        &format!(
-            "{} keys: put issued -> snapshot ({})",
-            ops.len(),
-            puts.min(50)
-        ),
+        &format!("{} keys: put issued -> snapshot ({})", ops.len(), renders),
         &mut big_issued,
     );
     report("               put returned -> snapshot", &mut big_returned);
@@ -390,7 +392,7 @@ async fn confgen(puts: usize, apps: usize, services: usize) -> Result<()> {
         "confgen RSS: {:.1} MiB after the sync, {:.1} MiB after {} more renders",
         rss as f64 / 1024.0,
         rss_after as f64 / 1024.0,
-        puts.min(50)
+        renders
     );
     Ok(())
 }
