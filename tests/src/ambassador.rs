@@ -150,14 +150,26 @@ impl Host {
     /// Runs a container on this host: `args` are `docker run` options, the image and command;
     /// `ports` are container ports published on the host's address.
     pub async fn run(&self, ports: &[u16], args: &[&str]) -> Result<Container> {
-        let publish: Vec<String> = ports.iter().map(|p| format!("{}::{p}", self.ip)).collect();
-        let mut full = vec!["--label", &self.label];
-        for p in &publish {
-            full.extend_from_slice(&["-p", p]);
-        }
-        full.extend_from_slice(args);
-        Container::run(&full)
+        let args = self.args(ports, args);
+        Container::run(&args.iter().map(String::as_str).collect::<Vec<_>>())
             .await
             .with_context(|| format!("running a container on {}", self.id))
+    }
+
+    /// Creates a container on this host, like [`Host::run`] but not started.
+    pub async fn create(&self, ports: &[u16], args: &[&str]) -> Result<Container> {
+        let args = self.args(ports, args);
+        Container::create(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .await
+            .with_context(|| format!("creating a container on {}", self.id))
+    }
+
+    fn args(&self, ports: &[u16], args: &[&str]) -> Vec<String> {
+        let mut full = vec!["--label".to_owned(), self.label.clone()];
+        for p in ports {
+            full.extend(["-p".to_owned(), format!("{}::{p}", self.ip)]);
+        }
+        full.extend(args.iter().map(|a| (*a).to_owned()));
+        full
     }
 }

@@ -257,9 +257,29 @@ impl Container {
     }
 }
 
+/// Force-removes `containers` with a few `docker rm` commands instead of one each; those that
+/// a command failed to remove are left to their own drop.
+pub async fn remove_all(containers: Vec<Container>) {
+    let mut containers = containers.into_iter();
+    loop {
+        let mut chunk: Vec<Container> = containers.by_ref().take(100).collect();
+        if chunk.is_empty() {
+            return;
+        }
+        let mut args = vec!["rm", "-f", "-v"];
+        args.extend(chunk.iter().map(Container::id));
+        match docker(&args).await {
+            Ok(_) => chunk.iter_mut().for_each(|c| c.id.clear()),
+            Err(e) => eprintln!("harness: {e:#}"),
+        }
+    }
+}
+
 impl Drop for Container {
     fn drop(&mut self) {
-        remove_by_id("rm", &["-f", "-v"], &self.id);
+        if !self.id.is_empty() {
+            remove_by_id("rm", &["-f", "-v"], &self.id);
+        }
     }
 }
 

@@ -5,6 +5,10 @@
 //! `cargo run --release -p legate-tests --bin bench -- supervisor [--changes N] [--reloads N]`
 //! `cargo run --release -p legate-tests --bin bench -- convergence [--count N]`
 //! `cargo run --release -p legate-tests --bin bench -- docker [--count N]`
+//! `cargo run --release -p legate-tests --bin bench -- churn [--changes N] [--reloads N] [--secs S]`
+//! `cargo run --release -p legate-tests --bin bench -- burst [--count N] [--parallel N]`
+//! `cargo run --release -p legate-tests --bin bench -- scale [--apps N] [--services N]`
+//! `cargo run --release -p legate-tests --bin bench -- idle [--count N] [--idle-secs S]`
 //!
 //! registrar: Docker start → key visible in etcd and stop → key deleted, for N containers
 //! started and stopped one by one (p50/p99/max), then the registrar's RSS and CPU while idle
@@ -28,10 +32,25 @@
 //!
 //! docker: `docker run` → routed and `docker stop` → no longer routed through registrar, etcd,
 //! confgen, supervisor and HAProxy, for N containers one at a time.
+//!
+//! churn: `wrk` through the whole ambassador (keep-alive and `Connection: close` at once) while
+//! `--changes` server changes and `--reloads` new service ports go through etcd one at a time:
+//! requests, socket errors, non-2xx, reloads and runtime applies.
+//!
+//! burst: N containers, each a new domain, started `--parallel` at a time: time from the last
+//! start until all are routed, and the reloads it took.
+//!
+//! scale: `--apps` apps × 3 servers + `--services` services × 2 in etcd: confgen's sync and
+//! render, the supervisor's first apply, `haproxy -c`, a change of each kind at that size, and
+//! the RSS of confgen, the supervisor, HAProxy and etcd.
+//!
+//! idle: RSS and CPU of every process of the ambassador with N registered containers, over
+//! `--idle-secs` (default 5 minutes).
 
 #![allow(clippy::print_stdout)]
 
 mod pipeline;
+mod scenarios;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -55,7 +74,9 @@ async fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let scenario = args.next().unwrap_or_default();
     let mut containers = 100usize;
-    let mut idle_secs = 30u64;
+    let mut idle_secs = None;
+    let mut secs = 30u64;
+    let mut parallel = 16usize;
     let mut puts = 200usize;
     let mut renders = 50usize;
     let mut apps = 10_000usize;
@@ -70,7 +91,9 @@ async fn main() -> Result<()> {
             "--apps" => apps = args.next().context("--apps N")?.parse()?,
             "--services" => services = args.next().context("--services N")?.parse()?,
             "--containers" => containers = args.next().context("--containers N")?.parse()?,
-            "--idle-secs" => idle_secs = args.next().context("--idle-secs S")?.parse()?,
+            "--idle-secs" => idle_secs = Some(args.next().context("--idle-secs S")?.parse()?),
+            "--secs" => secs = args.next().context("--secs S")?.parse()?,
+            "--parallel" => parallel = args.next().context("--parallel N")?.parse()?,
             "--changes" => changes = args.next().context("--changes N")?.parse()?,
             "--reloads" => reloads = args.next().context("--reloads N")?.parse()?,
             "--count" => count = Some(args.next().context("--count N")?.parse()?),
@@ -78,17 +101,28 @@ async fn main() -> Result<()> {
         }
     }
     match scenario.as_str() {
-        "registrar" => registrar(containers, Duration::from_secs(idle_secs)).await,
+        "registrar" => registrar(containers, Duration::from_secs(idle_secs.unwrap_or(30))).await,
         "confgen" => confgen(puts, renders, apps, services).await,
         "supervisor" => supervisor(changes, reloads).await,
         "convergence" => pipeline::convergence(count.unwrap_or(100)).await,
         "docker" => pipeline::docker(count.unwrap_or(50)).await,
+        "churn" => scenarios::churn(changes, reloads, Duration::from_secs(secs)).await,
+        "burst" => scenarios::burst(count.unwrap_or(500), parallel).await,
+        "scale" => scenarios::scale(apps, services).await,
+        "idle" => {
+            let idle = Duration::from_secs(idle_secs.unwrap_or(300));
+            scenarios::idle(count.unwrap_or(100), idle).await
+        }
         _ => bail!(
             "usage: bench registrar [--containers N] [--idle-secs S]\n       \
              bench confgen [--puts N] [--renders N] [--apps N] [--services N]\n       \
              bench supervisor [--changes N] [--reloads N]\n       \
              bench convergence [--count N]\n       \
-             bench docker [--count N]"
+             bench docker [--count N]\n       \
+             bench churn [--changes N] [--reloads N] [--secs S]\n       \
+             bench burst [--count N] [--parallel N]\n       \
+             bench scale [--apps N] [--services N]\n       \
+             bench idle [--count N] [--idle-secs S]"
         ),
     }
 }
@@ -215,11 +249,22 @@ fn container_id(n: usize) -> String {
     format!("{:08x}{n:056x}", (n as u32).wrapping_mul(2_654_435_761))
 }
 
-async fn start_confgen(etcd: &Etcd) -> Result<(Service, Streaming<v1::ConfigSnapshot>)> {
-    let mut confgen = Service::confgen(
-        &etcd.endpoint(),
-        legate_tests::free_port()?,
-        &[],
+/// Starts confgen on `etcd` with its listeners on `bind` and one Watch subscriber.
+async fn start_confgen(
+    etcd: &Etcd,
+    bind: std::net::IpAddr,
+) -> Result<(Service, Streaming<v1::ConfigSnapshot>)> {
+    let (bind, http) = (bind.to_string(), legate_tests::free_port()?.to_string());
+    let mut confgen = Service::start(
+        "legate-confgen",
+        &[
+            "--etcd-endpoints",
+            &etcd.endpoint(),
+            "--bind-address",
+            &bind,
+            "--http-port",
+            &http,
+        ],
         &[("LEGATE_LOG", "warn")],
     )?;
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", confgen.grpc()))?;
@@ -284,10 +329,46 @@ async fn put_latencies(
     Ok((issued, returned))
 }
 
+/// A large registry: `apps` apps × 3 servers and one service × 2 servers per port of `ports`,
+/// all at addresses in 127.0.0.0/8 where nothing listens.
+fn registry(apps: usize, ports: &[u16]) -> Vec<(String, String)> {
+    let mut ops = Vec::new();
+    for a in 0..apps {
+        for s in 0..3 {
+            let n = a * 3 + s;
+            let key = format!(
+                "/apps/app-{a}.example.com/{}/127.{}.{}.{}:{}",
+                container_id(n),
+                s + 1,
+                a / 250 % 250,
+                a % 250 + 1,
+                30000 + s
+            );
+            ops.push((
+                key,
+                r#"{"host_id":"bench","container_name":"c"}"#.to_owned(),
+            ));
+        }
+    }
+    for (p, port) in ports.iter().enumerate() {
+        for s in 0..2 {
+            let n = 1_000_000 + p * 2 + s;
+            let key = format!(
+                "/services/svc-{p}/{port}/{}/127.100.{s}.{}:{}",
+                container_id(n),
+                p % 250 + 1,
+                40000 + p
+            );
+            ops.push((key, String::new()));
+        }
+    }
+    ops
+}
+
 async fn confgen(puts: usize, renders: usize, apps: usize, services: usize) -> Result<()> {
     let etcd = Etcd::start().await?;
     let mut client = etcd.client().await?;
-    let (confgen, mut stream) = start_confgen(&etcd).await?;
+    let (confgen, mut stream) = start_confgen(&etcd, pipeline::LOCALHOST).await?;
     snapshot_at(&mut stream, 0).await?;
     let (mut small_issued, mut small_returned) =
         put_latencies(&mut client, &mut stream, puts, "small").await?;
@@ -300,37 +381,8 @@ async fn confgen(puts: usize, renders: usize, apps: usize, services: usize) -> R
         .await?;
 
     println!("writing {apps} apps x 3 servers and {services} services x 2 servers...");
-    let mut ops = Vec::new();
-    for a in 0..apps {
-        for s in 0..3 {
-            let n = a * 3 + s;
-            let key = format!(
-                "/apps/app-{a}.example.com/{}/10.{}.{}.{}:{}",
-                container_id(n),
-                s,
-                a / 250 % 250,
-                a % 250 + 1,
-                30000 + s
-            );
-            ops.push((
-                key,
-                r#"{"host_id":"bench","container_name":"c"}"#.to_owned(),
-            ));
-        }
-    }
-    for p in 0..services {
-        for s in 0..2 {
-            let n = 1_000_000 + p * 2 + s;
-            let key = format!(
-                "/services/svc-{p}/{}/{}/10.100.{s}.{}:{}",
-                10_000 + p,
-                container_id(n),
-                p % 250 + 1,
-                40000 + p
-            );
-            ops.push((key, String::new()));
-        }
-    }
+    let ports: Vec<u16> = (0..services).map(|p| 10_000 + p as u16).collect();
+    let ops = registry(apps, &ports);
     legate_tests::etcd::put_all(&mut client, &ops).await?;
     let revision = client
         .get("x", None)
@@ -340,7 +392,7 @@ async fn confgen(puts: usize, renders: usize, apps: usize, services: usize) -> R
         .revision();
 
     let started = Instant::now();
-    let (confgen, mut stream) = start_confgen(&etcd).await?;
+    let (confgen, mut stream) = start_confgen(&etcd, pipeline::LOCALHOST).await?;
     let (at, snapshot) = snapshot_at(&mut stream, revision as u64).await?;
     let sync = at - started;
     // Counted in the configuration, since the subscriber gets no model.

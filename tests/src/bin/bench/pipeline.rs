@@ -15,12 +15,12 @@ use tokio::io::AsyncWriteExt;
 
 use super::{container_id, percentile, report, row};
 
-const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+pub(crate) const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 /// How long one change may take before the benchmark gives up.
-const LIMIT: Duration = Duration::from_secs(30);
+pub(crate) const LIMIT: Duration = Duration::from_secs(30);
 
 /// Polls `check` as fast as it answers until it is true; the time it took.
-async fn until<F, Fut>(what: &str, started: Instant, mut check: F) -> Result<Duration>
+pub(crate) async fn until<F, Fut>(what: &str, started: Instant, mut check: F) -> Result<Duration>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -50,12 +50,14 @@ async fn reload_count(supervised: &Supervised) -> Result<u32> {
 }
 
 /// Whether `host` answers `body` through the ambassador at `http`.
-async fn answers(http: SocketAddr, host: &str, body: &str) -> bool {
+pub(crate) async fn answers(http: SocketAddr, host: &str, body: &str) -> bool {
     matches!(http_get(http, host, "/").await, Ok((200, b)) if b.trim() == body)
 }
 
 /// A TCP server that sends `name` and a newline to each connection, then closes it.
-async fn banner_server(name: String) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub(crate) async fn banner_server(
+    name: String,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(async move {

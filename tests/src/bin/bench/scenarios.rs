@@ -1,0 +1,499 @@
+//! The whole ambassador under load, in bursts, at scale and at rest: churn, burst, scale, idle.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures_util::StreamExt;
+use legate_proto::v1;
+use legate_proto::v1::supervisor_client::SupervisorClient;
+use legate_tests::ambassador::{Ambassador, Host};
+use legate_tests::backend::Backend;
+use legate_tests::docker::{self, Container, images};
+use legate_tests::etcd::Etcd;
+use legate_tests::service::Service;
+use legate_tests::supervisor::Supervised;
+use legate_tests::{free_port, http_get, load};
+use tonic::transport::Channel;
+
+use super::pipeline::{LIMIT, LOCALHOST, answers, banner_server, until};
+use super::{container_id, cpu_ticks, percentile, registry, report, rss_kib, snapshot_at};
+
+type Client = SupervisorClient<Channel>;
+
+async fn supervisor_client(supervisor: &Service) -> Result<Client> {
+    let channel = Channel::from_shared(format!("http://{}", supervisor.grpc()))?
+        .connect()
+        .await?;
+    Ok(SupervisorClient::new(channel))
+}
+
+async fn status(client: &mut Client) -> Result<v1::SupervisorStatus> {
+    Ok(client
+        .status(v1::SupervisorStatusRequest {})
+        .await?
+        .into_inner())
+}
+
+/// Polls the supervisor until HAProxy runs `version` or a later one; the time since `started`.
+async fn applied(client: &mut Client, version: i64, started: Instant) -> Result<Duration> {
+    let version = u64::try_from(version)?;
+    loop {
+        let status = status(client).await?;
+        if status.running_version >= version {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > LIMIT {
+            bail!(
+                "version {version} not applied after {LIMIT:?}: {}",
+                status.last_error
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn revision(header: Option<&etcd_client::ResponseHeader>) -> Result<i64> {
+    Ok(header.context("no response header")?.revision())
+}
+
+/// HAProxy's master and workers, by pid. The master CLI refuses connections for a moment while
+/// the master re-executes itself during a reload.
+async fn haproxy_pids(supervised: &Supervised) -> Result<Vec<u32>> {
+    let started = Instant::now();
+    loop {
+        match supervised.master("show proc").await {
+            Ok(text) => {
+                let procs = legate_tests::haproxy::parse_show_proc(&text);
+                return Ok(procs.into_iter().map(|p| p.pid).collect());
+            }
+            Err(e) if started.elapsed() > LIMIT => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// Resident memory (KiB) and CPU ticks of a group of processes, summed.
+fn usage(pids: &[u32]) -> Result<(u64, u64)> {
+    pids.iter().try_fold((0, 0), |(rss, ticks), &pid| {
+        Ok((rss + rss_kib(pid)?, ticks + cpu_ticks(pid)?))
+    })
+}
+
+/// The hard limit on open files of this process.
+fn open_files_hard_limit() -> Result<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits")?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .context("no open files limit")?;
+    let hard = line.split_whitespace().nth(4).context("no hard limit")?;
+    Ok(if hard == "unlimited" {
+        usize::MAX
+    } else {
+        hard.parse()?
+    })
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Server changes and reloads through the whole ambassador (etcd → confgen → supervisor →
+/// HAProxy) while `wrk` sends keep-alive and `Connection: close` requests to the app changed.
+pub(crate) async fn churn(changes: usize, reloads: usize, load_for: Duration) -> Result<()> {
+    let ambassador = Ambassador::start(LOCALHOST).await?;
+    let http = ambassador.http();
+    let mut kv = ambassador.etcd.client().await?;
+    let mut client = supervisor_client(&ambassador.supervisor).await?;
+    let mut stable = Vec::new();
+    let mut written = 0;
+    for i in 0..2 {
+        let backend =
+            Backend::start(&format!("stable-{i}"), (Ipv4Addr::LOCALHOST, 0).into()).await?;
+        let key = format!("/apps/load.test/{}/{}", container_id(i), backend.addr());
+        written = revision(kv.put(key, "", None).await?.header())?;
+        stable.push(backend);
+    }
+    // Counted from here: the supervisor has applied the app.
+    applied(&mut client, written, Instant::now()).await?;
+    let mut extra = Vec::new();
+    for i in 0..4 {
+        extra.push(Backend::start(&format!("extra-{i}"), (Ipv4Addr::LOCALHOST, 0).into()).await?);
+    }
+    until("load.test", Instant::now(), || async {
+        matches!(http_get(http, "load.test", "/").await, Ok((200, _)))
+    })
+    .await?;
+
+    let before = status(&mut client).await?;
+    let keep_alive = tokio::spawn(load::wrk(http, "load.test", load_for, 8, false));
+    let close = tokio::spawn(load::wrk(http, "load.test", load_for, 4, true));
+    let started = Instant::now();
+    let every = (changes / reloads.max(1)).max(1);
+    let (mut server_changes, mut new_ports) = (Vec::new(), Vec::new());
+    let mut listeners = Vec::new();
+    for i in 0..changes {
+        // Each pair of changes adds one of the extra servers, then removes it.
+        let k = i / 2 % extra.len();
+        let key = format!(
+            "/apps/load.test/{}/{}",
+            container_id(100 + k),
+            extra[k].addr()
+        );
+        let at = Instant::now();
+        let written = if i % 2 == 0 {
+            revision(kv.put(key, "", None).await?.header())?
+        } else {
+            revision(kv.delete(key, None).await?.header())?
+        };
+        server_changes.push(applied(&mut client, written, at).await?);
+        if (i + 1) % every == 0 && new_ports.len() < reloads {
+            // A reload that legate cannot avoid: a new TCP service port.
+            let n = new_ports.len();
+            let (addr, task) = banner_server(format!("churn-{n}")).await?;
+            let key = format!(
+                "/services/churn-{n}/{}/{}/{addr}",
+                free_port()?,
+                container_id(10_000 + n)
+            );
+            let at = Instant::now();
+            let written = revision(kv.put(key, "", None).await?.header())?;
+            new_ports.push(applied(&mut client, written, at).await?);
+            listeners.push(task);
+        }
+    }
+    let churn_took = started.elapsed();
+    let after = status(&mut client).await?;
+    if keep_alive.is_finished() || close.is_finished() {
+        bail!("the churn ({churn_took:?}) outlasted the load: rerun with a longer --secs");
+    }
+
+    println!();
+    println!(
+        "churn: {} server changes and {} new service ports through etcd, confgen, supervisor and HAProxy, one at a time, under wrk for {load_for:?}",
+        server_changes.len(),
+        new_ports.len()
+    );
+    println!("{:<44} {:>9} {:>9} {:>9}", "", "p50", "p99", "max");
+    report(
+        "server change: etcd put -> HAProxy runs it",
+        &mut server_changes,
+    );
+    report(
+        "new service port: etcd put -> HAProxy runs it",
+        &mut new_ports,
+    );
+    println!(
+        "applies: {} through the runtime API (no reload), {} reloads, {} rejected; churn took {:.1} s",
+        after.runtime_applies - before.runtime_applies,
+        after.reloads - before.reloads,
+        after.rejected - before.rejected,
+        churn_took.as_secs_f64()
+    );
+    for (mode, run) in [("keep-alive", keep_alive), ("close", close)] {
+        let report = run.await??;
+        println!(
+            "wrk {mode:<10} requests {:>8}  socket errors {}  non-2xx {}",
+            report.requests, report.socket_errors, report.non_2xx
+        );
+    }
+    let served: Vec<String> = stable
+        .iter()
+        .chain(&extra)
+        .map(|b| b.requests().to_string())
+        .collect();
+    println!(
+        "requests per backend (2 stable, 4 coming and going): {}",
+        served.join(" ")
+    );
+    drop(listeners);
+    Ok(())
+}
+
+/// Creates `count` containers on `host`, 8 at a time, each an app with the domain
+/// `<tag>-<i>.test` that answers `<tag>-<i>`; on an error, removes those it made.
+async fn create_apps(host: &Host, tag: &str, count: usize) -> Result<Vec<Container>> {
+    let image = &images()?.http_app;
+    let created: Vec<Result<Container>> = futures_util::stream::iter(0..count)
+        .map(|i| async move {
+            let domain = format!("DOMAIN_NAME={tag}-{i}.test");
+            let response = format!("RESPONSE={tag}-{i}");
+            host.create(&[80], &["-e", &domain, "-e", &response, image])
+                .await
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    settle(created).await
+}
+
+/// The containers if every result is one, otherwise the first error, the others removed.
+async fn settle(results: Vec<Result<Container>>) -> Result<Vec<Container>> {
+    let (containers, errors): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
+    let containers: Vec<Container> = containers.into_iter().filter_map(Result::ok).collect();
+    match errors.into_iter().find_map(Result::err) {
+        None => Ok(containers),
+        Some(e) => {
+            docker::remove_all(containers).await;
+            Err(e)
+        }
+    }
+}
+
+/// Starts `containers`, `parallel` `docker start`s at a time.
+async fn start_all(containers: &[Container], parallel: usize) -> Result<()> {
+    let started: Vec<Result<()>> = futures_util::stream::iter(containers)
+        .map(|c| c.command("start"))
+        .buffer_unordered(parallel)
+        .collect()
+        .await;
+    started.into_iter().collect()
+}
+
+/// Waits until each `<tag>-<i>.test`, `i < count`, answers through the ambassador; the time
+/// since `started`.
+async fn all_routed(
+    http: SocketAddr,
+    tag: &str,
+    count: usize,
+    started: Instant,
+) -> Result<Duration> {
+    let mut pending: BTreeSet<usize> = (0..count).collect();
+    while !pending.is_empty() {
+        let mut routed = Vec::new();
+        for &i in &pending {
+            if answers(http, &format!("{tag}-{i}.test"), &format!("{tag}-{i}")).await {
+                routed.push(i);
+            }
+        }
+        for i in routed {
+            pending.remove(&i);
+        }
+        if started.elapsed() > LIMIT * 2 {
+            bail!(
+                "{} of {count} apps not routed after {:?}",
+                pending.len(),
+                LIMIT * 2
+            );
+        }
+    }
+    Ok(started.elapsed())
+}
+
+/// `count` containers created, then started at once (`parallel` `docker start`s at a time) on one host: the
+/// time from the last start until every one is routed, and the reloads it took.
+pub(crate) async fn burst(count: usize, parallel: usize) -> Result<()> {
+    let ambassador = Ambassador::start(LOCALHOST).await?;
+    let host = ambassador.host(Ipv4Addr::LOCALHOST, 10).await?;
+    let mut client = supervisor_client(&ambassador.supervisor).await?;
+    let before = status(&mut client).await?;
+    let containers = create_apps(&host, "burst", count).await?;
+    let first = Instant::now();
+    let started = start_all(&containers, parallel).await;
+    let last = Instant::now();
+    let routed = match started {
+        Ok(()) => all_routed(ambassador.http(), "burst", count, last).await,
+        Err(e) => Err(e),
+    };
+    let after = status(&mut client).await;
+    docker::remove_all(containers).await;
+    let (routed, after) = (routed?, after?);
+
+    println!();
+    println!(
+        "burst: {count} containers, each a new domain, created beforehand, then started {parallel} docker starts at a time on one host"
+    );
+    println!(
+        "starts took {:.1} s (first issued -> last returned): {:.1} starts/s, as fast as the engine goes here",
+        (last - first).as_secs_f64(),
+        count as f64 / (last - first).as_secs_f64()
+    );
+    println!(
+        "last start returned -> all {count} routed: {:.0} ms",
+        routed.as_secs_f64() * 1000.0
+    );
+    println!(
+        "applies: {} reloads, {} through the runtime API, {} rejected",
+        after.reloads - before.reloads,
+        after.runtime_applies - before.runtime_applies,
+        after.rejected - before.rejected
+    );
+    Ok(())
+}
+
+/// A registry of `apps` apps × 3 servers and `services` services × 2 servers: confgen's sync and
+/// render, the supervisor's first apply, HAProxy's validation and reload, and each one's RSS.
+pub(crate) async fn scale(apps: usize, services: usize) -> Result<()> {
+    // HAProxy reserves a file descriptor for each server it health-checks, and refuses to start
+    // when its hard limit is below what it needs; children inherit this process's limit.
+    let needed = apps * 3 + services * 3 + 1000;
+    let limit = open_files_hard_limit()?;
+    if needed > limit {
+        bail!(
+            "HAProxy needs about {needed} file descriptors at this size (one per checked server), \
+             above this process's hard limit of {limit}: raise it (ulimit -Hn, LimitNOFILE) or \
+             pass a smaller --apps"
+        );
+    }
+    let etcd = Etcd::start().await?;
+    let mut kv = etcd.client().await?;
+    // Service ports below the ephemeral range, on a loopback address of their own: nothing else
+    // binds there, not even the local end of a health check's connection.
+    let bind = IpAddr::V4(Ipv4Addr::new(127, 77, 0, 1));
+    let ports: Vec<u16> = (0..services).map(|p| 10_000 + p as u16).collect();
+    println!("writing {apps} apps x 3 servers and {services} services x 2 servers...");
+    let ops = registry(apps, &ports);
+    legate_tests::etcd::put_all(&mut kv, &ops).await?;
+    let written = revision(kv.get("x", None).await?.header())?;
+
+    let started = Instant::now();
+    let (confgen, mut stream) = super::start_confgen(&etcd, bind).await?;
+    let (at, snapshot) = snapshot_at(&mut stream, u64::try_from(written)?).await?;
+    let sync = at - started;
+    drop(stream);
+
+    let supervised = Supervised::new()?;
+    let started = Instant::now();
+    let supervisor = supervised.start(Some(&format!("http://{}", confgen.grpc())), &[])?;
+    let mut client = legate_tests::wait_for("the supervisor", legate_tests::WAIT, || async {
+        Ok(Some(supervisor_client(&supervisor).await?))
+    })
+    .await?;
+    let first_apply = applied(&mut client, written, started).await?;
+
+    // `haproxy -c` as the supervisor runs it, on the files HAProxy now runs.
+    let state = supervised.state_dir();
+    let live = state.join("live");
+    let mut checks = Vec::new();
+    for _ in 0..5 {
+        let at = Instant::now();
+        let output = tokio::process::Command::new(legate_tests::haproxy::binary())
+            .arg("-c")
+            .arg("-f")
+            .arg(state.join("global.cfg"))
+            .arg("-f")
+            .arg(live.join("haproxy.cfg"))
+            .current_dir(&live)
+            .output()
+            .await?;
+        checks.push(at.elapsed());
+        if !output.status.success() {
+            bail!("haproxy -c: {}", String::from_utf8_lossy(&output.stderr));
+        }
+    }
+
+    // One change of each kind at this size, through the whole pipeline.
+    let before = status(&mut client).await?;
+    let key = format!(
+        "/apps/app-0.example.com/{}/127.0.0.1:9",
+        container_id(5_000_000)
+    );
+    let at = Instant::now();
+    let version = revision(kv.put(key, "", None).await?.header())?;
+    let gained = applied(&mut client, version, at).await?;
+    let middle = status(&mut client).await?;
+    let key = format!(
+        "/services/scale-new/{}/{}/127.0.0.1:9",
+        10_000 + services,
+        container_id(5_000_001)
+    );
+    let at = Instant::now();
+    let version = revision(kv.put(key, "", None).await?.header())?;
+    let new_port = applied(&mut client, version, at).await?;
+    let after = status(&mut client).await?;
+
+    let rss = |pids: &[u32]| usage(pids).map(|(rss, _)| mib(rss));
+    let haproxy = haproxy_pids(&supervised).await?;
+    println!();
+    println!(
+        "scale: {apps} apps x 3 servers + {services} services x 2 servers ({} keys, {:.1} MB of configuration)",
+        ops.len(),
+        snapshot.haproxy_config.len() as f64 / 1e6
+    );
+    println!(
+        "confgen: process start -> first snapshot received (sync + render): {:.0} ms",
+        sync.as_secs_f64() * 1000.0
+    );
+    println!(
+        "supervisor: process start -> HAProxy runs that snapshot (validate, start): {:.0} ms",
+        first_apply.as_secs_f64() * 1000.0
+    );
+    let mut checks_sorted = checks.clone();
+    println!(
+        "haproxy -c on it: {:.0} ms (median of {})",
+        percentile(&mut checks_sorted, 0.5).as_secs_f64() * 1000.0,
+        checks.len()
+    );
+    println!(
+        "a server added to an existing app: etcd put -> running: {:.1} ms ({} reloads)",
+        gained.as_secs_f64() * 1000.0,
+        middle.reloads - before.reloads
+    );
+    println!(
+        "a new service port: etcd put -> running: {:.0} ms ({} reloads; validate + reload {:.0} ms as the supervisor reports it)",
+        new_port.as_secs_f64() * 1000.0,
+        after.reloads - middle.reloads,
+        after.last_result.as_ref().map_or(0, |r| r.duration_us) as f64 / 1000.0
+    );
+    println!(
+        "RSS: confgen {:.1} MiB, supervisor {:.1} MiB, HAProxy {:.1} MiB ({} processes), etcd {:.1} MiB",
+        rss(&[confgen.pid()])?,
+        rss(&[supervisor.pid()])?,
+        rss(&haproxy)?,
+        haproxy.len(),
+        rss(&[etcd.pid()])?
+    );
+    Ok(())
+}
+
+/// RSS and CPU of each process of the ambassador, with `count` registered containers, over
+/// `idle`.
+pub(crate) async fn idle(count: usize, idle: Duration) -> Result<()> {
+    let ambassador = Ambassador::start(LOCALHOST).await?;
+    let host = ambassador.host(Ipv4Addr::LOCALHOST, 10).await?;
+    let containers = create_apps(&host, "idle", count).await?;
+    if let Err(e) = start_all(&containers, 8).await {
+        docker::remove_all(containers).await;
+        return Err(e);
+    }
+    let measured = async {
+        all_routed(ambassador.http(), "idle", count, Instant::now()).await?;
+        let haproxy = haproxy_pids(ambassador.supervised()).await?;
+        let groups: [(&str, Vec<u32>); 5] = [
+            ("registrar", vec![host.registrar.pid()]),
+            ("confgen", vec![ambassador.confgen.pid()]),
+            ("supervisor", vec![ambassador.supervisor.pid()]),
+            ("HAProxy (master + worker)", haproxy),
+            ("etcd", vec![ambassador.etcd.pid()]),
+        ];
+        let before = groups
+            .iter()
+            .map(|(_, pids)| usage(pids))
+            .collect::<Result<Vec<_>>>()?;
+        let started = Instant::now();
+        tokio::time::sleep(idle).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        println!();
+        println!("idle: the ambassador with {count} registered containers, over {idle:?}");
+        println!(
+            "{:<28} {:>12} {:>12} {:>8}",
+            "", "RSS before", "RSS after", "CPU"
+        );
+        for ((name, pids), (rss_before, ticks_before)) in groups.iter().zip(before) {
+            let (rss_after, ticks_after) = usage(pids)?;
+            // USER_HZ is 100 on Linux.
+            let cpu = (ticks_after - ticks_before) as f64 / 100.0 / elapsed * 100.0;
+            println!(
+                "{name:<28} {:>8.1} MiB {:>8.1} MiB {cpu:>7.2}%",
+                mib(rss_before),
+                mib(rss_after)
+            );
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    docker::remove_all(containers).await;
+    measured
+}
