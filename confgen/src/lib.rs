@@ -30,7 +30,7 @@ use tonic_health::server::HealthReporter;
 use tracing::{error, info, warn};
 
 use crate::api::Status;
-use crate::model::{Model, Registry};
+use crate::model::{Model, Registry, Slots};
 use crate::render::{Renderer, Settings};
 use crate::watcher::{Batch, Event};
 
@@ -196,6 +196,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     tracker.close();
     let generator = Generator {
         registry,
+        slots: Slots::default(),
         renderer,
         reserved_ports: vec![config.http_port],
         settings,
@@ -217,6 +218,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 /// Owns the registry and turns its batches into snapshots.
 struct Generator {
     registry: Registry,
+    /// Which pooled backend serves which app, kept across renders.
+    slots: Slots,
     renderer: Renderer,
     settings: Settings,
     /// Ports the ambassador listens on itself: no service may take them.
@@ -293,7 +296,9 @@ impl Generator {
     /// thread keeps the memory of successive renders in one malloc arena.
     async fn render(&mut self) {
         let started = std::time::Instant::now();
-        let model = Arc::new(self.registry.model(&self.reserved_ports));
+        let mut model = self.registry.model(&self.reserved_ports);
+        self.slots.assign(&mut model);
+        let model = Arc::new(model);
         let result = self.renderer.render(&model, &self.settings);
         metrics::histogram!("legate_confgen_render_seconds")
             .record(started.elapsed().as_secs_f64());

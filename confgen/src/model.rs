@@ -7,7 +7,7 @@
 //! all in a deterministic order, so the same registry always renders byte-identical output.
 //! No I/O here: the watcher feeds it, the renderer reads its models.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use legate_proto::registry::{
@@ -224,6 +224,7 @@ impl Registry {
                     domain,
                     wildcard,
                     servers,
+                    slot: 0,
                 }
             })
             .collect();
@@ -242,7 +243,80 @@ impl Registry {
             hosts,
             skipped,
             etcd_revision: self.revision,
+            slots: 0,
         }
+    }
+}
+
+/// The pool of identical backends (`slot_1` ... `slot_<n>`) that plain apps (no HTTP health
+/// check, no wildcard) are served by. HAProxy cannot add a backend at runtime, but it can add
+/// servers to one and entries to a map: a new domain that takes a free slot is applied without a
+/// reload. A domain keeps its slot while it exists; a slot it leaves is free for the next one.
+/// The pool grows, by a reload, only when no slot is free, and is compacted, by a reload too,
+/// when the apps shrank to far below it. A fresh pool numbers the apps in domain order, so a
+/// new confgen renders the same registry identically; a long-running one may differ from it in
+/// which slot serves which domain.
+#[derive(Debug, Default, Clone)]
+pub struct Slots {
+    taken: HashMap<String, u32>,
+    free: BTreeSet<u32>,
+    total: u32,
+}
+
+/// The backend name of pool slot `slot`.
+pub fn slot_backend(slot: u32) -> String {
+    format!("slot_{slot}")
+}
+
+/// Pool size for `apps` pooled apps: a quarter more, at least 32 more, in steps of 32.
+fn pool_size(apps: u32) -> u32 {
+    (apps + (apps / 4).max(32)).div_ceil(32) * 32
+}
+
+impl Slots {
+    /// Gives each plain app of `model` its slot (and backend name), and the model the pool size.
+    pub fn assign(&mut self, model: &mut Model) {
+        let pooled = |app: &v1::App| !app.wildcard && app.check_path.is_empty();
+        let wanted: BTreeSet<&str> = model
+            .apps
+            .iter()
+            .filter(|app| pooled(app))
+            .map(|app| app.domain.as_str())
+            .collect();
+        let needed = u32::try_from(wanted.len()).unwrap_or(u32::MAX);
+        if self.total > 2 * pool_size(needed) {
+            *self = Self::default();
+        }
+        let free = &mut self.free;
+        self.taken.retain(|domain, slot| {
+            let keep = wanted.contains(domain.as_str());
+            if !keep {
+                free.insert(*slot);
+            }
+            keep
+        });
+        let new = wanted.len() - self.taken.len();
+        if new > self.free.len() {
+            let total = pool_size(needed);
+            self.free.extend(self.total + 1..=total);
+            self.total = total;
+        }
+        for app in model.apps.iter_mut().filter(|app| pooled(app)) {
+            let slot = match self.taken.get(&app.domain) {
+                Some(slot) => *slot,
+                None => {
+                    // The pool was sized for every pooled app above.
+                    let Some(slot) = self.free.pop_first() else {
+                        continue;
+                    };
+                    self.taken.insert(app.domain.clone(), slot);
+                    slot
+                }
+            };
+            app.slot = slot;
+            app.backend = slot_backend(slot);
+        }
+        model.slots = self.total;
     }
 }
 

@@ -75,6 +75,8 @@ struct Context<'a> {
     hosts: &'a [v1::Host],
     app_count: usize,
     service_count: usize,
+    /// Size of the backend pool.
+    slot_count: u32,
 }
 
 /// A rendered configuration.
@@ -135,8 +137,9 @@ impl Renderer {
             hosts: &model.hosts,
             app_count: model.apps.len(),
             service_count: model.services.len(),
+            slot_count: model.slots,
         };
-        for section in [Section::Apps, Section::Services] {
+        for section in SECTIONS {
             let helper = Sections {
                 model: model.clone(),
                 section,
@@ -150,7 +153,7 @@ impl Renderer {
             .render_to_write(NAME, &context, &mut buffer)
             .map(|()| buffer);
         // The helpers hold the model: let it go with the render.
-        for section in [Section::Apps, Section::Services] {
+        for section in SECTIONS {
             self.handlebars.unregister_helper(section.name());
         }
         let config = config.map_err(Box::new)?;
@@ -174,19 +177,35 @@ impl Renderer {
 enum Section {
     Apps,
     Services,
+    Slots,
 }
+
+const SECTIONS: [Section; 3] = [Section::Apps, Section::Services, Section::Slots];
 
 impl Section {
     fn name(self) -> &'static str {
         match self {
             Section::Apps => "apps",
             Section::Services => "services",
+            Section::Slots => "slots",
         }
     }
 }
 
-/// The `{{#apps}}` and `{{#services}}` block helpers: render their block once per app or
-/// service, with it as the context and `@index`, `@first`, `@last` set, like `#each`.
+/// One backend of the pool, as `{{#slots}}` shows it.
+#[derive(Debug, Serialize)]
+struct Slot<'a> {
+    slot: u32,
+    backend: String,
+    /// Whether no app uses it: then `domain` is empty and `servers` too.
+    free: bool,
+    domain: &'a str,
+    servers: &'a [v1::Server],
+}
+
+/// The `{{#apps}}`, `{{#services}}` and `{{#slots}}` block helpers: render their block once per
+/// app, service or pooled backend, with it as the context and `@index`, `@first`, `@last` set,
+/// like `#each`.
 struct Sections {
     model: Arc<Model>,
     section: Section,
@@ -204,15 +223,40 @@ impl HelperDef for Sections {
         let Some(template) = h.template() else {
             return Ok(());
         };
+        // The app in each slot, for `{{#slots}}`.
+        let mut slots: Vec<Option<&v1::App>> = Vec::new();
+        if let Section::Slots = self.section {
+            slots.resize(self.model.slots as usize, None);
+            for app in &self.model.apps {
+                if let Some(entry) = (app.slot as usize)
+                    .checked_sub(1)
+                    .and_then(|i| slots.get_mut(i))
+                {
+                    *entry = Some(app);
+                }
+            }
+        }
         let len = match self.section {
             Section::Apps => self.model.apps.len(),
             Section::Services => self.model.services.len(),
+            Section::Slots => slots.len(),
         };
         rc.push_block(BlockContext::new());
         for i in 0..len {
             let value = match self.section {
                 Section::Apps => to_json(&self.model.apps[i]),
                 Section::Services => to_json(&self.model.services[i]),
+                Section::Slots => {
+                    let slot = u32::try_from(i + 1).unwrap_or(u32::MAX);
+                    let app = slots.get(i).copied().flatten();
+                    to_json(Slot {
+                        slot,
+                        backend: model::slot_backend(slot),
+                        free: app.is_none(),
+                        domain: app.map_or("", |app| app.domain.as_str()),
+                        servers: app.map_or(&[], |app| app.servers.as_slice()),
+                    })
+                }
             };
             if let Some(block) = rc.block_mut() {
                 block.set_base_value(value);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use legate_proto::registry::{Prefix, Schema};
 
-use crate::model::{self, HOSTS_MAP, Registry, WILDCARDS_MAP};
+use crate::model::{self, HOSTS_MAP, Registry, Slots, WILDCARDS_MAP};
 use crate::render::{DEFAULT_TEMPLATE, RenderError, Renderer, Settings};
 use crate::{Wait, parse_wait};
 
@@ -384,6 +384,165 @@ fn apps_and_services_stream_through_block_helpers() {
         each.render(&model, &settings()),
         Err(RenderError::Render(_))
     ));
+}
+
+/// The slot of each app of `registry`'s model after `slots` assigned them, by domain.
+fn slots_of(registry: &Registry, slots: &mut Slots) -> (Vec<(String, u32, String)>, u32) {
+    let mut model = registry.model(&[]);
+    slots.assign(&mut model);
+    let apps = model
+        .apps
+        .into_iter()
+        .map(|a| (a.domain, a.slot, a.backend))
+        .collect();
+    (apps, model.slots)
+}
+
+fn plain(domain: &str, slot: u32) -> (String, u32, String) {
+    (domain.to_owned(), slot, format!("slot_{slot}"))
+}
+
+#[test]
+fn plain_apps_keep_their_pooled_backend_and_new_ones_take_free_slots() {
+    let mut registry = registry("");
+    registry.reset(
+        vec![
+            (app("b.example.com", 1, "10.0.0.1:80"), Vec::new()),
+            (app("a.example.com", 2, "10.0.0.2:80"), Vec::new()),
+            (app("*.example.com", 3, "10.0.0.3:80"), Vec::new()),
+            (
+                app("checked.example.com", 4, "10.0.0.4:80"),
+                br#"{"check_path":"/health"}"#.to_vec(),
+            ),
+        ],
+        1,
+    );
+    let mut slots = Slots::default();
+    // A fresh pool numbers plain apps in domain order; wildcards and checked apps keep a
+    // backend of their own.
+    let (apps, total) = slots_of(&registry, &mut slots);
+    assert_eq!(
+        apps,
+        [
+            ("*.example.com".to_owned(), 0, "wild_example.com".to_owned()),
+            plain("a.example.com", 1),
+            plain("b.example.com", 2),
+            (
+                "checked.example.com".to_owned(),
+                0,
+                "app_checked.example.com".to_owned()
+            ),
+        ]
+    );
+    assert_eq!(total, 64);
+    // a leaves, then c (before b in domain order) arrives: b keeps 2, c takes the freed 1.
+    registry.delete(&app("a.example.com", 2, "10.0.0.2:80"), 2);
+    registry.put(app("c.example.com", 5, "10.0.0.5:80"), b"", 3);
+    registry.put(app("0.example.com", 6, "10.0.0.6:80"), b"", 4);
+    let (apps, total) = slots_of(&registry, &mut slots);
+    let pooled: Vec<_> = apps.into_iter().filter(|a| a.1 > 0).collect();
+    assert_eq!(
+        pooled,
+        [
+            plain("0.example.com", 1),
+            plain("b.example.com", 2),
+            plain("c.example.com", 3)
+        ]
+    );
+    assert_eq!(total, 64, "the pool does not change while slots are free");
+    // The same registry in a fresh pool: numbered in domain order again.
+    let (fresh, _) = slots_of(&registry, &mut Slots::default());
+    assert_eq!(
+        fresh.into_iter().filter(|a| a.1 > 0).collect::<Vec<_>>(),
+        [
+            plain("0.example.com", 1),
+            plain("b.example.com", 2),
+            plain("c.example.com", 3)
+        ]
+    );
+}
+
+#[test]
+fn the_pool_grows_when_full_and_is_compacted_when_far_too_large() {
+    let mut registry = registry("");
+    let mut slots = Slots::default();
+    let put = |registry: &mut Registry, range: std::ops::Range<u32>| {
+        for n in range {
+            let domain = format!("app{n:04}.example.com");
+            registry.put(app(&domain, n, "10.0.0.1:80"), b"", i64::from(n) + 1);
+        }
+    };
+    put(&mut registry, 0..64);
+    let (_, total) = slots_of(&registry, &mut slots);
+    assert_eq!(
+        total,
+        64 + 32,
+        "a quarter more than needed, at least 32, in steps of 32"
+    );
+    put(&mut registry, 64..100);
+    let (apps, total) = slots_of(&registry, &mut slots);
+    assert_eq!(
+        total, 160,
+        "grown when no slot was free: 100 + 32, in steps of 32"
+    );
+    let mut taken: Vec<u32> = apps.iter().map(|a| a.1).collect();
+    taken.sort_unstable();
+    taken.dedup();
+    assert_eq!(taken.len(), 100, "every app has a slot of its own");
+    // Down to 2 apps: 160 slots are far more than 2 need (64): compacted, numbered afresh.
+    for n in 0..98 {
+        let domain = format!("app{n:04}.example.com");
+        registry.delete(&app(&domain, n, "10.0.0.1:80"), 1000 + i64::from(n));
+    }
+    let (apps, total) = slots_of(&registry, &mut slots);
+    assert_eq!(total, 64);
+    assert_eq!(
+        apps,
+        [
+            plain("app0098.example.com", 1),
+            plain("app0099.example.com", 2)
+        ]
+    );
+}
+
+#[test]
+fn the_default_template_renders_the_pool_in_slot_order_with_free_backends() {
+    let mut registry = registry("");
+    registry.reset(
+        vec![
+            (app("b.example.com", 1, "10.0.0.1:80"), Vec::new()),
+            (app("a.example.com", 2, "10.0.0.2:80"), Vec::new()),
+        ],
+        1,
+    );
+    let mut slots = Slots::default();
+    let mut model = registry.model(&[]);
+    slots.assign(&mut model);
+    let mut renderer = Renderer::new(DEFAULT_TEMPLATE).unwrap();
+    let rendered = renderer.render(&Arc::new(model), &settings()).unwrap();
+    let backends: Vec<&str> = rendered
+        .config
+        .lines()
+        .filter_map(|l| l.strip_prefix("backend "))
+        .collect();
+    let expected: Vec<String> = std::iter::once("legate_no_route".to_owned())
+        .chain((1..=64).map(|n| format!("slot_{n}")))
+        .collect();
+    assert_eq!(backends, expected);
+    assert!(
+        rendered
+            .config
+            .contains("backend slot_1\n    mode http\n    balance roundrobin\n    server ")
+    );
+    assert!(
+        rendered
+            .config
+            .contains("backend slot_3\n    mode http\n    balance roundrobin\n\nbackend slot_4")
+    );
+    assert_eq!(
+        rendered.maps[0].content,
+        "a.example.com slot_1\nb.example.com slot_2\n"
+    );
 }
 
 #[test]

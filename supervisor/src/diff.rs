@@ -150,7 +150,7 @@ fn runtime(old: Files<'_>, new: Files<'_>, draining: &Draining) -> Result<Runtim
             removed.push(((backend.to_owned(), name.to_owned()), server.line()));
         }
     }
-    let maps = map_commands(old.maps, new.maps)?;
+    let maps = map_commands(old.maps, new.maps, new.config)?;
     let mut commands = added;
     commands.extend(maps);
     commands.extend(changed);
@@ -294,24 +294,49 @@ fn split_address(address: &str) -> Option<(IpAddr, u16)> {
     Some((ip, port))
 }
 
-/// Commands that turn each old map into the new one, if the runtime API can.
-fn map_commands(old: &[ConfigFile], new: &[ConfigFile]) -> Result<Vec<Command>, String> {
+/// Commands that turn each old map into the new one, if the runtime API can. `config` is the
+/// configuration that uses them.
+fn map_commands(
+    old: &[ConfigFile],
+    new: &[ConfigFile],
+    config: &str,
+) -> Result<Vec<Command>, String> {
     if !old.iter().map(|m| &m.name).eq(new.iter().map(|m| &m.name)) {
         return Err("the set of map files changed".to_owned());
     }
     let mut commands = Vec::new();
     for (was, now) in old.iter().zip(new) {
         if was.content != now.content {
-            commands.extend(map_diff(&now.name, &was.content, &now.content)?);
+            let ordered = !exact_only(config, &now.name);
+            commands.extend(map_diff(&now.name, &was.content, &now.content, ordered)?);
         }
     }
     Ok(commands)
 }
 
+/// Whether `config` uses the map file `name` only through exact matches (`map(name)`,
+/// `map_str(name)`, with or without a default value), where the order of entries does not
+/// matter; and uses it at all.
+fn exact_only(config: &str, name: &str) -> bool {
+    let mut used = false;
+    for (at, _) in config.match_indices(name) {
+        let before = &config[..at];
+        let after = &config[at + name.len()..];
+        if !(before.ends_with("map(") || before.ends_with("map_str("))
+            || !(after.starts_with(')') || after.starts_with(','))
+        {
+            return false;
+        }
+        used = true;
+    }
+    used
+}
+
 /// Entries are `key value` lines. Some matches (`map_end`, `map_beg`, `map_reg`, ...) take the
-/// first entry that matches, in file order, and `add map` appends: the runtime API is used only
-/// when the new file's order is the old one minus removed keys, plus added keys at the end.
-fn map_diff(name: &str, old: &str, new: &str) -> Result<Vec<Command>, String> {
+/// first entry that matches, in file order, and `add map` appends: for an `ordered` map the
+/// runtime API is used only when the new file's order is the old one minus removed keys, plus
+/// added keys at the end. Exact matches look keys up in a tree: any order will do.
+fn map_diff(name: &str, old: &str, new: &str, ordered: bool) -> Result<Vec<Command>, String> {
     if !cli_safe(name) {
         return Err(format!("map name '{}' is not safe", name.escape_default()));
     }
@@ -327,7 +352,7 @@ fn map_diff(name: &str, old: &str, new: &str) -> Result<Vec<Command>, String> {
         .iter()
         .map(|(key, _)| *key)
         .filter(|key| !before_values.contains_key(key));
-    if !kept.chain(added).eq(after.iter().map(|(key, _)| *key)) {
+    if ordered && !kept.chain(added).eq(after.iter().map(|(key, _)| *key)) {
         return Err(format!(
             "map {name}: entries were inserted before existing ones or reordered"
         ));
@@ -678,6 +703,49 @@ mod tests {
         reload_reason(map_plan(".b.example y\n", ".a.b.example x\n.b.example y\n"));
         reload_reason(map_plan("a x\nb y\n", "b y\na x\n"));
         reload_reason(map_plan("a x\n", "a x\na y\n"));
+    }
+
+    #[test]
+    fn exact_match_maps_take_new_entries_anywhere() {
+        let uses = |converter: &str| {
+            BASE.replace(
+                "    default_backend app_a\n",
+                &format!(
+                    "    use_backend %[req.hdr(host),{converter}(hosts.map)] if {{ req.hdr(host),{converter}(hosts.map) -m found }}\n    default_backend app_a\n"
+                ),
+            )
+        };
+        let plan_with = |config: &str| {
+            plan(
+                Files {
+                    config,
+                    maps: &[map("hosts.map", "a.example app_a\nc.example app_a\n")],
+                },
+                Files {
+                    config,
+                    maps: &[map(
+                        "hosts.map",
+                        "a.example app_a\nb.example app_a\nc.example app_a\n",
+                    )],
+                },
+                &Draining::new(),
+            )
+        };
+        for exact in ["map", "map_str"] {
+            assert_eq!(
+                lines(&plan_with(&uses(exact))),
+                ["add map hosts.map b.example app_a"],
+                "{exact}"
+            );
+        }
+        // A suffix match takes the first entry that matches: an entry in the middle reloads.
+        reload_reason(plan_with(&uses("map_end")));
+        // So does a map used both ways, or not named in the configuration at all.
+        reload_reason(plan_with(&format!(
+            "{}    http-request set-var(txn.x) req.hdr(host),map_beg(hosts.map)\n",
+            uses("map")
+        )));
+        reload_reason(plan_with(BASE));
     }
 
     #[test]

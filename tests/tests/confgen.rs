@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use etcd_client::{Client, Txn, TxnOp};
-use legate_confgen::model::Registry;
+use legate_confgen::model::{Registry, Slots};
 use legate_confgen::render::{DEFAULT_TEMPLATE, Renderer, Settings};
 use legate_proto::registry::{Prefix, Schema};
 use legate_proto::v1;
@@ -288,7 +288,8 @@ async fn golden_outputs_are_stable_and_haproxy_accepts_them() {
             .into_iter()
             .map(|(k, v)| (k.into_bytes(), v.into_bytes()));
         registry.reset(kvs, 1);
-        let model = registry.model(&[80]);
+        let mut model = registry.model(&[80]);
+        Slots::default().assign(&mut model);
         let rendered = renderer
             .render(&Arc::new(model.clone()), &settings)
             .unwrap();
@@ -644,7 +645,7 @@ async fn a_template_that_fails_keeps_the_last_good_snapshot() {
     );
     assert_eq!(
         std::fs::read_to_string(output.join("hosts.map")).unwrap(),
-        "a.example.com app_a.example.com\n"
+        "a.example.com slot_1\n"
     );
 
     kv.put(

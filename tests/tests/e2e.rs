@@ -238,3 +238,39 @@ async fn a_dead_hosts_provider_comes_back_on_another_host_within_the_lease_ttl()
         "registrations left: {endpoints:?}"
     );
 }
+
+/// Domains that come and go are applied through HAProxy's runtime API: a new domain takes a
+/// free pooled backend (servers added, a map entry), a domain that goes frees it for the next,
+/// and none of it reloads HAProxy.
+#[tokio::test]
+async fn domains_come_and_go_without_a_reload() {
+    let ambassador = Ambassador::start(LOCALHOST).await.unwrap();
+    let host = ambassador.host(Ipv4Addr::LOCALHOST, 10).await.unwrap();
+    let mid = run_app(&host, "mid.test", "mid", &[]).await;
+    wait_answer(&ambassador, &[&host], "mid.test", "/", "mid").await;
+    let supervised = ambassador.supervised();
+    let reloads = supervised.reloads().await.unwrap();
+
+    let _zed = run_app(&host, "zed.test", "zed", &[]).await;
+    wait_answer(&ambassador, &[&host], "zed.test", "/", "zed").await;
+    docker(&["stop", "--time", "1", mid.id()]).await.unwrap();
+    wait_for("mid.test to lose its route", WAIT, || async {
+        let (status, text) = ambassador.get("mid.test", "/").await?;
+        Ok((status == 503 && text.contains("no route")).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", ambassador.logs(&[&host])));
+    // A domain that goes first in the (exact-match) hosts map takes the slot mid left.
+    let _abc = run_app(&host, "abc.test", "abc", &[]).await;
+    wait_answer(&ambassador, &[&host], "abc.test", "/", "abc").await;
+    wait_answer(&ambassador, &[&host], "zed.test", "/", "zed").await;
+
+    assert_eq!(
+        supervised.reloads().await.unwrap(),
+        reloads,
+        "HAProxy reloaded:\n{}",
+        ambassador.logs(&[&host])
+    );
+    let hosts_map = std::fs::read_to_string(supervised.state_dir().join("live/hosts.map")).unwrap();
+    assert_eq!(hosts_map, "abc.test slot_1\nzed.test slot_2\n");
+}
