@@ -49,8 +49,9 @@ pub struct Config {
     /// Handlebars template to render instead of the built-in one.
     #[arg(long, env = "LEGATE_TEMPLATE")]
     pub template: Option<PathBuf>,
-    /// How long to let a burst of changes settle before rendering, `min:max`: render once no
-    /// change came for `min`, and at the latest `max` after the first change (units ms, s, m;
+    /// How long to let a burst of changes settle before rendering, `min:max`: a change after at
+    /// least `min` without a render renders at once; changes that follow it render once no
+    /// change came for `min`, and at the latest `max` after the first of them (units ms, s, m;
     /// a lone `min` means `min:4×min`).
     #[arg(long, env = "LEGATE_WAIT", default_value = "2ms:100ms", value_parser = parse_wait)]
     pub wait: Wait,
@@ -240,6 +241,7 @@ impl Generator {
     ) {
         // (first change of the pending burst, when to render it)
         let mut pending: Option<(Instant, Instant)> = None;
+        let mut rendered: Option<Instant> = None;
         loop {
             let deadline = pending.map(|(_, at)| at);
             tokio::select! {
@@ -251,12 +253,20 @@ impl Generator {
                         self.apply(batch);
                     }
                     let now = Instant::now();
+                    if pending.is_none() && rendered.is_none_or(|at| now - at >= wait.min) {
+                        // After a quiet spell, a change need not wait: only what follows it
+                        // within `min` is coalesced.
+                        self.render().await;
+                        rendered = Some(Instant::now());
+                        continue;
+                    }
                     let first = pending.map_or(now, |(first, _)| first);
                     pending = Some((first, (now + wait.min).min(first + wait.max)));
                 }
                 () = sleep_until(deadline) => {
                     pending = None;
                     self.render().await;
+                    rendered = Some(Instant::now());
                 }
             }
         }
