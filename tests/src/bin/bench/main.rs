@@ -396,20 +396,23 @@ async fn confgen(puts: usize, renders: usize, apps: usize, services: usize) -> R
     let (at, snapshot) = snapshot_at(&mut stream, revision as u64).await?;
     let sync = at - started;
     // Counted in the configuration, since the subscriber gets no model.
-    let count = |prefix: &str| {
-        snapshot
-            .haproxy_config
-            .lines()
-            .filter(|l| l.starts_with(prefix))
-            .count()
-    };
-    let servers = count("    server ");
-    if count("backend app_") != apps || count("listen svc_") != services {
-        bail!(
-            "snapshot has {} apps and {} services",
-            count("backend app_"),
-            count("listen svc_")
-        );
+    let servers = snapshot
+        .haproxy_config
+        .lines()
+        .filter(|l| l.starts_with("    server "))
+        .count();
+    let routed = snapshot
+        .maps
+        .iter()
+        .map(|m| m.content.lines().count())
+        .sum::<usize>();
+    let listeners = snapshot
+        .haproxy_config
+        .lines()
+        .filter(|l| l.starts_with("listen svc_"))
+        .count();
+    if routed != apps || listeners != services {
+        bail!("snapshot routes {routed} apps and has {listeners} service listeners");
     }
     let rss = rss_kib(confgen.pid())?;
     let (mut big_issued, mut big_returned) =
