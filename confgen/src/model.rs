@@ -4,8 +4,9 @@
 //! parsed once, when it is put: a key or value that does not parse or validate is kept as a
 //! skipped entry with its reason, never dropped silently and never rendered. [`Registry::model`]
 //! groups the parsed entries into a [`Model`]: apps by domain, services by port, live hosts,
-//! all in a deterministic order, so the same registry always renders byte-identical output.
-//! No I/O here: the watcher feeds it, the renderer reads its models.
+//! all in a deterministic order, so the same registry always renders byte-identical output
+//! from a fresh [`Slots`] pool (which pooled backend serves which domain depends on the order
+//! domains came in, see [`Slots`]). No I/O here: the watcher feeds it, the renderer reads its models.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
