@@ -188,15 +188,24 @@ async fn seed_scenario_registers_service_and_app_and_follows_their_lifecycle() {
         serde_json::from_str(&all[&format!("/hosts/{}", f.host_id)]).unwrap();
     assert_eq!(record["ip"], "127.0.0.1");
 
-    // The registered addresses reach the containers.
-    let (status, body) = http_get(endpoint_of(&app_key), "blog.example.com", "/")
-        .await
-        .unwrap();
+    // The registered addresses reach the containers, once their servers listen: a container is
+    // registered when it runs, and its server may still be starting (docker-proxy then accepts
+    // and resets the connection).
+    let (status, body) = wait_for("the app at its registered address", WAIT, || async {
+        Ok(Some(
+            http_get(endpoint_of(&app_key), "blog.example.com", "/").await?,
+        ))
+    })
+    .await
+    .unwrap();
     assert_eq!((status, body.trim()), (200, &wordpress.id()[..12]));
-    assert_eq!(
-        tcp_banner(endpoint_of(&service_key)).await.unwrap(),
-        mysql.id()[..12]
-    );
+    let banner = wait_for("the service at its registered address", WAIT, || async {
+        let banner = tcp_banner(endpoint_of(&service_key)).await?;
+        Ok((!banner.is_empty()).then_some(banner))
+    })
+    .await
+    .unwrap();
+    assert_eq!(banner, mysql.id()[..12]);
 
     // stop → gone; start → back (Docker may publish another port); kill → gone.
     wordpress.command("stop").await.unwrap();
