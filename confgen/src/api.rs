@@ -7,13 +7,14 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::Stream;
 use legate_proto::registry::HostId;
 use legate_proto::v1;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status as GrpcStatus};
 use tracing::{info, warn};
@@ -124,6 +125,24 @@ impl Status {
     }
 }
 
+/// Whether any subscriber wants the model in its snapshots. The model of a large registry is
+/// several times the size of its configuration: confgen keeps it only while someone wants it,
+/// and renders again at once when a subscriber that wants it finds the current snapshot
+/// without one.
+#[derive(Debug, Default)]
+pub struct ModelDemand {
+    subscribers: AtomicUsize,
+    /// Notified when a subscriber wants a model the current snapshot lacks.
+    pub wanted: Notify,
+}
+
+impl ModelDemand {
+    /// Whether a subscriber wants models now.
+    pub fn wanted_now(&self) -> bool {
+        self.subscribers.load(Ordering::Acquire) > 0
+    }
+}
+
 /// The `legate.v1.Confgen` service.
 #[derive(Debug, Clone)]
 pub struct Api {
@@ -131,6 +150,8 @@ pub struct Api {
     pub snapshots: Snapshots,
     /// Status beyond the snapshot.
     pub status: Arc<Status>,
+    /// Subscribers that want the model.
+    pub models: Arc<ModelDemand>,
     /// Ends every stream.
     pub shutdown: CancellationToken,
 }
@@ -141,14 +162,15 @@ struct Subscription {
     status: Arc<Status>,
     node_id: String,
     shutdown: CancellationToken,
-    omit_model: bool,
+    /// Set when the subscriber wants the model: it counts in the demand while it lasts.
+    models: Option<Arc<ModelDemand>>,
 }
 
 impl Subscription {
     /// The message for `snapshot`: a copy, since the stream owns what it sends, without the
     /// model if the subscriber asked so (the largest part by far, and copied field by field).
     fn copy(&self, snapshot: &v1::ConfigSnapshot) -> v1::ConfigSnapshot {
-        if !self.omit_model {
+        if self.models.is_some() {
             return snapshot.clone();
         }
         v1::ConfigSnapshot {
@@ -164,6 +186,9 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        if let Some(models) = &self.models {
+            models.subscribers.fetch_sub(1, Ordering::AcqRel);
+        }
         self.status.disconnect(&self.node_id);
         info!(node = self.node_id, "subscriber left");
     }
@@ -192,9 +217,17 @@ impl v1::confgen_server::Confgen for Api {
         let mut snapshots = self.snapshots.clone();
         // The current snapshot goes out first, whether or not it is new to this receiver.
         snapshots.mark_changed();
+        let models = (!request.omit_model).then(|| {
+            self.models.subscribers.fetch_add(1, Ordering::AcqRel);
+            let current = snapshots.borrow();
+            if current.as_ref().is_some_and(|s| s.model.is_none()) {
+                self.models.wanted.notify_one();
+            }
+            self.models.clone()
+        });
         let subscription = Subscription {
             snapshots,
-            omit_model: request.omit_model,
+            models,
             status: self.status.clone(),
             node_id,
             shutdown: self.shutdown.clone(),
@@ -206,7 +239,11 @@ impl v1::confgen_server::Confgen for Api {
                     changed = sub.snapshots.changed() => changed.ok()?,
                 }
                 let current = sub.snapshots.borrow_and_update().clone();
-                if let Some(snapshot) = current {
+                // One that wants the model waits for a snapshot with it: confgen renders one
+                // at once for it.
+                if let Some(snapshot) = current
+                    && (sub.models.is_none() || snapshot.model.is_some())
+                {
                     return Some((Ok(sub.copy(&snapshot)), sub));
                 }
             }

@@ -27,9 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::api::Status;
+use crate::api::{ModelDemand, Status};
 use crate::model::{Model, Registry, Slots};
 use crate::render::{Renderer, Settings};
 use crate::watcher::{Batch, Event};
@@ -177,9 +177,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let tasks = shutdown.child_token();
     let (snapshot_tx, snapshot_rx) = watch::channel(None);
     let status = Arc::new(Status::default());
+    let models = Arc::new(ModelDemand::default());
     let api = v1::confgen_server::ConfgenServer::new(api::Api {
         snapshots: snapshot_rx,
         status: status.clone(),
+        models: models.clone(),
         shutdown: tasks.clone(),
     });
     let (health, routes) = runtime::health_routes().await;
@@ -202,6 +204,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         reserved_ports: vec![config.http_port],
         settings,
         snapshots: snapshot_tx,
+        models,
         status,
         output: config.output.clone(),
         health,
@@ -226,6 +229,8 @@ struct Generator {
     /// Ports the ambassador listens on itself: no service may take them.
     reserved_ports: Vec<u16>,
     snapshots: watch::Sender<Option<Arc<v1::ConfigSnapshot>>>,
+    /// Whether snapshots carry the model.
+    models: Arc<ModelDemand>,
     status: Arc<Status>,
     output: Option<PathBuf>,
     health: HealthReporter,
@@ -242,10 +247,15 @@ impl Generator {
         // (first change of the pending burst, when to render it)
         let mut pending: Option<(Instant, Instant)> = None;
         let mut rendered: Option<Instant> = None;
+        let models = self.models.clone();
         loop {
             let deadline = pending.map(|(_, at)| at);
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                () = models.wanted.notified() => {
+                    self.render().await;
+                    rendered = Some(Instant::now());
+                }
                 batch = batches.recv() => {
                     let Some(batch) = batch else { return };
                     self.apply(batch);
@@ -306,6 +316,18 @@ impl Generator {
     /// thread keeps the memory of successive renders in one malloc arena.
     async fn render(&mut self) {
         let started = std::time::Instant::now();
+        let keep_model = self.models.wanted_now();
+        if !keep_model {
+            // Nobody wants the last snapshot's model any more: let it go before the new one is
+            // built, so that two models of a large registry are never held at once. (A stream
+            // sending that snapshot right now holds it: then it goes when the send is done.)
+            self.snapshots.send_if_modified(|current| {
+                if let Some(snapshot) = current.as_mut().and_then(Arc::get_mut) {
+                    snapshot.model = None;
+                }
+                false
+            });
+        }
         let mut model = self.registry.model(&self.reserved_ports);
         self.slots.assign(&mut model);
         let model = Arc::new(model);
@@ -339,16 +361,17 @@ impl Generator {
                 return;
             }
         };
-        let unchanged = self
+        let (same, with_model) = self
             .snapshots
             .borrow()
             .as_ref()
-            .is_some_and(|s| s.checksum == rendered.checksum);
-        if unchanged {
+            .map_or((false, false), |s| {
+                (s.checksum == rendered.checksum, s.model.is_some())
+            });
+        if same && (with_model || !keep_model) {
             metrics::counter!("legate_confgen_renders_total", "result" => "unchanged").increment(1);
             return;
         }
-        metrics::counter!("legate_confgen_renders_total", "result" => "changed").increment(1);
         let version = u64::try_from(self.registry.revision()).unwrap_or_default();
         let (apps, services, skipped) =
             (model.apps.len(), model.services.len(), model.skipped.len());
@@ -359,9 +382,19 @@ impl Generator {
             checksum: rendered.checksum,
             haproxy_config: rendered.config,
             maps: rendered.maps,
-            model: Some(model),
+            model: keep_model.then_some(model),
             generator: self.settings.generator.clone(),
         };
+        if same {
+            // The same configuration again, now with the model a subscriber asked for.
+            debug!(
+                version,
+                "the current configuration sent again with its model"
+            );
+            self.snapshots.send_replace(Some(Arc::new(snapshot)));
+            return;
+        }
+        metrics::counter!("legate_confgen_renders_total", "result" => "changed").increment(1);
         if let Some(dir) = &self.output
             && let Err(e) = write_output(dir, &snapshot).await
         {
