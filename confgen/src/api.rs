@@ -219,10 +219,6 @@ impl v1::confgen_server::Confgen for Api {
         snapshots.mark_changed();
         let models = (!request.omit_model).then(|| {
             self.models.subscribers.fetch_add(1, Ordering::AcqRel);
-            let current = snapshots.borrow();
-            if current.as_ref().is_some_and(|s| s.model.is_none()) {
-                self.models.wanted.notify_one();
-            }
             self.models.clone()
         });
         let subscription = Subscription {
@@ -239,12 +235,12 @@ impl v1::confgen_server::Confgen for Api {
                     changed = sub.snapshots.changed() => changed.ok()?,
                 }
                 let current = sub.snapshots.borrow_and_update().clone();
-                // One that wants the model waits for a snapshot with it: confgen renders one
-                // at once for it.
-                if let Some(snapshot) = current
-                    && (sub.models.is_none() || snapshot.model.is_some())
-                {
-                    return Some((Ok(sub.copy(&snapshot)), sub));
+                let Some(snapshot) = current else { continue };
+                match &sub.models {
+                    // One that wants the model waits for a snapshot with it, which confgen
+                    // renders at once when asked.
+                    Some(models) if snapshot.model.is_none() => models.wanted.notify_one(),
+                    _ => return Some((Ok(sub.copy(&snapshot)), sub)),
                 }
             }
         });
