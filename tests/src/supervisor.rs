@@ -84,10 +84,23 @@ impl Supervised {
         haproxy::cli(&self.run_dir().join("admin.sock"), command).await
     }
 
+    /// The master's `show proc`. The master CLI refuses connections for a moment while the
+    /// master re-executes itself during a reload: asked again until it answers (within `WAIT`).
+    pub async fn show_proc(&self) -> Result<Vec<haproxy::Proc>> {
+        let started = std::time::Instant::now();
+        loop {
+            match self.master("show proc").await {
+                Ok(text) => return Ok(haproxy::parse_show_proc(&text)),
+                Err(e) if started.elapsed() > crate::WAIT => return Err(e),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
+            }
+        }
+    }
+
     /// The master's reload counter.
     pub async fn reloads(&self) -> Result<u32> {
-        let procs = haproxy::parse_show_proc(&self.master("show proc").await?);
-        procs
+        self.show_proc()
+            .await?
             .iter()
             .find(|p| p.kind == "master")
             .map(|p| p.reloads)

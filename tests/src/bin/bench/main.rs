@@ -208,10 +208,7 @@ async fn registrar(count: usize, idle: Duration) -> Result<()> {
     let idle_started = Instant::now();
     tokio::time::sleep(idle).await;
     let cpu_after = cpu_ticks(registrar.pid())?;
-    let ticks_per_sec = 100.0; // USER_HZ on Linux
-    let cpu_percent =
-        (cpu_after - cpu_before) as f64 / ticks_per_sec / idle_started.elapsed().as_secs_f64()
-            * 100.0;
+    let cpu_percent = cpu_percent(cpu_after - cpu_before, idle_started.elapsed().as_secs_f64());
     let rss_after = rss_kib(registrar.pid())?;
 
     let mut stop_issued = Vec::new();
@@ -229,7 +226,7 @@ async fn registrar(count: usize, idle: Duration) -> Result<()> {
     println!(
         "registrar benchmark: {count} containers, one at a time, etcd and Docker on this host"
     );
-    println!("{:<44} {:>9} {:>9} {:>9}", "", "p50", "p99", "max");
+    header();
     report("docker start issued   -> key in etcd", &mut start_issued);
     report("docker start returned -> key in etcd", &mut start_returned);
     report("docker stop issued    -> key deleted", &mut stop_issued);
@@ -423,7 +420,7 @@ async fn confgen(puts: usize, renders: usize, apps: usize, services: usize) -> R
     println!(
         "confgen benchmark: etcd, confgen and one Watch subscriber on this host, default --wait"
     );
-    println!("{:<44} {:>9} {:>9} {:>9}", "", "p50", "p99", "max");
+    header();
     report(
         &format!("empty registry: put issued -> snapshot ({puts})"),
         &mut small_issued,
@@ -517,7 +514,7 @@ async fn supervisor(changes: usize, reloads: usize) -> Result<()> {
     client.apply(first).await?;
 
     println!("{changes} runtime applies and {reloads} reloads, no load:");
-    println!("{:<44} {:>9} {:>9} {:>9}", "", "p50", "p99", "max");
+    header();
     let (mut runtime, mut reload) =
         churn(&mut client, [&both, &one], changes, reloads, &mut version).await?;
     report("Apply, runtime path", &mut runtime);
@@ -569,6 +566,16 @@ fn row(label: &str, samples: &mut [Duration]) -> String {
         ms(percentile(samples, 0.99)),
         ms(percentile(samples, 1.0))
     )
+}
+
+/// The header of a table of [`row`]s.
+fn header() {
+    println!("{:<44} {:>9} {:>9} {:>9}", "", "p50", "p99", "max");
+}
+
+/// CPU use in percent of one core, from clock ticks over `secs` seconds (USER_HZ is 100).
+fn cpu_percent(ticks: u64, secs: f64) -> f64 {
+    ticks as f64 / 100.0 / secs * 100.0
 }
 
 fn report(label: &str, samples: &mut [Duration]) {

@@ -9,11 +9,10 @@ use etcd_client::WatchOptions;
 use legate_tests::ambassador::Ambassador;
 use legate_tests::backend::Backend;
 use legate_tests::docker::images;
-use legate_tests::supervisor::Supervised;
 use legate_tests::{http_get, tcp_banner};
 use tokio::io::AsyncWriteExt;
 
-use super::{container_id, percentile, report, row};
+use super::{container_id, header, percentile, report, row};
 
 pub(crate) const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 /// How long one change may take before the benchmark gives up.
@@ -33,19 +32,6 @@ where
             bail!("{what}: not seen after {LIMIT:?}");
         }
         tokio::task::yield_now().await;
-    }
-}
-
-/// The master's reload counter; the master CLI refuses connections for a moment while the
-/// master re-executes itself during a reload.
-async fn reload_count(supervised: &Supervised) -> Result<u32> {
-    let started = Instant::now();
-    loop {
-        match supervised.reloads().await {
-            Ok(n) => return Ok(n),
-            Err(e) if started.elapsed() > LIMIT => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
-        }
     }
 }
 
@@ -95,7 +81,7 @@ pub(crate) async fn convergence(changes: usize) -> Result<()> {
     let mut backends = Vec::new();
     let mut rows = Vec::new();
     for kind in ["gain", "new"] {
-        let reloads = reload_count(supervised).await?;
+        let reloads = supervised.reloads().await?;
         let mut samples = Vec::with_capacity(changes);
         for i in 0..changes {
             let name = format!("{kind}-{i}");
@@ -116,9 +102,9 @@ pub(crate) async fn convergence(changes: usize) -> Result<()> {
             samples.push(until(&name, started, || answers(http, &host, &name)).await?);
             backends.push(backend);
         }
-        rows.push((kind, samples, reload_count(supervised).await? - reloads));
+        rows.push((kind, samples, supervised.reloads().await? - reloads));
     }
-    let reloads = reload_count(supervised).await?;
+    let reloads = supervised.reloads().await?;
     let mut samples = Vec::with_capacity(changes);
     let mut servers = Vec::new();
     for i in 0..changes {
@@ -140,11 +126,7 @@ pub(crate) async fn convergence(changes: usize) -> Result<()> {
         );
         servers.push(task);
     }
-    rows.push((
-        "service",
-        samples,
-        reload_count(supervised).await? - reloads,
-    ));
+    rows.push(("service", samples, supervised.reloads().await? - reloads));
 
     // The limits, on the same etcd and HAProxy.
     let mut watch_samples = Vec::with_capacity(changes);
@@ -189,7 +171,7 @@ pub(crate) async fn convergence(changes: usize) -> Result<()> {
     }
     let mut reload_samples = Vec::new();
     for _ in 0..changes.min(20) {
-        let before = reload_count(supervised).await?;
+        let before = supervised.reloads().await?;
         let started = Instant::now();
         supervised.master("reload").await?;
         until("a raw reload", started, || async {
@@ -262,7 +244,7 @@ pub(crate) async fn docker(count: usize) -> Result<()> {
     let image = &images()?.http_app;
     let (mut run_issued, mut run_returned) = (Vec::new(), Vec::new());
     let (mut stop_issued, mut stop_returned) = (Vec::new(), Vec::new());
-    let reloads = reload_count(ambassador.supervised()).await?;
+    let reloads = ambassador.supervised().reloads().await?;
     for i in 0..count {
         let (domain, response) = (
             format!("DOMAIN_NAME=run-{i}.test"),
@@ -287,12 +269,12 @@ pub(crate) async fn docker(count: usize) -> Result<()> {
         stop_returned.push(gone.saturating_sub(returned));
         drop(container);
     }
-    let reloads = reload_count(ambassador.supervised()).await? - reloads;
+    let reloads = ambassador.supervised().reloads().await? - reloads;
     println!();
     println!(
         "docker: {count} containers run and stopped one at a time, through registrar, etcd, confgen, supervisor and HAProxy"
     );
-    println!("{:<44} {:>9} {:>9} {:>9}", "", "p50", "p99", "max");
+    header();
     report("docker run issued    -> routed", &mut run_issued);
     report("docker run returned  -> routed", &mut run_returned);
     report("docker stop issued   -> no longer routed", &mut stop_issued);

@@ -17,7 +17,10 @@ use legate_tests::{free_port, http_get, load};
 use tonic::transport::Channel;
 
 use super::pipeline::{LIMIT, LOCALHOST, answers, banner_server, until};
-use super::{container_id, cpu_ticks, percentile, registry, report, rss_kib, snapshot_at};
+use super::{
+    container_id, cpu_percent, cpu_ticks, header, percentile, registry, report, rss_kib,
+    snapshot_at,
+};
 
 type Client = SupervisorClient<Channel>;
 
@@ -57,20 +60,14 @@ fn revision(header: Option<&etcd_client::ResponseHeader>) -> Result<i64> {
     Ok(header.context("no response header")?.revision())
 }
 
-/// HAProxy's master and workers, by pid. The master CLI refuses connections for a moment while
-/// the master re-executes itself during a reload.
+/// HAProxy's master and workers, by pid.
 async fn haproxy_pids(supervised: &Supervised) -> Result<Vec<u32>> {
-    let started = Instant::now();
-    loop {
-        match supervised.master("show proc").await {
-            Ok(text) => {
-                let procs = legate_tests::haproxy::parse_show_proc(&text);
-                return Ok(procs.into_iter().map(|p| p.pid).collect());
-            }
-            Err(e) if started.elapsed() > LIMIT => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
+    Ok(supervised
+        .show_proc()
+        .await?
+        .into_iter()
+        .map(|p| p.pid)
+        .collect())
 }
 
 /// Resident memory (KiB) and CPU ticks of a group of processes, summed.
@@ -175,7 +172,7 @@ pub(crate) async fn churn(changes: usize, reloads: usize, load_for: Duration) ->
         server_changes.len(),
         new_ports.len()
     );
-    println!("{:<44} {:>9} {:>9} {:>9}", "", "p50", "p99", "max");
+    header();
     report(
         "server change: etcd put -> HAProxy runs it",
         &mut server_changes,
@@ -230,9 +227,17 @@ async fn create_apps(host: &Host, tag: &str, count: usize) -> Result<Vec<Contain
 
 /// The containers if every result is one, otherwise the first error, the others removed.
 async fn settle(results: Vec<Result<Container>>) -> Result<Vec<Container>> {
-    let (containers, errors): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
-    let containers: Vec<Container> = containers.into_iter().filter_map(Result::ok).collect();
-    match errors.into_iter().find_map(Result::err) {
+    let mut containers = Vec::new();
+    let mut error = None;
+    for result in results {
+        match result {
+            Ok(container) => containers.push(container),
+            Err(e) => {
+                error.get_or_insert(e);
+            }
+        }
+    }
+    match error {
         None => Ok(containers),
         Some(e) => {
             docker::remove_all(containers).await;
@@ -515,8 +520,7 @@ pub(crate) async fn idle(count: usize, idle: Duration) -> Result<()> {
         );
         for ((name, pids), (rss_before, ticks_before)) in groups.iter().zip(before) {
             let (rss_after, ticks_after) = usage(pids)?;
-            // USER_HZ is 100 on Linux.
-            let cpu = (ticks_after - ticks_before) as f64 / 100.0 / elapsed * 100.0;
+            let cpu = cpu_percent(ticks_after - ticks_before, elapsed);
             println!(
                 "{name:<28} {:>8.1} MiB {:>8.1} MiB {cpu:>7.2}%",
                 mib(rss_before),
