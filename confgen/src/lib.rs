@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use legate_proto::registry::Schema;
+use legate_proto::registry::{KeyKind, Schema};
 use legate_proto::runtime::{self, CommonArgs, EtcdArgs, RuntimeError};
 use legate_proto::v1;
 use tokio::sync::{mpsc, watch};
@@ -31,7 +31,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::api::{ModelDemand, Status};
 use crate::model::{Model, Registry, Slots};
-use crate::render::{Renderer, Settings};
+use crate::render::{Item, ItemFailure, RenderError, Renderer, Settings};
 use crate::watcher::{Batch, Event};
 
 /// confgen's configuration: every flag has an environment fallback.
@@ -330,8 +330,21 @@ impl Generator {
         }
         let mut model = self.registry.model(&self.reserved_ports);
         self.slots.assign(&mut model);
-        let model = Arc::new(model);
-        let result = self.renderer.render(&model, &self.settings);
+        let mut model = Arc::new(model);
+        let mut result = self.renderer.render(&model, &self.settings);
+        if let Err(RenderError::Items(failures)) = &result {
+            for failure in failures {
+                warn!(
+                    item = describe(&model, failure.item),
+                    error = failure.error,
+                    "left out of the configuration: it does not render with the template"
+                );
+            }
+            metrics::counter!("legate_confgen_render_failures_total")
+                .increment(failures.len() as u64);
+            model = Arc::new(without_failed(&model, failures, &self.registry));
+            result = self.renderer.render(&model, &self.settings);
+        }
         metrics::histogram!("legate_confgen_render_seconds")
             .record(started.elapsed().as_secs_f64());
         metrics::gauge!("legate_confgen_skipped_keys").set(model.skipped.len() as f64);
@@ -451,3 +464,61 @@ async fn write_output(dir: &Path, snapshot: &v1::ConfigSnapshot) -> std::io::Res
 
 #[cfg(test)]
 mod tests;
+
+/// An app or service of `model`, as the log names it.
+fn describe(model: &Model, item: Item) -> String {
+    match item {
+        Item::App(i) => format!("app {}", model.apps[i].domain),
+        Item::Service(i) => format!(
+            "service {} on port {}",
+            model.services[i].names.join(","),
+            model.services[i].port
+        ),
+    }
+}
+
+/// `model` without the apps and services that failed to render; each is listed with the
+/// skipped keys instead, as its directory in the registry and the template's error, so that
+/// `Confgen.Status` and the `legate_confgen_skipped_keys` gauge show it like any bad key.
+fn without_failed(model: &Model, failures: &[ItemFailure], registry: &Registry) -> Model {
+    let mut reduced = model.clone();
+    let failed = |item: Item| failures.iter().any(|f| f.item == item);
+    reduced.apps = (0..model.apps.len())
+        .filter(|&i| !failed(Item::App(i)))
+        .map(|i| model.apps[i].clone())
+        .collect();
+    reduced.services = (0..model.services.len())
+        .filter(|&i| !failed(Item::Service(i)))
+        .map(|i| model.services[i].clone())
+        .collect();
+    for failure in failures {
+        let reason = format!(
+            "{} does not render with the template: {}",
+            describe(model, failure.item),
+            failure.error
+        );
+        let keys: Vec<String> = match failure.item {
+            Item::App(i) => vec![format!(
+                "{}{}/",
+                registry.dir(KeyKind::App),
+                model.apps[i].domain
+            )],
+            Item::Service(i) => model.services[i]
+                .names
+                .iter()
+                .map(|name| {
+                    let port = model.services[i].port;
+                    format!("{}{name}/{port}/", registry.dir(KeyKind::Service))
+                })
+                .collect(),
+        };
+        reduced
+            .skipped
+            .extend(keys.into_iter().map(|key| v1::SkippedKey {
+                key: key.into_bytes(),
+                reason: reason.clone(),
+            }));
+    }
+    reduced.skipped.sort_by(|a, b| a.key.cmp(&b.key));
+    reduced
+}

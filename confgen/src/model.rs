@@ -58,6 +58,11 @@ impl Registry {
         }
     }
 
+    /// The directory of one kind of key, with its trailing slash: `<prefix>/apps/`.
+    pub fn dir(&self, kind: KeyKind) -> String {
+        self.schema.dir(kind)
+    }
+
     /// The etcd range that holds every registry directory: `[<prefix>/apps/, <prefix>/services0)`
     /// (`0` follows `/`). Keys in it outside the three directories are ignored.
     pub fn range(&self) -> (Vec<u8>, Vec<u8>) {

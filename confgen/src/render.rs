@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use handlebars::{
     BlockContext, Context as HbContext, Handlebars, Helper, HelperDef, HelperResult, Output,
-    RenderContext, Renderable, to_json,
+    RenderContext, Renderable, StringOutput, to_json,
 };
 use legate_proto::v1;
 use serde::Serialize;
@@ -42,6 +42,28 @@ pub enum RenderError {
     /// Cannot happen: handlebars writes strings only.
     #[error("rendered configuration is not UTF-8")]
     NotUtf8,
+    /// These apps or services failed to render, and only they: the caller renders again
+    /// without them.
+    #[error("{} app(s) or service(s) failed to render", .0.len())]
+    Items(Vec<ItemFailure>),
+}
+
+/// An app or service whose block of the template failed to render.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemFailure {
+    /// Which one.
+    pub item: Item,
+    /// Handlebars' error.
+    pub error: String,
+}
+
+/// An app or service of the rendered model, by its index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Item {
+    /// `model.apps[i]`.
+    App(usize),
+    /// `model.services[i]`.
+    Service(usize),
 }
 
 /// What a template renders with, besides the model.
@@ -139,10 +161,12 @@ impl Renderer {
             service_count: model.services.len(),
             slot_count: model.slots,
         };
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
         for section in SECTIONS {
             let helper = Sections {
                 model: model.clone(),
                 section,
+                failures: failures.clone(),
             };
             self.handlebars
                 .register_helper(section.name(), Box::new(helper));
@@ -157,6 +181,12 @@ impl Renderer {
             self.handlebars.unregister_helper(section.name());
         }
         let config = config.map_err(Box::new)?;
+        let mut failures = std::mem::take(&mut *failures.lock().unwrap_or_else(|e| e.into_inner()));
+        if !failures.is_empty() {
+            failures.sort_by_key(|f| f.item);
+            failures.dedup_by_key(|f| f.item);
+            return Err(RenderError::Items(failures));
+        }
         // The template and every value in the context are UTF-8.
         let config = String::from_utf8(config).map_err(|_| RenderError::NotUtf8)?;
         self.last_len = config.len();
@@ -206,10 +236,20 @@ struct Slot<'a> {
 /// The `{{#apps}}`, `{{#services}}` and `{{#slots}}` block helpers: render their block once per
 /// app, service or pooled backend, with it as the context and `@index`, `@first`, `@last` set,
 /// like `#each`.
+///
+/// A block that fails for one app or service (a custom template reaching a field that this app
+/// lacks, in strict mode) is left out and recorded in `failures`, and the others render on: one
+/// bad registration must not freeze every later change. A free slot that fails is the
+/// template's fault, not an app's: that fails the render.
 struct Sections {
     model: Arc<Model>,
     section: Section,
+    failures: Arc<std::sync::Mutex<Vec<ItemFailure>>>,
 }
+
+/// A local variable that marks the helper's own block, to find it again under the blocks that
+/// a failed render left pushed.
+const MARK: &str = "legate_block";
 
 impl HelperDef for Sections {
     fn call<'reg: 'rc, 'rc>(
@@ -223,16 +263,16 @@ impl HelperDef for Sections {
         let Some(template) = h.template() else {
             return Ok(());
         };
-        // The app in each slot, for `{{#slots}}`.
-        let mut slots: Vec<Option<&v1::App>> = Vec::new();
+        // The index of the app in each slot, for `{{#slots}}`.
+        let mut slots: Vec<Option<usize>> = Vec::new();
         if let Section::Slots = self.section {
             slots.resize(self.model.slots as usize, None);
-            for app in &self.model.apps {
+            for (index, app) in self.model.apps.iter().enumerate() {
                 if let Some(entry) = (app.slot as usize)
                     .checked_sub(1)
                     .and_then(|i| slots.get_mut(i))
                 {
-                    *entry = Some(app);
+                    *entry = Some(index);
                 }
             }
         }
@@ -241,21 +281,25 @@ impl HelperDef for Sections {
             Section::Services => self.model.services.len(),
             Section::Slots => slots.len(),
         };
-        rc.push_block(BlockContext::new());
+        let mut block = BlockContext::new();
+        block.set_local_var(MARK, to_json(true));
+        rc.push_block(block);
         for i in 0..len {
-            let value = match self.section {
-                Section::Apps => to_json(&self.model.apps[i]),
-                Section::Services => to_json(&self.model.services[i]),
+            let (value, item) = match self.section {
+                Section::Apps => (to_json(&self.model.apps[i]), Some(Item::App(i))),
+                Section::Services => (to_json(&self.model.services[i]), Some(Item::Service(i))),
                 Section::Slots => {
                     let slot = u32::try_from(i + 1).unwrap_or(u32::MAX);
-                    let app = slots.get(i).copied().flatten();
-                    to_json(Slot {
+                    let index = slots.get(i).copied().flatten();
+                    let app = index.map(|index| &self.model.apps[index]);
+                    let value = to_json(Slot {
                         slot,
                         backend: model::slot_backend(slot),
                         free: app.is_none(),
                         domain: app.map_or("", |app| app.domain.as_str()),
                         servers: app.map_or(&[], |app| app.servers.as_slice()),
-                    })
+                    });
+                    (value, index.map(Item::App))
                 }
             };
             if let Some(block) = rc.block_mut() {
@@ -264,10 +308,28 @@ impl HelperDef for Sections {
                 block.set_local_var("first", to_json(i == 0));
                 block.set_local_var("last", to_json(i + 1 == len));
             }
-            let rendered = template.render(r, ctx, rc, out);
-            if rendered.is_err() {
-                rc.pop_block();
-                return rendered;
+            let mut buffer = StringOutput::new();
+            match (template.render(r, ctx, rc, &mut buffer), item) {
+                (Ok(()), _) => out.write(&buffer.into_string()?)?,
+                (Err(e), Some(item)) => {
+                    while rc.block().is_some_and(|b| b.get_local_var(MARK).is_none()) {
+                        rc.pop_block();
+                    }
+                    self.failures
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(ItemFailure {
+                            item,
+                            error: e.to_string(),
+                        });
+                }
+                (Err(e), None) => {
+                    while rc.block().is_some_and(|b| b.get_local_var(MARK).is_none()) {
+                        rc.pop_block();
+                    }
+                    rc.pop_block();
+                    return Err(e);
+                }
             }
         }
         rc.pop_block();

@@ -22,8 +22,10 @@ use tracing::{debug, info, warn};
 
 /// Keys read per page of a listing.
 const PAGE: i64 = 1000;
-/// A watch that delivered for this long resets the backoff.
-const HEALTHY: Duration = Duration::from_secs(10);
+/// A watch that etcd had accepted and that lasted this long is resumed at once when it is
+/// lost, with the backoff started anew: the loss is news, not a repeat of a failure. A watch
+/// lost sooner than that backs off, so that a stream that etcd keeps closing cannot spin.
+const RESUME_AT_ONCE_AFTER: Duration = Duration::from_secs(1);
 /// Largest message accepted from etcd: a listing page or a watch response of one big txn.
 const MAX_MESSAGE: usize = 64 << 20;
 
@@ -67,8 +69,9 @@ pub enum Event {
 enum Stop {
     /// The revision to resume from is compacted: list again.
     Compacted(i64),
-    /// The stream failed or ended: resume from the last revision.
-    Lost(String),
+    /// The stream failed or ended: resume from the last revision. `established`: etcd had
+    /// accepted the watch.
+    Lost { error: String, established: bool },
     /// The consumer is gone or shutdown.
     Done,
 }
@@ -121,9 +124,6 @@ pub async fn run(
                     () = shutdown.cancelled() => return,
                     stop = watch(&mut client, &start, &end, &mut last, &batches) => stop,
                 };
-                if started.elapsed() >= HEALTHY {
-                    delays = backoff();
-                }
                 match stop {
                     Stop::Done => return,
                     Stop::Compacted(compacted) => {
@@ -136,11 +136,18 @@ pub async fn run(
                         state = State::List(client);
                         continue;
                     }
-                    Stop::Lost(e) => {
+                    Stop::Lost { error, established } => {
                         metrics::counter!("legate_confgen_watch_restarts_total", "reason" => "lost")
                             .increment(1);
                         state = State::Watch(client, last);
-                        format!("watch lost, resuming from revision {}: {e}", last + 1)
+                        if established {
+                            delays = backoff();
+                            if started.elapsed() >= RESUME_AT_ONCE_AFTER {
+                                warn!(from = last + 1, "watch lost, resuming at once: {error}");
+                                continue;
+                            }
+                        }
+                        format!("watch lost, resuming from revision {}: {error}", last + 1)
                     }
                 }
             }
@@ -205,48 +212,72 @@ async fn watch(
         .await
     {
         Ok(stream) => stream,
-        Err(e) => return Stop::Lost(e.to_string()),
+        Err(e) => {
+            return Stop::Lost {
+                error: e.to_string(),
+                established: false,
+            };
+        }
     };
+    let mut established = false;
     loop {
-        let response = match stream.message().await {
-            Ok(Some(response)) => response,
-            Ok(None) => return Stop::Lost("etcd closed the watch stream".to_owned()),
-            Err(e) => return Stop::Lost(e.to_string()),
+        let error = match stream.message().await {
+            // A watch that starts below the compacted revision is canceled with it.
+            Ok(Some(response)) if response.compact_revision() > 0 => {
+                return Stop::Compacted(response.compact_revision());
+            }
+            Ok(Some(response)) if response.canceled() => {
+                format!("watch canceled: {}", response.cancel_reason())
+            }
+            Ok(Some(response)) => {
+                if response.created() {
+                    established = true;
+                    debug!(from = *last + 1, "watching the registry");
+                }
+                if !forward(response, last, batches).await {
+                    return Stop::Done;
+                }
+                continue;
+            }
+            Ok(None) => "etcd closed the watch stream".to_owned(),
+            Err(e) => e.to_string(),
         };
-        if response.compact_revision() > 0 {
-            return Stop::Compacted(response.compact_revision());
-        }
-        if response.canceled() {
-            return Stop::Lost(format!("watch canceled: {}", response.cancel_reason()));
-        }
-        if response.created() {
-            debug!(from = *last + 1, "watching the registry");
-        }
-        let events: Vec<Event> = response
-            .events()
-            .iter()
-            .filter_map(|event| {
-                let kv = event.kv()?;
-                let key = kv.key().to_vec();
-                let revision = kv.mod_revision();
-                Some(match event.event_type() {
-                    EventType::Put => Event::Put {
-                        key,
-                        value: kv.value().to_vec(),
-                        revision,
-                    },
-                    EventType::Delete => Event::Delete { key, revision },
-                })
-            })
-            .collect();
-        let Some(newest) = events.iter().map(Event::revision).max() else {
-            continue; // created or progress notification
-        };
-        if batches.send(Batch::Events(events)).await.is_err() {
-            return Stop::Done;
-        }
-        *last = newest;
+        return Stop::Lost { error, established };
     }
+}
+
+/// Sends the events of one watch response and advances `*last`; false when the consumer is
+/// gone.
+async fn forward(
+    response: etcd_client::WatchResponse,
+    last: &mut i64,
+    batches: &mpsc::Sender<Batch>,
+) -> bool {
+    let events: Vec<Event> = response
+        .events()
+        .iter()
+        .filter_map(|event| {
+            let kv = event.kv()?;
+            let key = kv.key().to_vec();
+            let revision = kv.mod_revision();
+            Some(match event.event_type() {
+                EventType::Put => Event::Put {
+                    key,
+                    value: kv.value().to_vec(),
+                    revision,
+                },
+                EventType::Delete => Event::Delete { key, revision },
+            })
+        })
+        .collect();
+    let Some(newest) = events.iter().map(Event::revision).max() else {
+        return true; // created or progress notification
+    };
+    if batches.send(Batch::Events(events)).await.is_err() {
+        return false;
+    }
+    *last = newest;
+    true
 }
 
 impl Event {

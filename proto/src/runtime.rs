@@ -73,18 +73,29 @@ impl EtcdArgs {
         }
     }
 
-    /// Connects to etcd (once; wrap it in [`retry`]). Requests time out after 5 s and a dead
-    /// connection is noticed within 4 s by HTTP/2 keep-alives, also while idle.
+    /// Connects to etcd (once; wrap it in [`retry`]). Requests time out after 5 s; a
+    /// connection that carries a watch or a lease keep-alive and goes dead is noticed within
+    /// 9 s by HTTP/2 keep-alives.
+    ///
+    /// The ping interval respects etcd's policy: the server closes a connection that pings
+    /// more often than `--grpc-keepalive-min-time` (5 s by default) while it has streams, and
+    /// one that pings at all while it has none (gRPC's `PermitWithoutStream` is off in etcd),
+    /// so pings are sent every 6 s and only while a call is open.
     #[cfg(feature = "etcd")]
     pub async fn connect(&self) -> Result<etcd_client::Client, etcd_client::Error> {
         let options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive(ETCD_PING_INTERVAL, Duration::from_secs(3))
+            .with_keep_alive_while_idle(false);
         etcd_client::Client::connect(self.endpoints(), Some(options)).await
     }
 }
+
+/// How often an etcd connection with open calls is pinged: above etcd's default
+/// `--grpc-keepalive-min-time` of 5 s, which closes the connection of a client that pings more
+/// often.
+pub const ETCD_PING_INTERVAL: Duration = Duration::from_secs(6);
 
 /// Parses one etcd endpoint into a URL: `host:port` gains `http://`; `https://` is refused
 /// until TLS to etcd is supported.
@@ -168,6 +179,17 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub async fn retry<T, E: std::fmt::Display, Fut: Future<Output = Result<T, E>>>(
     what: &str,
     shutdown: &CancellationToken,
+    attempt: impl FnMut() -> Fut,
+) -> Option<T> {
+    retry_within(what, MAX_BACKOFF, shutdown, attempt).await
+}
+
+/// [`retry`] with no delay between attempts longer than `cap`: for what must be noticed
+/// within `cap` once it works again.
+pub async fn retry_within<T, E: std::fmt::Display, Fut: Future<Output = Result<T, E>>>(
+    what: &str,
+    cap: Duration,
+    shutdown: &CancellationToken,
     mut attempt: impl FnMut() -> Fut,
 ) -> Option<T> {
     let mut delays = backoff();
@@ -175,7 +197,7 @@ pub async fn retry<T, E: std::fmt::Display, Fut: Future<Output = Result<T, E>>>(
         match attempt().await {
             Ok(value) => return Some(value),
             Err(e) => {
-                let delay = delays.next().unwrap_or(MAX_BACKOFF);
+                let delay = delays.next().unwrap_or(MAX_BACKOFF).min(cap);
                 warn!(error = %e, retry_in = ?delay, "{what}");
                 tokio::select! {
                     () = shutdown.cancelled() => return None,

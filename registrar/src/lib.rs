@@ -23,7 +23,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use legate_proto::registry::{HostId, HostIp, HostRecord, Schema};
 use legate_proto::runtime::{
-    self, CommonArgs, EtcdArgs, MAX_BACKOFF, RuntimeError, backoff, retry,
+    self, CommonArgs, EtcdArgs, MAX_BACKOFF, RuntimeError, backoff, retry, retry_within,
 };
 use legate_proto::v1;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -183,7 +183,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             let mut store = store.clone();
             async move {
                 match store.claim(config.lease_ttl, window).await {
-                    Err(StoreError::Etcd(e)) => Err(e),
+                    // A lease that expired during the claim is claimed again with a new one.
+                    Err(e @ (StoreError::Etcd(_) | StoreError::LeaseLost(_))) => Err(e),
                     final_outcome => Ok(final_outcome),
                 }
             }
@@ -277,6 +278,10 @@ fn grpc_outcome(
 }
 
 /// Keeps the lease alive; when it is lost, grants a new one and triggers a full re-registration.
+///
+/// While etcd cannot be reached the keep-alive is retried at least once per keep-alive period
+/// (a second at most), never slower: the moment etcd answers again, its answer decides. A lease
+/// that expired meanwhile ("lease not found") is lost, not transient, and replaced at once.
 async fn keep_lease(
     mut store: Store,
     ttl: i64,
@@ -284,6 +289,7 @@ async fn keep_lease(
     trigger: mpsc::Sender<Trigger>,
     shutdown: CancellationToken,
 ) {
+    let cap = store::keep_alive_period(ttl).min(Duration::from_secs(1));
     let mut delays = backoff();
     while !shutdown.is_cancelled() {
         let id = *lease.borrow();
@@ -295,7 +301,7 @@ async fn keep_lease(
                     "lease lost: granting a new one and registering everything again"
                 );
                 metrics::counter!("legate_registrar_leases_lost_total").increment(1);
-                let Some(new) = retry("granting a lease", &shutdown, || {
+                let Some(new) = retry_within("granting a lease", cap, &shutdown, || {
                     let mut store = store.clone();
                     async move { store.grant(ttl).await }
                 })
@@ -309,7 +315,7 @@ async fn keep_lease(
                 delays = backoff();
             }
             Err(e) => {
-                let delay = delays.next().unwrap_or(MAX_BACKOFF);
+                let delay = delays.next().unwrap_or(MAX_BACKOFF).min(cap);
                 warn!(error = %e, retry_in = ?delay, "lease keep-alive failed");
                 tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -464,6 +470,12 @@ impl Reconciler {
                     let delay = delays.next().unwrap_or(MAX_BACKOFF);
                     warn!(error = %e, retry_in = ?delay, "reconcile failed");
                     metrics::counter!("legate_registrar_reconcile_errors_total").increment(1);
+                    let error = e.to_string();
+                    self.list.send_if_modified(|list| {
+                        let changed = list.error != error;
+                        list.error = error;
+                        changed
+                    });
                     retry_in = Some(delay);
                     // Resync callers get no answer (their call fails) rather than a stale one.
                 }
@@ -539,10 +551,15 @@ impl Reconciler {
             registered: registrations.len() as u32,
             refused: refused.len() as u32,
         };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         self.list.send_modify(|list| {
             list.lease_id = lease;
             list.registrations = registrations;
             list.refused = refused;
+            list.reconciled_at_unix_ms = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
+            list.error.clear();
         });
         Ok(response)
     }
@@ -599,7 +616,18 @@ impl v1::registrar_server::Registrar for Api {
         &self,
         _: tonic::Request<v1::ListRequest>,
     ) -> Result<tonic::Response<v1::ListResponse>, tonic::Status> {
-        Ok(tonic::Response::new(self.list.borrow().clone()))
+        let list = self.list.borrow().clone();
+        if list.reconciled_at_unix_ms == 0 {
+            let why = if list.error.is_empty() {
+                "starting".to_owned()
+            } else {
+                list.error
+            };
+            return Err(tonic::Status::unavailable(format!(
+                "no reconcile has completed yet, so what is registered is unknown: {why}"
+            )));
+        }
+        Ok(tonic::Response::new(list))
     }
 
     async fn resync(

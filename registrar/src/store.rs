@@ -23,6 +23,12 @@ use tracing::{error, info, warn};
 
 use crate::reconcile::{Owned, Plan};
 
+/// How often a lease of `ttl` seconds is kept alive: three times per TTL, so that one lost
+/// answer leaves time for two more before it expires.
+pub fn keep_alive_period(ttl: i64) -> Duration {
+    Duration::from_millis((ttl.max(1) as u64 * 1000 / 3).max(500))
+}
+
 /// Most operations in one etcd transaction (etcd's default limit is 128).
 const MAX_TXN_OPS: usize = 100;
 
@@ -31,7 +37,7 @@ const MAX_TXN_OPS: usize = 100;
 pub enum StoreError {
     /// etcd failed or is unreachable.
     #[error("etcd: {0}")]
-    Etcd(#[from] etcd_client::Error),
+    Etcd(etcd_client::Error),
     /// Another live registrar holds this host id.
     #[error(
         "another registrar (instance {other}) is running with host id '{host_id}': refusing to run a second one"
@@ -45,6 +51,48 @@ pub enum StoreError {
     /// The lease expired: keys attached to it are gone.
     #[error("lease {0:x} expired")]
     LeaseLost(i64),
+}
+
+impl From<etcd_client::Error> for StoreError {
+    /// etcd's answers that a lease no longer exists mean it was lost, whatever the call: the
+    /// keep-alive of an expired lease, a put attached to it. Retrying them cannot succeed, so
+    /// they are [`StoreError::LeaseLost`] (the lease id unknown here: 0), never transient.
+    fn from(e: etcd_client::Error) -> Self {
+        if lease_not_found(&e) {
+            StoreError::LeaseLost(0)
+        } else {
+            StoreError::Etcd(e)
+        }
+    }
+}
+
+impl StoreError {
+    /// Whether this error is about etcd being unreachable or failing, so the call may be
+    /// retried as it is.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Etcd(_))
+    }
+
+    /// Names the lease of a [`StoreError::LeaseLost`] that was built without it.
+    fn for_lease(self, lease: i64) -> Self {
+        match self {
+            StoreError::LeaseLost(0) => StoreError::LeaseLost(lease),
+            other => other,
+        }
+    }
+}
+
+/// Whether etcd said that a lease does not exist: `LeaseKeepAlive` answering TTL 0 (the client
+/// turns it into "lease not found"), or `ErrLeaseNotFound` ("etcdserver: requested lease not
+/// found", gRPC NOT_FOUND) for a put or a time-to-live of a lease that expired.
+fn lease_not_found(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::LeaseKeepAliveError(message) => message.contains("not found"),
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::NotFound && status.message().contains("lease not found")
+        }
+        _ => false,
+    }
 }
 
 /// The registry as this host sees it.
@@ -210,16 +258,27 @@ impl Store {
                     }),
                 };
                 let Some(what) = foreign else { continue };
-                error!(host_id = %self.host_id, "host record {what}: another registrar with this host id? restoring ours");
-                metrics::counter!("legate_registrar_host_id_conflicts_total").increment(1);
                 let lease = *lease.borrow();
-                self.client
+                let restored = self
+                    .client
                     .put(
                         key.as_str(),
                         self.record_json(),
                         Some(PutOptions::new().with_lease(lease)),
                     )
-                    .await?;
+                    .await
+                    .map_err(|e| StoreError::from(e).for_lease(lease));
+                match restored {
+                    // Deleted by the expiry of our own lease: the lease keeper replaces it.
+                    Err(StoreError::LeaseLost(_)) if event.event_type() == EventType::Delete => {
+                        info!(host_id = %self.host_id, "host record expired with the lease");
+                    }
+                    restored => {
+                        error!(host_id = %self.host_id, "host record {what}: another registrar with this host id? restoring ours");
+                        metrics::counter!("legate_registrar_host_id_conflicts_total").increment(1);
+                        restored?;
+                    }
+                }
             }
         }
     }
@@ -288,7 +347,10 @@ impl Store {
             )
             .collect();
         for chunk in ops.chunks(MAX_TXN_OPS) {
-            self.client.txn(Txn::new().and_then(chunk.to_vec())).await?;
+            self.client
+                .txn(Txn::new().and_then(chunk.to_vec()))
+                .await
+                .map_err(|e| StoreError::from(e).for_lease(lease))?;
         }
         Ok(())
     }
@@ -305,15 +367,22 @@ impl Store {
         ttl: i64,
         shutdown: &CancellationToken,
     ) -> Result<(), StoreError> {
-        let (mut keeper, mut stream) = self.client.lease_keep_alive(lease).await?;
-        let period = Duration::from_millis((ttl as u64 * 1000 / 3).max(500));
+        let (mut keeper, mut stream) = self
+            .client
+            .lease_keep_alive(lease)
+            .await
+            .map_err(|e| StoreError::from(e).for_lease(lease))?;
+        let period = keep_alive_period(ttl);
         let mut ticks = tokio::time::interval(period);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 _ = ticks.tick() => {}
             }
-            keeper.keep_alive().await?;
+            keeper
+                .keep_alive()
+                .await
+                .map_err(|e| StoreError::from(e).for_lease(lease))?;
             let answer = tokio::time::timeout(period, stream.message()).await;
             match answer {
                 Ok(Ok(Some(response))) if response.ttl() > 0 => {}
@@ -322,7 +391,7 @@ impl Store {
                     warn!("lease keep-alive stream closed by etcd");
                     return self.check_lease(lease).await;
                 }
-                Ok(Err(e)) => return Err(e.into()),
+                Ok(Err(e)) => return Err(StoreError::from(e).for_lease(lease)),
                 Err(_) => {
                     warn!(
                         lease = format!("{lease:x}"),
@@ -336,7 +405,12 @@ impl Store {
 
     /// Whether `lease` still lives.
     pub async fn check_lease(&mut self, lease: i64) -> Result<(), StoreError> {
-        if self.client.lease_time_to_live(lease, None).await?.ttl() > 0 {
+        let answer = self
+            .client
+            .lease_time_to_live(lease, None)
+            .await
+            .map_err(|e| StoreError::from(e).for_lease(lease))?;
+        if answer.ttl() > 0 {
             Ok(())
         } else {
             Err(StoreError::LeaseLost(lease))

@@ -58,6 +58,7 @@ impl v1::supervisor_server::Supervisor for Api {
             workers: u32::try_from(workers).unwrap_or(u32::MAX),
             master_pid: stats.master_pid,
             haproxy_uptime_s: stats.started.map_or(0, |s| s.elapsed().as_secs()),
+            refused_listeners: stats.refused_listeners,
         }))
     }
 }

@@ -27,6 +27,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::diff::{self, Files, Plan};
 use crate::haproxy::{self, Haproxy, Paths, Procs};
+use crate::listeners;
 use crate::{CONFIG_FILE, Settings};
 
 /// A snapshot to apply and where to send the result (`Supervisor.Apply`).
@@ -47,6 +48,8 @@ pub struct Stats {
     pub rejected: u64,
     pub master_pid: u32,
     pub started: Option<Instant>,
+    /// Listeners of the last snapshot left out because their address cannot be bound.
+    pub refused_listeners: Vec<String>,
 }
 
 /// Why an apply was refused: the message for `ApplyResult`.
@@ -177,10 +180,21 @@ impl Applier {
     /// Applies one snapshot and records the outcome.
     pub async fn apply(&mut self, snapshot: Arc<ConfigSnapshot>) -> ApplyResult {
         let started = Instant::now();
-        let (outcome, message) = match self.apply_inner(&snapshot).await {
+        let (outcome, mut message) = match self.apply_inner(&snapshot).await {
             Ok((outcome, message)) => (outcome, message),
             Err(Rejected(message)) => (ApplyOutcome::Rejected, message),
         };
+        let refused = self.lock_stats().refused_listeners.clone();
+        if outcome != ApplyOutcome::Rejected && !refused.is_empty() {
+            if !message.is_empty() {
+                message.push_str("; ");
+            }
+            message.push_str(&format!(
+                "applied without {} listener(s): {}",
+                refused.len(),
+                refused.join("; ")
+            ));
+        }
         let result = ApplyResult {
             outcome: outcome.into(),
             message,
@@ -227,6 +241,7 @@ impl Applier {
         snapshot: &Arc<ConfigSnapshot>,
     ) -> Result<(ApplyOutcome, String), Rejected> {
         check_shape(snapshot)?;
+        let snapshot = &self.without_unbindable(snapshot);
         if !self.haproxy_alive() {
             return self.reload(snapshot, "haproxy is not running").await;
         }
@@ -255,6 +270,54 @@ impl Applier {
             }
         };
         self.reload(snapshot, &reason).await
+    }
+
+    /// `snapshot` without the sections that would listen on an address that cannot be bound
+    /// (see [`listeners`]): the same snapshot when there is none, else a copy with the rest of
+    /// the configuration and its own checksum. Records the refusals for the status.
+    fn without_unbindable(&mut self, snapshot: &Arc<ConfigSnapshot>) -> Arc<ConfigSnapshot> {
+        let held = if !self.haproxy_alive() {
+            BTreeSet::new()
+        } else if let Some(running) = &self.running {
+            listeners::addresses(&running.haproxy_config)
+        } else {
+            // Adopted with files that no apply recorded: they are still what HAProxy loaded.
+            std::fs::read_to_string(self.paths.live().join(CONFIG_FILE))
+                .map(|config| listeners::addresses(&config))
+                .unwrap_or_default()
+        };
+        let refused = listeners::refuse(&snapshot.haproxy_config, &held, listeners::probe);
+        let described: Vec<String> = refused.iter().map(ToString::to_string).collect();
+        {
+            let mut stats = self.lock_stats();
+            if stats.refused_listeners != described {
+                for refusal in described
+                    .iter()
+                    .filter(|r| !stats.refused_listeners.contains(r))
+                {
+                    warn!(
+                        version = snapshot.version,
+                        "listener refused, the rest of the configuration applies: {refusal}"
+                    );
+                    metrics::counter!("legate_supervisor_listeners_refused_total").increment(1);
+                }
+                if described.is_empty() {
+                    info!("every listener can be bound again");
+                }
+                stats.refused_listeners = described;
+            }
+        }
+        metrics::gauge!("legate_supervisor_refused_listeners").set(refused.len() as f64);
+        if refused.is_empty() {
+            return snapshot.clone();
+        }
+        let headers: Vec<&str> = refused.iter().map(|r| r.section.as_str()).collect();
+        let config = listeners::without(&snapshot.haproxy_config, &headers);
+        Arc::new(ConfigSnapshot {
+            checksum: legate_proto::checksum(&config, &snapshot.maps),
+            haproxy_config: config,
+            ..(**snapshot).clone()
+        })
     }
 
     /// The runtime path: one batch of commands, every reply checked, then the files.

@@ -403,7 +403,7 @@ fn map_entries<'a>(name: &str, content: &'a str) -> Result<Vec<(&'a str, &'a str
 }
 
 /// The words of a line as HAProxy splits them: on spaces and tabs only.
-fn words(line: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn words(line: &str) -> impl Iterator<Item = &str> {
     line.split([' ', '\t']).filter(|word| !word.is_empty())
 }
 
@@ -430,7 +430,7 @@ impl Server<'_> {
 }
 
 /// Sections whose header starts a new section.
-const SECTIONS: &[&str] = &[
+pub(crate) const SECTIONS: &[&str] = &[
     "global",
     "defaults",
     "frontend",

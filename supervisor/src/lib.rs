@@ -4,6 +4,8 @@
 //!   a reload, restores the last good configuration, restarts a crashed HAProxy.
 //! - [`diff`]: what the runtime API can do for a new configuration (pure).
 //! - [`haproxy`]: the process (started or adopted) and its CLI sockets.
+//! - [`listeners`]: the addresses a configuration binds; those that cannot be bound are refused
+//!   before a reload (pure, but for the bind probe).
 //! - [`subscriber`]: snapshots from confgen's `Watch`, outcomes back through `Report`.
 //! - [`api`]: the `legate.v1.Supervisor` gRPC service.
 
@@ -11,6 +13,7 @@ pub mod api;
 pub mod apply;
 pub mod diff;
 pub mod haproxy;
+pub mod listeners;
 pub mod subscriber;
 
 use std::net::SocketAddr;
@@ -235,9 +238,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         tracker.spawn(subscriber.report(report_rx, tasks.clone()));
     }
     tracker.close();
+    let mut applier = std::pin::pin!(applier.run(request_rx, snapshots, report_tx, tasks.clone()));
     let outcome = tokio::select! {
-        () = applier.run(request_rx, snapshots, report_tx, tasks.clone()) => Ok(()),
-        result = &mut grpc => result.map_err(Error::from).and_then(|r| r.map_err(Error::from)),
+        () = &mut applier => Ok(()),
+        result = &mut grpc => {
+            // The gRPC server ends first on a shutdown, or alone when it fails: either way the
+            // applier still runs its own end (`--stop-haproxy`), never dropped half-way.
+            tasks.cancel();
+            applier.await;
+            result.map_err(Error::from).and_then(|r| r.map_err(Error::from))
+        }
     };
     tasks.cancel();
     tracker.wait().await;

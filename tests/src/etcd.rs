@@ -90,6 +90,24 @@ impl Etcd {
         self.child.as_ref().map_or(0, ChildGuard::pid)
     }
 
+    /// Freezes etcd with SIGSTOP: its sockets stay open and the kernel still accepts
+    /// connections, but nothing answers, as across a network partition. Its own clock runs on:
+    /// leases whose TTL passes meanwhile expire the moment it is thawed.
+    pub fn freeze(&self) -> Result<()> {
+        self.child
+            .as_ref()
+            .context("etcd is not running")?
+            .signal(nix::sys::signal::Signal::SIGSTOP)
+    }
+
+    /// Thaws etcd frozen by [`Etcd::freeze`] (SIGCONT).
+    pub fn thaw(&self) -> Result<()> {
+        self.child
+            .as_ref()
+            .context("etcd is not running")?
+            .signal(nix::sys::signal::Signal::SIGCONT)
+    }
+
     /// Kills etcd with SIGKILL, keeping its data (an outage).
     pub fn kill(&mut self) {
         self.child = None;

@@ -48,6 +48,16 @@ pub fn free_addr() -> Result<SocketAddr> {
     Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)))
 }
 
+/// Whether `pid` is a live process (a zombie waiting for its reaper does not count).
+pub fn process_alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
+    // The state follows the parenthesised command name.
+    stat.is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
 /// Polls `check` until it returns `Ok(Some(_))`, failing after `timeout` with the last error
 /// and `what` was being waited for.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>

@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use etcd_client::{Client, Txn, TxnOp};
 use legate_confgen::model::{Registry, Slots};
@@ -605,17 +606,23 @@ async fn bad_keys_are_skipped_reported_and_never_rendered() {
     assert!(!log.lines().any(|l| l.starts_with("backend evil")), "{log}");
 }
 
+/// Regression (#13, item 9): one app that failed a strict render failed the whole render, and
+/// every later change waited behind it. That app is left out with its reason; the rest renders
+/// and changes keep flowing. A failure that is no app's (the template's own) still keeps the
+/// last good snapshot.
 #[tokio::test]
-async fn a_template_that_fails_keeps_the_last_good_snapshot() {
+async fn an_app_that_fails_the_template_is_left_out_and_the_rest_renders() {
     let etcd = Etcd::start().await.unwrap();
     let mut kv = etcd.client().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let template = dir.path().join("custom.cfg.hbs");
-    // A custom template; it refers to a field that does not exist, but only for apps with a
-    // check path: strict mode makes that an error.
+    // A custom template; strict mode makes a field that does not exist an error. It refers to
+    // one only for apps with a check path (an app's fault), and only when there is a service
+    // (the template's own fault: outside any app or service).
     std::fs::write(
         &template,
         "defaults\n    timeout connect 1s\n    timeout client 1s\n    timeout server 1s\n\
+         {{#if service_count}}{{no_such_root_field}}{{/if}}\
          {{#apps}}# app {{domain}} on {{@root.http_port}}{{#if check_path}} {{no_such_field}}{{/if}}\n{{/apps}}",
     )
     .unwrap();
@@ -655,7 +662,46 @@ async fn a_template_that_fails_keeps_the_last_good_snapshot() {
     )
     .await
     .unwrap();
+    kv.put(app_key("c.example.com", 3, "10.0.0.1:82"), "", None)
+        .await
+        .unwrap();
+    let with_c = until(&mut stream, "the app put after the failing one", |s| {
+        s.haproxy_config.contains("# app c.example.com")
+    })
+    .await;
+    assert!(!with_c.haproxy_config.contains("b.example.com"));
+    let domains: Vec<&str> = model(&with_c)
+        .apps
+        .iter()
+        .map(|a| a.domain.as_str())
+        .collect();
+    assert_eq!(domains, ["a.example.com", "c.example.com"]);
     let mut api = client(&confgen).await;
+    let status = api
+        .status(v1::ConfgenStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.last_render_error, "");
+    let skipped: Vec<(String, &str)> = status
+        .skipped
+        .iter()
+        .map(|k| {
+            (
+                String::from_utf8_lossy(&k.key).into_owned(),
+                k.reason.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert_eq!(skipped[0].0, "/apps/b.example.com/");
+    assert!(skipped[0].1.contains("no_such_field"), "{skipped:?}");
+    assert!(metric(&confgen, "legate_confgen_render_failures_total").await >= 1.0);
+
+    // The template's own failure: the last good snapshot stays, with the error in the status.
+    kv.put(service_key("db", 5432, 4, "10.0.0.1:5432"), "", None)
+        .await
+        .unwrap();
     let status = wait_for("the render error in the status", WAIT, || {
         let mut api = api.clone();
         async move {
@@ -666,24 +712,24 @@ async fn a_template_that_fails_keeps_the_last_good_snapshot() {
     .await
     .unwrap();
     assert!(
-        status.last_render_error.contains("no_such_field"),
+        status.last_render_error.contains("no_such_root_field"),
         "{}",
         status.last_render_error
     );
     assert_eq!(
-        status.checksum, good.checksum,
+        status.checksum, with_c.checksum,
         "the last good snapshot stays"
     );
     assert!(metric(&confgen, "legate_confgen_renders_total{result=\"error\"}").await >= 1.0);
 
-    kv.delete(app_key("b.example.com", 2, "10.0.0.1:81"), None)
+    kv.delete(service_key("db", 5432, 4, "10.0.0.1:5432"), None)
         .await
         .unwrap();
-    kv.put(app_key("c.example.com", 3, "10.0.0.1:82"), "", None)
+    kv.put(app_key("d.example.com", 5, "10.0.0.1:83"), "", None)
         .await
         .unwrap();
     until(&mut stream, "a render after the fix", |s| {
-        s.haproxy_config.contains("# app c.example.com")
+        s.haproxy_config.contains("# app d.example.com")
     })
     .await;
     let status = api
@@ -775,4 +821,29 @@ async fn nodes_report_outcomes_that_the_status_shows() {
     })
     .await
     .unwrap();
+}
+
+/// Regression (#13, item 3): confgen pinged etcd every 2 s, below etcd's default
+/// `--grpc-keepalive-min-time` of 5 s, so etcd closed the idle watch's connection every ~8 s and
+/// changes waited out the backoff. An idle confgen keeps its one watch, and follows at once.
+#[tokio::test]
+async fn an_idle_watch_is_never_closed_by_etcds_keepalive_policy() {
+    let etcd = Etcd::start().await.unwrap();
+    let confgen = start_confgen(&etcd.endpoint(), &[]).await;
+    let mut stream = subscribe(&confgen, "node-a").await;
+    until(&mut stream, "the first snapshot", |_| true).await;
+    // Idle for three of the old loss periods: nothing to wait for but time itself.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert_eq!(
+        metric(&confgen, "legate_confgen_watch_restarts_total").await,
+        0.0,
+        "{}",
+        confgen.log()
+    );
+    let mut kv = etcd.client().await.unwrap();
+    put_app(&mut kv, 1).await;
+    until(&mut stream, "the app put after the idle spell", |s| {
+        model(s).apps.len() == 1
+    })
+    .await;
 }

@@ -1,7 +1,6 @@
 //! Self-tests of the harness: each piece starts, answers, and is cleaned up.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -11,20 +10,10 @@ use legate_tests::etcd::Etcd;
 use legate_tests::haproxy::{self, Haproxy};
 use legate_tests::{WAIT, free_port, http_get, service, tcp_banner, wait_for};
 
-/// Whether `pid` is a live process (a zombie waiting for its reaper does not count).
-fn process_exists(pid: u32) -> bool {
-    let stat = std::fs::read_to_string(PathBuf::from(format!("/proc/{pid}/stat")));
-    // The state follows the parenthesised command name.
-    stat.is_ok_and(|s| {
-        s.rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-    })
-}
-
 /// Waits for a killed process to be gone: SIGKILL is delivered asynchronously.
 async fn wait_gone(what: &str, pid: u32) -> anyhow::Result<()> {
     wait_for(&format!("{what} {pid} to be gone"), WAIT, || async {
-        Ok((!process_exists(pid)).then_some(()))
+        Ok((!legate_tests::process_alive(pid)).then_some(()))
     })
     .await
 }
@@ -48,9 +37,12 @@ async fn etcd_starts_keeps_data_across_a_restart_and_is_cleaned_up() {
     );
 
     let (pid, dir) = (etcd.pid(), etcd.dir().to_owned());
-    assert!(process_exists(pid));
+    assert!(legate_tests::process_alive(pid));
     drop(etcd);
-    assert!(!process_exists(pid), "etcd {pid} still runs after drop");
+    assert!(
+        !legate_tests::process_alive(pid),
+        "etcd {pid} still runs after drop"
+    );
     assert!(!dir.exists(), "{} still exists after drop", dir.display());
 }
 
@@ -108,7 +100,7 @@ async fn haproxy_runs_master_worker_answers_reloads_and_is_cleaned_up() {
     let (master, dir) = (haproxy.pid(), haproxy.dir().to_owned());
     drop(haproxy);
     assert!(
-        !process_exists(master),
+        !legate_tests::process_alive(master),
         "haproxy master {master} still runs"
     );
     wait_gone("haproxy worker", current.pid).await.unwrap();

@@ -28,13 +28,19 @@ struct Fixture {
 impl Fixture {
     async fn start(extra: &[&str]) -> Self {
         let etcd = Etcd::start().await.unwrap();
+        let endpoint = etcd.endpoint();
+        Self::start_with(etcd, &endpoint, extra).await
+    }
+
+    /// A registrar that reaches `etcd` at `endpoint` (e.g. through a [`Proxy`]).
+    async fn start_with(etcd: Etcd, endpoint: &str, extra: &[&str]) -> Self {
         let case = format!(
             "{}-{}",
             docker::run_id(),
             legate_tests::free_port().unwrap()
         );
         let host_id = format!("host-{}", legate_tests::free_port().unwrap());
-        let registrar = start_registrar(&etcd, &case, &host_id, extra).await;
+        let registrar = start_registrar(endpoint, &case, &host_id, extra).await;
         Self {
             etcd,
             registrar,
@@ -91,12 +97,11 @@ impl Fixture {
     }
 }
 
-async fn start_registrar(etcd: &Etcd, case: &str, host_id: &str, extra: &[&str]) -> Service {
+async fn start_registrar(endpoint: &str, case: &str, host_id: &str, extra: &[&str]) -> Service {
     let filter = format!("label=legate.test.case={case}");
-    let endpoint = etcd.endpoint();
     let mut args = vec![
         "--etcd-endpoints",
-        &endpoint,
+        endpoint,
         "--filter",
         &filter,
         "--lease-ttl",
@@ -250,7 +255,7 @@ async fn containers_running_before_the_registrar_starts_are_registered() {
     .await
     .unwrap();
     let port = app.published("80/tcp").await.unwrap();
-    let registrar = start_registrar(&etcd, &case, "early-host", &[]).await;
+    let registrar = start_registrar(&etcd.endpoint(), &case, "early-host", &[]).await;
     let key = format!("/apps/early.example.com/{}/{port}", app.id());
     wait_for("the early container registered", WAIT, || async {
         Ok(all_keys(&etcd).await.contains_key(&key).then_some(()))
@@ -534,7 +539,7 @@ async fn a_restarted_registrar_adopts_its_keys_without_deleting_them() {
 
     let status = f.registrar.terminate(WAIT).await.unwrap();
     assert!(status.success(), "{status}");
-    f.registrar = start_registrar(&f.etcd, &f.case, &f.host_id, &[]).await;
+    f.registrar = start_registrar(&f.etcd.endpoint(), &f.case, &f.host_id, &[]).await;
     let mut registrar_client = f.client().await;
     registrar_client.resync(v1::ResyncRequest {}).await.unwrap();
     // Past the old lease's TTL: had it not been adopted, the keys would be gone now.
@@ -666,4 +671,174 @@ async fn a_second_registrar_with_the_same_host_id_is_refused() {
         "{}",
         f.registrar.log()
     );
+}
+
+/// The lease of the registration keys, once they are back under a lease other than `old`.
+async fn wait_new_lease(f: &Fixture, keys: &BTreeMap<String, String>, old: i64) -> i64 {
+    let key = keys.keys().next().unwrap().clone();
+    wait_for("the keys back under a new lease", WAIT, || {
+        let key = key.clone();
+        async move {
+            let mut client = f.etcd.client().await?;
+            let response = client.get(key.as_str(), None).await?;
+            Ok(response
+                .kvs()
+                .first()
+                .map(|kv| kv.lease())
+                .filter(|l| *l != old))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\nregistrar log:\n{}", f.registrar.log()))
+}
+
+async fn lease_of(f: &Fixture, keys: &BTreeMap<String, String>) -> i64 {
+    let mut client = f.etcd.client().await.unwrap();
+    client
+        .get(keys.keys().next().unwrap().as_str(), None)
+        .await
+        .unwrap()
+        .kvs()[0]
+        .lease()
+}
+
+/// Regression (#13, item 1): etcd frozen past the lease TTL expires the lease when it runs
+/// again; the registrar took the keep-alive's "lease not found" for a transient error and
+/// retried the dead lease for ever, its containers unrouted.
+#[tokio::test]
+async fn a_lease_that_expired_while_etcd_was_frozen_is_replaced() {
+    let f = Fixture::start(&[]).await;
+    let (_app, keys) = f.registered_app("frozen.example.com").await;
+    let before = lease_of(&f, &keys).await;
+    f.etcd.freeze().unwrap();
+    // The outage itself: longer than the 3 s TTL, and long enough for the HTTP/2 keep-alive to
+    // give the connection up (a 6 s ping unanswered for 3 s), so that the registrar opens a new
+    // keep-alive stream for its dead lease. A shorter freeze keeps the old stream, whose TTL-0
+    // answer was always recognised.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    f.etcd.thaw().unwrap();
+    let thawed = std::time::Instant::now();
+    let after = wait_new_lease(&f, &keys, before).await;
+    println!(
+        "registrations back {:?} after etcd was thawed",
+        thawed.elapsed()
+    );
+    assert_eq!(registrations(&f.keys().await), keys);
+    let host = f
+        .etcd
+        .client()
+        .await
+        .unwrap()
+        .get(format!("/hosts/{}", f.host_id), None)
+        .await
+        .unwrap();
+    assert_eq!(host.kvs()[0].lease(), after, "the host record is back too");
+    let metrics = f.registrar.metrics_text().await.unwrap();
+    assert!(
+        metrics.contains("legate_registrar_leases_lost_total 1"),
+        "{metrics}"
+    );
+}
+
+/// Regression (#13, item 1): the same when only the registrar is cut off from etcd (a
+/// partition of its host), past the TTL: etcd expires the lease while the registrar cannot
+/// reach it, and the registrar registers everything again once it can.
+#[tokio::test]
+async fn a_lease_that_expired_while_the_registrar_was_cut_off_is_replaced() {
+    let etcd = Etcd::start().await.unwrap();
+    let proxy = Proxy::start(Upstream::Tcp(
+        etcd.endpoint()
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap(),
+    ))
+    .await
+    .unwrap();
+    let f = Fixture::start_with(etcd, &format!("http://{}", proxy.addr()), &[]).await;
+    let (_app, keys) = f.registered_app("partition.example.com").await;
+    let before = lease_of(&f, &keys).await;
+    proxy.cut();
+    wait_for(
+        "the lease to expire while the registrar is cut off",
+        WAIT,
+        || async { Ok(registrations(&f.keys().await).is_empty().then_some(())) },
+    )
+    .await
+    .unwrap();
+    proxy.resume();
+    let resumed = std::time::Instant::now();
+    wait_new_lease(&f, &keys, before).await;
+    println!(
+        "registrations back {:?} after the partition healed",
+        resumed.elapsed()
+    );
+    assert_eq!(registrations(&f.keys().await), keys);
+}
+
+/// Regression (#13, item 10): `Registrar.List` never passes for the truth when it cannot be:
+/// before a first reconcile it is UNAVAILABLE (not an empty list), and while etcd fails the
+/// last list stays, with the error that makes it possibly stale.
+#[tokio::test]
+async fn list_says_when_it_cannot_know_or_may_be_stale() {
+    let etcd = Etcd::start().await.unwrap();
+    let proxy = Proxy::start(Upstream::Tcp(
+        etcd.endpoint()
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap(),
+    ))
+    .await
+    .unwrap();
+    let f = Fixture::start_with(etcd, &format!("http://{}", proxy.addr()), &[]).await;
+    let (_app, keys) = f.registered_app("list.example.com").await;
+    let mut client = f.client().await;
+    let list = client.list(v1::ListRequest {}).await.unwrap().into_inner();
+    assert_eq!(list.registrations.len(), 1);
+    assert!(list.reconciled_at_unix_ms > 0);
+    assert_eq!(list.error, "");
+
+    proxy.cut();
+    client.resync(v1::ResyncRequest {}).await.unwrap_err();
+    let stale = client.list(v1::ListRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        stale.registrations, list.registrations,
+        "the last list is kept"
+    );
+    assert!(!stale.error.is_empty(), "the failure is shown: {stale:?}");
+    proxy.resume();
+    client.resync(v1::ResyncRequest {}).await.unwrap();
+    let list = client.list(v1::ListRequest {}).await.unwrap().into_inner();
+    assert_eq!(list.error, "");
+    assert_eq!(
+        list.registrations
+            .iter()
+            .map(|r| r.key.clone())
+            .collect::<Vec<_>>(),
+        keys.keys().cloned().collect::<Vec<_>>()
+    );
+
+    // A registrar that cannot reach etcd at all answers UNAVAILABLE with the reason.
+    let mut lonely = Service::start(
+        "legate-registrar",
+        &[
+            "--etcd-endpoints",
+            "http://127.0.0.1:9",
+            "--filter",
+            "label=legate.none",
+        ],
+        &[("HOST_IP", "127.0.0.1"), ("HOST_ID", "lonely")],
+    )
+    .unwrap();
+    let mut client = {
+        let grpc = format!("http://{}", lonely.grpc());
+        wait_for("the lonely registrar's gRPC port", WAIT, || {
+            let grpc = grpc.clone();
+            async move { Ok(Some(RegistrarClient::connect(grpc).await?)) }
+        })
+        .await
+        .unwrap()
+    };
+    let status = client.list(v1::ListRequest {}).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    lonely.kill();
 }

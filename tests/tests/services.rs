@@ -122,3 +122,37 @@ async fn a_bad_configuration_exits_with_64_and_says_why() {
         );
     }
 }
+
+/// Regression (#13, item 11): the README's configuration table gave confgen's and the
+/// supervisor's listeners as `:7402`/`:7403` (every interface) while they bind 127.0.0.1. The
+/// table states what each binary's `--help` says its defaults are.
+#[test]
+fn the_readme_states_each_services_default_listeners() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    for flag in ["--listen", "--metrics-listen"] {
+        let row = readme
+            .lines()
+            .find(|line| line.starts_with(&format!("| `{flag}` ")))
+            .unwrap_or_else(|| panic!("no README row for {flag}"));
+        for binary in BINARIES {
+            let help = std::process::Command::new(legate_tests::service::binary(binary).unwrap())
+                .arg("--help")
+                .output()
+                .unwrap();
+            let help = String::from_utf8_lossy(&help.stdout);
+            // clap prints the flag's help, then "[env: ...] [default: <addr>]".
+            let after = &help[help.find(&format!("{flag} <")).unwrap()..];
+            let default = after
+                .split("[default: ")
+                .nth(1)
+                .and_then(|rest| rest.split(']').next())
+                .unwrap();
+            let name = binary.trim_start_matches("legate-");
+            assert!(
+                row.contains(&format!("{name} `{default}`")),
+                "README says {row:?}, {binary} {flag} defaults to {default}"
+            );
+        }
+    }
+}

@@ -499,3 +499,137 @@ async fn follows_confgen_and_reports_what_it_runs() {
         .into_inner();
     assert_eq!(node.running_version, status.version);
 }
+
+/// Regression (#13, item 7): on SIGTERM the gRPC server could end before the applier, whose
+/// future the supervisor's `select!` then dropped: about one stop in five left the HAProxy
+/// master running despite `--stop-haproxy`. Every stop must honour it.
+#[tokio::test]
+async fn stop_haproxy_is_honoured_on_every_sigterm() {
+    let backend = Backend::start("b1", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    for round in 0..25 {
+        let supervised = Supervised::new().unwrap();
+        let mut supervisor = supervised.start(None, &["--stop-haproxy"]).unwrap();
+        let mut client = client(&supervisor).await;
+        let snapshot = config(
+            free_port().unwrap(),
+            &[("a.test", &[("s1", backend.addr())])],
+            "",
+        );
+        assert_outcome(&apply(&mut client, &snapshot).await, ApplyOutcome::Reloaded);
+        let master = supervised.master_pid().unwrap();
+        drop(client);
+        let status = supervisor.terminate(WAIT).await.unwrap();
+        assert!(status.success(), "round {round}: {status}");
+        assert!(
+            !legate_tests::process_alive(master),
+            "round {round}: haproxy {master} outlived the supervisor:\n{}",
+            supervisor.log()
+        );
+        assert!(
+            supervisor.log().contains("stopping haproxy"),
+            "{}",
+            supervisor.log()
+        );
+    }
+}
+
+/// A TCP service section listening on `port` of 127.0.0.1, served by `server`.
+fn service_section(name: &str, port: u16, server: SocketAddr) -> String {
+    format!(
+        "\nlisten svc_{name}_{port}\n    mode tcp\n    bind 127.0.0.1:{port}\n    \
+         server s1 {server}\n"
+    )
+}
+
+/// Regression (#13, item 2): a service port that another process holds made every reload
+/// fail, and in that failure HAProxy 2.6 paused every listener for ~2 s, again on each later
+/// snapshot. Such a listener is refused before the reload, with its reason in the result and
+/// the status, and the rest applies: existing routes see no failed request, and later changes
+/// keep flowing.
+#[tokio::test]
+async fn a_listener_that_cannot_bind_is_refused_and_the_rest_applies_without_a_failure() {
+    let Setup {
+        b1,
+        b2,
+        http,
+        supervised: _supervised,
+        supervisor,
+        mut client,
+        ..
+    } = Setup::start().await;
+    // Another process holds this port, as sshd holds 22 or docker-proxy a published port.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = squatter.local_addr().unwrap().port();
+    let one = config(http, &[("a.test", &[("s1", b1.addr())])], "");
+    let both = |extra: &str| {
+        config(
+            http,
+            &[("a.test", &[("s1", b1.addr()), ("s2", b2.addr())])],
+            extra,
+        )
+    };
+    assert_outcome(
+        &apply(&mut client, &versioned(one, 1)).await,
+        ApplyOutcome::Reloaded,
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], http));
+    let duration = Duration::from_secs(8);
+    let keep_alive = tokio::spawn(load::wrk(addr, "a.test", duration, 8, false));
+    let close = tokio::spawn(load::wrk(addr, "a.test", duration, 4, true));
+
+    // A new server and a service on the busy port, in one snapshot.
+    let squatted = both(&service_section("ssh", busy, b1.addr()));
+    let result = apply(&mut client, &versioned(squatted.clone(), 2)).await;
+    assert_ne!(result.outcome(), ApplyOutcome::Rejected, "{result:?}");
+    assert!(
+        result.message.contains(&format!("127.0.0.1:{busy}")),
+        "{result:?}"
+    );
+    let refused = status(&mut client).await.refused_listeners;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(
+        refused[0].contains(&format!("svc_ssh_{busy}")),
+        "{refused:?}"
+    );
+    wait_served_by(http, "a.test", "b2").await;
+    // The same snapshot again changes nothing, and a later server change takes the runtime
+    // path: the refused section does not make every snapshot a reload.
+    let again = apply(&mut client, &versioned(squatted, 3)).await;
+    assert_outcome(&again, ApplyOutcome::Unchanged);
+    let later = config(
+        http,
+        &[("a.test", &[("s2", b2.addr())])],
+        &service_section("ssh", busy, b1.addr()),
+    );
+    assert_outcome(
+        &apply(&mut client, &versioned(later.clone(), 4)).await,
+        ApplyOutcome::Runtime,
+    );
+    assert!(!keep_alive.is_finished(), "the changes outlasted the load");
+    for (mode, run) in [("keep-alive", keep_alive), ("close", close)] {
+        let report = run.await.unwrap().unwrap();
+        assert!(report.requests > 100, "{mode}: {}", report.output);
+        assert_eq!(
+            (report.socket_errors, report.non_2xx),
+            (0, 0),
+            "{mode}: {}",
+            report.output
+        );
+    }
+    // Once the port is free, the listener comes up with the next snapshot.
+    drop(squatter);
+    let result = apply(&mut client, &versioned(later, 5)).await;
+    assert_outcome(&result, ApplyOutcome::Reloaded);
+    assert!(status(&mut client).await.refused_listeners.is_empty());
+    let (status, body) = http_get(SocketAddr::from(([127, 0, 0, 1], busy)), "x", "/")
+        .await
+        .unwrap();
+    assert_eq!((status, body.trim()), (200, "b1"));
+    let metrics = supervisor.metrics_text().await.unwrap();
+    assert!(
+        metrics.contains("legate_supervisor_listeners_refused_total 1"),
+        "{metrics}"
+    );
+}
