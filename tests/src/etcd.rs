@@ -9,35 +9,50 @@ use tempfile::TempDir;
 use crate::process::ChildGuard;
 use crate::{WAIT, free_port, wait_for};
 
-/// A single-node etcd; killed and its data removed on drop.
+/// One etcd member (a single-node etcd, or a member of a [`Cluster`]); killed and its data
+/// removed on drop.
 #[derive(Debug)]
 pub struct Etcd {
     child: Option<ChildGuard>,
     dir: TempDir,
+    name: String,
     client_port: u16,
     peer_port: u16,
+    /// `--initial-cluster`: every member's `name=peer-url`.
+    initial_cluster: String,
 }
 
 impl Etcd {
-    /// Starts etcd and waits until it answers.
+    /// Starts a single-node etcd and waits until it answers.
     pub async fn start() -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("legate-etcd-").tempdir()?;
-        let mut etcd = Self {
-            child: None,
-            dir,
-            client_port: free_port()?,
-            peer_port: free_port()?,
-        };
-        etcd.spawn().await?;
+        let mut etcd = Self::new("legate-test")?;
+        etcd.initial_cluster = format!("{}={}", etcd.name, etcd.peer_url());
+        etcd.spawn()?;
+        etcd.wait_ready().await?;
         Ok(etcd)
     }
 
-    async fn spawn(&mut self) -> Result<()> {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+    fn new(name: &str) -> Result<Self> {
+        Ok(Self {
+            child: None,
+            dir: tempfile::Builder::new().prefix("legate-etcd-").tempdir()?,
+            name: name.to_owned(),
+            client_port: free_port()?,
+            peer_port: free_port()?,
+            initial_cluster: String::new(),
+        })
+    }
+
+    fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let client = self.endpoint();
+        let peer = self.peer_url();
         let mut command = Command::new("etcd");
         command
-            .arg("--name=legate-test")
+            .arg(format!("--name={}", self.name))
             .arg(format!(
                 "--data-dir={}",
                 self.dir.path().join("data").display()
@@ -46,12 +61,13 @@ impl Etcd {
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=legate-test={peer}"))
+            .arg(format!("--initial-cluster={}", self.initial_cluster))
+            .arg("--initial-cluster-token=legate-test")
             .arg("--logger=zap")
             .arg("--log-level=warn");
         let log = self.dir.path().join("etcd.log");
         self.child = Some(ChildGuard::spawn("etcd", command, &log)?);
-        self.wait_ready().await
+        Ok(())
     }
 
     async fn wait_ready(&mut self) -> Result<()> {
@@ -116,12 +132,72 @@ impl Etcd {
     /// Starts etcd again on the same ports with the same data.
     pub async fn restart(&mut self) -> Result<()> {
         self.kill();
-        self.spawn().await
+        self.spawn()?;
+        self.wait_ready().await
+    }
+
+    /// Whether this member is its cluster's leader.
+    pub async fn is_leader(&self) -> Result<bool> {
+        let status = self.client().await?.status().await?;
+        Ok(status.leader() == status.header().map_or(0, |h| h.member_id()))
     }
 
     /// The temporary directory holding the data and the log.
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
+    }
+}
+
+/// An etcd cluster of several members on loopback, for faults a single node cannot show: a
+/// member lost, the leader killed.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The members, in the order of [`Cluster::endpoints`].
+    pub members: Vec<Etcd>,
+}
+
+impl Cluster {
+    /// Starts `size` members and waits until each answers (which takes a quorum).
+    pub async fn start(size: usize) -> Result<Self> {
+        let mut members = (0..size)
+            .map(|i| Etcd::new(&format!("legate-test-{i}")))
+            .collect::<Result<Vec<_>>>()?;
+        let initial: Vec<String> = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
+            .collect();
+        for member in &mut members {
+            member.initial_cluster = initial.join(",");
+            member.spawn()?;
+        }
+        for member in &mut members {
+            member.wait_ready().await?;
+        }
+        Ok(Self { members })
+    }
+
+    /// Every member's client URL, comma-separated, as `--etcd-endpoints` takes them.
+    pub fn endpoints(&self) -> String {
+        let urls: Vec<String> = self.members.iter().map(Etcd::endpoint).collect();
+        urls.join(",")
+    }
+
+    /// The index of the current leader.
+    pub async fn leader(&self) -> Result<usize> {
+        for (i, member) in self.members.iter().enumerate() {
+            if member.child.is_some() && member.is_leader().await.unwrap_or(false) {
+                return Ok(i);
+            }
+        }
+        anyhow::bail!("no member is the leader")
+    }
+
+    /// A client of the whole cluster (every member's endpoint).
+    pub async fn client(&self) -> Result<etcd_client::Client> {
+        let urls: Vec<String> = self.members.iter().map(Etcd::endpoint).collect();
+        etcd_client::Client::connect(urls, None)
+            .await
+            .context("connecting to the etcd cluster")
     }
 }
 

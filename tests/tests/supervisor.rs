@@ -272,11 +272,13 @@ async fn a_reload_that_fails_is_rolled_back_to_the_last_good_configuration() {
     let good = versioned(config(http, &[("a.test", &[("s1", b1.addr())])], ""), 1);
     assert_outcome(&apply(&mut client, &good).await, ApplyOutcome::Reloaded);
 
-    // `haproxy -c` accepts it; binding the port fails at reload.
+    // `haproxy -c` accepts it; binding the port fails at reload. The supervisor probes the
+    // listeners with a literal address before a reload (and leaves out those that cannot bind):
+    // one given by host name is HAProxy's to resolve, so only the reload finds it taken.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let extra = format!(
-        "\nlisten svc_{port}\n    mode tcp\n    bind 127.0.0.1:{port}\n    server m1 {}\n",
+        "\nlisten svc_{port}\n    mode tcp\n    bind ipv4@localhost:{port}\n    server m1 {}\n",
         b1.addr()
     );
     let conflict = versioned(config(http, &[("a.test", &[("s1", b1.addr())])], &extra), 2);
