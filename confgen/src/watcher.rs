@@ -93,7 +93,7 @@ pub async fn run(
     let mut state = State::Connect;
     loop {
         let failure = match state {
-            State::Connect => match etcd.connect().await {
+            State::Connect => match etcd.connect(&shutdown).await {
                 Ok(client) => {
                     state = State::List(client);
                     continue;

@@ -81,14 +81,112 @@ impl EtcdArgs {
     /// more often than `--grpc-keepalive-min-time` (5 s by default) while it has streams, and
     /// one that pings at all while it has none (gRPC's `PermitWithoutStream` is off in etcd),
     /// so pings are sent every 6 s and only while a call is open.
+    ///
+    /// With several endpoints, a task follows the members until `shutdown` (see
+    /// [`follow_members`]): the client's own balancing would keep sending calls to a dead member.
     #[cfg(feature = "etcd")]
-    pub async fn connect(&self) -> Result<etcd_client::Client, etcd_client::Error> {
+    pub async fn connect(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<etcd_client::Client, etcd_client::Error> {
         let options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(ETCD_PING_INTERVAL, Duration::from_secs(3))
             .with_keep_alive_while_idle(false);
-        etcd_client::Client::connect(self.endpoints(), Some(options)).await
+        let endpoints = self.endpoints();
+        let client = etcd_client::Client::connect(&endpoints, Some(options)).await?;
+        if endpoints.len() > 1 {
+            tokio::spawn(follow_members(
+                client.clone(),
+                endpoints,
+                shutdown.child_token(),
+            ));
+        }
+        Ok(client)
+    }
+}
+
+/// How often every etcd member is asked whether it answers, and how long it has to answer.
+#[cfg(feature = "etcd")]
+const MEMBER_PROBE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_millis(1500));
+
+/// Keeps `client`'s set of endpoints to the members that answer, until `shutdown`.
+///
+/// Why: etcd-client balances calls over its endpoints with tonic's power-of-two-choices
+/// balancer, and a member that is down still counts as ready there: each call sent to it fails
+/// at once ("tcp connect error"), which makes it look lightly loaded, so it keeps being chosen.
+/// With one member of three down, registrations stalled for seconds. So every member is asked
+/// for its status (on a connection of its own) every second; one that does not answer within
+/// 1.5 s leaves the balance set, and comes back as soon as it answers again. When no member
+/// answers, nothing tells the good from the bad: every endpoint is used.
+#[cfg(feature = "etcd")]
+async fn follow_members(
+    client: etcd_client::Client,
+    endpoints: Vec<String>,
+    shutdown: CancellationToken,
+) {
+    let (interval, timeout) = MEMBER_PROBE;
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(timeout)
+        .with_timeout(timeout);
+    let mut probes = Vec::new();
+    for endpoint in &endpoints {
+        match etcd_client::Client::connect([endpoint], Some(options.clone())).await {
+            Ok(probe) => probes.push(probe),
+            Err(e) => {
+                warn!(endpoint, error = %e, "cannot follow the etcd members: all are used");
+                return;
+            }
+        }
+    }
+    let mut used = vec![true; endpoints.len()];
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let mut asks = tokio::task::JoinSet::new();
+        for (i, probe) in probes.iter().enumerate() {
+            let mut probe = probe.clone();
+            asks.spawn(async move {
+                let answer = tokio::time::timeout(timeout, probe.status()).await;
+                (i, matches!(answer, Ok(Ok(_))))
+            });
+        }
+        let mut answering = vec![false; endpoints.len()];
+        while let Some(Ok((i, up))) = asks.join_next().await {
+            answering[i] = up;
+        }
+        let count = answering.iter().filter(|up| **up).count();
+        metrics::gauge!("legate_etcd_members_answering").set(count as f64);
+        if count == 0 {
+            answering = vec![true; endpoints.len()];
+        }
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            if answering[i] == used[i] {
+                continue;
+            }
+            let changed = if answering[i] {
+                client.add_endpoint(endpoint).await
+            } else {
+                client.remove_endpoint(endpoint).await
+            };
+            match changed {
+                Ok(()) if answering[i] => info!(endpoint, "etcd member answers again: in use"),
+                Ok(()) => warn!(
+                    endpoint,
+                    "etcd member does not answer: not used until it does"
+                ),
+                Err(e) => {
+                    warn!(endpoint, error = %e, "cannot change the etcd endpoints");
+                    continue;
+                }
+            }
+            used[i] = answering[i];
+        }
     }
 }
 

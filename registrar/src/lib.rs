@@ -175,7 +175,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             DockerSource::connect(&config.docker_host, config.filters.clone())
         })
         .await?;
-        let client = retry("connecting to etcd", &tasks, || config.etcd.connect()).await?;
+        let client = retry("connecting to etcd", &tasks, || config.etcd.connect(&tasks)).await?;
         let store = Store::new(client, schema.clone(), host_id.clone(), record);
         let window = Duration::from_millis(config.claim_window_ms);
         // etcd errors are retried; a duplicate host id is final.

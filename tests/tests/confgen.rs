@@ -847,3 +847,44 @@ async fn an_idle_watch_is_never_closed_by_etcds_keepalive_policy() {
     })
     .await;
 }
+
+/// Regression (#13, item 4): confgen against a 3-member etcd, the leader killed: once confgen
+/// has seen the member go, the watch stays on the members that answer (no restart) and every
+/// change is followed.
+#[tokio::test]
+async fn follows_changes_with_the_etcd_leader_down() {
+    let mut cluster = etcd::Cluster::start(3).await.unwrap();
+    let confgen = start_confgen(&cluster.endpoints(), &[]).await;
+    let mut stream = subscribe(&confgen, "node-a").await;
+    let leader = cluster.leader().await.unwrap();
+    let mut kv = cluster.members[(leader + 1) % 3].client().await.unwrap();
+    put_app(&mut kv, 1).await;
+    until(&mut stream, "the first app", |s| model(s).apps.len() == 1).await;
+
+    cluster.members[leader].kill();
+    wait_for("confgen to see the member gone", WAIT, || async {
+        Ok((metric(&confgen, "legate_etcd_members_answering").await == 2.0).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", confgen.log()));
+    // The watch may have been on the killed member: let it settle on a live one.
+    put_app(&mut kv, 2).await;
+    until(&mut stream, "the app put after the kill", |s| {
+        model(s).apps.len() == 2
+    })
+    .await;
+    let restarts = metric(&confgen, "legate_confgen_watch_restarts_total").await;
+    for n in 3..8 {
+        put_app(&mut kv, n).await;
+        until(&mut stream, "each later app", |s| {
+            model(s).apps.len() == n as usize
+        })
+        .await;
+    }
+    assert_eq!(
+        metric(&confgen, "legate_confgen_watch_restarts_total").await,
+        restarts,
+        "{}",
+        confgen.log()
+    );
+}
