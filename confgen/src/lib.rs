@@ -462,9 +462,6 @@ async fn write_output(dir: &Path, snapshot: &v1::ConfigSnapshot) -> std::io::Res
     Ok(())
 }
 
-#[cfg(test)]
-mod tests;
-
 /// An app or service of `model`, as the log names it.
 fn describe(model: &Model, item: Item) -> String {
     match item {
@@ -522,3 +519,6 @@ fn without_failed(model: &Model, failures: &[ItemFailure], registry: &Registry) 
     reduced.skipped.sort_by(|a, b| a.key.cmp(&b.key));
     reduced
 }
+
+#[cfg(test)]
+mod tests;

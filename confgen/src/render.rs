@@ -251,6 +251,13 @@ struct Sections {
 /// a failed render left pushed.
 const MARK: &str = "legate_block";
 
+/// Pops the blocks that a failed render of one item left above the helper's own.
+fn unwind_to_mark(rc: &mut RenderContext<'_, '_>) {
+    while rc.block().is_some_and(|b| b.get_local_var(MARK).is_none()) {
+        rc.pop_block();
+    }
+}
+
 impl HelperDef for Sections {
     fn call<'reg: 'rc, 'rc>(
         &self,
@@ -312,9 +319,7 @@ impl HelperDef for Sections {
             match (template.render(r, ctx, rc, &mut buffer), item) {
                 (Ok(()), _) => out.write(&buffer.into_string()?)?,
                 (Err(e), Some(item)) => {
-                    while rc.block().is_some_and(|b| b.get_local_var(MARK).is_none()) {
-                        rc.pop_block();
-                    }
+                    unwind_to_mark(rc);
                     self.failures
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -324,9 +329,7 @@ impl HelperDef for Sections {
                         });
                 }
                 (Err(e), None) => {
-                    while rc.block().is_some_and(|b| b.get_local_var(MARK).is_none()) {
-                        rc.pop_block();
-                    }
+                    unwind_to_mark(rc);
                     rc.pop_block();
                     return Err(e);
                 }

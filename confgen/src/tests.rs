@@ -7,7 +7,7 @@ use std::time::Duration;
 use legate_proto::registry::{Prefix, Schema};
 
 use crate::model::{self, HOSTS_MAP, Registry, Slots, WILDCARDS_MAP};
-use crate::render::{DEFAULT_TEMPLATE, RenderError, Renderer, Settings};
+use crate::render::{DEFAULT_TEMPLATE, Item, RenderError, Renderer, Settings};
 use crate::{Wait, parse_wait};
 
 fn id(n: u32) -> String {
@@ -382,6 +382,48 @@ fn apps_and_services_stream_through_block_helpers() {
     let mut each = Renderer::new("{{#each apps}}{{/each}}").unwrap();
     assert!(matches!(
         each.render(&model, &settings()),
+        Err(RenderError::Render(_))
+    ));
+}
+
+#[test]
+fn an_item_that_fails_its_block_is_named_and_the_rest_renders_without_it() {
+    let mut registry = registry("");
+    registry.reset(
+        vec![
+            (app("a.example.com", 1, "10.0.0.1:80"), Vec::new()),
+            (
+                app("b.example.com", 2, "10.0.0.2:80"),
+                br#"{"check_path":"/health"}"#.to_vec(),
+            ),
+            (app("c.example.com", 3, "10.0.0.3:80"), Vec::new()),
+            (service("db", 3306, 4, "10.0.0.4:3306"), Vec::new()),
+        ],
+        1,
+    );
+    let mut model = registry.model(&[]);
+    Slots::default().assign(&mut model);
+    let model = Arc::new(model);
+    // Nested blocks inside the failing one: what they leave pushed must not disturb the rest.
+    let template = "{{#apps}}{{#each servers}}{{#if ../check_path}}{{no_such_field}}{{/if}}{{/each}}{{domain}};{{/apps}}|{{#slots}}{{#unless free}}{{#if domain}}{{#each servers}}{{address}}{{/each}}{{/if}}{{/unless}}{{/slots}}|{{#services}}{{nope}}{{/services}}";
+    let mut renderer = Renderer::new(template).unwrap();
+    let Err(RenderError::Items(failures)) = renderer.render(&model, &settings()) else {
+        panic!("the failing items are named");
+    };
+    let failed: Vec<(Item, bool)> = failures
+        .iter()
+        .map(|f| {
+            (
+                f.item,
+                f.error.contains("no_such_field") || f.error.contains("nope"),
+            )
+        })
+        .collect();
+    assert_eq!(failed, [(Item::App(1), true), (Item::Service(0), true)]);
+    // A template whose failure is no item's (a free slot, the root) fails the render.
+    let mut slots = Renderer::new("{{#slots}}{{#if free}}{{nope}}{{/if}}{{/slots}}").unwrap();
+    assert!(matches!(
+        slots.render(&model, &settings()),
         Err(RenderError::Render(_))
     ));
 }

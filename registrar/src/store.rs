@@ -67,12 +67,6 @@ impl From<etcd_client::Error> for StoreError {
 }
 
 impl StoreError {
-    /// Whether this error is about etcd being unreachable or failing, so the call may be
-    /// retried as it is.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Etcd(_))
-    }
-
     /// Names the lease of a [`StoreError::LeaseLost`] that was built without it.
     fn for_lease(self, lease: i64) -> Self {
         match self {

@@ -867,7 +867,13 @@ async fn follows_changes_with_the_etcd_leader_down() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", confgen.log()));
-    // The watch may have been on the killed member: let it settle on a live one.
+    // The test's own writes wait for the election; then the watch, which may have been on
+    // the killed member, settles on a live one.
+    wait_for("a new leader", WAIT, || async {
+        Ok(cluster.leader().await.ok())
+    })
+    .await
+    .unwrap();
     put_app(&mut kv, 2).await;
     until(&mut stream, "the app put after the kill", |s| {
         model(s).apps.len() == 2
