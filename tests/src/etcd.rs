@@ -94,6 +94,11 @@ impl Etcd {
         format!("http://127.0.0.1:{}", self.client_port)
     }
 
+    /// The client address, e.g. `127.0.0.1:41234`.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.client_port))
+    }
+
     /// A connected client.
     pub async fn client(&self) -> Result<etcd_client::Client> {
         etcd_client::Client::connect([self.endpoint()], None)

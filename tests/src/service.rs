@@ -164,6 +164,19 @@ impl Service {
         Ok(body)
     }
 
+    /// A metric's value summed over its label sets; 0 when the service has not set it.
+    pub async fn metric(&self, name: &str) -> Result<f64> {
+        let text = self.metrics_text().await?;
+        Ok(text
+            .lines()
+            .filter(|line| {
+                line.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
     /// Sends SIGTERM and waits for the process to exit.
     pub async fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
         self.child.signal(Signal::SIGTERM)?;

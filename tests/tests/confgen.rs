@@ -109,14 +109,7 @@ fn app_servers(snapshot: &v1::ConfigSnapshot) -> usize {
 
 /// A metric's value summed over its label sets; 0 when absent.
 async fn metric(service: &Service, name: &str) -> f64 {
-    let text = service.metrics_text().await.unwrap();
-    text.lines()
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    service.metric(name).await.unwrap()
 }
 
 async fn put_all(client: &mut Client, kvs: &[(String, String)]) {
@@ -132,13 +125,6 @@ async fn put_app(kv: &mut Client, n: u32) {
     )
     .await
     .unwrap();
-}
-
-fn etcd_addr(etcd: &Etcd) -> SocketAddr {
-    etcd.endpoint()
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap()
 }
 
 #[tokio::test]
@@ -411,7 +397,7 @@ async fn keeps_its_snapshot_through_an_etcd_restart_and_follows_after() {
 async fn lists_again_when_compaction_passed_a_cut_off_watch() {
     let etcd = Etcd::start().await.unwrap();
     let mut kv = etcd.client().await.unwrap();
-    let proxy = Proxy::start(Upstream::Tcp(etcd_addr(&etcd))).await.unwrap();
+    let proxy = Proxy::start(Upstream::Tcp(etcd.addr())).await.unwrap();
     for n in 0..5 {
         put_app(&mut kv, n).await;
     }

@@ -746,14 +746,7 @@ async fn a_lease_that_expired_while_etcd_was_frozen_is_replaced() {
 #[tokio::test]
 async fn a_lease_that_expired_while_the_registrar_was_cut_off_is_replaced() {
     let etcd = Etcd::start().await.unwrap();
-    let proxy = Proxy::start(Upstream::Tcp(
-        etcd.endpoint()
-            .trim_start_matches("http://")
-            .parse()
-            .unwrap(),
-    ))
-    .await
-    .unwrap();
+    let proxy = Proxy::start(Upstream::Tcp(etcd.addr())).await.unwrap();
     let f = Fixture::start_with(etcd, &format!("http://{}", proxy.addr()), &[]).await;
     let (_app, keys) = f.registered_app("partition.example.com").await;
     let before = lease_of(&f, &keys).await;
@@ -781,14 +774,7 @@ async fn a_lease_that_expired_while_the_registrar_was_cut_off_is_replaced() {
 #[tokio::test]
 async fn list_says_when_it_cannot_know_or_may_be_stale() {
     let etcd = Etcd::start().await.unwrap();
-    let proxy = Proxy::start(Upstream::Tcp(
-        etcd.endpoint()
-            .trim_start_matches("http://")
-            .parse()
-            .unwrap(),
-    ))
-    .await
-    .unwrap();
+    let proxy = Proxy::start(Upstream::Tcp(etcd.addr())).await.unwrap();
     let f = Fixture::start_with(etcd, &format!("http://{}", proxy.addr()), &[]).await;
     let (_app, keys) = f.registered_app("list.example.com").await;
     let mut client = f.client().await;
@@ -845,14 +831,7 @@ async fn list_says_when_it_cannot_know_or_may_be_stale() {
 
 /// A metric's value, summed over its label sets; 0 when absent.
 async fn metric(service: &Service, name: &str) -> f64 {
-    let text = service.metrics_text().await.unwrap();
-    text.lines()
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    service.metric(name).await.unwrap()
 }
 
 /// Regression (#13, item 4): with a 3-member etcd and every endpoint given, the client kept
