@@ -114,18 +114,26 @@ fn runtime(old: Files<'_>, new: Files<'_>, draining: &Draining) -> Result<Runtim
             );
         return Err(format!("the configuration changed beyond servers: {line}"));
     }
-    let mut added = Vec::new();
+    let maps = map_commands(old.maps, new.maps, new.config)?;
+    let moves = moves(old.maps, new.maps)?;
+    // Servers made ready and put into maintenance, each in the backend's phase (see below).
+    let (mut ready_early, mut ready_late) = (Vec::new(), Vec::new());
+    let (mut maint_early, mut maint_late) = (Vec::new(), Vec::new());
     let mut changed = Vec::new();
-    let mut maint = Vec::new();
     let mut removed = Vec::new();
     let mut revived = Vec::new();
     for (&(backend, name), server) in &after.servers {
         let key = (backend.to_owned(), name.to_owned());
+        let ready = if moves.lost.contains(backend) {
+            &mut ready_late
+        } else {
+            &mut ready_early
+        };
         match before.servers.get(&(backend, name)) {
             Some(was) if was == server => continue,
             None => match draining.get(&key) {
                 Some(line) if *line == server.line() => {
-                    added.push(Command::quiet(format!(
+                    ready.push(Command::quiet(format!(
                         "set server {backend}/{name} state ready"
                     )));
                     revived.push(key);
@@ -135,7 +143,7 @@ fn runtime(old: Files<'_>, new: Files<'_>, draining: &Draining) -> Result<Runtim
                         "server {backend}/{name} is back, changed, while it drains"
                     ));
                 }
-                None => added.extend(add_server(backend, name, server)?),
+                None => ready.extend(add_server(backend, name, server)?),
             },
             Some(was) => changed.extend(change_server(backend, name, was, server)?),
         }
@@ -144,21 +152,65 @@ fn runtime(old: Files<'_>, new: Files<'_>, draining: &Draining) -> Result<Runtim
     for (&(backend, name), server) in &before.servers {
         if !after.servers.contains_key(&(backend, name)) {
             check_dynamic(&before, backend)?;
+            let maint = if moves.gained.contains(backend) {
+                &mut maint_early
+            } else {
+                &mut maint_late
+            };
             maint.push(Command::quiet(format!(
                 "set server {backend}/{name} state maint"
             )));
             removed.push(((backend.to_owned(), name.to_owned()), server.line()));
         }
     }
-    let maps = map_commands(old.maps, new.maps, new.config)?;
-    let mut commands = added;
-    commands.extend(maps);
+    // Requests are served between any two commands of the batch, so the order is what keeps
+    // each request on its own domain's servers. By default a backend gains its new servers
+    // first and loses its old ones last: it never runs out of servers. But a backend that a
+    // map key newly points to (a slot taken, or given to another domain by a restarted
+    // confgen) loses its old servers *before* the maps change, and one that a key stops
+    // pointing to (a slot freed or given away) gets its new servers only *after*. A slot that
+    // changes hands directly is empty for that moment (its keys answered 503), but no request
+    // ever reaches another domain's server; a domain moving to a free slot finds it ready.
+    let mut commands = ready_early;
     commands.extend(changed);
-    commands.extend(maint);
+    commands.extend(maint_early);
+    commands.extend(maps);
+    commands.extend(ready_late);
+    commands.extend(maint_late);
     Ok(Runtime {
         commands,
         removed,
         revived,
+    })
+}
+
+/// How the maps' keys move between backends (map values): `gained`, the backends that some
+/// `(map, key)` points to in the new maps and not in the old; `lost`, those that some key
+/// points to in the old maps and not in the new.
+#[derive(Debug, Default)]
+struct Moves<'a> {
+    gained: BTreeSet<&'a str>,
+    lost: BTreeSet<&'a str>,
+}
+
+fn moves<'a>(old: &'a [ConfigFile], new: &'a [ConfigFile]) -> Result<Moves<'a>, String> {
+    if old.len() == new.len() && old.iter().zip(new).all(|(a, b)| a.content == b.content) {
+        return Ok(Moves::default());
+    }
+    let pointers =
+        |maps: &'a [ConfigFile]| -> Result<BTreeSet<(&'a str, &'a str, &'a str)>, String> {
+            let mut pointers = BTreeSet::new();
+            for map in maps {
+                for (key, value) in map_entries(&map.name, &map.content)? {
+                    pointers.insert((value, map.name.as_str(), key));
+                }
+            }
+            Ok(pointers)
+        };
+    let (before, after) = (pointers(old)?, pointers(new)?);
+    Ok(Moves {
+        gained: after.difference(&before).map(|p| p.0).collect(),
+        lost: before.difference(&after).map(|p| p.0).collect(),
     })
 }
 
@@ -632,6 +684,192 @@ mod tests {
         ];
         for new in cases {
             reload_reason(plan_of(BASE, &new));
+        }
+    }
+
+    /// HAProxy as the runtime API leaves it between two commands: which servers of which
+    /// backend are ready, and where each map key points.
+    #[derive(Debug, Default)]
+    struct Between {
+        ready: BTreeSet<(String, String)>,
+        maps: BTreeMap<(String, String), String>,
+    }
+
+    impl Between {
+        fn new(config: &str, maps: &[ConfigFile]) -> Self {
+            let mut state = Self::default();
+            for (backend, server) in Parsed::new(config).unwrap().servers.keys() {
+                state
+                    .ready
+                    .insert(((*backend).to_owned(), (*server).to_owned()));
+            }
+            for map in maps {
+                for (key, value) in map_entries(&map.name, &map.content).unwrap() {
+                    state
+                        .maps
+                        .insert((map.name.clone(), key.to_owned()), value.to_owned());
+                }
+            }
+            state
+        }
+
+        fn run(&mut self, line: &str) {
+            let words: Vec<&str> = line.split(' ').collect();
+            let server = |id: &str| {
+                let (backend, server) = id.split_once('/').unwrap();
+                (backend.to_owned(), server.to_owned())
+            };
+            match words.as_slice() {
+                ["set", "server", id, "state", "ready"] => {
+                    self.ready.insert(server(id));
+                }
+                ["set", "server", id, "state", "maint"] => {
+                    self.ready.remove(&server(id));
+                }
+                ["add" | "set", "map", map, key, value] => {
+                    self.maps
+                        .insert(((*map).to_owned(), (*key).to_owned()), (*value).to_owned());
+                }
+                ["del", "map", map, key] => {
+                    self.maps.remove(&((*map).to_owned(), (*key).to_owned()));
+                }
+                // Added servers start in maintenance; health and weights route nothing.
+                ["add" | "enable", ..] | ["set", "server", _, "weight", _] => {}
+                other => panic!("unexpected command {other:?}"),
+            }
+        }
+    }
+
+    /// The domain each server serves, in a configuration and its hosts map.
+    fn owners(config: &str, hosts: &str) -> BTreeMap<(String, String), String> {
+        let backends: BTreeMap<&str, &str> = hosts
+            .lines()
+            .filter_map(|line| line.split_once(' '))
+            .map(|(domain, backend)| (backend, domain))
+            .collect();
+        Parsed::new(config)
+            .unwrap()
+            .servers
+            .keys()
+            .filter_map(|(backend, server)| {
+                let domain = backends.get(backend)?;
+                Some((
+                    ((*backend).to_owned(), (*server).to_owned()),
+                    (*domain).to_owned(),
+                ))
+            })
+            .collect()
+    }
+
+    /// Pooled backends `slot_1..=slots`, and the servers of each domain in its slot.
+    fn pooled(slots: u32, apps: &[(&str, u32, &[&str])]) -> (String, Vec<ConfigFile>) {
+        let mut config = "defaults\n    mode http\n\nfrontend http\n    bind :80\n    \
+                          use_backend %[req.hdr(host),lower,map(hosts.map)]\n"
+            .to_owned();
+        let mut hosts = String::new();
+        for slot in 1..=slots {
+            config.push_str(&format!("\nbackend slot_{slot}\n    balance roundrobin\n"));
+            for (_, at, servers) in apps {
+                if *at == slot {
+                    for server in *servers {
+                        config.push_str(&format!("    server {server} {server}:80 check\n"));
+                    }
+                }
+            }
+        }
+        for (domain, slot, _) in apps {
+            hosts.push_str(&format!("{domain} slot_{slot}\n"));
+        }
+        (config, vec![map("hosts.map", &hosts)])
+    }
+
+    /// Regression (#13, item 5): a restarted confgen numbered the slots afresh, and the batch
+    /// made the new slot's servers ready while the map still sent another domain there: a
+    /// request for one domain reached another's server. After every command of the batch,
+    /// each domain's slot may hold ready servers of that domain only.
+    #[test]
+    fn no_request_reaches_another_domains_server_at_any_point_of_a_batch() {
+        let cases = [
+            // Two domains swap slots; a third moves into a free one.
+            (
+                pooled(
+                    4,
+                    &[
+                        ("a.test", 1, &["10.0.0.1"]),
+                        ("m.test", 2, &["10.0.0.2", "10.0.0.3"]),
+                        ("z.test", 3, &["10.0.0.4"]),
+                    ],
+                ),
+                pooled(
+                    4,
+                    &[
+                        ("a.test", 2, &["10.0.0.1"]),
+                        ("m.test", 1, &["10.0.0.2", "10.0.0.3"]),
+                        ("z.test", 4, &["10.0.0.4"]),
+                    ],
+                ),
+                // Moving to a free slot: ready before the map points there.
+                &["z.test"][..],
+            ),
+            // A domain goes and a new one takes its slot at once; another gains a server.
+            (
+                pooled(
+                    2,
+                    &[("a.test", 1, &["10.0.0.1"]), ("m.test", 2, &["10.0.0.2"])],
+                ),
+                pooled(
+                    2,
+                    &[
+                        ("b.test", 1, &["10.0.0.5"]),
+                        ("m.test", 2, &["10.0.0.2", "10.0.0.6"]),
+                    ],
+                ),
+                // Keeping its slot: a new server first, the old ones kept.
+                &["m.test"][..],
+            ),
+        ];
+        for ((old, old_maps), (new, new_maps), always_served) in cases {
+            let old_maps_text = &old_maps[0].content;
+            let new_maps_text = &new_maps[0].content;
+            // A server may serve its domain as in either configuration, and only that one.
+            let mut allowed = owners(&old, old_maps_text);
+            allowed.extend(owners(&new, new_maps_text));
+            let plan = plan(
+                Files {
+                    config: &old,
+                    maps: &old_maps,
+                },
+                Files {
+                    config: &new,
+                    maps: &new_maps,
+                },
+                &Draining::new(),
+            );
+            let mut state = Between::new(&old, &old_maps);
+            for line in lines(&plan) {
+                state.run(line);
+                for ((_, domain), backend) in &state.maps {
+                    for (at, server) in &state.ready {
+                        if at == backend {
+                            let owner = &allowed[&(at.clone(), server.clone())];
+                            assert_eq!(
+                                owner, domain,
+                                "after '{line}': {domain} reaches {at}/{server}"
+                            );
+                        }
+                    }
+                }
+                for domain in always_served {
+                    let backend = &state.maps[&("hosts.map".to_owned(), (*domain).to_owned())];
+                    assert!(
+                        state.ready.iter().any(|(at, _)| at == backend),
+                        "after '{line}': {domain} has no server in {backend}"
+                    );
+                }
+            }
+            // And the batch ends where the new configuration is.
+            assert_eq!(state.maps, Between::new(&new, &new_maps).maps);
+            assert_eq!(state.ready, Between::new(&new, &new_maps).ready);
         }
     }
 
