@@ -503,6 +503,7 @@ impl Applier {
     async fn spawn(&mut self) -> Result<(), String> {
         match Haproxy::spawn(&self.settings.haproxy, &self.paths).await {
             Ok(haproxy) => {
+                haproxy.stop_orphans(&self.paths);
                 self.haproxy = Some(haproxy);
                 self.restart_at = None;
                 self.update_status().await;

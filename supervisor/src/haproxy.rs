@@ -202,6 +202,31 @@ impl Haproxy {
         })
     }
 
+    /// Soft-stops every other HAProxy master that runs this supervisor's configuration (its
+    /// command line loads our `global.cfg`), and returns their pids.
+    ///
+    /// Why: when the run directory is lost (the pidfile and the master socket gone, the master
+    /// still running), nothing can adopt that master, and a new one binds the same ports beside
+    /// it (`SO_REUSEPORT`): two masters would serve, the orphan an old configuration, for ever.
+    /// Called once a new master runs, so the orphan's listeners close only when the new ones
+    /// already accept. Its workers finish their connections, as after a reload.
+    pub fn stop_orphans(&self, paths: &Paths) -> Vec<u32> {
+        let orphans = masters_of(&paths.global())
+            .into_iter()
+            .filter(|pid| *pid != self.pid)
+            .collect::<Vec<_>>();
+        for &pid in &orphans {
+            warn!(
+                pid,
+                "another haproxy master runs this configuration (its run directory was lost?): stopping it"
+            );
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGUSR1);
+            }
+        }
+        orphans
+    }
+
     /// The master's pid.
     pub fn pid(&self) -> u32 {
         self.pid
@@ -240,6 +265,36 @@ impl Haproxy {
             self.signal(Signal::SIGTERM);
         }
     }
+}
+
+/// The HAProxy masters whose command line loads `global` (`-f <global>`): the processes with
+/// that command line whose parent does not have it too (their workers do, forked from them).
+fn masters_of(global: &Path) -> Vec<u32> {
+    let global = global.as_os_str().as_encoded_bytes();
+    let loads_global = |pid: u32| {
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.windows(2).any(|w| w[0] == b"-f" && w[1] == global)
+        })
+    };
+    let parent = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // "pid (comm) state ppid ...": the command name may hold spaces and parentheses.
+        stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let running: Vec<u32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|pid| loads_global(*pid))
+        .collect();
+    running
+        .iter()
+        .copied()
+        .filter(|pid| parent(*pid).is_none_or(|ppid| !running.contains(&ppid)))
+        .collect()
 }
 
 /// What the master's `show proc` lists.

@@ -766,3 +766,54 @@ async fn no_request_reaches_another_domains_server_while_slots_change_hands() {
     );
     assert_eq!(misroutes, 0, "{answers} right answers, {errors} errors");
 }
+
+/// Regression (#13, item 8): with the supervisor's run directory lost (pidfile and master
+/// socket gone), nothing adopted the running master and a second one started beside it on the
+/// same ports, the orphan serving the old configuration for ever. The new supervisor starts
+/// HAProxy on the last good files, then stops the orphan: one master serves.
+#[tokio::test]
+async fn a_master_orphaned_by_a_lost_run_dir_is_stopped_once_a_new_one_serves() {
+    let Setup {
+        b1,
+        b2,
+        http,
+        supervised,
+        mut supervisor,
+        mut client,
+        ..
+    } = Setup::start().await;
+    let good = versioned(config(http, &[("a.test", &[("s1", b1.addr())])], ""), 1);
+    assert_outcome(&apply(&mut client, &good).await, ApplyOutcome::Reloaded);
+    let orphan = supervised.master_pid().unwrap();
+    // Killed with the group if the test fails before the supervisor stops it.
+    struct Reap(u32);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = kill(Pid::from_raw(self.0 as i32), Signal::SIGKILL);
+        }
+    }
+    let _reap = Reap(orphan);
+    supervisor.terminate(WAIT).await.unwrap();
+    std::fs::remove_dir_all(supervised.run_dir()).unwrap();
+
+    let successor = supervised.start(None, &[]).unwrap();
+    let mut client = self::client(&successor).await;
+    wait_for("the orphaned master to stop", WAIT, || async {
+        Ok((!legate_tests::process_alive(orphan)).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", successor.log()));
+    let master = supervised.master_pid().unwrap();
+    assert_ne!(master, orphan);
+    assert!(
+        successor.log().contains("another haproxy master"),
+        "{}",
+        successor.log()
+    );
+    assert_eq!(served_by(http, "a.test").await.unwrap(), "b1");
+    // The one master left follows the new snapshots.
+    let more = versioned(config(http, &[("a.test", &[("s2", b2.addr())])], ""), 2);
+    assert_outcome(&apply(&mut client, &more).await, ApplyOutcome::Runtime);
+    wait_served_by(http, "a.test", "b2").await;
+    assert_eq!(status(&mut client).await.master_pid, master);
+}
