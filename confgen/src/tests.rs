@@ -574,12 +574,12 @@ fn the_default_template_renders_the_pool_in_slot_order_with_free_backends() {
     assert!(
         rendered
             .config
-            .contains("backend slot_1\n    mode http\n    balance roundrobin\n    server ")
+            .contains("backend slot_1\n    mode http\n    balance leastconn\n    server ")
     );
     assert!(
         rendered
             .config
-            .contains("backend slot_3\n    mode http\n    balance roundrobin\n\nbackend slot_4")
+            .contains("backend slot_3\n    mode http\n    balance leastconn\n\nbackend slot_4")
     );
     assert_eq!(
         rendered.maps[0].content,

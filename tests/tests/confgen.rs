@@ -20,7 +20,7 @@ use legate_tests::etcd::{self, Etcd};
 use legate_tests::haproxy::{self, Haproxy};
 use legate_tests::proxy::{Proxy, Upstream};
 use legate_tests::service::Service;
-use legate_tests::{WAIT, free_port, http_get, wait_for};
+use legate_tests::{WAIT, free_port, http_get, load, wait_for};
 use tonic::Streaming;
 use tonic::transport::Channel;
 
@@ -878,5 +878,86 @@ async fn follows_changes_with_the_etcd_leader_down() {
         restarts,
         "{}",
         confgen.log()
+    );
+}
+
+/// Regression (#13, item 6): a backend whose process is frozen (the kernel still accepts its
+/// connections) stayed UP under the TCP check and, with round robin, took its share of the
+/// requests, each waiting for `timeout server`: with keep-alive clients, every connection ended
+/// up stuck on it. With the built-in template a hung server among two costs under 1 % of the
+/// requests (the ones it holds when it hangs, until `timeout server`).
+#[tokio::test]
+async fn a_hung_server_among_two_costs_under_one_percent_of_requests() {
+    let etcd = Etcd::start().await.unwrap();
+    let mut kv = etcd.client().await.unwrap();
+    let good = Backend::start("good", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let hung_addr = legate_tests::free_addr().unwrap();
+    let mut command =
+        std::process::Command::new(legate_tests::service::binary("legate-backend").unwrap());
+    command.args(["--listen", &hung_addr.to_string(), "--name", "hung"]);
+    let hung = legate_tests::process::ChildGuard::spawn(
+        "legate-backend",
+        command,
+        &dir.path().join("backend.log"),
+    )
+    .unwrap();
+    wait_for("the second backend to answer", WAIT, || async {
+        Ok(http_get(hung_addr, "x", "/").await.ok())
+    })
+    .await
+    .unwrap();
+    put_all(
+        &mut kv,
+        &[
+            (
+                app_key("hung.example.com", 1, &good.addr().to_string()),
+                String::new(),
+            ),
+            (
+                app_key("hung.example.com", 2, &hung_addr.to_string()),
+                String::new(),
+            ),
+        ],
+    )
+    .await;
+    let http_port = free_port().unwrap();
+    let mut confgen = Service::confgen(&etcd.endpoint(), http_port, &[], &[]).unwrap();
+    confgen.wait_serving().await.unwrap();
+    let mut stream = subscribe(&confgen, "node-a").await;
+    let snapshot = until(&mut stream, "two servers", |s| app_servers(s) == 2).await;
+    let maps: Vec<(&str, &str)> = snapshot
+        .maps
+        .iter()
+        .map(|m| (m.name.as_str(), m.content.as_str()))
+        .collect();
+    let _haproxy = Haproxy::start_with(&snapshot.haproxy_config, &maps)
+        .await
+        .unwrap();
+    let http = SocketAddr::from(([127, 0, 0, 1], http_port));
+    wait_for("both servers to answer", WAIT, || async {
+        let (_, body) = http_get(http, "hung.example.com", "/").await?;
+        Ok((body.trim() == "hung").then_some(()))
+    })
+    .await
+    .unwrap();
+
+    hung.signal(nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let report = load::wrk(http, "hung.example.com", Duration::from_secs(10), 16, false)
+        .await
+        .unwrap();
+    hung.signal(nix::sys::signal::Signal::SIGCONT).unwrap();
+    let failed = report.socket_errors + report.non_2xx;
+    println!(
+        "hung server: {failed} failed of {} requests\n{}",
+        report.requests, report.output
+    );
+    assert!(
+        report.requests > 1000 && failed * 100 < report.requests,
+        "{failed} of {} requests failed:\n{}",
+        report.requests,
+        report.output
     );
 }
