@@ -294,6 +294,7 @@ async fn keep_lease(
     while !shutdown.is_cancelled() {
         let id = *lease.borrow();
         match store.keep_alive(id, ttl, &shutdown).await {
+            // Only a shutdown ends the keep-alive without an error.
             Ok(()) => return,
             Err(StoreError::LeaseLost(_)) => {
                 warn!(

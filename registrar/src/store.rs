@@ -19,7 +19,7 @@ use etcd_client::{
 };
 use legate_proto::registry::{HostId, HostKey, HostRecord, KeyKind, RegistrationValue, Schema};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::reconcile::{Owned, Plan};
 
@@ -51,6 +51,15 @@ pub enum StoreError {
     /// The lease expired: keys attached to it are gone.
     #[error("lease {0:x} expired")]
     LeaseLost(i64),
+    /// The keep-alive stream stopped answering (or was closed) while the lease still lives:
+    /// it must be opened again.
+    #[error("lease {lease:x} is alive but its keep-alive stream {why}")]
+    KeepAliveStalled {
+        /// The lease.
+        lease: i64,
+        /// What happened to the stream.
+        why: &'static str,
+    },
 }
 
 impl From<etcd_client::Error> for StoreError {
@@ -354,7 +363,8 @@ impl Store {
         Ok(self.client.lease_grant(ttl, None).await?.id())
     }
 
-    /// Keeps `lease` alive until `shutdown` (then `Ok`), or until it expires or etcd fails.
+    /// Keeps `lease` alive until `shutdown` (then `Ok`, and only then), or until it expires,
+    /// its stream stalls or etcd fails.
     pub async fn keep_alive(
         &mut self,
         lease: i64,
@@ -382,16 +392,19 @@ impl Store {
                 Ok(Ok(Some(response))) if response.ttl() > 0 => {}
                 Ok(Ok(Some(_))) => return Err(StoreError::LeaseLost(lease)),
                 Ok(Ok(None)) => {
-                    warn!("lease keep-alive stream closed by etcd");
-                    return self.check_lease(lease).await;
+                    self.check_lease(lease).await?;
+                    return Err(StoreError::KeepAliveStalled {
+                        lease,
+                        why: "was closed by etcd",
+                    });
                 }
                 Ok(Err(e)) => return Err(StoreError::from(e).for_lease(lease)),
                 Err(_) => {
-                    warn!(
-                        lease = format!("{lease:x}"),
-                        "no keep-alive answer within {period:?}"
-                    );
-                    return self.check_lease(lease).await;
+                    self.check_lease(lease).await?;
+                    return Err(StoreError::KeepAliveStalled {
+                        lease,
+                        why: "did not answer within the keep-alive period",
+                    });
                 }
             }
         }

@@ -66,7 +66,7 @@ impl Etcd {
             .arg("--logger=zap")
             .arg("--log-level=warn");
         let log = self.dir.path().join("etcd.log");
-        self.child = Some(ChildGuard::spawn("etcd", command, &log)?);
+        self.child = Some(ChildGuard::spawn("etcd", &command, &log)?);
         Ok(())
     }
 

@@ -135,7 +135,7 @@ impl Haproxy {
             .arg(dir.path().join("global.cfg"))
             .arg("-f")
             .arg(dir.path().join("haproxy.cfg"));
-        let child = ChildGuard::spawn("haproxy", command, &dir.path().join("haproxy.log"))?;
+        let child = ChildGuard::spawn("haproxy", &command, &dir.path().join("haproxy.log"))?;
         let mut haproxy = Self { child, dir };
         haproxy.wait_ready().await?;
         Ok(haproxy)

@@ -10,6 +10,23 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
+/// A copy of `command` (`Command` is not `Clone`): program, arguments, environment changes and
+/// working directory.
+fn clone(command: &Command) -> Command {
+    let mut copy = Command::new(command.get_program());
+    copy.args(command.get_args());
+    for (key, value) in command.get_envs() {
+        match value {
+            Some(value) => copy.env(key, value),
+            None => copy.env_remove(key),
+        };
+    }
+    if let Some(dir) = command.get_current_dir() {
+        copy.current_dir(dir);
+    }
+    copy
+}
+
 /// A running child process; its stdout and stderr go to a log file.
 #[derive(Debug)]
 pub struct ChildGuard {
@@ -20,7 +37,8 @@ pub struct ChildGuard {
 
 impl ChildGuard {
     /// Spawns `command` in a new process group, output appended to `log`.
-    pub fn spawn(name: &str, mut command: Command, log: &Path) -> Result<Self> {
+    pub fn spawn(name: &str, command: &Command, log: &Path) -> Result<Self> {
+        let mut command = clone(command);
         let out = File::options()
             .create(true)
             .append(true)

@@ -64,6 +64,10 @@ pub fn binary(name: &str) -> Result<PathBuf> {
 #[derive(Debug)]
 pub struct Service {
     child: ChildGuard,
+    /// What started it, for [`Service::restart`].
+    command: Command,
+    name: String,
+    log: PathBuf,
     grpc: SocketAddr,
     metrics: SocketAddr,
     _dir: TempDir,
@@ -92,13 +96,24 @@ impl Service {
         }
         command.envs(env.iter().copied());
         let log = dir.path().join(format!("{binary}.log"));
-        let child = ChildGuard::spawn(binary, command, &log)?;
+        let child = ChildGuard::spawn(binary, &command, &log)?;
         Ok(Self {
             child,
+            command,
+            name: binary.to_owned(),
+            log,
             grpc,
             metrics,
             _dir: dir,
         })
+    }
+
+    /// Kills the process with SIGKILL (a crash) and starts it again with the same command,
+    /// on the same ports; its output goes on in the same log.
+    pub fn restart(&mut self) -> Result<()> {
+        self.child.kill();
+        self.child = ChildGuard::spawn(&self.name, &self.command, &self.log)?;
+        Ok(())
     }
 
     /// Starts `legate-confgen` on the etcd endpoint `etcd`, with the HTTP frontend of its

@@ -900,7 +900,7 @@ async fn a_hung_server_among_two_costs_under_one_percent_of_requests() {
     command.args(["--listen", &hung_addr.to_string(), "--name", "hung"]);
     let hung = legate_tests::process::ChildGuard::spawn(
         "legate-backend",
-        command,
+        &command,
         &dir.path().join("backend.log"),
     )
     .unwrap();

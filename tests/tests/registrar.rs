@@ -907,3 +907,31 @@ async fn registrations_keep_flowing_with_the_etcd_leader_down() {
     );
     docker::remove_all(apps).await;
 }
+
+/// Regression: when a keep-alive answer did not come within the keep-alive period and the lease
+/// turned out to be alive (etcd slow or frozen for less than the TTL, a member lost under the
+/// stream), the keeper took that for a shutdown and stopped: the lease expired one TTL later
+/// and nothing registered the containers again. Found by `bench faults` (etcd leader killed).
+#[tokio::test]
+async fn the_lease_is_kept_after_a_keep_alive_answer_comes_late() {
+    let f = Fixture::start(&[]).await;
+    let (_app, keys) = f.registered_app("late.example.com").await;
+    // Frozen for 1.5 s: longer than the keep-alive period (a third of the 3 s TTL), shorter
+    // than the TTL. A keep-alive sent early in the freeze gets no answer within the period, and
+    // the lease is still alive when etcd answers; where in the period the freeze falls is
+    // chance, so four of them.
+    for _ in 0..4 {
+        f.etcd.freeze().unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        f.etcd.thaw().unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    // Three TTLs later the keys are there: kept alive, or at worst registered again.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(
+        registrations(&f.keys().await),
+        keys,
+        "{}",
+        f.registrar.log()
+    );
+}

@@ -9,6 +9,7 @@
 //! `cargo run --release -p legate-tests --bin bench -- burst [--count N] [--parallel N]`
 //! `cargo run --release -p legate-tests --bin bench -- scale [--apps N] [--services N]`
 //! `cargo run --release -p legate-tests --bin bench -- idle [--count N] [--idle-secs S]`
+//! `cargo run --release -p legate-tests --bin bench -- faults`
 //!
 //! registrar: Docker start → key visible in etcd and stop → key deleted, for N containers
 //! started and stopped one by one (p50/p99/max), then the registrar's RSS and CPU while idle
@@ -46,9 +47,14 @@
 //!
 //! idle: RSS and CPU of every process of the ambassador with N registered containers, over
 //! `--idle-secs` (default 5 minutes).
+//!
+//! faults: the fault sequence under load (etcd frozen past the lease TTL, the etcd leader
+//! killed, a service on a busy port, confgen restarted 10 times, the supervisor killed): per
+//! fault, requests, errors, misroutes and the seconds until the registrations are back.
 
 #![allow(clippy::print_stdout)]
 
+mod faults;
 mod pipeline;
 mod scenarios;
 
@@ -109,6 +115,7 @@ async fn main() -> Result<()> {
         "churn" => scenarios::churn(changes, reloads, Duration::from_secs(secs)).await,
         "burst" => scenarios::burst(count.unwrap_or(500), parallel).await,
         "scale" => scenarios::scale(apps, services).await,
+        "faults" => faults::faults().await,
         "idle" => {
             let idle = Duration::from_secs(idle_secs.unwrap_or(300));
             scenarios::idle(count.unwrap_or(100), idle).await

@@ -1,0 +1,289 @@
+//! `bench faults`: the faults a fleet throws at one ambassador, one after another, under load.
+//!
+//! A 3-member etcd, confgen, a supervisor with HAProxy and a registrar with four real
+//! containers, each an app answering its own domain. Clients send requests through HAProxy
+//! the whole time (fresh connections, each answer checked against the domain asked for) while
+//! the faults come: every etcd member frozen past the lease TTL, the etcd leader killed, a
+//! service registered on a port another process holds, confgen killed and restarted ten times,
+//! the supervisor killed with SIGKILL and started again. Per fault: requests, errors,
+//! misroutes, and the seconds until every registration is back (or the new one is there).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use legate_proto::v1;
+use legate_proto::v1::supervisor_client::SupervisorClient;
+use legate_tests::docker::{self, Container, images};
+use legate_tests::etcd::Cluster;
+use legate_tests::service::Service;
+use legate_tests::supervisor::Supervised;
+use legate_tests::{free_port, http_get};
+
+use super::pipeline::{LIMIT, answers, until};
+
+/// The lease TTL of the registrar, in seconds.
+const TTL: u64 = 3;
+/// Apps running through the whole sequence.
+const APPS: usize = 4;
+
+/// Answers counted since the last [`Counters::take`].
+#[derive(Default)]
+struct Counters {
+    right: AtomicU64,
+    errors: AtomicU64,
+    misroutes: AtomicU64,
+}
+
+impl Counters {
+    fn take(&self) -> (u64, u64, u64) {
+        (
+            self.right.swap(0, Ordering::Relaxed),
+            self.errors.swap(0, Ordering::Relaxed),
+            self.misroutes.swap(0, Ordering::Relaxed),
+        )
+    }
+}
+
+/// A row of the table: the fault, then what the clients saw during it and the recovery time.
+fn row(fault: &str, counters: &Counters, back: Option<Duration>) {
+    let (right, errors, misroutes) = counters.take();
+    let back = back.map_or_else(|| "-".to_owned(), |d| format!("{:.2} s", d.as_secs_f64()));
+    println!(
+        "{fault:<44} {:>9} {errors:>7} {misroutes:>9} {back:>10}",
+        right + errors + misroutes
+    );
+}
+
+/// The app keys of `host_id` in etcd, with their leases; empty when etcd does not answer.
+async fn app_keys(client: &etcd_client::Client, host_id: &str) -> Vec<(String, i64)> {
+    let Ok(response) = client
+        .clone()
+        .get("/apps/", Some(etcd_client::GetOptions::new().with_prefix()))
+        .await
+    else {
+        return Vec::new();
+    };
+    response
+        .kvs()
+        .iter()
+        .filter(|kv| kv.value_str().is_ok_and(|v| v.contains(host_id)))
+        .map(|kv| (kv.key_str().unwrap_or_default().to_owned(), kv.lease()))
+        .collect()
+}
+
+/// A client of one etcd member only, with short timeouts.
+async fn member_client(endpoint: &str) -> Result<etcd_client::Client> {
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_millis(500))
+        .with_timeout(Duration::from_millis(500));
+    Ok(etcd_client::Client::connect([endpoint], Some(options)).await?)
+}
+
+pub(crate) async fn faults() -> Result<()> {
+    let mut cluster = Cluster::start(3).await?;
+    let endpoints = cluster.endpoints();
+    let http_port = free_port()?;
+    let mut confgen = Service::confgen(&endpoints, http_port, &[], &[])?;
+    confgen.wait_serving().await?;
+    let supervised = Supervised::new()?;
+    let confgen_url = format!("http://{}", confgen.grpc());
+    let mut supervisor = supervised.start(Some(&confgen_url), &[])?;
+    supervisor.wait_serving().await?;
+    let host_id = format!("faults-{}", docker::run_id());
+    let label = format!("legate.test.host={host_id}");
+    let (filter, ttl) = (format!("label={label}"), TTL.to_string());
+    let mut registrar = Service::start(
+        "legate-registrar",
+        &[
+            "--etcd-endpoints",
+            &endpoints,
+            "--filter",
+            &filter,
+            "--lease-ttl",
+            &ttl,
+        ],
+        &[("HOST_IP", "127.0.0.1"), ("HOST_ID", &host_id)],
+    )?;
+    registrar.wait_serving().await?;
+    let http = SocketAddr::from((Ipv4Addr::LOCALHOST, http_port));
+    let run_app = |domain: String| {
+        let label = label.clone();
+        async move {
+            let (env, response) = (
+                format!("DOMAIN_NAME={domain}"),
+                format!("RESPONSE={domain}"),
+            );
+            Container::run(&[
+                "--label",
+                &label,
+                "-e",
+                &env,
+                "-e",
+                &response,
+                "-p",
+                "127.0.0.1::80",
+                &images()?.http_app,
+            ])
+            .await
+        }
+    };
+    let domains: Vec<String> = (0..APPS).map(|i| format!("f{i}.faults.test")).collect();
+    let mut containers = Vec::new();
+    for domain in &domains {
+        containers.push(run_app(domain.clone()).await?);
+    }
+    for domain in &domains {
+        until(&format!("{domain} routed"), Instant::now(), || {
+            answers(http, domain, domain)
+        })
+        .await?;
+    }
+
+    // The clients: fresh connections, round the domains, every answer checked.
+    let counters = Arc::new(Counters::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..4 {
+        let (counters, stop, domains) = (counters.clone(), stop.clone(), domains.clone());
+        clients.spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(600);
+            let mut n = i;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let domain = &domains[n % domains.len()];
+                n += 1;
+                let answer =
+                    tokio::time::timeout(Duration::from_secs(5), http_get(http, domain, "/")).await;
+                let counter = match answer {
+                    Ok(Ok((200, body))) if body.trim() == domain => &counters.right,
+                    Ok(Ok((200, _))) => &counters.misroutes,
+                    _ => &counters.errors,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    println!(
+        "faults: {APPS} apps in containers through a 3-member etcd, confgen, supervisor and HAProxy, \
+         4 clients on fresh connections checking every answer; lease TTL {TTL} s"
+    );
+    println!(
+        "{:<44} {:>9} {:>7} {:>9} {:>10}",
+        "fault", "requests", "errors", "misroutes", "back after"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    row("(none: 2 s of load)", &counters, None);
+
+    // 1. Every member frozen past the TTL: the lease expires when etcd runs again.
+    let survivor = member_client(&cluster.members[0].endpoint()).await?;
+    let before = app_keys(&survivor, &host_id).await;
+    let old_lease = before.first().map(|k| k.1).context("no registration")?;
+    for member in &cluster.members {
+        member.freeze()?;
+    }
+    tokio::time::sleep(Duration::from_secs(2 * TTL)).await;
+    for member in &cluster.members {
+        member.thaw()?;
+    }
+    let thawed = Instant::now();
+    let back = until(
+        "every registration back under a new lease",
+        thawed,
+        || async {
+            let keys = app_keys(&survivor, &host_id).await;
+            keys.len() == APPS && keys.iter().all(|k| k.1 != old_lease)
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    row(
+        &format!("etcd frozen {} s (TTL {TTL} s)", 2 * TTL),
+        &counters,
+        Some(back),
+    );
+
+    // 2. The leader killed: a new container registers through the survivors.
+    let leader = cluster.leader().await?;
+    let survivor = member_client(&cluster.members[(leader + 1) % 3].endpoint()).await?;
+    cluster.members[leader].kill();
+    let killed = Instant::now();
+    containers.push(run_app("new.faults.test".to_owned()).await?);
+    let back = until("the new container registered", killed, || async {
+        app_keys(&survivor, &host_id).await.len() == APPS + 1
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    row(
+        "etcd leader killed; a container started",
+        &counters,
+        Some(back),
+    );
+
+    // 3. A service on a port another process holds, then a change that must still flow.
+    let squatter = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let busy = squatter.local_addr()?.port();
+    survivor
+        .clone()
+        .put(
+            format!("/services/squat/{busy}/{}/127.0.0.1:9", "f".repeat(64)),
+            "",
+            None,
+        )
+        .await?;
+    let registered = Instant::now();
+    containers.push(run_app("after.faults.test".to_owned()).await?);
+    let back = until("a new app routed despite the busy port", registered, || {
+        answers(http, "after.faults.test", "after.faults.test")
+    })
+    .await?;
+    row(
+        &format!("service on busy port {busy}; an app started"),
+        &counters,
+        Some(back),
+    );
+    drop(squatter);
+
+    // 4. confgen killed and restarted ten times.
+    for _ in 0..10 {
+        confgen.restart()?;
+        confgen.wait_serving().await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    row("confgen killed and restarted 10 times", &counters, None);
+
+    // 5. The supervisor killed: HAProxy serves on; a new supervisor adopts it.
+    supervisor.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let restarted = Instant::now();
+    let mut supervisor = supervised.start(Some(&confgen_url), &[])?;
+    supervisor.wait_serving().await?;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", supervisor.grpc()))?
+        .connect()
+        .await?;
+    let status = SupervisorClient::new(channel)
+        .status(v1::SupervisorStatusRequest {})
+        .await?
+        .into_inner();
+    let adopted = restarted.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    row(
+        "supervisor kill -9, then started again",
+        &counters,
+        Some(adopted),
+    );
+    println!(
+        "after the sequence: HAProxy master {} (reloads {}), listeners refused: {:?}",
+        status.master_pid, status.reloads, status.refused_listeners
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    while clients.join_next().await.is_some() {}
+    if adopted > LIMIT {
+        println!("(the supervisor took longer than {LIMIT:?})");
+    }
+    drop(registrar);
+    docker::remove_all(containers).await;
+    Ok(())
+}
