@@ -22,6 +22,9 @@ use tracing::{debug, info, warn};
 
 /// Keys read per page of a listing.
 const PAGE: i64 = 1000;
+/// The longest wait between two attempts to reach etcd: once etcd answers again, the watch is
+/// back within this (one attempt every half second costs etcd nothing while it is away).
+const RETRY_CAP: Duration = Duration::from_millis(500);
 /// A watch that etcd had accepted and that lasted this long is resumed at once when it is
 /// lost, with the backoff started anew: the loss is news, not a repeat of a failure. A watch
 /// lost sooner than that backs off, so that a stream that etcd keeps closing cannot spin.
@@ -152,7 +155,7 @@ pub async fn run(
                 }
             }
         };
-        let delay = delays.next().unwrap_or(MAX_BACKOFF);
+        let delay = delays.next().unwrap_or(MAX_BACKOFF).min(RETRY_CAP);
         warn!(retry_in = ?delay, "{failure}");
         tokio::select! {
             () = shutdown.cancelled() => return,

@@ -3,10 +3,11 @@
 //! A 3-member etcd, confgen, a supervisor with HAProxy and a registrar with four real
 //! containers, each an app answering its own domain. Clients send requests through HAProxy
 //! the whole time (fresh connections, each answer checked against the domain asked for) while
-//! the faults come: every etcd member frozen past the lease TTL, the etcd leader killed, a
-//! service registered on a port another process holds, confgen killed and restarted ten times,
-//! the supervisor killed with SIGKILL and started again. Per fault: requests, errors,
-//! misroutes, and the seconds until every registration is back (or the new one is there).
+//! the faults come: every etcd member frozen past the lease TTL, the etcd leader killed (with
+//! containers registered one at a time before and after), confgen cut off from etcd, a service
+//! registered on a port another process holds, confgen killed and restarted ten times, the
+//! supervisor killed with SIGKILL and started again. Per fault: requests, errors, misroutes,
+//! and how long until things are back.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -18,16 +19,20 @@ use legate_proto::v1;
 use legate_proto::v1::supervisor_client::SupervisorClient;
 use legate_tests::docker::{self, Container, images};
 use legate_tests::etcd::Cluster;
+use legate_tests::proxy::{Proxy, Upstream};
 use legate_tests::service::Service;
 use legate_tests::supervisor::Supervised;
 use legate_tests::{free_port, http_get};
 
+use super::percentile;
 use super::pipeline::{LIMIT, answers, until};
 
 /// The lease TTL of the registrar, in seconds.
 const TTL: u64 = 3;
 /// Apps running through the whole sequence.
 const APPS: usize = 4;
+/// Containers registered one at a time with the cluster healthy, then with its leader killed.
+const REGISTRATIONS: usize = 10;
 
 /// Answers counted since the last [`Counters::take`].
 #[derive(Default)]
@@ -86,7 +91,16 @@ pub(crate) async fn faults() -> Result<()> {
     let mut cluster = Cluster::start(3).await?;
     let endpoints = cluster.endpoints();
     let http_port = free_port()?;
-    let mut confgen = Service::confgen(&endpoints, http_port, &[], &[])?;
+    // confgen reaches each member through a proxy, to cut it off from etcd.
+    let mut proxies = Vec::new();
+    for member in &cluster.members {
+        proxies.push(Proxy::start(Upstream::Tcp(member.addr())).await?);
+    }
+    let through: Vec<String> = proxies
+        .iter()
+        .map(|p| format!("http://{}", p.addr()))
+        .collect();
+    let mut confgen = Service::confgen(&through.join(","), http_port, &[], &[])?;
     confgen.wait_serving().await?;
     let supervised = Supervised::new()?;
     let confgen_url = format!("http://{}", confgen.grpc());
@@ -204,21 +218,72 @@ pub(crate) async fn faults() -> Result<()> {
         Some(back),
     );
 
-    // 2. The leader killed: a new container registers through the survivors.
+    // 2. The leader killed: containers register through the survivors as fast as before.
     let leader = cluster.leader().await?;
     let survivor = member_client(&cluster.members[(leader + 1) % 3].endpoint()).await?;
+    let mut registered = APPS;
+    let mut healthy = Vec::new();
+    for i in 0..REGISTRATIONS {
+        containers.push(run_app(format!("healthy{i}.faults.test")).await?);
+        let returned = Instant::now();
+        registered += 1;
+        healthy.push(
+            until("a container registered", returned, || async {
+                app_keys(&survivor, &host_id).await.len() == registered
+            })
+            .await?,
+        );
+    }
+    counters.take();
     cluster.members[leader].kill();
     let killed = Instant::now();
-    containers.push(run_app("new.faults.test".to_owned()).await?);
-    let back = until("the new container registered", killed, || async {
-        app_keys(&survivor, &host_id).await.len() == APPS + 1
+    let mut down = Vec::new();
+    for i in 0..REGISTRATIONS {
+        containers.push(run_app(format!("down{i}.faults.test")).await?);
+        let returned = Instant::now();
+        registered += 1;
+        down.push(
+            until("a container registered", returned, || async {
+                app_keys(&survivor, &host_id).await.len() == registered
+            })
+            .await?,
+        );
+    }
+    row(
+        &format!("etcd leader killed; {REGISTRATIONS} containers started"),
+        &counters,
+        Some(killed.elapsed()),
+    );
+    let first_down = down[0];
+    let (healthy, down) = (
+        (percentile(&mut healthy, 0.5), percentile(&mut healthy, 1.0)),
+        (percentile(&mut down, 0.5), percentile(&mut down, 1.0)),
+    );
+
+    // confgen cut off from etcd (every member) for 3 s, then a change right after the cut
+    // heals: the watch resumes at once.
+    proxies.iter().for_each(Proxy::cut);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxies.iter().for_each(Proxy::resume);
+    let healed = Instant::now();
+    let target = containers[0].published("80/tcp").await?;
+    survivor
+        .clone()
+        .put(
+            format!("/apps/direct.faults.test/{}/{target}", "e".repeat(64)),
+            "",
+            None,
+        )
+        .await?;
+    let put = Instant::now();
+    let routed = until("a change routed after the cut", put, || {
+        answers(http, "direct.faults.test", &domains[0])
     })
     .await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
     row(
-        "etcd leader killed; a container started",
+        "confgen cut off from etcd 3 s; a change after",
         &counters,
-        Some(back),
+        Some(healed.elapsed()),
     );
 
     // 3. A service on a port another process holds, then a change that must still flow.
@@ -272,6 +337,20 @@ pub(crate) async fn faults() -> Result<()> {
         "supervisor kill -9, then started again",
         &counters,
         Some(adopted),
+    );
+    let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
+    println!(
+        "docker run returned -> key in etcd, {REGISTRATIONS} each: healthy cluster p50 {} max {}; \
+         leader killed p50 {} max {} (the first, during the election: {})",
+        ms(healthy.0),
+        ms(healthy.1),
+        ms(down.0),
+        ms(down.1),
+        ms(first_down)
+    );
+    println!(
+        "confgen cut off from etcd: a put right after the cut healed routed in {}",
+        ms(routed)
     );
     println!(
         "after the sequence: HAProxy master {} (reloads {}), listeners refused: {:?}",
