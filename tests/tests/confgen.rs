@@ -107,6 +107,18 @@ fn app_servers(snapshot: &v1::ConfigSnapshot) -> usize {
     model(snapshot).apps.iter().map(|a| a.servers.len()).sum()
 }
 
+/// A real HAProxy running `snapshot`'s configuration and maps.
+async fn run_haproxy(snapshot: &v1::ConfigSnapshot) -> Haproxy {
+    let maps: Vec<(&str, &str)> = snapshot
+        .maps
+        .iter()
+        .map(|m| (m.name.as_str(), m.content.as_str()))
+        .collect();
+    Haproxy::start_with(&snapshot.haproxy_config, &maps)
+        .await
+        .unwrap()
+}
+
 /// A metric's value summed over its label sets; 0 when absent.
 async fn metric(service: &Service, name: &str) -> f64 {
     service.metric(name).await.unwrap()
@@ -169,14 +181,7 @@ async fn routes_http_by_host_and_tcp_by_port_through_a_real_haproxy() {
         model(s).apps.len() == 2 && model(s).services.len() == 1
     })
     .await;
-    let maps: Vec<(&str, &str)> = snapshot
-        .maps
-        .iter()
-        .map(|m| (m.name.as_str(), m.content.as_str()))
-        .collect();
-    let haproxy = Haproxy::start_with(&snapshot.haproxy_config, &maps)
-        .await
-        .unwrap();
+    let haproxy = run_haproxy(&snapshot).await;
 
     let (status, body) = http_get(http, "blog.example.com", "/").await.unwrap();
     assert_eq!((status, body.as_str()), (200, "blog\n"));
@@ -928,14 +933,7 @@ async fn a_hung_server_among_two_costs_under_one_percent_of_requests() {
     confgen.wait_serving().await.unwrap();
     let mut stream = subscribe(&confgen, "node-a").await;
     let snapshot = until(&mut stream, "two servers", |s| app_servers(s) == 2).await;
-    let maps: Vec<(&str, &str)> = snapshot
-        .maps
-        .iter()
-        .map(|m| (m.name.as_str(), m.content.as_str()))
-        .collect();
-    let _haproxy = Haproxy::start_with(&snapshot.haproxy_config, &maps)
-        .await
-        .unwrap();
+    let _haproxy = run_haproxy(&snapshot).await;
     let http = SocketAddr::from(([127, 0, 0, 1], http_port));
     wait_for("both servers to answer", WAIT, || async {
         let (_, body) = http_get(http, "hung.example.com", "/").await?;

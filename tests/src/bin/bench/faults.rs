@@ -221,34 +221,30 @@ pub(crate) async fn faults() -> Result<()> {
     // 2. The leader killed: containers register through the survivors as fast as before.
     let leader = cluster.leader().await?;
     let survivor = member_client(&cluster.members[(leader + 1) % 3].endpoint()).await?;
+    // Containers started one at a time, each timed from `docker run` returned to its key.
     let mut registered = APPS;
-    let mut healthy = Vec::new();
-    for i in 0..REGISTRATIONS {
-        containers.push(run_app(format!("healthy{i}.faults.test")).await?);
-        let returned = Instant::now();
-        registered += 1;
-        healthy.push(
-            until("a container registered", returned, || async {
-                app_keys(&survivor, &host_id).await.len() == registered
-            })
-            .await?,
-        );
-    }
+    let mut register =
+        async |name: &str, containers: &mut Vec<Container>| -> Result<Vec<Duration>> {
+            let mut took = Vec::new();
+            for i in 0..REGISTRATIONS {
+                containers.push(run_app(format!("{name}{i}.faults.test")).await?);
+                let returned = Instant::now();
+                registered += 1;
+                let expected = registered;
+                took.push(
+                    until("a container registered", returned, || async {
+                        app_keys(&survivor, &host_id).await.len() == expected
+                    })
+                    .await?,
+                );
+            }
+            Ok(took)
+        };
+    let mut healthy = register("healthy", &mut containers).await?;
     counters.take();
     cluster.members[leader].kill();
     let killed = Instant::now();
-    let mut down = Vec::new();
-    for i in 0..REGISTRATIONS {
-        containers.push(run_app(format!("down{i}.faults.test")).await?);
-        let returned = Instant::now();
-        registered += 1;
-        down.push(
-            until("a container registered", returned, || async {
-                app_keys(&survivor, &host_id).await.len() == registered
-            })
-            .await?,
-        );
-    }
+    let mut down = register("down", &mut containers).await?;
     row(
         &format!("etcd leader killed; {REGISTRATIONS} containers started"),
         &counters,
