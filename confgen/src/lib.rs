@@ -62,6 +62,11 @@ pub struct Config {
     /// Address the HTTP frontend and the TCP service listeners bind.
     #[arg(long, env = "LEGATE_BIND_ADDRESS", default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
     pub bind_address: IpAddr,
+    /// A directory whose files the configuration may name (certificates, error pages);
+    /// repeatable. Any other file reference in the template's output is refused.
+    #[arg(long = "allowed-file-dir", env = "LEGATE_ALLOWED_FILE_DIRS", value_delimiter = ',',
+          value_parser = runtime::parse_allowed_dir)]
+    pub allowed_file_dirs: Vec<PathBuf>,
     /// Directory to also write each rendered configuration into (`haproxy.cfg` and the map
     /// files), for use without a supervisor.
     #[arg(long, env = "LEGATE_OUTPUT")]
@@ -165,6 +170,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         http_bind: SocketAddr::new(config.bind_address, config.http_port),
         bind_address: config.bind_address,
         generator: format!("confgen@{host}"),
+        allowed_file_dirs: config.allowed_file_dirs.clone(),
     };
     let schema = Schema::new(config.etcd.prefix.clone());
     info!(

@@ -36,9 +36,10 @@ pub enum RenderError {
     /// The template failed on this model.
     #[error("template failed to render: {0}")]
     Render(#[from] Box<handlebars::RenderError>),
-    /// The output has a `global` section, which the supervisor owns.
-    #[error("rendered configuration has a 'global' section at line {0}; the supervisor owns it")]
-    Global(usize),
+    /// The output asks for something no configuration may (`legate_proto::policy`): a
+    /// `global` section, a file outside the allowed directories, a Unix socket, Lua, ...
+    #[error("rendered configuration refused: {0}")]
+    Policy(#[from] legate_proto::policy::Violation),
     /// Cannot happen: handlebars writes strings only.
     #[error("rendered configuration is not UTF-8")]
     NotUtf8,
@@ -75,6 +76,8 @@ pub struct Settings {
     pub bind_address: IpAddr,
     /// Who renders, e.g. `confgen@host-a`.
     pub generator: String,
+    /// Directories whose files the output may name (certificates, error pages); none by default.
+    pub allowed_file_dirs: Vec<std::path::PathBuf>,
 }
 
 /// Names of the map files, as the template refers to them.
@@ -190,10 +193,12 @@ impl Renderer {
         // The template and every value in the context are UTF-8.
         let config = String::from_utf8(config).map_err(|_| RenderError::NotUtf8)?;
         self.last_len = config.len();
-        if let Some(line) = legate_proto::global_section(&config) {
-            return Err(RenderError::Global(line));
-        }
         let maps = model::maps(model);
+        let policy = legate_proto::policy::Policy {
+            maps: maps.iter().map(|m| m.name.as_str()).collect(),
+            allowed_dirs: &settings.allowed_file_dirs,
+        };
+        legate_proto::policy::check(&config, &policy)?;
         let checksum = legate_proto::checksum(&config, &maps);
         Ok(Rendered {
             config,

@@ -23,6 +23,7 @@ fn settings() -> Settings {
         http_bind: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 8080)),
         bind_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         generator: "confgen@test".to_owned(),
+        allowed_file_dirs: Vec::new(),
     }
 }
 
@@ -354,7 +355,10 @@ fn templates_are_strict_unescaped_and_may_not_own_global() {
     let mut global = Renderer::new("defaults\nglobal\n    maxconn 1\n").unwrap();
     assert!(matches!(
         global.render(&Arc::new(model.clone()), &settings),
-        Err(RenderError::Global(2))
+        Err(RenderError::Policy(legate_proto::policy::Violation {
+            line: 2,
+            ..
+        }))
     ));
 }
 

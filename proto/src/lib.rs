@@ -3,10 +3,12 @@
 //! - [`v1`]: the `legate.v1` gRPC API (messages, clients and servers) generated from `proto/`.
 //! - [`registry`]: the etcd key schema and its JSON values, with the validation every
 //!   registration goes through before it is written to etcd or read into a configuration.
-//! - [`checksum`], [`global_section`], [`valid_file_name`]: the rules of a `ConfigSnapshot`.
+//! - [`checksum`], [`valid_file_name`], [`policy`]: the rules of a `ConfigSnapshot`; the last
+//!   says what a configuration may not ask of HAProxy (code, files, control sockets).
 //! - [`runtime`] (feature `runtime`): what every service binary shares: tracing, Prometheus
 //!   metrics, the gRPC health service and shutdown on signals.
 
+pub mod policy;
 pub mod registry;
 #[cfg(feature = "runtime")]
 pub mod runtime;
@@ -40,15 +42,6 @@ pub fn checksum(haproxy_config: &str, maps: &[v1::ConfigFile]) -> String {
         let _ = write!(hex, "{byte:02x}");
     }
     hex
-}
-
-/// The 1-based line of a `global` section in a configuration, if it has one: the supervisor
-/// owns that section, so a snapshot must not carry one (`ConfigSnapshot.haproxy_config`).
-pub fn global_section(haproxy_config: &str) -> Option<usize> {
-    haproxy_config
-        .lines()
-        .position(|line| line.split_whitespace().next() == Some("global"))
-        .map(|line| line + 1)
 }
 
 /// Whether `name` is a valid `ConfigFile.name`: 1-64 characters of `[a-z0-9._-]`, not starting
@@ -88,10 +81,7 @@ mod checksum_tests {
     }
 
     #[test]
-    fn global_sections_and_file_names() {
-        assert_eq!(global_section("defaults\n  mode http\n"), None);
-        assert_eq!(global_section("defaults\n  # global\n"), None);
-        assert_eq!(global_section("defaults\n\n  global  \n"), Some(3));
+    fn file_names() {
         for good in ["hosts.map", "a", "wild-cards_2.map"] {
             assert!(valid_file_name(good), "{good}");
         }

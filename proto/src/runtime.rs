@@ -224,6 +224,24 @@ pub fn parse_etcd_endpoint(s: &str) -> Result<String, String> {
     Ok(format!("http://{rest}"))
 }
 
+/// clap value parser for a directory whose files a configuration may name
+/// (`--allowed-file-dir`): an absolute path without `.` or `..`, not the root.
+pub fn parse_allowed_dir(s: &str) -> Result<std::path::PathBuf, String> {
+    use std::path::{Component, Path};
+    let path = Path::new(s);
+    let plain = path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if !plain || path.parent().is_none() {
+        return Err(format!(
+            "'{}' is not an absolute directory below / (without '.' or '..')",
+            s.escape_default()
+        ));
+    }
+    Ok(path.to_path_buf())
+}
+
 /// clap value parser for [`Prefix`].
 pub fn parse_prefix(s: &str) -> Result<Prefix, String> {
     Prefix::new(s).map_err(|e| e.to_string())

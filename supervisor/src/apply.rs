@@ -240,7 +240,7 @@ impl Applier {
         &mut self,
         snapshot: &Arc<ConfigSnapshot>,
     ) -> Result<(ApplyOutcome, String), Rejected> {
-        check_shape(snapshot)?;
+        check_shape(snapshot, &self.settings.allowed_file_dirs)?;
         let snapshot = &self.without_unbindable(snapshot);
         if !self.haproxy_alive() {
             return self.reload(snapshot, "haproxy is not running").await;
@@ -668,13 +668,9 @@ fn files(snapshot: &ConfigSnapshot) -> Files<'_> {
     }
 }
 
-/// What any snapshot must be before HAProxy sees it (`config.proto`).
-fn check_shape(snapshot: &ConfigSnapshot) -> Result<(), Rejected> {
-    if let Some(line) = legate_proto::global_section(&snapshot.haproxy_config) {
-        return Err(Rejected(format!(
-            "the configuration has a 'global' section at line {line}; the supervisor owns it"
-        )));
-    }
+/// What any snapshot must be before HAProxy sees it (`config.proto`): well-formed, and
+/// asking nothing of HAProxy that `legate_proto::policy` refuses (code, files, control sockets).
+fn check_shape(snapshot: &ConfigSnapshot, allowed_dirs: &[PathBuf]) -> Result<(), Rejected> {
     let mut names = BTreeSet::new();
     for map in &snapshot.maps {
         if !legate_proto::valid_file_name(&map.name) || map.name == CONFIG_FILE {
@@ -687,6 +683,12 @@ fn check_shape(snapshot: &ConfigSnapshot) -> Result<(), Rejected> {
             return Err(Rejected(format!("map file '{}' appears twice", map.name)));
         }
     }
+    let policy = legate_proto::policy::Policy {
+        maps: snapshot.maps.iter().map(|m| m.name.as_str()).collect(),
+        allowed_dirs,
+    };
+    legate_proto::policy::check(&snapshot.haproxy_config, &policy)
+        .map_err(|violation| Rejected(format!("the configuration is refused: {violation}")))?;
     let checksum = legate_proto::checksum(&snapshot.haproxy_config, &snapshot.maps);
     if checksum != snapshot.checksum {
         return Err(Rejected(format!(

@@ -74,6 +74,11 @@ pub struct Config {
     #[arg(long, env = "LEGATE_HAPROXY_LOG", default_value = "stdout format raw local0 info",
           value_parser = parse_log_target)]
     pub haproxy_log: String,
+    /// A directory whose files a configuration may name (certificates, error pages);
+    /// repeatable. Any other file reference in a snapshot is refused.
+    #[arg(long = "allowed-file-dir", env = "LEGATE_ALLOWED_FILE_DIRS", value_delimiter = ',',
+          value_parser = runtime::parse_allowed_dir)]
+    pub allowed_file_dirs: Vec<PathBuf>,
     /// Stop HAProxy when the supervisor stops (by default it keeps serving, and the next
     /// supervisor adopts it).
     #[arg(long, env = "LEGATE_STOP_HAPROXY")]
@@ -129,6 +134,7 @@ pub struct Settings {
     pub max_reloads: u32,
     pub haproxy_log: String,
     pub stop_haproxy: bool,
+    pub allowed_file_dirs: Vec<PathBuf>,
 }
 
 impl Settings {
@@ -144,6 +150,7 @@ impl Settings {
             max_reloads: config.max_reloads,
             haproxy_log: config.haproxy_log.clone(),
             stop_haproxy: config.stop_haproxy,
+            allowed_file_dirs: config.allowed_file_dirs.clone(),
         }
     }
 

@@ -271,6 +271,7 @@ async fn golden_outputs_are_stable_and_haproxy_accepts_them() {
         http_bind: "0.0.0.0:80".parse().unwrap(),
         bind_address: "0.0.0.0".parse().unwrap(),
         generator: "confgen@golden".to_owned(),
+        allowed_file_dirs: Vec::new(),
     };
     let golden = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden/confgen");
     let update = std::env::var_os("LEGATE_UPDATE_GOLDEN").is_some();

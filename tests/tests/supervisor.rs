@@ -817,3 +817,92 @@ async fn a_master_orphaned_by_a_lost_run_dir_is_stopped_once_a_new_one_serves() 
     wait_served_by(http, "a.test", "b2").await;
     assert_eq!(status(&mut client).await.master_pid, master);
 }
+
+/// #14, item 2: the attacks on `Supervisor.Apply`, each refused with the line and the reason
+/// before HAProxy sees it, while a legitimate snapshot still applies. Before, a quoted
+/// `"global"` passed the check, and with `master-worker` a `program` section ran a command as
+/// the supervisor's user; `http-request return ... file` served any file HAProxy could read.
+#[tokio::test]
+async fn configurations_that_run_code_read_files_or_reach_sockets_are_refused() {
+    let Setup {
+        b1,
+        http,
+        supervised: _supervised,
+        supervisor: _supervisor,
+        mut client,
+        ..
+    } = Setup::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "the secret\n").unwrap();
+    let good = versioned(config(http, &[("a.test", &[("s1", b1.addr())])], ""), 1);
+    assert_outcome(&apply(&mut client, &good).await, ApplyOutcome::Reloaded);
+    let attacks = [
+        (
+            "quoted global and a program",
+            format!(
+                "\n\"global\"\n    master-worker\n\nprogram pwn\n    command /usr/bin/touch {}\n",
+                marker.display()
+            ),
+            "a 'global' section",
+        ),
+        (
+            "escaped program",
+            format!(
+                "\npr\\x6fgram pwn\n    command /usr/bin/touch {}\n",
+                marker.display()
+            ),
+            "a 'program' section",
+        ),
+        (
+            "a file served over HTTP",
+            format!(
+                "\nfrontend leak\n    mode http\n    bind 127.0.0.1:{}\n    \
+                 http-request return status 200 content-type text/plain file {}\n",
+                free_port().unwrap(),
+                secret.display()
+            ),
+            "is neither one of the snapshot's maps",
+        ),
+        (
+            "the Docker API as a server",
+            "\nbackend docker\n    server d /var/run/docker.sock\n".to_owned(),
+            "Unix sockets are not allowed",
+        ),
+        (
+            "traffic rewriting the hosts map",
+            "\nfrontend rewrite\n    mode http\n    bind 127.0.0.1:1\n    \
+             http-request set-map(hosts.map) %[req.hdr(x-k)] %[req.hdr(x-v)]\n"
+                .to_owned(),
+            "traffic may not rewrite map or ACL files",
+        ),
+        (
+            "Lua",
+            "\nbackend l\n    http-request lua.pwn\n".to_owned(),
+            "Lua is not allowed",
+        ),
+    ];
+    for (version, (name, extra, reason)) in (2..).zip(attacks) {
+        let attack = versioned(
+            config(http, &[("a.test", &[("s1", b1.addr())])], &extra),
+            version,
+        );
+        let result = apply(&mut client, &attack).await;
+        assert_outcome(&result, ApplyOutcome::Rejected);
+        assert!(
+            result.message.contains("line ") && result.message.contains(reason),
+            "{name}: {}",
+            result.message
+        );
+    }
+    assert!(!marker.exists(), "a program ran");
+    assert_eq!(status(&mut client).await.running_version, 1);
+    assert_eq!(served_by(http, "a.test").await.unwrap(), "b1");
+    // The legitimate path still works.
+    let next = versioned(
+        config(http, &[("a.test", &[("s1", b1.addr())])], "# ok\n"),
+        99,
+    );
+    assert_outcome(&apply(&mut client, &next).await, ApplyOutcome::Reloaded);
+}
