@@ -331,7 +331,7 @@ fn default_template_renders_checks_listeners_and_no_global() {
 }
 
 #[test]
-fn templates_are_strict_unescaped_and_may_not_own_global() {
+fn templates_are_strict_unescaped_and_may_not_ask_what_no_configuration_may() {
     let model = registry("").model(&[]);
     let mut settings = settings();
     settings.generator = "a&b<c>\"".to_owned();
@@ -360,6 +360,19 @@ fn templates_are_strict_unescaped_and_may_not_own_global() {
             ..
         }))
     ));
+    // Whatever the quoting, and whatever reaches a file or runs code.
+    for template in [
+        "defaults\n'prog'ram x\n    command id\n",
+        "backend b\n    errorfile 503 /etc/shadow\n",
+        "backend b\n    server s /var/run/docker.sock\n",
+    ] {
+        let mut renderer = Renderer::new(template).unwrap();
+        let rendered = renderer.render(&Arc::new(model.clone()), &settings);
+        assert!(
+            matches!(&rendered, Err(RenderError::Policy(v)) if v.line == 2),
+            "{template}: {rendered:?}"
+        );
+    }
 }
 
 #[test]
