@@ -54,6 +54,8 @@ pub struct ContainerInfo {
     pub labels: BTreeMap<String, String>,
     /// Running (and not paused).
     pub running: bool,
+    /// The signal `docker stop` sends it (its `StopSignal`), when set.
+    pub stop_signal: Option<i32>,
     /// Health.
     pub health: Health,
     /// Published bindings by container port, e.g. `80/tcp`.
@@ -302,6 +304,7 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             running: true,
+            stop_signal: None,
             health: Health::None,
             ports: map,
         }

@@ -37,6 +37,54 @@ const RELEVANT: [&str; 11] = [
     "rename",
 ];
 
+/// What a container event says about routing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sign {
+    /// The container is going away (`die`, `stop`, `destroy`): unroute it now, even while
+    /// Docker still lists it as running.
+    Stopping,
+    /// A signal was sent to it (`kill`); a stop signal means the same as [`Sign::Stopping`].
+    Killed(i32),
+    /// It runs again (`start`, `restart`, `unpause`).
+    Started,
+    /// Anything else that may change it (`create`, `pause`, health, `rename`): inspect it.
+    Changed,
+}
+
+/// One relevant event about one container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerEvent {
+    /// Full container id.
+    pub id: String,
+    /// What the event means.
+    pub sign: Sign,
+}
+
+/// The signals that stop a process whatever it does with them, or that ask it to stop:
+/// SIGINT, SIGQUIT, SIGKILL, SIGTERM.
+const STOP_SIGNALS: [i32; 4] = [2, 3, 9, 15];
+
+/// Whether a `kill` with `signal` stops a container whose stop signal is `stop_signal`.
+pub fn stops(signal: i32, stop_signal: Option<i32>) -> bool {
+    STOP_SIGNALS.contains(&signal) || Some(signal) == stop_signal
+}
+
+/// A signal as Docker spells it (`SIGTERM`, `TERM`, `15`), as a number.
+pub fn signal_number(s: &str) -> Option<i32> {
+    if let Ok(n) = s.parse() {
+        return Some(n);
+    }
+    let name = s.trim().to_ascii_uppercase();
+    let name = if name.starts_with("SIG") {
+        name
+    } else {
+        format!("SIG{name}")
+    };
+    name.parse::<nix::sys::signal::Signal>()
+        .ok()
+        .map(|s| s as i32)
+}
+
 /// The running containers of one engine, restricted by label filters.
 #[derive(Debug)]
 pub struct DockerSource {
@@ -107,9 +155,13 @@ impl DockerSource {
         Ok(containers)
     }
 
-    /// The ids of containers with relevant events, as they happen. Ends or fails when the
-    /// engine's stream does.
-    pub fn events(&self) -> impl Stream<Item = Result<String, DockerError>> + use<> {
+    /// The cached inspection of a container, if any.
+    pub fn cached(&self, id: &str) -> Option<&ContainerInfo> {
+        self.cache.get(id)
+    }
+
+    /// Relevant events, as they happen. Ends or fails when the engine's stream does.
+    pub fn events(&self) -> impl Stream<Item = Result<ContainerEvent, DockerError>> + use<> {
         let mut filters = self.filters();
         filters.insert("type".to_owned(), vec!["container".to_owned()]);
         let options = EventsOptions {
@@ -120,21 +172,36 @@ impl DockerSource {
             .events(Some(options))
             .filter_map(|event| async move {
                 match event {
-                    Ok(message) => relevant_id(&message).map(Ok),
+                    Ok(message) => relevant(&message).map(Ok),
                     Err(e) => Some(Err(e.into())),
                 }
             })
     }
 }
 
-fn relevant_id(message: &EventMessage) -> Option<String> {
+fn relevant(message: &EventMessage) -> Option<ContainerEvent> {
     let action = message.action.as_deref()?;
     // health_status events read "health_status: healthy".
     let verb = action.split(':').next().unwrap_or(action);
     if !RELEVANT.contains(&verb) {
         return None;
     }
-    message.actor.as_ref()?.id.clone()
+    let actor = message.actor.as_ref()?;
+    let sign = match verb {
+        "die" | "stop" | "destroy" => Sign::Stopping,
+        "kill" => actor
+            .attributes
+            .as_ref()
+            .and_then(|a| a.get("signal"))
+            .and_then(|s| signal_number(s))
+            .map_or(Sign::Changed, Sign::Killed),
+        "start" | "restart" | "unpause" => Sign::Started,
+        _ => Sign::Changed,
+    };
+    Some(ContainerEvent {
+        id: actor.id.clone()?,
+        sign,
+    })
 }
 
 /// Converts Docker's inspection into what the conventions read.
@@ -174,7 +241,68 @@ fn container_info(response: ContainerInspectResponse) -> ContainerInfo {
         env: config.env.unwrap_or_default(),
         labels: config.labels.unwrap_or_default().into_iter().collect(),
         running: state.running.unwrap_or(false) && !state.paused.unwrap_or(false),
+        stop_signal: config.stop_signal.as_deref().and_then(signal_number),
         health,
         ports,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use bollard::models::EventActor;
+
+    use super::*;
+
+    fn event(action: &str, attributes: &[(&str, &str)]) -> EventMessage {
+        EventMessage {
+            action: Some(action.to_owned()),
+            actor: Some(EventActor {
+                id: Some("c0ffee".to_owned()),
+                attributes: Some(
+                    attributes
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect::<HashMap<_, _>>(),
+                ),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn sign(action: &str, attributes: &[(&str, &str)]) -> Option<Sign> {
+        relevant(&event(action, attributes)).map(|e| e.sign)
+    }
+
+    #[test]
+    fn events_say_whether_a_container_is_stopping() {
+        assert_eq!(sign("die", &[("exitCode", "0")]), Some(Sign::Stopping));
+        assert_eq!(sign("stop", &[]), Some(Sign::Stopping));
+        assert_eq!(sign("destroy", &[]), Some(Sign::Stopping));
+        assert_eq!(sign("kill", &[("signal", "15")]), Some(Sign::Killed(15)));
+        assert_eq!(sign("kill", &[]), Some(Sign::Changed));
+        assert_eq!(sign("start", &[]), Some(Sign::Started));
+        assert_eq!(sign("unpause", &[]), Some(Sign::Started));
+        assert_eq!(sign("pause", &[]), Some(Sign::Changed));
+        assert_eq!(sign("health_status: unhealthy", &[]), Some(Sign::Changed));
+        assert_eq!(sign("exec_start: sh -c true", &[]), None);
+        assert_eq!(sign("attach", &[]), None);
+    }
+
+    #[test]
+    fn stop_signals_stop_and_reload_signals_do_not() {
+        for signal in ["TERM", "SIGTERM", "15", "SIGINT", "QUIT", "KILL", "9"] {
+            let n = signal_number(signal).unwrap();
+            assert!(stops(n, None), "{signal}");
+        }
+        let hup = signal_number("SIGHUP").unwrap();
+        assert_eq!(hup, 1);
+        assert!(!stops(hup, None));
+        assert!(!stops(signal_number("USR1").unwrap(), Some(15)));
+        // A container whose stop signal is SIGUSR1 stops on it.
+        let usr1 = signal_number("SIGUSR1").unwrap();
+        assert!(stops(usr1, Some(usr1)));
+        assert_eq!(signal_number("SIGNOPE"), None);
     }
 }

@@ -15,7 +15,7 @@ mod hostip;
 pub mod reconcile;
 pub mod store;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -33,7 +33,7 @@ use tonic_health::ServingStatus;
 use tracing::{debug, info, warn};
 
 use crate::conventions::{Target, Verdict};
-use crate::docker::DockerSource;
+use crate::docker::{DockerSource, Sign};
 use crate::store::{Store, StoreError};
 
 /// The registrar's configuration: every flag has an environment fallback.
@@ -125,7 +125,7 @@ pub enum Error {
 #[derive(Debug)]
 enum Trigger {
     /// Docker reported an event about this container.
-    Container(String),
+    Container(docker::ContainerEvent),
     /// Re-inspect everything (periodic resync, lost event stream, new lease).
     Full,
     /// `Registrar.Resync`: re-inspect everything and answer.
@@ -244,7 +244,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         lease: lease_rx.clone(),
         list: list_tx,
         refused: HashMap::new(),
-        owned: None,
+        stopping: HashSet::new(),
     };
     let outcome = tokio::select! {
         () = reconciler.run(trigger_rx, tasks.clone()) => Ok(()),
@@ -361,9 +361,9 @@ async fn follow_events(
                         event = events.next() => event,
                     };
                     match event {
-                        Some(Ok(id)) => {
+                        Some(Ok(event)) => {
                             delays = backoff();
-                            if trigger.send(Trigger::Container(id)).await.is_err() {
+                            if trigger.send(Trigger::Container(event)).await.is_err() {
                                 return;
                             }
                         }
@@ -414,13 +414,31 @@ struct Reconciler {
     list: watch::Sender<v1::ListResponse>,
     /// Reasons of the containers refused at the last reconcile, to warn once per change.
     refused: HashMap<String, String>,
-    /// The keys this host owns, as of its last full read plus its own writes since. A full
-    /// trigger reads them from etcd again, so an event-triggered reconcile costs no scan of the
-    /// whole registry.
-    owned: Option<BTreeMap<String, reconcile::Owned>>,
+    /// Containers that showed a sign of stopping (a stop signal, `die`, `stop`) since they last
+    /// started: not routed, even while Docker still lists them as running, so that HAProxy
+    /// sends them no new request while they finish the ones they have.
+    stopping: HashSet<String>,
 }
 
 impl Reconciler {
+    /// Takes in what an event says of its container; the reconcile that follows does the rest.
+    fn follow(&mut self, event: docker::ContainerEvent) {
+        let stop_signal = self.source.cached(&event.id).and_then(|c| c.stop_signal);
+        let stopping = match event.sign {
+            Sign::Stopping => true,
+            Sign::Killed(signal) => docker::stops(signal, stop_signal),
+            Sign::Started => {
+                self.stopping.remove(&event.id);
+                false
+            }
+            Sign::Changed => false,
+        };
+        if stopping && self.stopping.insert(event.id.clone()) {
+            debug!(id = &event.id[..12.min(event.id.len())], sign = ?event.sign, "stopping: unrouted");
+        }
+        self.source.invalidate(&event.id);
+    }
+
     async fn run(mut self, mut triggers: mpsc::Receiver<Trigger>, shutdown: CancellationToken) {
         let mut delays = backoff();
         let mut retry_in: Option<Duration> = Some(Duration::ZERO);
@@ -442,7 +460,7 @@ impl Reconciler {
             let mut next = first;
             loop {
                 match next {
-                    Some(Trigger::Container(id)) => self.source.invalidate(&id),
+                    Some(Trigger::Container(event)) => self.follow(event),
                     Some(Trigger::Full) => full = true,
                     Some(Trigger::Resync(reply)) => {
                         full = true;
@@ -457,7 +475,6 @@ impl Reconciler {
             }
             if full {
                 self.source.clear_cache();
-                self.owned = None;
             }
             match self.reconcile().await {
                 Ok(response) => {
@@ -495,7 +512,14 @@ impl Reconciler {
         let mut registrations = Vec::new();
         let mut refused = Vec::new();
         let mut refused_now = HashMap::new();
+        // Containers no longer listed have stopped for good.
+        self.stopping
+            .retain(|id| containers.iter().any(|info| info.id == *id));
         for info in &containers {
+            if self.stopping.contains(&info.id) {
+                debug!(container = info.name, "not routed: stopping");
+                continue;
+            }
             match conventions::evaluate(info, self.host_ip, &self.host_id) {
                 Verdict::Ignore => {}
                 Verdict::NotRouted(why) => debug!(container = info.name, why, "not routed"),

@@ -276,3 +276,43 @@ async fn domains_come_and_go_without_a_reload() {
     let hosts_map = std::fs::read_to_string(supervised.state_dir().join("live/hosts.map")).unwrap();
     assert_eq!(hosts_map, "abc.test slot_1\nzed.test slot_2\n");
 }
+
+/// #15, item 2: a replica stopped gracefully (`docker stop`: SIGTERM, which its process
+/// outlives for 1 s, then SIGKILL) is unrouted at the first sign of the stop, so HAProxy sends it
+/// no new request while it still answers the ones it has: a keep-alive client under load sees
+/// no error at all. Before, its route went with the `die` event, after the process was dead.
+#[tokio::test]
+async fn a_replica_stopped_gracefully_costs_no_request() {
+    let ambassador = Ambassador::start(LOCALHOST).await.unwrap();
+    let host = ambassador.host(Ipv4Addr::LOCALHOST, 10).await.unwrap();
+    let mut replicas = Vec::new();
+    for i in 0..2 {
+        replicas.push(run_app(&host, "drain.test", &format!("replica-{i}"), &[]).await);
+    }
+    wait_for("both replicas to answer", WAIT, || async {
+        let seen = answers(&ambassador, "drain.test", 20).await;
+        Ok((seen.len() == 2 && seen.keys().all(|k| k.starts_with("200 "))).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", ambassador.logs(&[&host])));
+    let load = tokio::spawn(legate_tests::load::wrk(
+        ambassador.http(),
+        "drain.test",
+        Duration::from_secs(6),
+        8,
+        false,
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    docker(&["stop", "--time", "1", replicas[0].id()])
+        .await
+        .unwrap();
+    let report = load.await.unwrap().unwrap();
+    assert!(report.requests > 1000, "{}", report.output);
+    assert_eq!(
+        (report.socket_errors, report.non_2xx),
+        (0, 0),
+        "{}\n{}",
+        report.output,
+        ambassador.logs(&[&host])
+    );
+}

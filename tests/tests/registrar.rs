@@ -935,3 +935,30 @@ async fn the_lease_is_kept_after_a_keep_alive_answer_comes_late() {
         f.registrar.log()
     );
 }
+
+/// #15, item 2: the first sign of a stop unroutes a container at once, while its process still
+/// runs (here for the 5 s `docker stop` gives it: busybox httpd as PID 1 ignores SIGTERM), and
+/// a signal that does not stop it (SIGHUP, a reload) changes nothing.
+#[tokio::test]
+async fn a_stop_signal_unroutes_at_once_and_a_reload_signal_does_not() {
+    let f = Fixture::start(&[]).await;
+    let (app, keys) = f.registered_app("signals.example.com").await;
+    docker::docker(&["kill", "--signal", "HUP", app.id()])
+        .await
+        .unwrap();
+    // A resync is a reconcile after the event: the HUP has been seen.
+    f.client().await.resync(v1::ResyncRequest {}).await.unwrap();
+    assert_eq!(registrations(&f.keys().await), keys, "a SIGHUP unrouted it");
+
+    let id = app.id().to_owned();
+    let stop = tokio::spawn(async move { docker::docker(&["stop", "--time", "5", &id]).await });
+    f.wait_keys("the key gone at the stop signal", BTreeMap::is_empty)
+        .await;
+    let state = app.inspect().await.unwrap();
+    assert_eq!(
+        state["State"]["Running"], true,
+        "unrouted only once the process was gone: {}",
+        state["State"]
+    );
+    stop.await.unwrap().unwrap();
+}
