@@ -123,6 +123,25 @@ impl DockerSource {
         self.cache.remove(id);
     }
 
+    /// One container, inspected (from the cache when an inspection is there); `None` when it
+    /// is gone.
+    pub async fn inspect(&mut self, id: &str) -> Result<Option<ContainerInfo>, DockerError> {
+        if let Some(info) = self.cache.get(id) {
+            return Ok(Some(info.clone()));
+        }
+        match self.docker.inspect_container(id, None).await {
+            Ok(response) => {
+                let info = container_info(response);
+                self.cache.insert(id.to_owned(), info.clone());
+                Ok(Some(info))
+            }
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The running containers (paused ones included: the conventions decide), inspected.
     pub async fn running(&mut self) -> Result<Vec<ContainerInfo>, DockerError> {
         let options = ListContainersOptions {
@@ -135,21 +154,9 @@ impl DockerSource {
         self.cache.retain(|id, _| ids.contains(id));
         let mut containers = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(info) = self.cache.get(&id) {
-                containers.push(info.clone());
-                continue;
-            }
-            match self.docker.inspect_container(&id, None).await {
-                Ok(response) => {
-                    let info = container_info(response);
-                    self.cache.insert(id, info.clone());
-                    containers.push(info);
-                }
-                // Gone between the listing and the inspection: not running any more.
-                Err(bollard::errors::Error::DockerResponseServerError {
-                    status_code: 404, ..
-                }) => {}
-                Err(e) => return Err(e.into()),
+            // Gone between the listing and the inspection: not running any more.
+            if let Some(info) = self.inspect(&id).await? {
+                containers.push(info);
             }
         }
         Ok(containers)

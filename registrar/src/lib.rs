@@ -13,9 +13,9 @@ pub mod conventions;
 pub mod docker;
 mod hostip;
 pub mod reconcile;
+mod reconciler;
 pub mod store;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -32,8 +32,8 @@ use tokio_util::task::TaskTracker;
 use tonic_health::ServingStatus;
 use tracing::{debug, info, warn};
 
-use crate::conventions::{Target, Verdict};
-use crate::docker::{DockerSource, Sign};
+use crate::docker::DockerSource;
+use crate::reconciler::Reconciler;
 use crate::store::{Store, StoreError};
 
 /// The registrar's configuration: every flag has an environment fallback.
@@ -236,16 +236,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     ));
     tracker.close();
 
-    let reconciler = Reconciler {
+    let reconciler = Reconciler::new(
         source,
-        store: store.clone(),
-        host_ip,
-        host_id,
-        lease: lease_rx.clone(),
-        list: list_tx,
-        refused: HashMap::new(),
-        stopping: HashSet::new(),
-    };
+        store.clone(),
+        (host_ip, host_id),
+        lease_rx.clone(),
+        list_tx,
+    );
     let outcome = tokio::select! {
         () = reconciler.run(trigger_rx, tasks.clone()) => Ok(()),
         result = &mut grpc => grpc_outcome(result),
@@ -401,231 +398,6 @@ async fn periodic(interval: Duration, trigger: mpsc::Sender<Trigger>, shutdown: 
                 }
             }
         }
-    }
-}
-
-/// Owns the Docker source and the view published to `Registrar.List`.
-struct Reconciler {
-    source: DockerSource,
-    store: Store,
-    host_ip: HostIp,
-    host_id: HostId,
-    lease: watch::Receiver<i64>,
-    list: watch::Sender<v1::ListResponse>,
-    /// Reasons of the containers refused at the last reconcile, to warn once per change.
-    refused: HashMap<String, String>,
-    /// Containers that showed a sign of stopping (a stop signal, `die`, `stop`) since they last
-    /// started: not routed, even while Docker still lists them as running, so that HAProxy
-    /// sends them no new request while they finish the ones they have.
-    stopping: HashSet<String>,
-}
-
-impl Reconciler {
-    /// Takes in what an event says of its container; the reconcile that follows does the rest.
-    fn follow(&mut self, event: docker::ContainerEvent) {
-        let stop_signal = self.source.cached(&event.id).and_then(|c| c.stop_signal);
-        let stopping = match event.sign {
-            Sign::Stopping => true,
-            Sign::Killed(signal) => docker::stops(signal, stop_signal),
-            Sign::Started => {
-                self.stopping.remove(&event.id);
-                false
-            }
-            Sign::Changed => false,
-        };
-        if stopping && self.stopping.insert(event.id.clone()) {
-            debug!(id = &event.id[..12.min(event.id.len())], sign = ?event.sign, "stopping: unrouted");
-        }
-        self.source.invalidate(&event.id);
-    }
-
-    async fn run(mut self, mut triggers: mpsc::Receiver<Trigger>, shutdown: CancellationToken) {
-        let mut delays = backoff();
-        let mut retry_in: Option<Duration> = Some(Duration::ZERO);
-        loop {
-            let mut full = false;
-            let mut replies = Vec::new();
-            let first = tokio::select! {
-                () = shutdown.cancelled() => return,
-                trigger = triggers.recv() => trigger,
-                () = sleep_opt(retry_in) => None,
-            };
-            if first.is_none() && retry_in.is_none() {
-                return; // every sender is gone
-            }
-            if retry_in.is_some() {
-                full = true;
-            }
-            // Coalesce whatever else is already queued into this one reconcile.
-            let mut next = first;
-            loop {
-                match next {
-                    Some(Trigger::Container(event)) => self.follow(event),
-                    Some(Trigger::Full) => full = true,
-                    Some(Trigger::Resync(reply)) => {
-                        full = true;
-                        replies.push(reply);
-                    }
-                    None => {}
-                }
-                match triggers.try_recv() {
-                    Ok(trigger) => next = Some(trigger),
-                    Err(_) => break,
-                }
-            }
-            if full {
-                self.source.clear_cache();
-            }
-            match self.reconcile().await {
-                Ok(response) => {
-                    retry_in = None;
-                    delays = backoff();
-                    for reply in replies {
-                        let _ = reply.send(response);
-                    }
-                }
-                Err(e) => {
-                    let delay = delays.next().unwrap_or(MAX_BACKOFF);
-                    warn!(error = %e, retry_in = ?delay, "reconcile failed");
-                    metrics::counter!("legate_registrar_reconcile_errors_total").increment(1);
-                    let error = e.to_string();
-                    self.list.send_if_modified(|list| {
-                        let changed = list.error != error;
-                        list.error = error;
-                        changed
-                    });
-                    retry_in = Some(delay);
-                    // Resync callers get no answer (their call fails) rather than a stale one.
-                }
-            }
-        }
-    }
-
-    async fn reconcile(&mut self) -> Result<v1::ResyncResponse, Error> {
-        let started = std::time::Instant::now();
-        let containers = self
-            .source
-            .running()
-            .await
-            .map_err(|e| Error::Identity(e.to_string()))?;
-        let mut desired = BTreeMap::new();
-        let mut registrations = Vec::new();
-        let mut refused = Vec::new();
-        let mut refused_now = HashMap::new();
-        // Containers no longer listed have stopped for good.
-        self.stopping
-            .retain(|id| containers.iter().any(|info| info.id == *id));
-        for info in &containers {
-            if self.stopping.contains(&info.id) {
-                debug!(container = info.name, "not routed: stopping");
-                continue;
-            }
-            match conventions::evaluate(info, self.host_ip, &self.host_id) {
-                Verdict::Ignore => {}
-                Verdict::NotRouted(why) => debug!(container = info.name, why, "not routed"),
-                Verdict::Register(targets, value) => {
-                    let json = value.to_json();
-                    for target in targets {
-                        let (key, registration) = self.describe(&target, info);
-                        desired.insert(key, json.clone());
-                        registrations.push(registration);
-                    }
-                }
-                Verdict::Refuse(reason) => {
-                    if self.refused.get(&info.id) != Some(&reason) {
-                        warn!(
-                            container = info.name,
-                            id = &info.id[..12.min(info.id.len())],
-                            reason,
-                            "container refused"
-                        );
-                        metrics::counter!("legate_registrar_refused_total").increment(1);
-                    }
-                    refused_now.insert(info.id.clone(), reason.clone());
-                    refused.push(v1::RefusedContainer {
-                        container_id: info.id.clone(),
-                        container_name: info.name.clone(),
-                        reason,
-                    });
-                }
-            }
-        }
-        self.refused = refused_now;
-        desired.insert(self.store.host_key(), self.store.record_json());
-
-        let lease = *self.lease.borrow();
-        let owned = self.store.owned().await?;
-        let plan = reconcile::plan(&desired, &owned, lease);
-        if !plan.is_empty() {
-            self.store.apply(&plan, lease).await?;
-            info!(
-                written = plan.puts.len(),
-                deleted = plan.deletes.len(),
-                "registry updated"
-            );
-        }
-        registrations.sort_by(|a, b| a.key.cmp(&b.key));
-        refused.sort_by(|a, b| a.container_name.cmp(&b.container_name));
-        metrics::gauge!("legate_registrar_registrations").set(registrations.len() as f64);
-        metrics::gauge!("legate_registrar_refused").set(refused.len() as f64);
-        metrics::histogram!("legate_registrar_reconcile_seconds")
-            .record(started.elapsed().as_secs_f64());
-        let response = v1::ResyncResponse {
-            written: plan.puts.len() as u32,
-            deleted: plan.deletes.len() as u32,
-            registered: registrations.len() as u32,
-            refused: refused.len() as u32,
-        };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        self.list.send_modify(|list| {
-            list.lease_id = lease;
-            list.registrations = registrations;
-            list.refused = refused;
-            list.reconciled_at_unix_ms = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
-            list.error.clear();
-        });
-        Ok(response)
-    }
-
-    fn describe(
-        &self,
-        target: &Target,
-        info: &conventions::ContainerInfo,
-    ) -> (String, v1::Registration) {
-        let schema = self.store.schema();
-        let mut registration = v1::Registration {
-            container_id: info.id.clone(),
-            container_name: info.name.clone(),
-            ..Default::default()
-        };
-        let key = match target {
-            Target::App(app) => {
-                registration.kind = v1::RegistrationKind::App as i32;
-                registration.domain = app.domain.to_string();
-                registration.ip = app.endpoint.ip.to_string();
-                registration.port = u32::from(app.endpoint.port.get());
-                schema.app_key(app)
-            }
-            Target::Service(service) => {
-                registration.kind = v1::RegistrationKind::Service as i32;
-                registration.service_name = service.name.to_string();
-                registration.service_port = u32::from(service.service_port.get());
-                registration.ip = service.endpoint.ip.to_string();
-                registration.port = u32::from(service.endpoint.port.get());
-                schema.service_key(service)
-            }
-        };
-        registration.key = key.clone();
-        (key, registration)
-    }
-}
-
-async fn sleep_opt(delay: Option<Duration>) {
-    match delay {
-        Some(delay) => tokio::time::sleep(delay).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -15,9 +15,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, EventType, LeaseTimeToLiveOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
 };
-use legate_proto::registry::{HostId, HostKey, HostRecord, KeyKind, RegistrationValue, Schema};
+use legate_proto::registry::{HostId, HostKey, HostRecord, Schema};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -286,29 +287,29 @@ impl Store {
         }
     }
 
-    /// The keys this host owns: registrations whose value names this host id, and its record.
-    pub async fn owned(&mut self) -> Result<BTreeMap<String, Owned>, StoreError> {
+    /// The keys attached to `lease`, with their values: this host's keys, read through its
+    /// lease (`LeaseTimeToLive` with its keys, then their values in transactions of gets), so
+    /// the cost is this host's keys, never the fleet's registry.
+    pub async fn lease_keys(&mut self, lease: i64) -> Result<BTreeMap<String, Owned>, StoreError> {
+        let alive = self
+            .client
+            .lease_time_to_live(lease, Some(LeaseTimeToLiveOptions::new().with_keys()))
+            .await
+            .map_err(|e| StoreError::from(e).for_lease(lease))?;
+        if alive.ttl() <= 0 {
+            return Err(StoreError::LeaseLost(lease));
+        }
         let mut owned = BTreeMap::new();
-        for kind in [KeyKind::App, KeyKind::Service] {
-            let dir = self.schema.dir(kind);
-            let response = self
-                .client
-                .get(dir, Some(GetOptions::new().with_prefix()))
-                .await?;
-            for kv in response.kvs() {
-                let Ok(key) = self.schema.parse(kv.key()) else {
+        for chunk in alive.keys().chunks(MAX_TXN_OPS) {
+            let gets: Vec<TxnOp> = chunk.iter().map(|k| TxnOp::get(k.clone(), None)).collect();
+            let response = self.client.txn(Txn::new().and_then(gets)).await?;
+            for op in response.op_responses() {
+                let TxnOpResponse::Get(get) = op else {
                     continue;
                 };
-                let endpoint = match &key {
-                    legate_proto::registry::Key::App(k) => k.endpoint,
-                    legate_proto::registry::Key::Service(k) => k.endpoint,
-                    legate_proto::registry::Key::Host(_) => continue,
-                };
-                let mine = RegistrationValue::parse(kv.value(), &endpoint)
-                    .is_ok_and(|v| v.host_id.as_ref() == Some(&self.host_id));
-                if mine {
+                for kv in get.kvs() {
                     owned.insert(
-                        self.schema.format(&key),
+                        String::from_utf8_lossy(kv.key()).into_owned(),
                         Owned {
                             value: kv.value().to_vec(),
                             lease: kv.lease(),
@@ -316,17 +317,6 @@ impl Store {
                     );
                 }
             }
-        }
-        let host_key = self.host_key();
-        let response = self.client.get(host_key.as_str(), None).await?;
-        if let Some(kv) = response.kvs().first() {
-            owned.insert(
-                host_key,
-                Owned {
-                    value: kv.value().to_vec(),
-                    lease: kv.lease(),
-                },
-            );
         }
         Ok(owned)
     }
