@@ -1,6 +1,6 @@
 //! `bench`: legate's benchmarks against real etcd, Docker and HAProxy on this host.
 //!
-//! `cargo run --release -p legate-tests --bin bench -- registrar [--containers N] [--idle-secs S]`
+//! `cargo run --release -p legate-tests --bin bench -- registrar [--containers N] [--idle-secs S] [--foreign-keys N]`
 //! `cargo run --release -p legate-tests --bin bench -- confgen [--puts N] [--renders N] [--apps N] [--services N]`
 //! `cargo run --release -p legate-tests --bin bench -- supervisor [--changes N] [--reloads N]`
 //! `cargo run --release -p legate-tests --bin bench -- convergence [--count N]`
@@ -90,6 +90,7 @@ async fn main() -> Result<()> {
     let mut changes = 1000usize;
     let mut reloads = 50usize;
     let mut count = None;
+    let mut foreign_keys = 20_000usize;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--puts" => puts = args.next().context("--puts N")?.parse()?,
@@ -103,11 +104,15 @@ async fn main() -> Result<()> {
             "--changes" => changes = args.next().context("--changes N")?.parse()?,
             "--reloads" => reloads = args.next().context("--reloads N")?.parse()?,
             "--count" => count = Some(args.next().context("--count N")?.parse()?),
+            "--foreign-keys" => foreign_keys = args.next().context("--foreign-keys N")?.parse()?,
             other => bail!("unknown argument {other:?}"),
         }
     }
     match scenario.as_str() {
-        "registrar" => registrar(containers, Duration::from_secs(idle_secs.unwrap_or(30))).await,
+        "registrar" => {
+            let idle = Duration::from_secs(idle_secs.unwrap_or(30));
+            registrar(containers, idle, foreign_keys).await
+        }
         "confgen" => confgen(puts, renders, apps, services).await,
         "supervisor" => supervisor(changes, reloads).await,
         "convergence" => pipeline::convergence(count.unwrap_or(100)).await,
@@ -134,7 +139,39 @@ async fn main() -> Result<()> {
     }
 }
 
-async fn registrar(count: usize, idle: Duration) -> Result<()> {
+/// POSTs `path` to the Docker engine's API on its Unix socket and waits for the answer: a
+/// container command without the seconds the `docker` CLI takes to start.
+async fn docker_api(path: &str) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::UnixStream::connect("/var/run/docker.sock").await?;
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: docker\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    let answer = String::from_utf8_lossy(&answer);
+    let status = answer.split(' ').nth(1).unwrap_or_default();
+    if !status.starts_with('2') {
+        bail!("POST {path}: {}", answer.lines().next().unwrap_or_default());
+    }
+    Ok(())
+}
+
+/// RSS before and after `idle`, in KiB, and the CPU use over it, of process `pid`.
+async fn idle_usage(pid: u32, idle: Duration) -> Result<(u64, u64, f64)> {
+    let rss = rss_kib(pid)?;
+    let cpu_before = cpu_ticks(pid)?;
+    let started = Instant::now();
+    tokio::time::sleep(idle).await;
+    let cpu = cpu_percent(
+        cpu_ticks(pid)? - cpu_before,
+        started.elapsed().as_secs_f64(),
+    );
+    Ok((rss, rss_kib(pid)?, cpu))
+}
+
+async fn registrar(count: usize, idle: Duration, foreign_keys: usize) -> Result<()> {
     let images = docker::images()?;
     let etcd = Etcd::start().await?;
     let case = format!("bench-{}", docker::run_id());
@@ -170,9 +207,25 @@ async fn registrar(count: usize, idle: Duration) -> Result<()> {
     }
 
     let mut client = etcd.client().await?;
+    // The watch is read by a task of its own, so that each event is timed when it arrives,
+    // not when the benchmark gets round to it (after the Docker call returned).
     let mut watch = client
         .watch("/apps/", Some(WatchOptions::new().with_prefix()))
         .await?;
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let watching = tokio::spawn(async move {
+        while let Ok(Some(message)) = watch.message().await {
+            let at = Instant::now();
+            for event in message.events() {
+                let Some(kv) = event.kv() else { continue };
+                let key = kv.key_str().unwrap_or_default();
+                let container = key.split('/').nth(3).unwrap_or_default().to_owned();
+                if seen_tx.send((container, event.event_type(), at)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
     let mut puts: HashMap<String, Instant> = HashMap::new();
     let mut deletes: HashMap<String, Instant> = HashMap::new();
     let mut wait_key =
@@ -183,61 +236,98 @@ async fn registrar(count: usize, idle: Duration) -> Result<()> {
                     return Ok(at);
                 }
                 let remaining = deadline.saturating_duration_since(Instant::now());
-                let message = tokio::time::timeout(remaining, watch.message())
+                let (container, event, at) = tokio::time::timeout(remaining, seen_rx.recv())
                     .await
-                    .with_context(|| format!("no etcd event for container {id}"))??
+                    .with_context(|| format!("no etcd event for container {id}"))?
                     .context("watch ended")?;
-                let at = Instant::now();
-                for event in message.events() {
-                    let Some(kv) = event.kv() else { continue };
-                    let key = kv.key_str().unwrap_or_default();
-                    let container = key.split('/').nth(3).unwrap_or_default().to_owned();
-                    if event.event_type() == kind {
-                        seen.insert(container, at);
-                    }
+                if event == kind {
+                    seen.insert(container, at);
                 }
             }
         };
 
-    let mut start_issued = Vec::new();
-    let mut start_returned = Vec::new();
-    for c in &created {
-        let issued = Instant::now();
-        c.command("start").await?;
-        let returned = Instant::now();
-        let at = wait_key(c.id(), EventType::Put, &mut puts).await?;
-        start_issued.push(at - issued);
-        start_returned.push(at.saturating_duration_since(returned));
-    }
-
-    let rss = rss_kib(registrar.pid())?;
-    let cpu_before = cpu_ticks(registrar.pid())?;
-    let idle_started = Instant::now();
-    tokio::time::sleep(idle).await;
-    let cpu_after = cpu_ticks(registrar.pid())?;
-    let cpu_percent = cpu_percent(cpu_after - cpu_before, idle_started.elapsed().as_secs_f64());
-    let rss_after = rss_kib(registrar.pid())?;
-
-    let mut stop_issued = Vec::new();
-    let mut stop_returned = Vec::new();
-    for c in &created {
-        let issued = Instant::now();
-        docker::docker(&["stop", "-t", "0", c.id()]).await?;
-        let returned = Instant::now();
-        let at = wait_key(c.id(), EventType::Delete, &mut deletes).await?;
-        stop_issued.push(at - issued);
-        stop_returned.push(at.saturating_duration_since(returned));
-    }
+    let mut idle_figures = None;
+    // One round: every container started, then stopped (even) or killed (odd), one at a time.
+    let mut round = async |foreign: usize| -> Result<[Vec<Duration>; 4]> {
+        let (mut issued_key, mut returned_key) = (Vec::new(), Vec::new());
+        let (mut stopped, mut killed) = (Vec::new(), Vec::new());
+        for c in &created {
+            let issued = Instant::now();
+            docker_api(&format!("/containers/{}/start", c.id())).await?;
+            let returned = Instant::now();
+            let at = wait_key(c.id(), EventType::Put, &mut puts).await?;
+            issued_key.push(at - issued);
+            returned_key.push(at.saturating_duration_since(returned));
+        }
+        if foreign == 0 {
+            idle_figures = Some(idle_usage(registrar.pid(), idle).await?);
+        }
+        for (i, c) in created.iter().enumerate() {
+            let issued = Instant::now();
+            let verb = if i % 2 == 0 { "stop?t=0" } else { "kill" };
+            docker_api(&format!("/containers/{}/{verb}", c.id())).await?;
+            let at = wait_key(c.id(), EventType::Delete, &mut deletes).await?;
+            if i % 2 == 0 {
+                stopped.push(at - issued);
+            } else {
+                killed.push(at - issued);
+            }
+        }
+        Ok([issued_key, returned_key, stopped, killed])
+    };
+    let mut empty = round(0).await?;
+    println!("writing {foreign_keys} keys of another host...");
+    let kvs: Vec<(String, String)> = (0..foreign_keys)
+        .map(|i| {
+            (
+                format!(
+                    "/apps/other-{i}.example.com/{}/10.9.{}.{}:80",
+                    container_id(i),
+                    i / 250 % 250,
+                    i % 250 + 1
+                ),
+                r#"{"host_id":"another-host"}"#.to_owned(),
+            )
+        })
+        .collect();
+    legate_tests::etcd::put_all(&mut client, &kvs).await?;
+    let mut crowded = round(foreign_keys).await?;
 
     println!();
     println!(
-        "registrar benchmark: {count} containers, one at a time, etcd and Docker on this host"
+        "registrar benchmark: {count} containers, one at a time, etcd and Docker on this host, \
+         through the engine's API (no CLI); stop is POST /stop?t=0 (even ones), kill is \
+         POST /kill (odd ones); an API call returns once the engine has done it"
     );
-    header();
-    report("docker start issued   -> key in etcd", &mut start_issued);
-    report("docker start returned -> key in etcd", &mut start_returned);
-    report("docker stop issued    -> key deleted", &mut stop_issued);
-    report("docker stop returned  -> key deleted", &mut stop_returned);
+    let labels = [
+        "start issued    -> key in etcd",
+        "start returned  -> key in etcd",
+        "stop issued     -> key deleted",
+        "kill issued     -> key deleted",
+    ];
+    for (registry, rows) in [
+        ("empty registry", &mut empty),
+        (
+            &*format!("{foreign_keys} keys of another host"),
+            &mut crowded,
+        ),
+    ] {
+        println!("{registry}:");
+        header();
+        for (label, samples) in labels.iter().zip(rows.iter_mut()) {
+            report(label, samples);
+        }
+    }
+    println!(
+        "ratio of p50, {foreign_keys} foreign keys / empty: start returned -> key {:.2}x, stop -> deleted {:.2}x, kill -> deleted {:.2}x",
+        percentile(&mut crowded[1], 0.5).as_secs_f64()
+            / percentile(&mut empty[1], 0.5).as_secs_f64().max(1e-6),
+        percentile(&mut crowded[2], 0.5).as_secs_f64()
+            / percentile(&mut empty[2], 0.5).as_secs_f64().max(1e-6),
+        percentile(&mut crowded[3], 0.5).as_secs_f64()
+            / percentile(&mut empty[3], 0.5).as_secs_f64().max(1e-6),
+    );
+    let (rss, rss_after, cpu_percent) = idle_figures.context("no idle figures")?;
     println!(
         "idle with {count} registered: RSS {:.1} MiB (after {:?}: {:.1} MiB), CPU {cpu_percent:.2}% over {:?}",
         rss as f64 / 1024.0,
@@ -245,6 +335,7 @@ async fn registrar(count: usize, idle: Duration) -> Result<()> {
         rss_after as f64 / 1024.0,
         idle
     );
+    watching.abort();
     drop(created);
     Ok(())
 }
