@@ -14,11 +14,14 @@
 //!
 //! What the last full reconcile read plus every write since is kept in [`Known`]; a full
 //! reconcile replaces it, so anything another writer changed is repaired within a resync.
+//!
+//! Docker and etcd are reached through two traits, [`Containers`] and [`Keys`], implemented by
+//! [`DockerSource`] and [`Store`]; the tests below drive the loop over fakes with paused time.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use legate_proto::registry::{HostId, HostIp};
+use legate_proto::registry::{HostId, HostIp, Schema};
 use legate_proto::runtime::{MAX_BACKOFF, backoff};
 use legate_proto::v1;
 use tokio::sync::{mpsc, watch};
@@ -26,10 +29,69 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::conventions::{self, ContainerInfo, Target, Verdict};
-use crate::docker::{self, DockerSource, Sign};
-use crate::reconcile::{self, Owned};
-use crate::store::Store;
+use crate::docker::{self, DockerError, DockerSource, Sign};
+use crate::reconcile::{self, Owned, Plan};
+use crate::store::{Store, StoreError};
 use crate::{Error, Trigger};
+
+/// The Docker edge, as the reconciler uses it.
+pub(crate) trait Containers {
+    /// The inspection of `id` in the cache, if any.
+    fn cached(&self, id: &str) -> Option<&ContainerInfo>;
+    /// Forgets the inspection of `id`.
+    fn invalidate(&mut self, id: &str);
+    /// Forgets every inspection.
+    fn clear_cache(&mut self);
+    /// The running containers, inspected.
+    async fn running(&mut self) -> Result<Vec<ContainerInfo>, DockerError>;
+    /// One container, inspected; `None` when it is gone.
+    async fn inspect(&mut self, id: &str) -> Result<Option<ContainerInfo>, DockerError>;
+}
+
+impl Containers for DockerSource {
+    fn cached(&self, id: &str) -> Option<&ContainerInfo> {
+        DockerSource::cached(self, id)
+    }
+    fn invalidate(&mut self, id: &str) {
+        DockerSource::invalidate(self, id);
+    }
+    fn clear_cache(&mut self) {
+        DockerSource::clear_cache(self);
+    }
+    async fn running(&mut self) -> Result<Vec<ContainerInfo>, DockerError> {
+        DockerSource::running(self).await
+    }
+    async fn inspect(&mut self, id: &str) -> Result<Option<ContainerInfo>, DockerError> {
+        DockerSource::inspect(self, id).await
+    }
+}
+
+/// The etcd edge, as the reconciler uses it.
+pub(crate) trait Keys {
+    /// The key schema.
+    fn schema(&self) -> &Schema;
+    /// The key of this host's record, and the record.
+    fn host_record(&self) -> (String, String);
+    /// The keys attached to `lease`, with their values.
+    async fn lease_keys(&mut self, lease: i64) -> Result<BTreeMap<String, Owned>, StoreError>;
+    /// Applies `plan` under `lease`.
+    async fn apply(&mut self, plan: &Plan, lease: i64) -> Result<(), StoreError>;
+}
+
+impl Keys for Store {
+    fn schema(&self) -> &Schema {
+        Store::schema(self)
+    }
+    fn host_record(&self) -> (String, String) {
+        (self.host_key(), self.record_json())
+    }
+    async fn lease_keys(&mut self, lease: i64) -> Result<BTreeMap<String, Owned>, StoreError> {
+        Store::lease_keys(self, lease).await
+    }
+    async fn apply(&mut self, plan: &Plan, lease: i64) -> Result<(), StoreError> {
+        Store::apply(self, plan, lease).await
+    }
+}
 
 /// What one container asks for.
 #[derive(Debug, Default)]
@@ -98,9 +160,9 @@ impl Known {
 }
 
 /// Owns the Docker source and the view published to `Registrar.List`.
-pub(crate) struct Reconciler {
-    source: DockerSource,
-    store: Store,
+pub(crate) struct Reconciler<D = DockerSource, S = Store> {
+    source: D,
+    store: S,
     host_ip: HostIp,
     host_id: HostId,
     lease: watch::Receiver<i64>,
@@ -115,10 +177,10 @@ pub(crate) struct Reconciler {
     known: Option<Known>,
 }
 
-impl Reconciler {
+impl<D: Containers, S: Keys> Reconciler<D, S> {
     pub(crate) fn new(
-        source: DockerSource,
-        store: Store,
+        source: D,
+        store: S,
         (host_ip, host_id): (HostIp, HostId),
         lease: watch::Receiver<i64>,
         list: watch::Sender<v1::ListResponse>,
@@ -248,7 +310,7 @@ impl Reconciler {
             desired.extend(wanted.keys.iter().map(|(k, v)| (k.clone(), v.clone())));
             known.set(&info.id, wanted, lease);
         }
-        let (host_key, record) = (self.store.host_key(), self.store.record_json());
+        let (host_key, record) = self.store.host_record();
         desired.insert(host_key.clone(), record.clone());
         let owned = self.store.lease_keys(lease).await?;
         let plan = reconcile::plan(&desired, &owned, lease);
@@ -419,5 +481,305 @@ async fn sleep_opt(delay: Option<Duration>) {
     match delay {
         Some(delay) => tokio::time::sleep(delay).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use legate_proto::registry::Prefix;
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::conventions::{Binding, Health};
+    use crate::docker::ContainerEvent;
+
+    const LEASE: i64 = 7;
+
+    /// What the fakes saw and hold, shared with the test.
+    #[derive(Debug, Default)]
+    struct World {
+        /// Running containers, by id.
+        containers: BTreeMap<String, ContainerInfo>,
+        /// etcd: key -> value.
+        etcd: BTreeMap<String, String>,
+        listings: usize,
+        inspections: Vec<String>,
+        applies: Vec<Plan>,
+        /// The next calls to etcd fail while this is above zero.
+        etcd_failures: usize,
+    }
+
+    type Shared = Arc<Mutex<World>>;
+
+    struct FakeDocker(Shared, HashMap<String, ContainerInfo>);
+
+    impl Containers for FakeDocker {
+        fn cached(&self, id: &str) -> Option<&ContainerInfo> {
+            self.1.get(id)
+        }
+        fn invalidate(&mut self, id: &str) {
+            self.1.remove(id);
+        }
+        fn clear_cache(&mut self) {
+            self.1.clear();
+        }
+        async fn running(&mut self) -> Result<Vec<ContainerInfo>, DockerError> {
+            let mut world = self.0.lock().unwrap();
+            world.listings += 1;
+            Ok(world.containers.values().cloned().collect())
+        }
+        async fn inspect(&mut self, id: &str) -> Result<Option<ContainerInfo>, DockerError> {
+            let mut world = self.0.lock().unwrap();
+            world.inspections.push(id.to_owned());
+            let info = world.containers.get(id).cloned();
+            if let Some(info) = &info {
+                self.1.insert(id.to_owned(), info.clone());
+            }
+            Ok(info)
+        }
+    }
+
+    struct FakeEtcd(Shared, Schema);
+
+    impl FakeEtcd {
+        fn fail(&self) -> Result<(), StoreError> {
+            let mut world = self.0.lock().unwrap();
+            if world.etcd_failures > 0 {
+                world.etcd_failures -= 1;
+                return Err(StoreError::LeaseLost(0));
+            }
+            Ok(())
+        }
+    }
+
+    impl Keys for FakeEtcd {
+        fn schema(&self) -> &Schema {
+            &self.1
+        }
+        fn host_record(&self) -> (String, String) {
+            ("/hosts/h".to_owned(), "{}".to_owned())
+        }
+        async fn lease_keys(&mut self, _: i64) -> Result<BTreeMap<String, Owned>, StoreError> {
+            self.fail()?;
+            let world = self.0.lock().unwrap();
+            Ok(world
+                .etcd
+                .iter()
+                .map(|(k, v)| {
+                    let owned = Owned {
+                        value: v.clone().into_bytes(),
+                        lease: LEASE,
+                    };
+                    (k.clone(), owned)
+                })
+                .collect())
+        }
+        async fn apply(&mut self, plan: &Plan, _: i64) -> Result<(), StoreError> {
+            self.fail()?;
+            let mut world = self.0.lock().unwrap();
+            for (key, value) in &plan.puts {
+                world.etcd.insert(key.clone(), value.clone());
+            }
+            for key in &plan.deletes {
+                world.etcd.remove(key);
+            }
+            world.applies.push(plan.clone());
+            Ok(())
+        }
+    }
+
+    fn id(n: u8) -> String {
+        format!("{n:02x}").repeat(32)
+    }
+
+    fn app(n: u8) -> ContainerInfo {
+        ContainerInfo {
+            id: id(n),
+            name: format!("web-{n}"),
+            env: vec![format!("DOMAIN_NAME=app{n}.test")],
+            labels: BTreeMap::new(),
+            running: true,
+            stop_signal: None,
+            health: Health::None,
+            ports: [(
+                "80/tcp".to_owned(),
+                vec![Binding {
+                    host_ip: "127.0.0.1".to_owned(),
+                    host_port: format!("{}", 32000 + u16::from(n)),
+                }],
+            )]
+            .into(),
+        }
+    }
+
+    fn event(n: u8, sign: Sign) -> Trigger {
+        Trigger::Container(ContainerEvent { id: id(n), sign })
+    }
+
+    /// A reconciler over the fakes, running; its trigger channel and the list it publishes.
+    fn start(
+        world: &Shared,
+    ) -> (
+        mpsc::Sender<Trigger>,
+        watch::Receiver<v1::ListResponse>,
+        CancellationToken,
+    ) {
+        let (trigger_tx, trigger_rx) = mpsc::channel(64);
+        let (list_tx, list_rx) = watch::channel(v1::ListResponse::default());
+        let (_lease_tx, lease_rx) = watch::channel(LEASE);
+        let schema = Schema::new(Prefix::new("").unwrap());
+        let reconciler = Reconciler::new(
+            FakeDocker(world.clone(), HashMap::new()),
+            FakeEtcd(world.clone(), schema),
+            (
+                HostIp::parse("127.0.0.1").unwrap(),
+                HostId::new("h").unwrap(),
+            ),
+            lease_rx,
+            list_tx,
+        );
+        let shutdown = CancellationToken::new();
+        tokio::spawn(reconciler.run(trigger_rx, shutdown.clone()));
+        (trigger_tx, list_rx, shutdown)
+    }
+
+    /// Lets the reconciler run until it waits for something.
+    async fn settle() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn apps_in_etcd(world: &Shared) -> Vec<String> {
+        world
+            .lock()
+            .unwrap()
+            .etcd
+            .keys()
+            .filter(|k| k.starts_with("/apps/"))
+            .map(|k| k.split('/').nth(2).unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_reconcile_at_start_then_events_cost_one_container_each() {
+        let world = Shared::default();
+        world.lock().unwrap().containers = [(id(1), app(1)), (id(2), app(2))].into();
+        let (triggers, list, _stop) = start(&world);
+        settle().await;
+        assert_eq!(apps_in_etcd(&world), ["app1.test", "app2.test"]);
+        assert_eq!(list.borrow().registrations.len(), 2);
+        assert_eq!(world.lock().unwrap().listings, 1);
+
+        // A container starts: it alone is inspected, no listing, one transaction.
+        world.lock().unwrap().containers.insert(id(3), app(3));
+        world.lock().unwrap().inspections.clear();
+        triggers.send(event(3, Sign::Started)).await.unwrap();
+        settle().await;
+        let seen = world.lock().unwrap();
+        assert_eq!(seen.listings, 1, "an event listed the engine");
+        assert_eq!(seen.inspections, [id(3)]);
+        assert_eq!(seen.applies.len(), 2);
+        assert_eq!(seen.applies[1].puts.len(), 1);
+        drop(seen);
+        assert_eq!(apps_in_etcd(&world).len(), 3);
+        assert_eq!(list.borrow().registrations.len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queued_events_of_one_container_are_coalesced() {
+        let world = Shared::default();
+        world.lock().unwrap().containers = [(id(1), app(1))].into();
+        let (triggers, _list, _stop) = start(&world);
+        settle().await;
+        world.lock().unwrap().inspections.clear();
+        for _ in 0..5 {
+            triggers.send(event(1, Sign::Changed)).await.unwrap();
+        }
+        settle().await;
+        assert_eq!(world.lock().unwrap().inspections, [id(1)]);
+        // Nothing changed: nothing written.
+        assert_eq!(world.lock().unwrap().applies.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_sign_deletes_at_once_without_an_inspection_and_a_reload_signal_nothing() {
+        let world = Shared::default();
+        world.lock().unwrap().containers = [(id(1), app(1)), (id(2), app(2))].into();
+        let (triggers, list, _stop) = start(&world);
+        settle().await;
+        world.lock().unwrap().inspections.clear();
+        triggers.send(event(1, Sign::Killed(1))).await.unwrap();
+        settle().await;
+        assert_eq!(apps_in_etcd(&world), ["app1.test", "app2.test"], "SIGHUP");
+        triggers.send(event(1, Sign::Killed(15))).await.unwrap();
+        settle().await;
+        // Docker still lists it as running: it stays unrouted, also through a full reconcile.
+        assert_eq!(apps_in_etcd(&world), ["app2.test"]);
+        assert_eq!(
+            world.lock().unwrap().inspections,
+            [id(1)],
+            "only the SIGHUP inspected"
+        );
+        triggers.send(Trigger::Full).await.unwrap();
+        settle().await;
+        assert_eq!(apps_in_etcd(&world), ["app2.test"]);
+        assert_eq!(list.borrow().registrations.len(), 1);
+        // It runs again: routed again.
+        triggers.send(event(1, Sign::Started)).await.unwrap();
+        settle().await;
+        assert_eq!(apps_in_etcd(&world), ["app1.test", "app2.test"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_event_is_retried_as_a_full_reconcile_with_backoff() {
+        let world = Shared::default();
+        world.lock().unwrap().containers = [(id(1), app(1))].into();
+        let (triggers, list, _stop) = start(&world);
+        settle().await;
+        world.lock().unwrap().containers.insert(id(2), app(2));
+        world.lock().unwrap().etcd_failures = 2;
+        triggers.send(event(2, Sign::Started)).await.unwrap();
+        settle().await;
+        assert_eq!(apps_in_etcd(&world), ["app1.test"]);
+        assert!(!list.borrow().error.is_empty(), "the failure is published");
+        // The first retry (a full reconcile) fails too; the next one, later, succeeds.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        settle().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        settle().await;
+        assert_eq!(apps_in_etcd(&world), ["app1.test", "app2.test"]);
+        assert!(
+            world.lock().unwrap().listings >= 2,
+            "the retry was a full reconcile"
+        );
+        assert_eq!(list.borrow().error, "");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resync_answers_once_reconciled_and_repairs_what_others_changed() {
+        let world = Shared::default();
+        world.lock().unwrap().containers = [(id(1), app(1))].into();
+        let (triggers, _list, _stop) = start(&world);
+        settle().await;
+        // Someone deletes our key and writes a stray one under our lease.
+        {
+            let mut w = world.lock().unwrap();
+            w.etcd.retain(|k, _| !k.starts_with("/apps/"));
+            w.etcd.insert(
+                format!("/apps/stray.test/{}/127.0.0.1:1", id(9)),
+                String::new(),
+            );
+        }
+        let (reply, answer) = oneshot::channel();
+        triggers.send(Trigger::Resync(reply)).await.unwrap();
+        let response = answer.await.unwrap();
+        assert_eq!(
+            (response.written, response.deleted, response.registered),
+            (1, 1, 1)
+        );
+        assert_eq!(apps_in_etcd(&world), ["app1.test"]);
     }
 }
