@@ -962,3 +962,16 @@ async fn a_stop_signal_unroutes_at_once_and_a_reload_signal_does_not() {
     );
     stop.await.unwrap().unwrap();
 }
+
+/// #15, item 2: a paused container gets no new request: unrouted on `pause`, routed again on
+/// `unpause`.
+#[tokio::test]
+async fn a_paused_container_is_unrouted_until_it_is_unpaused() {
+    let f = Fixture::start(&[]).await;
+    let (app, keys) = f.registered_app("paused.example.com").await;
+    app.command("pause").await.unwrap();
+    f.wait_keys("the key gone at pause", BTreeMap::is_empty)
+        .await;
+    app.command("unpause").await.unwrap();
+    f.wait_keys("the key back at unpause", |k| *k == keys).await;
+}
