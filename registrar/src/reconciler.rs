@@ -352,11 +352,13 @@ impl<D: Containers, S: Keys> Reconciler<D, S> {
         let started = Instant::now();
         let lease = *self.lease.borrow();
         for id in ids {
+            let began = Instant::now();
             let info = if self.stopping.contains(id) {
                 None
             } else {
                 self.source.inspect(id).await?
             };
+            let inspected = began.elapsed();
             let wanted = info
                 .as_ref()
                 .map(|info| self.wanted(info))
@@ -374,6 +376,12 @@ impl<D: Containers, S: Keys> Reconciler<D, S> {
                     "registry updated"
                 );
             }
+            debug!(
+                id = short(id),
+                inspect_us = inspected.as_micros() as u64,
+                total_us = began.elapsed().as_micros() as u64,
+                "container reconciled"
+            );
             if wanted.refused.is_none() {
                 self.refused.remove(id);
             }
