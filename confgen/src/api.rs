@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::Stream;
 use legate_proto::registry::HostId;
@@ -25,10 +25,19 @@ pub type Snapshots = watch::Receiver<Option<Arc<v1::ConfigSnapshot>>>;
 /// Longest message kept from a node's report.
 const MAX_REPORT_MESSAGE: usize = 4096;
 
-/// What confgen knows beyond the snapshot, for `Confgen.Status`.
-#[derive(Debug, Default)]
+/// Longest checksum kept from a node (a `sha256:` checksum has 71 characters).
+const MAX_CHECKSUM: usize = 80;
+
+/// What confgen knows beyond the snapshot, for `Confgen.Status`. Nothing a client sends grows
+/// it without bound: node ids are host ids (at most 253 bytes), report messages and checksums
+/// are cut, and the nodes themselves are [pruned](StatusInner::prune).
+#[derive(Debug)]
 pub struct Status {
     inner: Mutex<StatusInner>,
+    /// How long a disconnected node that does not report is kept.
+    expiry: Duration,
+    /// Most nodes kept.
+    cap: usize,
 }
 
 #[derive(Debug, Default)]
@@ -39,14 +48,91 @@ struct StatusInner {
     nodes: BTreeMap<String, Node>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Node {
     /// Open Watch streams from this node.
     connections: usize,
+    /// When it last subscribed, left or reported.
+    seen: Instant,
     status: v1::NodeStatus,
 }
 
+impl Node {
+    fn new(id: &str) -> Self {
+        Self {
+            connections: 0,
+            seen: Instant::now(),
+            status: v1::NodeStatus {
+                node_id: id.to_owned(),
+                ..Default::default()
+            },
+        }
+    }
+}
+
+impl StatusInner {
+    /// Forgets the nodes that are disconnected and were last seen more than `expiry` before
+    /// `now`, then, above `cap`, the disconnected ones seen longest ago.
+    fn prune(&mut self, now: Instant, expiry: Duration, cap: usize) {
+        self.nodes
+            .retain(|_, node| node.connections > 0 || now.duration_since(node.seen) <= expiry);
+        if self.nodes.len() > cap {
+            let mut idle: Vec<(Instant, String)> = self
+                .nodes
+                .iter()
+                .filter(|(_, node)| node.connections == 0)
+                .map(|(id, node)| (node.seen, id.clone()))
+                .collect();
+            idle.sort();
+            let excess = self.nodes.len() - cap;
+            for (_, id) in idle.into_iter().take(excess) {
+                self.nodes.remove(&id);
+            }
+        }
+        let connected = self.nodes.values().filter(|n| n.connections > 0).count();
+        metrics::gauge!("legate_confgen_nodes_known").set(self.nodes.len() as f64);
+        metrics::gauge!("legate_confgen_nodes_connected").set(connected as f64);
+    }
+
+    /// The node `id`, added (and the others pruned) if it is new.
+    fn node(&mut self, id: &str, expiry: Duration, cap: usize) -> &mut Node {
+        if !self.nodes.contains_key(id) {
+            // Room for it first: the newcomer is never the one pruned.
+            self.prune(Instant::now(), expiry, cap.saturating_sub(1));
+            self.nodes.insert(id.to_owned(), Node::new(id));
+        }
+        let node = self
+            .nodes
+            .get_mut(id)
+            .unwrap_or_else(|| unreachable!("just inserted"));
+        node.seen = Instant::now();
+        node
+    }
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary, marked with "..." when cut.
+fn bounded(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str("...");
+    }
+    s
+}
+
 impl Status {
+    /// Keeps disconnected nodes that do not report for `expiry`, and at most `cap` nodes.
+    pub fn new(expiry: Duration, cap: usize) -> Self {
+        Self {
+            inner: Mutex::new(StatusInner::default()),
+            expiry,
+            cap: cap.max(1),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, StatusInner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -67,12 +153,11 @@ impl Status {
 
     fn connect(&self, node_id: &str, have_checksum: String) {
         let mut inner = self.lock();
-        let node = inner.nodes.entry(node_id.to_owned()).or_default();
+        let node = inner.node(node_id, self.expiry, self.cap);
         node.connections += 1;
-        node.status.node_id = node_id.to_owned();
         node.status.connected = true;
         if node.status.reported_at_unix_ms == 0 {
-            node.status.running_checksum = have_checksum;
+            node.status.running_checksum = bounded(have_checksum, MAX_CHECKSUM);
         }
         metrics::gauge!("legate_confgen_subscribers").increment(1.0);
     }
@@ -82,22 +167,16 @@ impl Status {
         if let Some(node) = inner.nodes.get_mut(node_id) {
             node.connections = node.connections.saturating_sub(1);
             node.status.connected = node.connections > 0;
+            node.seen = Instant::now();
         }
         metrics::gauge!("legate_confgen_subscribers").decrement(1.0);
     }
 
     fn report(&self, node_id: &str, mut result: v1::ApplyResult) {
-        if result.message.len() > MAX_REPORT_MESSAGE {
-            let mut end = MAX_REPORT_MESSAGE;
-            while !result.message.is_char_boundary(end) {
-                end -= 1;
-            }
-            result.message.truncate(end);
-            result.message.push_str("...");
-        }
+        result.message = bounded(std::mem::take(&mut result.message), MAX_REPORT_MESSAGE);
+        result.checksum = bounded(std::mem::take(&mut result.checksum), MAX_CHECKSUM);
         let mut inner = self.lock();
-        let node = inner.nodes.entry(node_id.to_owned()).or_default();
-        node.status.node_id = node_id.to_owned();
+        let node = inner.node(node_id, self.expiry, self.cap);
         let outcome = v1::ApplyOutcome::try_from(result.outcome).unwrap_or_default();
         if matches!(
             outcome,
@@ -113,7 +192,8 @@ impl Status {
     }
 
     fn snapshot(&self, current: Option<&v1::ConfigSnapshot>) -> v1::ConfgenStatus {
-        let inner = self.lock();
+        let mut inner = self.lock();
+        inner.prune(Instant::now(), self.expiry, self.cap);
         v1::ConfgenStatus {
             version: current.map_or(0, |s| s.version),
             checksum: current.map(|s| s.checksum.clone()).unwrap_or_default(),
@@ -286,5 +366,68 @@ impl v1::confgen_server::Confgen for Api {
     ) -> Result<Response<v1::ConfgenStatus>, GrpcStatus> {
         let current = self.snapshots.borrow().clone();
         Ok(Response::new(self.status.snapshot(current.as_deref())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(inner: &StatusInner) -> Vec<&str> {
+        inner.nodes.keys().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn disconnected_nodes_expire_and_the_oldest_go_first_above_the_cap() {
+        let start = Instant::now();
+        let mut inner = StatusInner::default();
+        for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
+            let mut node = Node::new(id);
+            node.seen = start + Duration::from_secs(i as u64);
+            node.connections = usize::from(*id == "a");
+            inner.nodes.insert((*id).to_owned(), node);
+        }
+        // Above the cap of 2: the disconnected seen longest ago (b, then c) go; a is connected.
+        inner.prune(start + Duration::from_secs(4), Duration::from_secs(60), 2);
+        assert_eq!(ids(&inner), ["a", "d"]);
+        // d expires 10 s after it was last seen; connected a stays however old.
+        inner.prune(start + Duration::from_secs(14), Duration::from_secs(10), 10);
+        assert_eq!(ids(&inner), ["a"]);
+    }
+
+    #[test]
+    fn nothing_a_client_sends_grows_without_bound() {
+        let status = Status::new(Duration::from_secs(600), 100);
+        for n in 0..1000 {
+            status.connect(&format!("node-{n}"), "x".repeat(10_000));
+            status.disconnect(&format!("node-{n}"));
+        }
+        let snapshot = status.snapshot(None);
+        assert_eq!(snapshot.nodes.len(), 100);
+        assert!(
+            snapshot
+                .nodes
+                .iter()
+                .all(|n| n.running_checksum.len() <= MAX_CHECKSUM + 3)
+        );
+        // The newest stay.
+        assert!(snapshot.nodes.iter().any(|n| n.node_id == "node-999"));
+        status.report(
+            "node-999",
+            v1::ApplyResult {
+                message: "m".repeat(100_000),
+                checksum: "c".repeat(100_000),
+                ..Default::default()
+            },
+        );
+        let node = status
+            .snapshot(None)
+            .nodes
+            .into_iter()
+            .find(|n| n.node_id == "node-999")
+            .unwrap();
+        let result = node.last_result.unwrap();
+        assert!(result.message.len() <= MAX_REPORT_MESSAGE + 3);
+        assert!(result.checksum.len() <= MAX_CHECKSUM + 3);
     }
 }

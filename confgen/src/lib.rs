@@ -67,6 +67,14 @@ pub struct Config {
     #[arg(long = "allowed-file-dir", env = "LEGATE_ALLOWED_FILE_DIRS", value_delimiter = ',',
           value_parser = runtime::parse_allowed_dir)]
     pub allowed_file_dirs: Vec<PathBuf>,
+    /// How long a node that is disconnected and has not reported stays in `Confgen.Status`.
+    #[arg(long, env = "LEGATE_NODE_EXPIRY", default_value = "10m", value_parser = parse_duration)]
+    pub node_expiry: Duration,
+    /// Most nodes kept in `Confgen.Status`: beyond it, the disconnected ones seen longest ago
+    /// go first (connected nodes always stay).
+    #[arg(long, env = "LEGATE_MAX_NODES", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_nodes: u32,
     /// Directory to also write each rendered configuration into (`haproxy.cfg` and the map
     /// files), for use without a supervisor.
     #[arg(long, env = "LEGATE_OUTPUT")]
@@ -88,27 +96,30 @@ pub struct Wait {
     pub max: Duration,
 }
 
+/// Parses a duration with a unit: `ms`, `s` or `m` (`0` alone is zero).
+pub fn parse_duration(part: &str) -> Result<Duration, String> {
+    let split = part
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(part.len());
+    let (number, unit) = part.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("'{}' is not a duration like 5ms", part.escape_default()))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        "" if n == 0 => Ok(Duration::ZERO),
+        _ => Err(format!(
+            "'{}' needs a unit: ms, s or m",
+            part.escape_default()
+        )),
+    }
+}
+
 /// Parses `min[:max]` as in `--wait`.
 pub fn parse_wait(s: &str) -> Result<Wait, String> {
-    let duration = |part: &str| -> Result<Duration, String> {
-        let split = part
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(part.len());
-        let (number, unit) = part.split_at(split);
-        let n: u64 = number
-            .parse()
-            .map_err(|_| format!("'{}' is not a duration like 5ms", part.escape_default()))?;
-        match unit {
-            "ms" => Ok(Duration::from_millis(n)),
-            "s" => Ok(Duration::from_secs(n)),
-            "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-            "" if n == 0 => Ok(Duration::ZERO),
-            _ => Err(format!(
-                "'{}' needs a unit: ms, s or m",
-                part.escape_default()
-            )),
-        }
-    };
+    let duration = parse_duration;
     let wait = match s.split_once(':') {
         Some((min, max)) => Wait {
             min: duration(min)?,
@@ -182,7 +193,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let tracker = TaskTracker::new();
     let tasks = shutdown.child_token();
     let (snapshot_tx, snapshot_rx) = watch::channel(None);
-    let status = Arc::new(Status::default());
+    let status = Arc::new(Status::new(config.node_expiry, config.max_nodes as usize));
     let models = Arc::new(ModelDemand::default());
     let api = v1::confgen_server::ConfgenServer::new(api::Api {
         snapshots: snapshot_rx,

@@ -960,3 +960,52 @@ async fn a_hung_server_among_two_costs_under_one_percent_of_requests() {
         report.output
     );
 }
+
+/// #20: `Confgen.Status.nodes` is bounded: disconnected nodes that do not report leave after
+/// `--node-expiry`, and beyond `--max-nodes` the disconnected ones seen longest ago go first;
+/// a connected node always stays. (It grew by one entry per node id ever seen, for good.)
+#[tokio::test]
+async fn nodes_that_left_are_forgotten_and_their_number_is_capped() {
+    let etcd = Etcd::start().await.unwrap();
+    let confgen = start_confgen(
+        &etcd.endpoint(),
+        &["--node-expiry", "2s", "--max-nodes", "3"],
+    )
+    .await;
+    let mut staying = subscribe(&confgen, "staying").await;
+    until(&mut staying, "the first snapshot", |_| true).await;
+    for n in 0..6 {
+        let mut stream = subscribe(&confgen, &format!("passing-{n}")).await;
+        until(&mut stream, "the first snapshot", |_| true).await;
+    }
+    let mut api = client(&confgen).await;
+    let nodes = |status: v1::ConfgenStatus| -> Vec<String> {
+        status.nodes.into_iter().map(|n| n.node_id).collect()
+    };
+    let now = nodes(
+        api.status(v1::ConfgenStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert!(
+        now.len() <= 3 && now.contains(&"staying".to_owned()),
+        "{now:?}"
+    );
+    let left = wait_for("the passing nodes to expire", WAIT, || {
+        let mut api = api.clone();
+        async move {
+            let now = nodes(api.status(v1::ConfgenStatusRequest {}).await?.into_inner());
+            Ok((now.len() == 1).then_some(now))
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(left, ["staying"]);
+    assert_eq!(metric(&confgen, "legate_confgen_nodes_known").await, 1.0);
+    assert_eq!(
+        metric(&confgen, "legate_confgen_nodes_connected").await,
+        1.0
+    );
+    drop(staying);
+}
