@@ -68,6 +68,8 @@ pub struct Applier {
     serving: bool,
     restart_at: Option<Instant>,
     backoff: Box<dyn Iterator<Item = Duration> + Send>,
+    /// How far `haproxy::tail_log` forwarded HAProxy's output file.
+    log_forwarded: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Applier {
@@ -77,6 +79,7 @@ impl Applier {
         settings: Settings,
         stats: Arc<Mutex<Stats>>,
         health: HealthReporter,
+        log_forwarded: Arc<std::sync::atomic::AtomicU64>,
     ) -> Result<Self, crate::Error> {
         let paths = settings.paths.clone();
         for dir in [
@@ -111,6 +114,7 @@ impl Applier {
             serving: false,
             restart_at: None,
             backoff: Box::new(runtime::backoff()),
+            log_forwarded,
             settings,
         };
         let live = applier.read_live();
@@ -165,6 +169,12 @@ impl Applier {
                 _ = tick.tick() => {
                     self.check_process().await;
                     self.delete_drained().await;
+                    // Between applies: no reload is reading the file's alerts now.
+                    haproxy::rotate_log(
+                        &self.paths.log(),
+                        &self.log_forwarded,
+                        self.settings.haproxy_log_max,
+                    );
                 }
             }
         }

@@ -5,7 +5,9 @@
 //! map files by their bare names. Its stderr (start-up messages, alerts) goes to a log file in
 //! the run directory rather than a pipe: a supervisor that restarts can still read what
 //! HAProxy says, and HAProxy never writes into a pipe nobody reads. [`tail_log`] forwards those
-//! lines into the supervisor's own log.
+//! lines into the supervisor's own log, at most [`FORWARD_PER_SECOND`] a second besides alerts,
+//! and [`rotate_log`] empties the file in place once everything in it was forwarded and it
+//! grew past a limit, so it never grows while HAProxy runs for months.
 //!
 //! The supervisor does not kill HAProxy when it stops: a new supervisor [adopts](Haproxy::adopt)
 //! the running master through its pidfile and master socket.
@@ -13,6 +15,8 @@
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -26,8 +30,9 @@ use tracing::{error, info, warn};
 const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long HAProxy may take to start or reload a configuration (large ones parse for seconds).
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// The log file is emptied when HAProxy starts if it grew beyond this.
-const LOG_LIMIT: u64 = 16 << 20;
+/// Lines of HAProxy's output forwarded per second, alerts aside: a reload of a large
+/// configuration prints a line per proxy it stops.
+pub const FORWARD_PER_SECOND: usize = 200;
 
 /// Where the supervisor keeps its files.
 #[derive(Debug, Clone)]
@@ -122,10 +127,6 @@ impl Haproxy {
             .append(true)
             .open(&log_path)
             .map_err(io(format!("opening {}", log_path.display())))?;
-        if log.metadata().map(|m| m.len()).unwrap_or(0) > LOG_LIMIT {
-            // HAProxy writes with O_APPEND: emptying the file under it is safe.
-            let _ = log.set_len(0);
-        }
         let offset = log.metadata().map(|m| m.len()).unwrap_or(0);
         let _ = std::fs::remove_file(paths.master_socket());
         let mut command = tokio::process::Command::new(binary);
@@ -505,15 +506,44 @@ pub fn log_offset(log: &Path) -> u64 {
     std::fs::metadata(log).map(|m| m.len()).unwrap_or(0)
 }
 
-/// Forwards the lines HAProxy writes to its log into the supervisor's log until `shutdown`.
-pub async fn tail_log(path: PathBuf, shutdown: CancellationToken) {
+/// Empties HAProxy's log file in place when it is larger than `limit` and everything in it was
+/// forwarded (`forwarded` is where [`tail_log`] is). HAProxy writes with `O_APPEND`, so its next
+/// line lands at the start of the emptied file. Returns whether it emptied it.
+pub fn rotate_log(path: &Path, forwarded: &AtomicU64, limit: u64) -> bool {
+    let length = log_offset(path);
+    if length <= limit || forwarded.load(Ordering::Acquire) < length {
+        return false;
+    }
+    match std::fs::OpenOptions::new().write(true).open(path) {
+        Ok(file) => file.set_len(0).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Forwards the lines HAProxy writes to its log into the supervisor's log until `shutdown`:
+/// alerts always, other lines up to [`FORWARD_PER_SECOND`], the rest counted in a warning.
+/// `forwarded` follows how far the file was read.
+pub async fn tail_log(path: PathBuf, forwarded: Arc<AtomicU64>, shutdown: CancellationToken) {
     let mut offset = log_offset(&path);
+    forwarded.store(offset, Ordering::Release);
     let mut pending = String::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let (mut window, mut sent, mut suppressed) = (Instant::now(), 0, 0);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        if window.elapsed() >= Duration::from_secs(1) {
+            if suppressed > 0 {
+                warn!(
+                    target: "haproxy",
+                    suppressed, "lines of haproxy's output not forwarded (over {FORWARD_PER_SECOND} a second)"
+                );
+                metrics::counter!("legate_supervisor_haproxy_lines_suppressed_total")
+                    .increment(suppressed);
+            }
+            (window, sent, suppressed) = (Instant::now(), 0, 0);
         }
         let length = log_offset(&path);
         if length < offset {
@@ -530,12 +560,18 @@ pub async fn tail_log(path: PathBuf, shutdown: CancellationToken) {
             let line = line.trim_end();
             if line.contains("[ALERT]") {
                 error!(target: "haproxy", "{line}");
+            } else if line.is_empty() {
+            } else if sent >= FORWARD_PER_SECOND {
+                suppressed += 1;
             } else if line.contains("[WARNING]") {
+                sent += 1;
                 warn!(target: "haproxy", "{line}");
-            } else if !line.is_empty() {
+            } else {
+                sent += 1;
                 info!(target: "haproxy", "{line}");
             }
         }
+        forwarded.store(offset, Ordering::Release);
     }
 }
 

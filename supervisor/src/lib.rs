@@ -79,6 +79,11 @@ pub struct Config {
     #[arg(long = "allowed-file-dir", env = "LEGATE_ALLOWED_FILE_DIRS", value_delimiter = ',',
           value_parser = runtime::parse_allowed_dir)]
     pub allowed_file_dirs: Vec<PathBuf>,
+    /// Bytes HAProxy's output file (`<run-dir>/haproxy.log`) may reach before it is emptied in
+    /// place, once forwarded into the supervisor's log.
+    #[arg(long, env = "LEGATE_HAPROXY_LOG_MAX", default_value_t = 1 << 20,
+          value_parser = clap::value_parser!(u64).range(1024..))]
+    pub haproxy_log_max: u64,
     /// Stop HAProxy when the supervisor stops (by default it keeps serving, and the next
     /// supervisor adopts it).
     #[arg(long, env = "LEGATE_STOP_HAPROXY")]
@@ -135,6 +140,7 @@ pub struct Settings {
     pub haproxy_log: String,
     pub stop_haproxy: bool,
     pub allowed_file_dirs: Vec<PathBuf>,
+    pub haproxy_log_max: u64,
 }
 
 impl Settings {
@@ -151,6 +157,7 @@ impl Settings {
             haproxy_log: config.haproxy_log.clone(),
             stop_haproxy: config.stop_haproxy,
             allowed_file_dirs: config.allowed_file_dirs.clone(),
+            haproxy_log_max: config.haproxy_log_max,
         }
     }
 
@@ -219,8 +226,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let tasks = shutdown.child_token();
     let stats = Arc::new(Mutex::new(apply::Stats::default()));
     let (health, routes) = runtime::health_routes().await;
-    tracker.spawn(haproxy::tail_log(settings.paths.log(), tasks.clone()));
-    let applier = apply::Applier::start(settings.clone(), stats.clone(), health).await?;
+    let forwarded = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    tracker.spawn(haproxy::tail_log(
+        settings.paths.log(),
+        forwarded.clone(),
+        tasks.clone(),
+    ));
+    let applier = apply::Applier::start(settings.clone(), stats.clone(), health, forwarded).await?;
 
     let (request_tx, request_rx) = mpsc::channel(16);
     let api = v1::supervisor_server::SupervisorServer::new(api::Api {
