@@ -234,6 +234,8 @@ pub struct Api {
     pub models: Arc<ModelDemand>,
     /// Ends every stream.
     pub shutdown: CancellationToken,
+    /// Per-report lines at INFO at most every few seconds.
+    pub report_throttle: Arc<Mutex<legate_proto::runtime::Throttle>>,
 }
 
 /// One open Watch stream; leaving the node's connection count when dropped.
@@ -348,7 +350,10 @@ impl v1::confgen_server::Confgen for Api {
                 "a node rejected a configuration"
             );
         } else {
-            info!(
+            legate_proto::throttled!(
+                self.report_throttle
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
                 node = node_id,
                 version = result.version,
                 outcome = outcome.as_str_name(),

@@ -200,6 +200,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         status: status.clone(),
         models: models.clone(),
         shutdown: tasks.clone(),
+        report_throttle: Arc::new(std::sync::Mutex::new(runtime::Throttle::new(
+            runtime::INFO_EVERY,
+        ))),
     });
     let (health, routes) = runtime::health_routes().await;
     let routes = routes.add_service(api);
@@ -226,6 +229,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         output: config.output.clone(),
         health,
         serving: false,
+        log_throttle: runtime::Throttle::new(runtime::INFO_EVERY),
     };
     let outcome = tokio::select! {
         () = generator.run(batch_rx, config.wait, tasks.clone()) => Ok(()),
@@ -252,6 +256,8 @@ struct Generator {
     output: Option<PathBuf>,
     health: HealthReporter,
     serving: bool,
+    /// Per-snapshot lines at INFO at most every few seconds.
+    log_throttle: runtime::Throttle,
 }
 
 impl Generator {
@@ -431,7 +437,8 @@ impl Generator {
             error!(dir = %dir.display(), error = %e, "cannot write the rendered configuration");
             metrics::counter!("legate_confgen_output_errors_total").increment(1);
         }
-        info!(
+        legate_proto::throttled!(
+            self.log_throttle,
             version,
             checksum = snapshot.checksum,
             apps,

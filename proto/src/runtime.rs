@@ -324,6 +324,61 @@ pub async fn retry_within<T, E: std::fmt::Display, Fut: Future<Output = Result<T
     }
 }
 
+/// Keeps a per-change log line at INFO at most once per period: the first change after a quiet
+/// period is logged at INFO with how many went by at DEBUG since the last INFO line, the
+/// others at DEBUG. Under churn (20 changes a second) a service then writes a line every few
+/// seconds instead of one per change; warnings and errors are never throttled.
+#[derive(Debug)]
+pub struct Throttle {
+    every: Duration,
+    last: Option<std::time::Instant>,
+    quiet: u64,
+}
+
+impl Throttle {
+    /// At most one INFO line per `every`.
+    pub fn new(every: Duration) -> Self {
+        Self {
+            every,
+            last: None,
+            quiet: 0,
+        }
+    }
+
+    /// `Some(n)` when this change may be logged at INFO, `n` being the changes logged at DEBUG
+    /// since the last INFO line; `None` when it goes to DEBUG.
+    pub fn info(&mut self) -> Option<u64> {
+        self.info_at(std::time::Instant::now())
+    }
+
+    fn info_at(&mut self, now: std::time::Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < self.every)
+        {
+            self.quiet += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.quiet))
+    }
+}
+
+/// Logs a per-change line at INFO through a [`Throttle`] (with a `quiet` field: the changes
+/// logged at DEBUG since the last INFO line), or at DEBUG.
+#[macro_export]
+macro_rules! throttled {
+    ($throttle:expr, $($arg:tt)+) => {
+        match $throttle.info() {
+            Some(quiet) => ::tracing::info!(quiet, $($arg)+),
+            None => ::tracing::debug!($($arg)+),
+        }
+    };
+}
+
+/// How often a per-change line may be at INFO ([`Throttle`]).
+pub const INFO_EVERY: Duration = Duration::from_secs(10);
+
 /// Which tokio runtime a service runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Threads {
@@ -542,6 +597,18 @@ mod tests {
         ] {
             assert!(parse_etcd_endpoint(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn a_throttle_lets_one_line_a_period_through_and_counts_the_others() {
+        let start = std::time::Instant::now();
+        let mut throttle = Throttle::new(Duration::from_secs(10));
+        assert_eq!(throttle.info_at(start), Some(0));
+        assert_eq!(throttle.info_at(start + Duration::from_secs(1)), None);
+        assert_eq!(throttle.info_at(start + Duration::from_secs(9)), None);
+        assert_eq!(throttle.info_at(start + Duration::from_secs(10)), Some(2));
+        assert_eq!(throttle.info_at(start + Duration::from_secs(11)), None);
+        assert_eq!(throttle.info_at(start + Duration::from_secs(60)), Some(1));
     }
 
     #[derive(Debug, Parser)]

@@ -26,7 +26,7 @@ use legate_proto::runtime::{MAX_BACKOFF, backoff};
 use legate_proto::v1;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::conventions::{self, ContainerInfo, Target, Verdict};
 use crate::docker::{self, DockerError, DockerSource, Sign};
@@ -175,6 +175,8 @@ pub(crate) struct Reconciler<D = DockerSource, S = Store> {
     stopping: HashSet<String>,
     /// `None` until a full reconcile succeeded: the event path needs it.
     known: Option<Known>,
+    /// Per-change lines at INFO at most every few seconds.
+    log_throttle: legate_proto::runtime::Throttle,
 }
 
 impl<D: Containers, S: Keys> Reconciler<D, S> {
@@ -195,6 +197,7 @@ impl<D: Containers, S: Keys> Reconciler<D, S> {
             refused: HashMap::new(),
             stopping: HashSet::new(),
             known: None,
+            log_throttle: legate_proto::runtime::Throttle::new(legate_proto::runtime::INFO_EVERY),
         }
     }
 
@@ -316,7 +319,8 @@ impl<D: Containers, S: Keys> Reconciler<D, S> {
         let plan = reconcile::plan(&desired, &owned, lease);
         if !plan.is_empty() {
             self.store.apply(&plan, lease).await?;
-            info!(
+            legate_proto::throttled!(
+                self.log_throttle,
                 written = plan.puts.len(),
                 deleted = plan.deletes.len(),
                 "registry updated"
@@ -369,7 +373,8 @@ impl<D: Containers, S: Keys> Reconciler<D, S> {
             let plan = reconcile::plan(&wanted.keys, &known.keys_of(id), lease);
             if !plan.is_empty() {
                 self.store.apply(&plan, lease).await?;
-                info!(
+                legate_proto::throttled!(
+                    self.log_throttle,
                     container = info.as_ref().map_or(short(id), |i| i.name.as_str()),
                     written = plan.puts.len(),
                     deleted = plan.deletes.len(),

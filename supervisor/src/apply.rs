@@ -70,6 +70,8 @@ pub struct Applier {
     backoff: Box<dyn Iterator<Item = Duration> + Send>,
     /// How far `haproxy::tail_log` forwarded HAProxy's output file.
     log_forwarded: Arc<std::sync::atomic::AtomicU64>,
+    /// Per-apply lines at INFO at most every few seconds.
+    log_throttle: runtime::Throttle,
 }
 
 impl Applier {
@@ -115,6 +117,7 @@ impl Applier {
             restart_at: None,
             backoff: Box::new(runtime::backoff()),
             log_forwarded,
+            log_throttle: runtime::Throttle::new(runtime::INFO_EVERY),
             settings,
         };
         let live = applier.read_live();
@@ -221,7 +224,8 @@ impl Applier {
                 generator = %snapshot.generator, "snapshot rejected: {}", result.message
             ),
             ApplyOutcome::Unchanged => debug!(version = result.version, "snapshot unchanged"),
-            _ => info!(
+            _ => legate_proto::throttled!(
+                self.log_throttle,
                 version = result.version,
                 outcome = name,
                 duration_us = result.duration_us,

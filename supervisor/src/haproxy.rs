@@ -24,7 +24,7 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// How long one CLI exchange may take.
 const CLI_TIMEOUT: Duration = Duration::from_secs(30);
@@ -520,6 +520,18 @@ pub fn rotate_log(path: &Path, forwarded: &AtomicU64, limit: u64) -> bool {
     }
 }
 
+/// Whether `line` only reports what the supervisor itself just did: a runtime API command
+/// (`CLI : ... New server registered.`), a server put into or out of maintenance (each runtime
+/// change), proxies stopped and started (each reload). One per
+/// change at INFO would be megabytes an hour under churn: they go to DEBUG. Servers that
+/// health checks mark down, and alerts, are not among them.
+fn echoes_the_supervisor(line: &str) -> bool {
+    line.contains(": CLI : ")
+        || line.contains("for maintenance")
+        || line.contains("leaving forced maintenance")
+        || (line.contains("Proxy ") && (line.contains(" stopped (") || line.ends_with(" started.")))
+}
+
 /// Forwards the lines HAProxy writes to its log into the supervisor's log until `shutdown`:
 /// alerts always, other lines up to [`FORWARD_PER_SECOND`], the rest counted in a warning.
 /// `forwarded` follows how far the file was read.
@@ -561,6 +573,8 @@ pub async fn tail_log(path: PathBuf, forwarded: Arc<AtomicU64>, shutdown: Cancel
             if line.contains("[ALERT]") {
                 error!(target: "haproxy", "{line}");
             } else if line.is_empty() {
+            } else if echoes_the_supervisor(line) {
+                debug!(target: "haproxy", "{line}");
             } else if sent >= FORWARD_PER_SECOND {
                 suppressed += 1;
             } else if line.contains("[WARNING]") {

@@ -124,6 +124,10 @@ pub(crate) async fn churn(changes: usize, reloads: usize, load_for: Duration) ->
     .await?;
 
     let before = status(&mut client).await?;
+    let logs_before = (
+        ambassador.confgen.log().len(),
+        ambassador.supervisor.log().len(),
+    );
     let keep_alive = tokio::spawn(load::wrk(http, "load.test", load_for, 8, false));
     let close = tokio::spawn(load::wrk(http, "load.test", load_for, 4, true));
     let started = Instant::now();
@@ -162,6 +166,10 @@ pub(crate) async fn churn(changes: usize, reloads: usize, load_for: Duration) ->
     }
     let churn_took = started.elapsed();
     let after = status(&mut client).await?;
+    let logged = (
+        ambassador.confgen.log().len() - logs_before.0,
+        ambassador.supervisor.log().len() - logs_before.1,
+    );
     if keep_alive.is_finished() || close.is_finished() {
         bail!("the churn ({churn_took:?}) outlasted the load: rerun with a longer --secs");
     }
@@ -187,6 +195,15 @@ pub(crate) async fn churn(changes: usize, reloads: usize, load_for: Duration) ->
         after.reloads - before.reloads,
         after.rejected - before.rejected,
         churn_took.as_secs_f64()
+    );
+    let per_hour = |bytes: usize| bytes as f64 / churn_took.as_secs_f64() * 3600.0 / 1e6;
+    let rate = (server_changes.len() + new_ports.len()) as f64 / churn_took.as_secs_f64();
+    println!(
+        "log volume at {rate:.0} changes/s: confgen {} B ({:.2} MB/h), supervisor {} B ({:.2} MB/h)",
+        logged.0,
+        per_hour(logged.0),
+        logged.1,
+        per_hour(logged.1)
     );
     for (mode, run) in [("keep-alive", keep_alive), ("close", close)] {
         let report = run.await??;
