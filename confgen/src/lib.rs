@@ -1,5 +1,5 @@
 //! confgen: watches the registry in etcd, renders HAProxy configurations and streams them to
-//! supervisors (DESIGN.md).
+//! supervisors (`docs/design.md`).
 //!
 //! Lifecycle: the gRPC API comes up at once (health NOT_SERVING until the first snapshot); the
 //! [`watcher`] lists the registry and follows it, handing consistent batches to the generator

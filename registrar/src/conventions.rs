@@ -1,4 +1,4 @@
-//! The container conventions (DESIGN.md): from what Docker says about one container to the
+//! The container conventions (the README has them): from what Docker says about one container to the
 //! registrations it asks for, or the reason it is refused. Pure: no I/O, fully unit tested.
 //!
 //! | what | environment (seed) | label |

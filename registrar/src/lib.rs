@@ -1,5 +1,5 @@
 //! The registrar: one per Docker host. It writes the host's containers into etcd, as host IP and
-//! published port, under a lease kept alive while it runs (DESIGN.md).
+//! published port, under a lease kept alive while it runs (`docs/design.md`).
 //!
 //! Lifecycle: connect to Docker and etcd (retrying with backoff), claim the host id (adopting
 //! the lease of a previous run, refusing if another registrar holds it), then run until

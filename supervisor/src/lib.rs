@@ -1,4 +1,4 @@
-//! The supervisor: runs HAProxy and applies each configuration snapshot to it (DESIGN.md).
+//! The supervisor: runs HAProxy and applies each configuration snapshot to it (docs/design.md).
 //!
 //! - [`apply`]: the one task that owns HAProxy: validates, applies through the runtime API or
 //!   a reload, restores the last good configuration, restarts a crashed HAProxy.
