@@ -51,8 +51,9 @@ pub fn addresses(config: &str) -> BTreeSet<SocketAddr> {
         .collect()
 }
 
-/// The sections of `config` that bind an address outside `held` for which `probe` fails, with
-/// the first such address of each and the reason.
+/// The sections of `config` that bind an address on a port that none of `held` (what HAProxy
+/// listens on now) has and for which `probe` fails, with the first such address of each and
+/// the reason.
 pub fn refuse(
     config: &str,
     held: &BTreeSet<SocketAddr>,
@@ -64,7 +65,9 @@ pub fn refuse(
             section
                 .addrs
                 .iter()
-                .filter(|addr| !held.contains(addr))
+                // HAProxy takes its own ports over on a reload at any address (its listeners
+                // share them with SO_REUSEPORT): a port it listens on is not probed.
+                .filter(|addr| !held.iter().any(|h| h.port() == addr.port()))
                 .find_map(|&addr| {
                     probe(addr).err().map(|e| Refusal {
                         section: section.header.to_owned(),
@@ -241,6 +244,10 @@ mod tests {
         assert!(refused[0].to_string().contains("127.0.0.1:22"));
         // Nobody holds 8080 yet: the HTTP frontend is refused too.
         assert_eq!(refuse(CONFIG, &BTreeSet::new(), probe).len(), 2);
+        // HAProxy holds 8080 on loopback only: moving it to every address is not probed (the
+        // kernel would refuse a plain bind, HAProxy's shared one succeeds).
+        let loopback = BTreeSet::from([addr("127.0.0.1:8080")]);
+        assert_eq!(refuse(CONFIG, &loopback, probe).len(), 1);
     }
 
     #[test]
