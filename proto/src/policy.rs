@@ -70,8 +70,8 @@ pub fn check(config: &str, policy: &Policy<'_>) -> Result<(), Violation> {
     Ok(())
 }
 
-/// Words that start a section.
-const SECTIONS: &[&str] = &[
+/// Words that start a section of an HAProxy configuration.
+pub const SECTIONS: &[&str] = &[
     "global",
     "defaults",
     "frontend",

@@ -482,23 +482,7 @@ impl Server<'_> {
 }
 
 /// Sections whose header starts a new section.
-pub(crate) const SECTIONS: &[&str] = &[
-    "global",
-    "defaults",
-    "frontend",
-    "backend",
-    "listen",
-    "peers",
-    "resolvers",
-    "userlist",
-    "mailers",
-    "program",
-    "http-errors",
-    "ring",
-    "cache",
-    "fcgi-app",
-    "log-forward",
-];
+pub(crate) use legate_proto::policy::SECTIONS;
 
 #[derive(Debug, Default)]
 struct Parsed<'a> {
