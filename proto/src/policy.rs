@@ -146,8 +146,13 @@ fn check_words(words: &[String], section: &str, policy: &Policy<'_>) -> Result<(
             _ => format!("'{first}' loads files or code, or changes the process"),
         });
     }
-    let second = words.get(1).map(String::as_str).unwrap_or_default();
-    match (first, second) {
+    // HAProxy matches keywords as written; lower-cased here all the same, to refuse on the
+    // safe side should any parser be lenient.
+    let second = words
+        .get(1)
+        .map(|w| w.to_ascii_lowercase())
+        .unwrap_or_default();
+    match (lower.as_str(), second.as_str()) {
         ("option", "external-check") => return Err("'option external-check' runs programs".into()),
         ("stats", "socket" | "admin") => {
             return Err(format!("'stats {second}' opens a control interface"));
@@ -494,6 +499,8 @@ mod tests {
             ("lua-prepend-path", "lua-prepend-path /tmp/?.lua"),
             ("external-check", "external-check command /bin/sh"),
             ("option external-check", "option external-check"),
+            ("upper case", "OPTION External-Check"),
+            ("stats admin upper", "Stats ADMIN if TRUE"),
             ("stats socket", "stats socket /tmp/s level admin"),
             ("stats admin", "stats admin if TRUE"),
             ("chroot", "chroot /"),
