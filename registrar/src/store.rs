@@ -76,13 +76,11 @@ impl From<etcd_client::Error> for StoreError {
     }
 }
 
-impl StoreError {
-    /// Names the lease of a [`StoreError::LeaseLost`] that was built without it.
-    fn for_lease(self, lease: i64) -> Self {
-        match self {
-            StoreError::LeaseLost(0) => StoreError::LeaseLost(lease),
-            other => other,
-        }
+/// Maps an etcd error of a call about `lease`: a lease that does not exist is that one lost.
+fn lease_error(lease: i64) -> impl Fn(etcd_client::Error) -> StoreError {
+    move |e| match StoreError::from(e) {
+        StoreError::LeaseLost(0) => StoreError::LeaseLost(lease),
+        other => other,
     }
 }
 
@@ -271,7 +269,7 @@ impl Store {
                         Some(PutOptions::new().with_lease(lease)),
                     )
                     .await
-                    .map_err(|e| StoreError::from(e).for_lease(lease));
+                    .map_err(lease_error(lease));
                 match restored {
                     // Deleted by the expiry of our own lease: the lease keeper replaces it.
                     Err(StoreError::LeaseLost(_)) if event.event_type() == EventType::Delete => {
@@ -295,7 +293,7 @@ impl Store {
             .client
             .lease_time_to_live(lease, Some(LeaseTimeToLiveOptions::new().with_keys()))
             .await
-            .map_err(|e| StoreError::from(e).for_lease(lease))?;
+            .map_err(lease_error(lease))?;
         if alive.ttl() <= 0 {
             return Err(StoreError::LeaseLost(lease));
         }
@@ -343,7 +341,7 @@ impl Store {
             self.client
                 .txn(Txn::new().and_then(chunk.to_vec()))
                 .await
-                .map_err(|e| StoreError::from(e).for_lease(lease))?;
+                .map_err(lease_error(lease))?;
         }
         Ok(())
     }
@@ -365,7 +363,7 @@ impl Store {
             .client
             .lease_keep_alive(lease)
             .await
-            .map_err(|e| StoreError::from(e).for_lease(lease))?;
+            .map_err(lease_error(lease))?;
         let period = keep_alive_period(ttl);
         let mut ticks = tokio::time::interval(period);
         loop {
@@ -373,10 +371,7 @@ impl Store {
                 () = shutdown.cancelled() => return Ok(()),
                 _ = ticks.tick() => {}
             }
-            keeper
-                .keep_alive()
-                .await
-                .map_err(|e| StoreError::from(e).for_lease(lease))?;
+            keeper.keep_alive().await.map_err(lease_error(lease))?;
             let answer = tokio::time::timeout(period, stream.message()).await;
             match answer {
                 Ok(Ok(Some(response))) if response.ttl() > 0 => {}
@@ -388,7 +383,7 @@ impl Store {
                         why: "was closed by etcd",
                     });
                 }
-                Ok(Err(e)) => return Err(StoreError::from(e).for_lease(lease)),
+                Ok(Err(e)) => return Err(lease_error(lease)(e)),
                 Err(_) => {
                     self.check_lease(lease).await?;
                     return Err(StoreError::KeepAliveStalled {
@@ -406,7 +401,7 @@ impl Store {
             .client
             .lease_time_to_live(lease, None)
             .await
-            .map_err(|e| StoreError::from(e).for_lease(lease))?;
+            .map_err(lease_error(lease))?;
         if answer.ttl() > 0 {
             Ok(())
         } else {

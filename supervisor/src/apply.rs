@@ -61,6 +61,8 @@ pub struct Applier {
     haproxy: Option<Haproxy>,
     /// What HAProxy runs (the last good configuration); `None` when unknown or none yet.
     running: Option<Arc<ConfigSnapshot>>,
+    /// The addresses `running` listens on, with its checksum.
+    running_binds: Option<(String, BTreeSet<std::net::SocketAddr>)>,
     /// Servers removed at runtime that still hold connections, to delete once drained.
     draining: diff::Draining,
     stats: Arc<Mutex<Stats>>,
@@ -110,6 +112,7 @@ impl Applier {
             paths,
             haproxy: None,
             running: None,
+            running_binds: None,
             draining: diff::Draining::new(),
             stats,
             health,
@@ -293,7 +296,15 @@ impl Applier {
         let held = if !self.haproxy_alive() {
             BTreeSet::new()
         } else if let Some(running) = &self.running {
-            listeners::addresses(&running.haproxy_config)
+            // Parsed once per configuration that runs, not once per snapshot.
+            match &self.running_binds {
+                Some((checksum, binds)) if *checksum == running.checksum => binds.clone(),
+                _ => {
+                    let binds = listeners::addresses(&running.haproxy_config);
+                    self.running_binds = Some((running.checksum.clone(), binds.clone()));
+                    binds
+                }
+            }
         } else {
             // Adopted with files that no apply recorded: they are still what HAProxy loaded.
             std::fs::read_to_string(self.paths.live().join(CONFIG_FILE))

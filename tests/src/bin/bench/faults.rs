@@ -25,7 +25,7 @@ use legate_tests::supervisor::Supervised;
 use legate_tests::{free_port, http_get};
 
 use super::percentile;
-use super::pipeline::{LIMIT, answers, until};
+use super::pipeline::{answers, until};
 
 /// The lease TTL of the registrar, in seconds.
 const TTL: u64 = 3;
@@ -355,9 +355,6 @@ pub(crate) async fn faults() -> Result<()> {
 
     stop.store(true, Ordering::Relaxed);
     while clients.join_next().await.is_some() {}
-    if adopted > LIMIT {
-        println!("(the supervisor took longer than {LIMIT:?})");
-    }
     drop(registrar);
     docker::remove_all(containers).await;
     Ok(())
