@@ -778,8 +778,16 @@ async fn list_says_when_it_cannot_know_or_may_be_stale() {
     let f = Fixture::start_with(etcd, &format!("http://{}", proxy.addr()), &[]).await;
     let (_app, keys) = f.registered_app("list.example.com").await;
     let mut client = f.client().await;
-    let list = client.list(v1::ListRequest {}).await.unwrap().into_inner();
-    assert_eq!(list.registrations.len(), 1);
+    // The key is in etcd once the write commits; the registrar lists it once it has the answer.
+    let list = wait_for("the registration listed", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            let list = client.list(v1::ListRequest {}).await?.into_inner();
+            Ok((list.registrations.len() == 1).then_some(list))
+        }
+    })
+    .await
+    .unwrap();
     assert!(list.reconciled_at_unix_ms > 0);
     assert_eq!(list.error, "");
 
