@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::Stream;
 use legate_proto::registry::HostId;
+use legate_proto::transport::Peer;
 use legate_proto::v1;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -292,8 +293,10 @@ impl v1::confgen_server::Confgen for Api {
         &self,
         request: Request<v1::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, GrpcStatus> {
+        let peer = Peer::of(&request)?.clone();
         let request = request.into_inner();
         let node_id = node_id(&request.node_id)?;
+        peer.require_node("Confgen.Watch", &node_id)?;
         self.status.connect(&node_id, request.have_checksum);
         info!(node = node_id, "subscriber joined");
         let mut snapshots = self.snapshots.clone();
@@ -333,8 +336,10 @@ impl v1::confgen_server::Confgen for Api {
         &self,
         request: Request<v1::ApplyReport>,
     ) -> Result<Response<v1::ReportResponse>, GrpcStatus> {
+        let peer = Peer::of(&request)?.clone();
         let request = request.into_inner();
         let node_id = node_id(&request.node_id)?;
+        peer.require_node("Confgen.Report", &node_id)?;
         let result = request
             .result
             .ok_or_else(|| GrpcStatus::invalid_argument("result is missing"))?;

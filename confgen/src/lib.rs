@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use legate_proto::registry::{KeyKind, Schema};
 use legate_proto::runtime::{self, CommonArgs, EtcdArgs, RuntimeError};
+use legate_proto::transport::{GrpcServer, Listen, ServerArgs};
 use legate_proto::v1;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -79,9 +80,13 @@ pub struct Config {
     /// files), for use without a supervisor.
     #[arg(long, env = "LEGATE_OUTPUT")]
     pub output: Option<PathBuf>,
-    /// gRPC listen address (Confgen API and health).
-    #[arg(long, env = "LEGATE_LISTEN", default_value = "127.0.0.1:7402")]
-    pub listen: SocketAddr,
+    /// gRPC listen address (Confgen API and health): `unix:<path>`, or `<ip>:<port>` with
+    /// mutual TLS (supervisors of other hosts).
+    #[arg(long, env = "LEGATE_LISTEN", default_value = "unix:/run/legate/confgen.sock",
+          value_parser = Listen::parse)]
+    pub listen: Listen,
+    #[command(flatten)]
+    pub grpc: ServerArgs,
     /// Prometheus metrics listen address.
     #[arg(long, env = "LEGATE_METRICS_LISTEN", default_value = "127.0.0.1:9402")]
     pub metrics_listen: SocketAddr,
@@ -160,6 +165,7 @@ pub enum Error {
 
 /// Runs confgen until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let grpc = GrpcServer::new(&config.listen, &config.grpc)?;
     let (path, text) = match &config.template {
         Some(path) => (
             path.display().to_string(),
@@ -206,7 +212,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     });
     let (health, routes) = runtime::health_routes().await;
     let routes = routes.add_service(api);
-    let mut grpc = tracker.spawn(runtime::serve_grpc(config.listen, routes, tasks.clone()));
+    let mut grpc = tracker.spawn(grpc.serve(routes, tasks.clone()));
 
     let registry = Registry::new(schema);
     let (batch_tx, batch_rx) = mpsc::channel(64);

@@ -1,6 +1,6 @@
 //! What every legate service binary shares, for its thin `main.rs`: command-line parsing with
 //! the conventional exit code, tracing, the Prometheus exporter, shutdown on SIGTERM/SIGINT,
-//! and binding the gRPC listener.
+//! and the health service (the gRPC listener itself is in [`crate::transport`]).
 //!
 //! Lifecycle: `main` parses its arguments with [`parse_args`], then hands the service's `run`
 //! function to [`run_service`], which sets up tracing, metrics and signals, runs the service
@@ -483,6 +483,25 @@ pub enum RuntimeError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    /// The gRPC listener's TLS settings are incomplete or unreadable, or missing on TCP.
+    #[error("{0}")]
+    Tls(String),
+    /// The gRPC Unix socket could not be set up.
+    #[error("gRPC socket {}: {reason}", path.display())]
+    Socket {
+        /// The socket's path.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A gRPC endpoint to connect to is not usable.
+    #[error("gRPC endpoint '{endpoint}': {reason}")]
+    Endpoint {
+        /// The endpoint as configured.
+        endpoint: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Installs the global tracing subscriber, logging to stderr, in colour only on a terminal
@@ -537,34 +556,6 @@ pub async fn health_routes() -> (tonic_health::server::HealthReporter, tonic::se
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
     (health, tonic::service::Routes::new(service))
-}
-
-/// Serves `routes` (which include `grpc.health.v1`) on `addr` until `shutdown` is cancelled,
-/// then lets in-flight calls finish.
-pub async fn serve_grpc(
-    addr: SocketAddr,
-    routes: tonic::service::Routes,
-    shutdown: CancellationToken,
-) -> Result<(), RuntimeError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| RuntimeError::Bind { addr, source })?;
-    let local = listener
-        .local_addr()
-        .map_err(|source| RuntimeError::Bind { addr, source })?;
-    if !local.ip().is_loopback() {
-        warn!(addr = %local, "gRPC listens beyond loopback: restrict access to it");
-    }
-    info!(addr = %local, "gRPC listening");
-    tonic::transport::Server::builder()
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(
-            // Snapshots are streamed as they come: no Nagle delay on small frames.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown.cancelled_owned(),
-        )
-        .await?;
-    Ok(())
 }
 
 #[cfg(test)]

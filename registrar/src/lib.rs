@@ -25,6 +25,7 @@ use legate_proto::registry::{HostId, HostIp, HostRecord, Schema};
 use legate_proto::runtime::{
     self, CommonArgs, EtcdArgs, MAX_BACKOFF, RuntimeError, backoff, retry, retry_within,
 };
+use legate_proto::transport::{GrpcServer, Listen, Peer, ServerArgs};
 use legate_proto::v1;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -81,9 +82,13 @@ pub struct Config {
     /// to answer before adopting the previous run's lease.
     #[arg(long, env = "LEGATE_CLAIM_WINDOW_MS", default_value_t = 1500)]
     pub claim_window_ms: u64,
-    /// gRPC listen address (Registrar API and health).
-    #[arg(long, env = "LEGATE_LISTEN", default_value = "127.0.0.1:7401")]
-    pub listen: SocketAddr,
+    /// gRPC listen address (Registrar API and health): `unix:<path>`, or `<ip>:<port>` with
+    /// mutual TLS.
+    #[arg(long, env = "LEGATE_LISTEN", default_value = "unix:/run/legate/registrar.sock",
+          value_parser = Listen::parse)]
+    pub listen: Listen,
+    #[command(flatten)]
+    pub grpc: ServerArgs,
     /// Prometheus metrics listen address.
     #[arg(long, env = "LEGATE_METRICS_LISTEN", default_value = "127.0.0.1:9401")]
     pub metrics_listen: SocketAddr,
@@ -135,6 +140,7 @@ enum Trigger {
 /// Runs the registrar until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let host_id = runtime::host_id(config.host_id.as_ref()).map_err(Error::Identity)?;
+    let grpc = GrpcServer::new(&config.listen, &config.grpc)?;
     let host_ip = match config.host_ip {
         Some(ip) => ip,
         None => {
@@ -168,7 +174,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     });
     let (health, routes) = runtime::health_routes().await;
     let routes = routes.add_service(api);
-    let mut grpc = tracker.spawn(runtime::serve_grpc(config.listen, routes, tasks.clone()));
+    let mut grpc = tracker.spawn(grpc.serve(routes, tasks.clone()));
 
     let started = async {
         let source = retry("connecting to Docker", &tasks, || {
@@ -429,8 +435,9 @@ impl v1::registrar_server::Registrar for Api {
 
     async fn resync(
         &self,
-        _: tonic::Request<v1::ResyncRequest>,
+        request: tonic::Request<v1::ResyncRequest>,
     ) -> Result<tonic::Response<v1::ResyncResponse>, tonic::Status> {
+        Peer::of(&request)?.require_admin("Registrar.Resync")?;
         let (reply, answer) = oneshot::channel();
         self.trigger
             .send(Trigger::Resync(reply))

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use legate_proto::transport::Peer;
 use legate_proto::v1;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
@@ -24,6 +25,7 @@ impl v1::supervisor_server::Supervisor for Api {
         &self,
         request: Request<v1::ConfigSnapshot>,
     ) -> Result<Response<v1::ApplyResult>, Status> {
+        Peer::of(&request)?.require_admin("Supervisor.Apply")?;
         let (reply, result) = oneshot::channel();
         self.requests
             .send((Arc::new(request.into_inner()), reply))

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use legate_proto::registry::HostId;
 use legate_proto::runtime::{self, CommonArgs, RuntimeError};
+use legate_proto::transport::{self, GrpcServer, Listen, ServerArgs};
 use legate_proto::v1;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -44,9 +45,14 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// confgen's gRPC endpoint to subscribe to; "none" to take snapshots only from
-    /// `Supervisor.Apply`.
-    #[arg(long, env = "LEGATE_CONFGEN", default_value = "http://127.0.0.1:7402")]
+    /// confgen's gRPC endpoint to subscribe to: `unix:<path>`, `https://host:port` (mutual
+    /// TLS with --grpc-ca, --grpc-cert, --grpc-key) or `http://host:port` (a confgen with
+    /// --grpc-insecure); "none" to take snapshots only from `Supervisor.Apply`.
+    #[arg(
+        long,
+        env = "LEGATE_CONFGEN",
+        default_value = "unix:/run/legate/confgen.sock"
+    )]
     pub confgen: String,
     /// This node's id in confgen's status; the host name when not set.
     #[arg(long, env = "HOST_ID")]
@@ -88,10 +94,13 @@ pub struct Config {
     /// supervisor adopts it).
     #[arg(long, env = "LEGATE_STOP_HAPROXY")]
     pub stop_haproxy: bool,
-    /// gRPC listen address (Supervisor API and health). Apply runs configuration on this host:
-    /// keep it on loopback.
-    #[arg(long, env = "LEGATE_LISTEN", default_value = "127.0.0.1:7403")]
-    pub listen: SocketAddr,
+    /// gRPC listen address (Supervisor API and health): `unix:<path>`, or `<ip>:<port>` with
+    /// mutual TLS. Apply changes what this host routes: only administrators may call it.
+    #[arg(long, env = "LEGATE_LISTEN", default_value = "unix:/run/legate/supervisor.sock",
+          value_parser = Listen::parse)]
+    pub listen: Listen,
+    #[command(flatten)]
+    pub grpc: ServerArgs,
     /// Prometheus metrics listen address.
     #[arg(long, env = "LEGATE_METRICS_LISTEN", default_value = "127.0.0.1:9403")]
     pub metrics_listen: SocketAddr,
@@ -197,9 +206,6 @@ pub enum Error {
     /// The directories or the `global` file could not be prepared.
     #[error("{what}: {reason}")]
     Setup { what: String, reason: String },
-    /// The confgen endpoint is not a URL.
-    #[error("confgen endpoint '{0}': {1}")]
-    Endpoint(String, String),
     /// A task panicked.
     #[error("a task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -214,12 +220,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         state_dir = %config.state_dir.display(), run_dir = %config.run_dir.display(),
         "supervisor starting"
     );
+    let grpc = GrpcServer::new(&config.listen, &config.grpc)?;
     let confgen = match config.confgen.as_str() {
         "" | "none" => None,
-        endpoint => Some(
-            tonic::transport::Endpoint::from_shared(endpoint.to_owned())
-                .map_err(|e| Error::Endpoint(endpoint.to_owned(), e.to_string()))?,
-        ),
+        endpoint => Some(transport::channel(endpoint, &config.grpc.tls)?),
     };
 
     let tracker = TaskTracker::new();
@@ -242,14 +246,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     })
     .max_decoding_message_size(MAX_MESSAGE);
     let routes = routes.add_service(api);
-    let mut grpc = tracker.spawn(runtime::serve_grpc(config.listen, routes, tasks.clone()));
+    let mut grpc = tracker.spawn(grpc.serve(routes, tasks.clone()));
 
     // The sender lives as long as the applier: without confgen, nothing is ever sent.
     let (snapshot_tx, snapshots) = watch::channel(None);
     let (report_tx, report_rx) = watch::channel(None);
-    if let Some(endpoint) = confgen {
+    if let Some(channel) = confgen {
         let subscriber = subscriber::Subscriber {
-            channel: endpoint.connect_lazy(),
+            channel,
             node_id: node_id.to_string(),
             stats,
         };

@@ -48,7 +48,7 @@ impl Ambassador {
         )?;
         confgen.wait_serving().await?;
         let supervised = Supervised::new()?;
-        let mut supervisor = supervised.start(Some(&format!("http://{}", confgen.grpc())), &[])?;
+        let mut supervisor = supervised.start(Some(&confgen.grpc()), &[])?;
         supervisor.wait_serving().await?;
         Ok(Self {
             etcd,

@@ -10,6 +10,7 @@
 //! - [`proxy::Proxy`]: a TCP proxy whose connections a test cuts, to lose a stream on purpose;
 //! - [`supervisor::Supervised`]: a supervisor's directories, and the HAProxy it leaves behind
 //!   killed at the end;
+//! - [`pki::Pki`]: a certificate authority made for one test, and certificates it signs;
 //! - [`load`]: bounded HTTP load with `wrk`, to loopback only;
 //! - [`ambassador::Ambassador`]: etcd, confgen and a supervisor together, with registrars for
 //!   "hosts" sharing this engine.
@@ -23,6 +24,7 @@ pub mod docker;
 pub mod etcd;
 pub mod haproxy;
 pub mod load;
+pub mod pki;
 pub mod process;
 pub mod proxy;
 pub mod service;

@@ -60,7 +60,8 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// A legate service process with its gRPC and metrics listeners on free loopback ports.
+/// A legate service process with its gRPC listener on a Unix socket of its own (where the tests,
+/// running as the same user, administer it) and its metrics on a free loopback port.
 #[derive(Debug)]
 pub struct Service {
     child: ChildGuard,
@@ -68,24 +69,30 @@ pub struct Service {
     command: Command,
     name: String,
     log: PathBuf,
-    grpc: SocketAddr,
+    grpc: String,
     metrics: SocketAddr,
     _dir: TempDir,
 }
 
 impl Service {
-    /// Starts `binary` with `--listen` and `--metrics-listen` on free ports, plus `args` and
-    /// `env` (the environment is otherwise cleared of legate and seed variables).
+    /// Starts `binary` with `--listen` on a Unix socket in a directory of its own and
+    /// `--metrics-listen` on a free port, plus `args` and `env` (the environment is otherwise
+    /// cleared of legate and seed variables). A `--listen` in `args` replaces the socket.
     pub fn start(binary: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("legate-service-")
             .tempdir()?;
-        let grpc = free_addr()?;
+        let listen = args.iter().position(|a| *a == "--listen");
+        let grpc = match listen.and_then(|i| args.get(i + 1)) {
+            Some(listen) => (*listen).to_owned(),
+            None => format!("unix:{}", dir.path().join("grpc.sock").display()),
+        };
         let metrics = free_addr()?;
         let mut command = Command::new(self::binary(binary)?);
+        if listen.is_none() {
+            command.arg("--listen").arg(&grpc);
+        }
         command
-            .arg("--listen")
-            .arg(grpc.to_string())
             .arg("--metrics-listen")
             .arg(metrics.to_string())
             .args(args);
@@ -137,9 +144,17 @@ impl Service {
         Self::start("legate-confgen", &all, env)
     }
 
-    /// The gRPC address.
-    pub fn grpc(&self) -> SocketAddr {
-        self.grpc
+    /// The gRPC endpoint, as a client names it: `unix:<path>` (or what `--listen` said).
+    pub fn grpc(&self) -> String {
+        self.grpc.clone()
+    }
+
+    /// A channel to the gRPC endpoint, connecting on first use.
+    pub fn channel(&self) -> Result<tonic::transport::Channel> {
+        Ok(legate_proto::transport::channel(
+            &self.grpc,
+            &legate_proto::transport::TlsArgs::default(),
+        )?)
     }
 
     /// The metrics address.
@@ -147,18 +162,27 @@ impl Service {
         self.metrics
     }
 
+    /// A channel to the gRPC endpoint once its Unix socket accepts connections (the service
+    /// may not be SERVING yet).
+    pub async fn connect(&self) -> Result<tonic::transport::Channel> {
+        if let Some(path) = self.grpc.strip_prefix("unix:") {
+            wait_for("the service's gRPC socket", WAIT, || async move {
+                Ok(tokio::net::UnixStream::connect(path).await.ok().map(drop))
+            })
+            .await?;
+        }
+        self.channel()
+    }
+
     /// Waits until `grpc.health.v1` reports the server (service "") as SERVING.
     pub async fn wait_serving(&mut self) -> Result<()> {
-        let endpoint = format!("http://{}", self.grpc);
+        let channel = self.channel()?;
         let child = &mut self.child;
         wait_for("the service to report SERVING", WAIT, || {
             let running = child.check_running();
-            let endpoint = endpoint.clone();
+            let channel = channel.clone();
             async move {
                 running?;
-                let channel = tonic::transport::Channel::from_shared(endpoint)?
-                    .connect()
-                    .await?;
                 let mut client = HealthClient::new(channel);
                 let request = HealthCheckRequest {
                     service: String::new(),

@@ -44,11 +44,7 @@ async fn start_confgen(etcd: &str, args: &[&str]) -> Service {
 }
 
 async fn client(confgen: &Service) -> ConfgenClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{}", confgen.grpc()))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = confgen.connect().await.unwrap();
     ConfgenClient::new(channel).max_decoding_message_size(64 << 20)
 }
 

@@ -91,9 +91,7 @@ impl Fixture {
     }
 
     async fn client(&self) -> RegistrarClient<tonic::transport::Channel> {
-        RegistrarClient::connect(format!("http://{}", self.registrar.grpc()))
-            .await
-            .unwrap()
+        RegistrarClient::new(self.registrar.connect().await.unwrap())
     }
 }
 
@@ -823,15 +821,7 @@ async fn list_says_when_it_cannot_know_or_may_be_stale() {
         &[("HOST_IP", "127.0.0.1"), ("HOST_ID", "lonely")],
     )
     .unwrap();
-    let mut client = {
-        let grpc = format!("http://{}", lonely.grpc());
-        wait_for("the lonely registrar's gRPC port", WAIT, || {
-            let grpc = grpc.clone();
-            async move { Ok(Some(RegistrarClient::connect(grpc).await?)) }
-        })
-        .await
-        .unwrap()
-    };
+    let mut client = RegistrarClient::new(lonely.connect().await.unwrap());
     let status = client.list(v1::ListRequest {}).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     lonely.kill();

@@ -6,9 +6,9 @@ use legate_proto::v1::ApplyOutcome;
 use legate_proto::v1::supervisor_client::SupervisorClient;
 use legate_tests::WAIT;
 use legate_tests::etcd::Etcd;
+use legate_tests::free_port;
 use legate_tests::service::Service;
 use legate_tests::supervisor::{Supervised, config};
-use legate_tests::{free_port, wait_for};
 
 const BINARIES: [&str; 3] = ["legate-registrar", "legate-confgen", "legate-supervisor"];
 
@@ -57,13 +57,7 @@ async fn each_service_serves_health_and_metrics_and_stops_on_sigterm() {
 }
 
 async fn apply_minimal_config(supervisor: &Service) {
-    let endpoint = format!("http://{}", supervisor.grpc());
-    let mut client = wait_for("the supervisor's gRPC port", WAIT, || {
-        let endpoint = endpoint.clone();
-        async move { Ok(Some(SupervisorClient::connect(endpoint).await?)) }
-    })
-    .await
-    .unwrap();
+    let mut client = SupervisorClient::new(supervisor.connect().await.unwrap());
     let snapshot = config(free_port().unwrap(), &[], "");
     let result = client.apply(snapshot).await.unwrap().into_inner();
     assert_eq!(result.outcome(), ApplyOutcome::Reloaded, "{result:?}");

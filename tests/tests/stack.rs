@@ -125,6 +125,34 @@ fn the_systemd_units_verify_restart_on_failure_and_are_hardened() {
     }
     verify(&units).unwrap();
 
+    // The supervisor subscribes on the socket confgen listens on, in confgen's runtime
+    // directory; each socket is in its own unit's runtime directory.
+    let unit = |service: &str| repo().join(format!("deploy/systemd/{service}.service"));
+    let environment = |service: &str, key: &str| {
+        settings(&unit(service), "Service")
+            .into_iter()
+            .find_map(|(k, v)| {
+                (k == "Environment")
+                    .then(|| v.strip_prefix(&format!("{key}=")).map(str::to_owned))
+                    .flatten()
+            })
+            .unwrap_or_else(|| panic!("{service}: no Environment={key}="))
+    };
+    let confgen = environment("legate-confgen", "LEGATE_LISTEN");
+    assert_eq!(environment("legate-supervisor", "LEGATE_CONFGEN"), confgen);
+    for service in ["legate-registrar", "legate-confgen"] {
+        let listen = environment(service, "LEGATE_LISTEN");
+        let runtime = settings(&unit(service), "Service")
+            .into_iter()
+            .find(|(k, _)| k == "RuntimeDirectory")
+            .unwrap()
+            .1;
+        assert!(
+            listen.starts_with(&format!("unix:/run/{runtime}/")),
+            "{service}: {listen} is not in /run/{runtime}"
+        );
+    }
+
     // The check itself refuses what systemd would ignore with a warning.
     let broken = dir.path().join("broken.service");
     let text = std::fs::read_to_string(&units[0]).unwrap();
@@ -194,9 +222,6 @@ impl Stack {
         for name in [
             "LEGATE_ETCD_PORT",
             "LEGATE_ETCD_PEER_PORT",
-            "LEGATE_REGISTRAR_PORT",
-            "LEGATE_CONFGEN_PORT",
-            "LEGATE_SUPERVISOR_PORT",
             "LEGATE_REGISTRAR_METRICS_PORT",
             "LEGATE_CONFGEN_METRICS_PORT",
             "LEGATE_SUPERVISOR_METRICS_PORT",

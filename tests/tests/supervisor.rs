@@ -54,13 +54,7 @@ impl Setup {
 }
 
 async fn client(service: &Service) -> Client {
-    let endpoint = format!("http://{}", service.grpc());
-    let channel = wait_for("the supervisor's gRPC port", WAIT, || {
-        let endpoint = endpoint.clone();
-        async move { Ok(Some(Channel::from_shared(endpoint)?.connect().await?)) }
-    })
-    .await
-    .unwrap();
+    let channel = service.connect().await.unwrap();
     SupervisorClient::new(channel).max_decoding_message_size(64 << 20)
 }
 
@@ -453,8 +447,7 @@ async fn follows_confgen_and_reports_what_it_runs() {
     let mut confgen = Service::confgen(&etcd.endpoint(), http, &[], &[]).unwrap();
     confgen.wait_serving().await.unwrap();
     let supervised = Supervised::new().unwrap();
-    let endpoint = format!("http://{}", confgen.grpc());
-    let mut supervisor = supervised.start(Some(&endpoint), &[]).unwrap();
+    let mut supervisor = supervised.start(Some(&confgen.grpc()), &[]).unwrap();
 
     // Seed-style keys: the endpoint in the key, an empty value.
     let key = |n: u32, addr: SocketAddr| format!("/apps/app.test/{n:064x}/{addr}");
@@ -473,9 +466,7 @@ async fn follows_confgen_and_reports_what_it_runs() {
         "a new server reloaded"
     );
 
-    let mut confgen_client = v1::confgen_client::ConfgenClient::connect(endpoint.clone())
-        .await
-        .unwrap();
+    let mut confgen_client = v1::confgen_client::ConfgenClient::new(confgen.channel().unwrap());
     let node = wait_for(
         "confgen to see the node run its latest snapshot",
         WAIT,

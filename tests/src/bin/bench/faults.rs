@@ -103,7 +103,7 @@ pub(crate) async fn faults() -> Result<()> {
     let mut confgen = Service::confgen(&through.join(","), http_port, &[], &[])?;
     confgen.wait_serving().await?;
     let supervised = Supervised::new()?;
-    let confgen_url = format!("http://{}", confgen.grpc());
+    let confgen_url = confgen.grpc();
     let mut supervisor = supervised.start(Some(&confgen_url), &[])?;
     supervisor.wait_serving().await?;
     let host_id = format!("faults-{}", docker::run_id());
@@ -320,9 +320,7 @@ pub(crate) async fn faults() -> Result<()> {
     let restarted = Instant::now();
     let mut supervisor = supervised.start(Some(&confgen_url), &[])?;
     supervisor.wait_serving().await?;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", supervisor.grpc()))?
-        .connect()
-        .await?;
+    let channel = supervisor.connect().await?;
     let status = SupervisorClient::new(channel)
         .status(v1::SupervisorStatusRequest {})
         .await?

@@ -374,13 +374,12 @@ async fn start_confgen(
         ],
         &[("LEGATE_LOG", "warn")],
     )?;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", confgen.grpc()))?;
+    let channel = confgen.channel()?;
     // Subscribe as soon as the API answers, before the first snapshot exists.
     let stream = legate_tests::wait_for("the Confgen API", legate_tests::WAIT, || {
         let channel = channel.clone();
         async move {
-            let mut client =
-                ConfgenClient::new(channel.connect().await?).max_decoding_message_size(256 << 20);
+            let mut client = ConfgenClient::new(channel).max_decoding_message_size(256 << 20);
             let request = v1::WatchRequest {
                 node_id: "bench".to_owned(),
                 have_checksum: String::new(),
@@ -599,18 +598,7 @@ async fn supervisor(changes: usize, reloads: usize) -> Result<()> {
     let http = legate_tests::free_port()?;
     let supervised = Supervised::new()?;
     let supervisor = supervised.start(None, &[])?;
-    let endpoint = format!("http://{}", supervisor.grpc());
-    let channel = legate_tests::wait_for("the supervisor", legate_tests::WAIT, || {
-        let endpoint = endpoint.clone();
-        async move {
-            Ok(Some(
-                tonic::transport::Channel::from_shared(endpoint)?
-                    .connect()
-                    .await?,
-            ))
-        }
-    })
-    .await?;
+    let channel = supervisor.connect().await?;
     let mut client = SupervisorClient::new(channel);
     let one = config(http, &[("a.test", &[("s1", b1.addr())])], "");
     let both = config(

@@ -25,9 +25,7 @@ use super::{
 type Client = SupervisorClient<Channel>;
 
 async fn supervisor_client(supervisor: &Service) -> Result<Client> {
-    let channel = Channel::from_shared(format!("http://{}", supervisor.grpc()))?
-        .connect()
-        .await?;
+    let channel = supervisor.connect().await?;
     Ok(SupervisorClient::new(channel))
 }
 
@@ -411,7 +409,7 @@ pub(crate) async fn scale(apps: usize, services: usize) -> Result<()> {
 
     let supervised = Supervised::new()?;
     let started = Instant::now();
-    let supervisor = supervised.start(Some(&format!("http://{}", confgen.grpc())), &[])?;
+    let supervisor = supervised.start(Some(&confgen.grpc()), &[])?;
     let mut client = legate_tests::wait_for("the supervisor", legate_tests::WAIT, || async {
         Ok(Some(supervisor_client(&supervisor).await?))
     })
