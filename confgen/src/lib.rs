@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use legate_proto::registry::{KeyKind, Schema};
-use legate_proto::runtime::{self, CommonArgs, EtcdArgs, RuntimeError};
+use legate_proto::runtime::{self, CommonArgs, EtcdArgs, EtcdError, RuntimeError};
 use legate_proto::transport::{GrpcServer, Listen, ServerArgs};
 use legate_proto::v1;
 use tokio::sync::{mpsc, watch};
@@ -158,6 +158,9 @@ pub enum Error {
         /// Why it is unusable.
         reason: String,
     },
+    /// etcd refuses confgen: TLS, credentials or permissions.
+    #[error("etcd refuses: {0}")]
+    Etcd(#[from] EtcdError),
     /// A task of confgen panicked.
     #[error("task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -216,7 +219,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
     let registry = Registry::new(schema);
     let (batch_tx, batch_rx) = mpsc::channel(64);
-    tracker.spawn(watcher::run(
+    let watcher = tracker.spawn(watcher::run(
         config.etcd.clone(),
         registry.range(),
         batch_tx,
@@ -238,7 +241,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         log_throttle: runtime::Throttle::new(runtime::INFO_EVERY),
     };
     let outcome = tokio::select! {
-        () = generator.run(batch_rx, config.wait, tasks.clone()) => Ok(()),
+        // The generator ends on a shutdown or with the watcher, which ends alone only when
+        // etcd refuses confgen.
+        () = generator.run(batch_rx, config.wait, tasks.clone()) => {
+            watcher.await.map_err(Error::from).and_then(|r| r.map_err(Error::from))
+        }
         result = &mut grpc => result.map_err(Error::from).and_then(|r| r.map_err(Error::from)),
     };
     tasks.cancel();

@@ -15,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
-use legate_proto::runtime::{EtcdArgs, MAX_BACKOFF, backoff};
+use legate_proto::runtime::{EtcdArgs, EtcdError, MAX_BACKOFF, backoff};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -85,13 +85,15 @@ enum State {
     Watch(Client, i64),
 }
 
-/// Follows the etcd range `[start, end)` and sends its batches to `batches` until `shutdown`.
+/// Follows the etcd range `[start, end)` and sends its batches to `batches` until `shutdown`;
+/// stops with the error when etcd refuses confgen (TLS, credentials, permissions), which no
+/// retry can fix.
 pub async fn run(
     etcd: EtcdArgs,
     (start, end): (Vec<u8>, Vec<u8>),
     batches: mpsc::Sender<Batch>,
     shutdown: CancellationToken,
-) {
+) -> Result<(), EtcdError> {
     let mut delays = backoff();
     let mut state = State::Connect;
     loop {
@@ -101,6 +103,7 @@ pub async fn run(
                     state = State::List(client);
                     continue;
                 }
+                Err(e) if e.fatal => return Err(e),
                 Err(e) => {
                     state = State::Connect;
                     format!("connecting to etcd: {e}")
@@ -110,12 +113,16 @@ pub async fn run(
                 Ok((kvs, revision)) => {
                     info!(keys = kvs.len(), revision, "registry listed");
                     if batches.send(Batch::Reset { kvs, revision }).await.is_err() {
-                        return;
+                        return Ok(());
                     }
                     state = State::Watch(client, revision);
                     continue;
                 }
                 Err(e) => {
+                    let e = EtcdError::of(&e);
+                    if e.fatal {
+                        return Err(e);
+                    }
                     state = State::List(client);
                     format!("listing the registry: {e}")
                 }
@@ -124,11 +131,11 @@ pub async fn run(
                 let mut last = revision;
                 let started = Instant::now();
                 let stop = tokio::select! {
-                    () = shutdown.cancelled() => return,
+                    () = shutdown.cancelled() => return Ok(()),
                     stop = watch(&mut client, &start, &end, &mut last, &batches) => stop,
                 };
                 match stop {
-                    Stop::Done => return,
+                    Stop::Done => return Ok(()),
                     Stop::Compacted(compacted) => {
                         warn!(
                             from = last + 1,
@@ -158,7 +165,7 @@ pub async fn run(
         let delay = delays.next().unwrap_or(MAX_BACKOFF).min(RETRY_CAP);
         warn!(retry_in = ?delay, "{failure}");
         tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(delay) => {}
         }
     }

@@ -46,7 +46,7 @@ pub struct CommonArgs {
 /// How a service reaches etcd, and where the registry lives in it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EtcdArgs {
-    /// etcd endpoints, comma-separated, as host:port or http:// URLs.
+    /// etcd endpoints, comma-separated, as host:port, http:// or https:// URLs.
     #[arg(long = "etcd-endpoints", env = "ETCD_ENDPOINTS", value_delimiter = ',', value_parser = parse_etcd_endpoint)]
     endpoints: Vec<String>,
     /// The seed's name for a single etcd endpoint; used when --etcd-endpoints is not set.
@@ -55,6 +55,110 @@ pub struct EtcdArgs {
     /// Prefix of the registry keys in etcd: empty (the seed's layout) or like `/legate`.
     #[arg(long, env = "LEGATE_PREFIX", default_value = "", value_parser = parse_prefix)]
     pub prefix: Prefix,
+    /// CA bundle (PEM) that etcd's server certificate must chain to: needed by https://
+    /// endpoints.
+    #[arg(long = "etcd-cacert", env = "ETCDCTL_CACERT")]
+    etcd_cacert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for an etcd started with `--client-cert-auth`.
+    #[arg(long = "etcd-cert", env = "ETCDCTL_CERT", requires = "etcd_key")]
+    etcd_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of `--etcd-cert`.
+    #[arg(long = "etcd-key", env = "ETCDCTL_KEY", requires = "etcd_cert")]
+    etcd_key: Option<std::path::PathBuf>,
+    /// etcd user (etcd's authentication); the password is read from `--etcd-password-file`.
+    #[arg(long = "etcd-user", env = "ETCDCTL_USER", value_parser = parse_etcd_user,
+          requires = "etcd_password_file")]
+    etcd_user: Option<String>,
+    /// File holding the etcd user's password (a compose secret, a systemd credential): never
+    /// a flag or an environment value, which `ps` and `docker inspect` show.
+    #[arg(
+        long = "etcd-password-file",
+        env = "LEGATE_ETCD_PASSWORD_FILE",
+        requires = "etcd_user"
+    )]
+    etcd_password_file: Option<std::path::PathBuf>,
+}
+
+/// Why etcd could not be used. `fatal`: retrying cannot help (a file, TLS, credentials or
+/// permissions are wrong), so the service stops and says why.
+#[cfg(feature = "etcd")]
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct EtcdError {
+    /// Retrying cannot help.
+    pub fatal: bool,
+    /// What went wrong, with every cause.
+    pub message: String,
+}
+
+#[cfg(feature = "etcd")]
+impl EtcdError {
+    fn fatal(message: String) -> Self {
+        Self {
+            fatal: true,
+            message,
+        }
+    }
+
+    /// Classifies an etcd client error: TLS refusals, failed authentication and missing
+    /// permissions are fatal, the rest (etcd silent, unreachable, electing) is transient.
+    pub fn of(e: &etcd_client::Error) -> Self {
+        let mut message = error_chain(e);
+        let lower = message.to_ascii_lowercase();
+        let hint = if lower.contains("received fatal alert") {
+            Some(
+                "etcd refused this client's certificate: none given (--etcd-cert), expired, \
+                 or not signed by a CA in etcd's --trusted-ca-file",
+            )
+        } else if lower.contains("invalid peer certificate") {
+            Some("etcd's certificate does not verify against --etcd-cacert")
+        } else if lower.contains("authentication failed") {
+            Some("wrong --etcd-user, or wrong password in --etcd-password-file")
+        } else if lower.contains("user name is empty") {
+            Some("etcd has authentication on: set --etcd-user and --etcd-password-file")
+        } else if lower.contains("permission denied") {
+            Some("the etcd user's roles do not allow this on legate's keys (--prefix)")
+        } else {
+            None
+        };
+        if let Some(hint) = hint {
+            message = format!("{hint} ({message})");
+        }
+        let permission = matches!(e, etcd_client::Error::GRpcStatus(s)
+            if s.code() == tonic::Code::PermissionDenied);
+        let fatal = permission
+            || [
+                "authentication failed",
+                "user name is empty",
+                "user name not found",
+                "authentication is not enabled",
+                "permission denied",
+                "certificate",
+                "handshake",
+                "alert",
+                "invalidcontenttype",
+                "corrupt message",
+            ]
+            .iter()
+            .any(|cause| lower.contains(cause));
+        Self { fatal, message }
+    }
+}
+
+/// An error and each of its sources, joined by ": ", without a source repeated by the error
+/// that wraps it.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 impl EtcdArgs {
@@ -73,9 +177,11 @@ impl EtcdArgs {
         }
     }
 
-    /// Connects to etcd (once; wrap it in [`retry`]). Requests time out after 5 s; a
-    /// connection that carries a watch or a lease keep-alive and goes dead is noticed within
-    /// 9 s by HTTP/2 keep-alives.
+    /// Connects to etcd once, and reads one key of the registry to prove that TLS, the
+    /// credentials and the read permission all work: an [`EtcdError`] says which failed and
+    /// whether retrying can help ([`Self::connect_retrying`] retries what can). Requests time
+    /// out after 5 s; a connection that carries a watch or a lease keep-alive and goes dead is
+    /// noticed within 9 s by HTTP/2 keep-alives.
     ///
     /// The ping interval respects etcd's policy: the server closes a connection that pings
     /// more often than `--grpc-keepalive-min-time` (5 s by default) while it has streams, and
@@ -88,23 +194,137 @@ impl EtcdArgs {
     pub async fn connect(
         &self,
         shutdown: &CancellationToken,
-    ) -> Result<etcd_client::Client, etcd_client::Error> {
-        let options = etcd_client::ConnectOptions::new()
+    ) -> Result<etcd_client::Client, EtcdError> {
+        let options = self
+            .secured(etcd_client::ConnectOptions::new())?
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(ETCD_PING_INTERVAL, Duration::from_secs(3))
             .with_keep_alive_while_idle(false);
         let endpoints = self.endpoints();
-        let client = etcd_client::Client::connect(&endpoints, Some(options)).await?;
+        let mut client = etcd_client::Client::connect(&endpoints, Some(options))
+            .await
+            .map_err(|e| EtcdError::of(&e))?;
+        let probe =
+            crate::registry::Schema::new(self.prefix.clone()).dir(crate::registry::KeyKind::App);
+        client
+            .get(
+                probe,
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only()
+                        .with_limit(1),
+                ),
+            )
+            .await
+            .map_err(|e| EtcdError::of(&e))?;
         if endpoints.len() > 1 {
+            let probe = self.secured(etcd_client::ConnectOptions::new())?;
             tokio::spawn(follow_members(
                 client.clone(),
+                probe,
                 endpoints,
                 shutdown.child_token(),
             ));
         }
         Ok(client)
     }
+
+    /// [`Self::connect`], retried with backoff while etcd's errors are transient; `Ok(None)`
+    /// when `shutdown` comes first.
+    #[cfg(feature = "etcd")]
+    pub async fn connect_retrying(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<etcd_client::Client>, EtcdError> {
+        let mut delays = backoff();
+        loop {
+            match self.connect(shutdown).await {
+                Ok(client) => return Ok(Some(client)),
+                Err(e) if e.fatal => return Err(e),
+                Err(e) => {
+                    let delay = delays.next().unwrap_or(MAX_BACKOFF);
+                    warn!(error = %e, retry_in = ?delay, "connecting to etcd");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Ok(None),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// `options` with the TLS files and credentials: https:// endpoints need `--etcd-cacert`,
+    /// a client certificate needs https://, and the files must be readable.
+    #[cfg(feature = "etcd")]
+    fn secured(
+        &self,
+        mut options: etcd_client::ConnectOptions,
+    ) -> Result<etcd_client::ConnectOptions, EtcdError> {
+        let read = |flag: &str, path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|e| EtcdError::fatal(format!("{flag} {}: {e}", path.display())))
+        };
+        let endpoints = self.endpoints();
+        let https = endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        if https > 0 && https < endpoints.len() {
+            return Err(EtcdError::fatal(
+                "etcd endpoints mix http:// and https://".to_owned(),
+            ));
+        }
+        if https > 0 {
+            let ca = self.etcd_cacert.as_deref().ok_or_else(|| {
+                EtcdError::fatal("https:// etcd endpoints need --etcd-cacert".to_owned())
+            })?;
+            let mut tls = etcd_client::TlsOptions::new().ca_certificate(
+                etcd_client::Certificate::from_pem(read("--etcd-cacert", ca)?),
+            );
+            if let (Some(cert), Some(key)) = (&self.etcd_cert, &self.etcd_key) {
+                tls = tls.identity(etcd_client::Identity::from_pem(
+                    read("--etcd-cert", cert)?,
+                    read("--etcd-key", key)?,
+                ));
+            }
+            options = options.with_tls(tls);
+        } else if self.etcd_cacert.is_some() || self.etcd_cert.is_some() {
+            return Err(EtcdError::fatal(
+                "etcd TLS files are set but the endpoints are http://: use https://".to_owned(),
+            ));
+        }
+        if let (Some(user), Some(file)) = (&self.etcd_user, &self.etcd_password_file) {
+            let password = String::from_utf8(read("--etcd-password-file", file)?)
+                .map_err(|_| EtcdError::fatal(format!("{}: not UTF-8", file.display())))?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                return Err(EtcdError::fatal(format!(
+                    "--etcd-password-file {}: empty",
+                    file.display()
+                )));
+            }
+            options = options.with_user(user.clone(), password);
+        }
+        Ok(options)
+    }
+}
+
+/// clap value parser for `--etcd-user`: a name alone (etcdctl's `user:password` would put the
+/// password in the environment).
+pub fn parse_etcd_user(s: &str) -> Result<String, String> {
+    if s.contains(':') {
+        return Err(
+            "a password in the user name is visible to `ps` and `docker inspect`: give the \
+             name alone and the password in --etcd-password-file"
+                .to_owned(),
+        );
+    }
+    if s.is_empty() || s.chars().any(char::is_control) {
+        return Err("must be a non-empty name".to_owned());
+    }
+    Ok(s.to_owned())
 }
 
 /// How often every etcd member is asked whether it answers, and how long it has to answer.
@@ -123,13 +343,12 @@ const MEMBER_PROBE: (Duration, Duration) = (Duration::from_secs(1), Duration::fr
 #[cfg(feature = "etcd")]
 async fn follow_members(
     client: etcd_client::Client,
+    options: etcd_client::ConnectOptions,
     endpoints: Vec<String>,
     shutdown: CancellationToken,
 ) {
     let (interval, timeout) = MEMBER_PROBE;
-    let options = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(timeout)
-        .with_timeout(timeout);
+    let options = options.with_connect_timeout(timeout).with_timeout(timeout);
     let mut probes = Vec::new();
     for endpoint in &endpoints {
         match etcd_client::Client::connect([endpoint], Some(options.clone())).await {
@@ -195,17 +414,19 @@ async fn follow_members(
 /// often.
 pub const ETCD_PING_INTERVAL: Duration = Duration::from_secs(6);
 
-/// Parses one etcd endpoint into a URL: `host:port` gains `http://`; `https://` is refused
-/// until TLS to etcd is supported.
+/// Parses one etcd endpoint into a URL: `host:port` gains `http://`.
 pub fn parse_etcd_endpoint(s: &str) -> Result<String, String> {
-    let rest = if let Some(rest) = s.strip_prefix("http://") {
-        rest
-    } else if s.starts_with("https://") {
-        return Err("TLS to etcd is not supported yet; use an http:// endpoint".to_owned());
+    let (scheme, rest) = if let Some(rest) = s.strip_prefix("http://") {
+        ("http", rest)
+    } else if let Some(rest) = s.strip_prefix("https://") {
+        ("https", rest)
     } else if s.contains("://") {
-        return Err(format!("'{}' is not an http:// URL", s.escape_default()));
+        return Err(format!(
+            "'{}' is not an http:// or https:// URL",
+            s.escape_default()
+        ));
     } else {
-        s
+        ("http", s)
     };
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     let valid = rest.rsplit_once(':').is_some_and(|(host, port)| {
@@ -221,7 +442,7 @@ pub fn parse_etcd_endpoint(s: &str) -> Result<String, String> {
             s.escape_default()
         ));
     }
-    Ok(format!("http://{rest}"))
+    Ok(format!("{scheme}://{rest}"))
 }
 
 /// clap value parser for a directory whose files a configuration may name
@@ -576,13 +797,16 @@ mod tests {
             parse_etcd_endpoint("[::1]:2379").unwrap(),
             "http://[::1]:2379"
         );
+        assert_eq!(
+            parse_etcd_endpoint("https://etcd:2379").unwrap(),
+            "https://etcd:2379"
+        );
         for bad in [
             "",
             "etcd",
             "etcd:",
             "etcd:0",
             "etcd:99999",
-            "https://etcd:2379",
             "ftp://x:1",
             "a b:1",
         ] {
@@ -624,5 +848,27 @@ mod tests {
         let args = Args::try_parse_from(["x"]).unwrap();
         assert_eq!(args.etcd.endpoints(), [EtcdArgs::DEFAULT_ENDPOINT]);
         assert!(Args::try_parse_from(["x", "--prefix", "legate"]).is_err());
+    }
+
+    #[test]
+    fn an_etcd_password_comes_from_a_file_and_never_with_the_user_name() {
+        assert!(Args::try_parse_from(["x", "--etcd-user", "legate:secret"]).is_err());
+        assert!(
+            Args::try_parse_from(["x", "--etcd-user", "legate"]).is_err(),
+            "a user without a password file"
+        );
+        let args = Args::try_parse_from([
+            "x",
+            "--etcd-user",
+            "legate",
+            "--etcd-password-file",
+            "/run/secrets/etcd",
+        ])
+        .unwrap();
+        assert_eq!(args.etcd.etcd_user.as_deref(), Some("legate"));
+        assert!(
+            Args::try_parse_from(["x", "--etcd-cert", "/c.pem"]).is_err(),
+            "no key"
+        );
     }
 }

@@ -181,10 +181,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             DockerSource::connect(&config.docker_host, config.filters.clone())
         })
         .await?;
-        let client = retry("connecting to etcd", &tasks, || config.etcd.connect(&tasks)).await?;
+        let client = match config.etcd.connect_retrying(&tasks).await {
+            Ok(client) => client?,
+            Err(e) => return Some(Err(StoreError::Refused(e.message))),
+        };
         let store = Store::new(client, schema.clone(), host_id.clone(), record);
         let window = Duration::from_millis(config.claim_window_ms);
-        // etcd errors are retried; a duplicate host id is final.
+        // etcd errors are retried; a duplicate host id or a refusal is final.
         let claimed = retry("claiming the host id", &tasks, || {
             let mut store = store.clone();
             async move {

@@ -37,8 +37,12 @@ const MAX_TXN_OPS: usize = 100;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// etcd failed or is unreachable.
-    #[error("etcd: {0}")]
+    #[error("etcd: {}", legate_proto::runtime::error_chain(.0))]
     Etcd(etcd_client::Error),
+    /// etcd refuses this registrar: TLS, its credentials or its permissions are wrong.
+    /// Retrying cannot help.
+    #[error("etcd refuses: {0}")]
+    Refused(String),
     /// Another live registrar holds this host id.
     #[error(
         "another registrar (instance {other}) is running with host id '{host_id}': refusing to run a second one"
@@ -67,9 +71,14 @@ impl From<etcd_client::Error> for StoreError {
     /// etcd's answers that a lease no longer exists mean it was lost, whatever the call: the
     /// keep-alive of an expired lease, a put attached to it. Retrying them cannot succeed, so
     /// they are [`StoreError::LeaseLost`] (the lease id unknown here: 0), never transient.
+    /// Nor are refusals (permissions, credentials, TLS): [`StoreError::Refused`].
     fn from(e: etcd_client::Error) -> Self {
         if lease_not_found(&e) {
-            StoreError::LeaseLost(0)
+            return StoreError::LeaseLost(0);
+        }
+        let classified = legate_proto::runtime::EtcdError::of(&e);
+        if classified.fatal {
+            StoreError::Refused(classified.message)
         } else {
             StoreError::Etcd(e)
         }

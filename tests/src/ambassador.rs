@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 
 use crate::docker::{self, Container};
 use crate::etcd::Etcd;
+use crate::pki::Pki;
 use crate::service::Service;
 use crate::supervisor::Supervised;
 use crate::{free_port, http_get};
@@ -25,6 +26,10 @@ pub struct Ambassador {
     supervised: Supervised,
     bind: IpAddr,
     http: u16,
+    /// The registrars' etcd flags beyond the endpoint (TLS files).
+    etcd_flags: Vec<String>,
+    /// The CA of a secured ambassador, whose files live as long as it.
+    _pki: Option<Pki>,
 }
 
 impl Ambassador {
@@ -57,6 +62,52 @@ impl Ambassador {
             supervised,
             bind,
             http,
+            etcd_flags: Vec::new(),
+            _pki: None,
+        })
+    }
+
+    /// [`Ambassador::start`] with every wire between hosts secured, as a fleet runs it: etcd
+    /// speaks only TLS and wants client certificates; confgen serves supervisors on TCP with
+    /// mutual TLS, and the supervisor subscribes with its node's certificate (`node-a`).
+    pub async fn start_secured(bind: IpAddr) -> Result<Self> {
+        let pki = Pki::new("legate fleet CA")?;
+        let etcd = Etcd::start_tls(&pki).await?;
+        let etcd_flags = pki.issue(&["legate"])?.etcd_flags();
+        let confgen_cert = pki.issue(&["confgen", "127.0.0.1"])?;
+        let node = pki.issue(&["node-a", "127.0.0.1"])?;
+        let http = free_port()?;
+        let grpc = crate::free_addr()?.to_string();
+        let (bind_arg, http_arg) = (bind.to_string(), http.to_string());
+        let mut args = vec![
+            "--etcd-endpoints".to_owned(),
+            etcd.endpoint(),
+            "--bind-address".to_owned(),
+            bind_arg,
+            "--http-port".to_owned(),
+            http_arg,
+            "--listen".to_owned(),
+            grpc.clone(),
+        ];
+        args.extend(etcd_flags.iter().cloned());
+        args.extend(confgen_cert.grpc_flags());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut confgen = Service::start("legate-confgen", &args, &[])?.with_client_tls(node.tls());
+        confgen.wait_serving().await?;
+        let supervised = Supervised::new()?;
+        let flags = node.grpc_flags();
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let mut supervisor = supervised.start(Some(&format!("https://{grpc}")), &flags)?;
+        supervisor.wait_serving().await?;
+        Ok(Self {
+            etcd,
+            confgen,
+            supervisor,
+            supervised,
+            bind,
+            http,
+            etcd_flags,
+            _pki: Some(pki),
         })
     }
 
@@ -91,17 +142,19 @@ impl Ambassador {
         );
         let label = format!("legate.test.host={id}");
         let filter = format!("label={label}");
-        let (ip_env, ttl) = (ip.to_string(), ttl.to_string());
+        let (ip_env, ttl, endpoint) = (ip.to_string(), ttl.to_string(), self.etcd.endpoint());
+        let mut args = vec![
+            "--etcd-endpoints",
+            &endpoint,
+            "--filter",
+            &filter,
+            "--lease-ttl",
+            &ttl,
+        ];
+        args.extend(self.etcd_flags.iter().map(String::as_str));
         let mut registrar = Service::start(
             "legate-registrar",
-            &[
-                "--etcd-endpoints",
-                &self.etcd.endpoint(),
-                "--filter",
-                &filter,
-                "--lease-ttl",
-                &ttl,
-            ],
+            &args,
             &[("HOST_IP", &ip_env), ("HOST_ID", &id)],
         )?;
         registrar.wait_serving().await?;

@@ -6,8 +6,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tempfile::TempDir;
 
+use crate::pki::{Issued, Pki};
 use crate::process::ChildGuard;
 use crate::{WAIT, free_port, wait_for};
+
+/// The root user's password once [`Etcd::enable_auth`] ran.
+const ROOT_PASSWORD: &str = "root-secret";
 
 /// One etcd member (a single-node etcd, or a member of a [`Cluster`]); killed and its data
 /// removed on drop.
@@ -20,6 +24,10 @@ pub struct Etcd {
     peer_port: u16,
     /// `--initial-cluster`: every member's `name=peer-url`.
     initial_cluster: String,
+    /// With TLS: its certificate, which the harness's own clients present too.
+    tls: Option<Issued>,
+    /// Whether authentication is on: the harness's clients are root.
+    auth: bool,
 }
 
 impl Etcd {
@@ -32,6 +40,65 @@ impl Etcd {
         Ok(etcd)
     }
 
+    /// Starts a single-node etcd that speaks only TLS and wants a client certificate signed by
+    /// `pki` (`--client-cert-auth --trusted-ca-file`).
+    pub async fn start_tls(pki: &Pki) -> Result<Self> {
+        let mut etcd = Self::new("legate-test")?;
+        etcd.initial_cluster = format!("{}={}", etcd.name, etcd.peer_url());
+        etcd.tls = Some(pki.issue(&["127.0.0.1", "localhost"])?);
+        etcd.spawn()?;
+        etcd.wait_ready().await?;
+        Ok(etcd)
+    }
+
+    /// Turns etcd's authentication on, with a root user for the harness and, for each of
+    /// `users` (name, password, role), a user with that role; `roles` are (name, permission).
+    pub async fn enable_auth(
+        &mut self,
+        roles: &[(&str, etcd_client::Permission)],
+        users: &[(&str, &str, &str)],
+    ) -> Result<()> {
+        let mut client = self.client().await?;
+        for (role, permission) in roles {
+            client.role_add(*role).await?;
+            client
+                .role_grant_permission(*role, permission.clone())
+                .await?;
+        }
+        for (user, password, role) in users {
+            client.user_add(*user, *password, None).await?;
+            client.user_grant_role(*user, *role).await?;
+        }
+        client.user_add("root", ROOT_PASSWORD, None).await?;
+        client.role_add("root").await?;
+        client.user_grant_role("root", "root").await?;
+        client.auth_enable().await?;
+        self.auth = true;
+        Ok(())
+    }
+
+    /// The options of the harness's own clients: its TLS identity, root once auth is on.
+    fn options(&self) -> etcd_client::ConnectOptions {
+        let mut options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_timeout(Duration::from_secs(5));
+        if let Some(tls) = &self.tls {
+            let read = |path: &std::path::Path| std::fs::read(path).unwrap_or_default();
+            options = options.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca)))
+                    .identity(etcd_client::Identity::from_pem(
+                        read(&tls.cert),
+                        read(&tls.key),
+                    )),
+            );
+        }
+        if self.auth {
+            options = options.with_user("root", ROOT_PASSWORD);
+        }
+        options
+    }
+
     fn new(name: &str) -> Result<Self> {
         Ok(Self {
             child: None,
@@ -40,6 +107,8 @@ impl Etcd {
             client_port: free_port()?,
             peer_port: free_port()?,
             initial_cluster: String::new(),
+            tls: None,
+            auth: false,
         })
     }
 
@@ -65,6 +134,13 @@ impl Etcd {
             .arg("--initial-cluster-token=legate-test")
             .arg("--logger=zap")
             .arg("--log-level=warn");
+        if let Some(tls) = &self.tls {
+            command
+                .arg(format!("--cert-file={}", tls.cert.display()))
+                .arg(format!("--key-file={}", tls.key.display()))
+                .arg(format!("--trusted-ca-file={}", tls.ca.display()))
+                .arg("--client-cert-auth");
+        }
         let log = self.dir.path().join("etcd.log");
         self.child = Some(ChildGuard::spawn("etcd", &command, &log)?);
         Ok(())
@@ -72,15 +148,14 @@ impl Etcd {
 
     async fn wait_ready(&mut self) -> Result<()> {
         let endpoint = self.endpoint();
+        let options = self.options().with_timeout(Duration::from_secs(1));
         let child = self.child.as_mut().context("etcd is not running")?;
         wait_for("etcd to answer", WAIT, || {
             let running = child.check_running();
             let endpoint = endpoint.clone();
+            let options = options.clone();
             async move {
                 running?;
-                let options = etcd_client::ConnectOptions::new()
-                    .with_connect_timeout(Duration::from_secs(1))
-                    .with_timeout(Duration::from_secs(1));
                 let mut client = etcd_client::Client::connect([endpoint], Some(options)).await?;
                 client.status().await?;
                 Ok(Some(()))
@@ -89,9 +164,10 @@ impl Etcd {
         .await
     }
 
-    /// The client URL, e.g. `http://127.0.0.1:41234`.
+    /// The client URL, e.g. `http://127.0.0.1:41234` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// The client address, e.g. `127.0.0.1:41234`.
@@ -101,7 +177,7 @@ impl Etcd {
 
     /// A connected client.
     pub async fn client(&self) -> Result<etcd_client::Client> {
-        etcd_client::Client::connect([self.endpoint()], None)
+        etcd_client::Client::connect([self.endpoint()], Some(self.options()))
             .await
             .context("connecting to etcd")
     }

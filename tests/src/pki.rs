@@ -35,12 +35,30 @@ impl Issued {
         }
     }
 
-    /// As command-line flags with `prefix` (`--grpc` or `--etcd`): `-ca`, `-cert`, `-key`.
-    pub fn flags(&self, prefix: &str) -> Vec<String> {
-        [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)]
+    /// As legate's `--grpc-ca`, `--grpc-cert`, `--grpc-key` flags.
+    pub fn grpc_flags(&self) -> Vec<String> {
+        self.flags(["--grpc-ca", "--grpc-cert", "--grpc-key"])
+    }
+
+    /// As legate's `--etcd-cacert`, `--etcd-cert`, `--etcd-key` flags.
+    pub fn etcd_flags(&self) -> Vec<String> {
+        self.flags(["--etcd-cacert", "--etcd-cert", "--etcd-key"])
+    }
+
+    fn flags(&self, names: [&str; 3]) -> Vec<String> {
+        names
             .into_iter()
-            .flat_map(|(what, path)| [format!("{prefix}-{what}"), path.display().to_string()])
+            .zip([&self.ca, &self.cert, &self.key])
+            .flat_map(|(name, path)| [name.to_owned(), path.display().to_string()])
             .collect()
+    }
+}
+
+impl std::fmt::Debug for Pki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pki")
+            .field("dir", &self.dir.path())
+            .finish()
     }
 }
 

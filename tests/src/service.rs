@@ -70,6 +70,8 @@ pub struct Service {
     name: String,
     log: PathBuf,
     grpc: String,
+    /// The client's files for a TCP listener with mutual TLS.
+    client_tls: legate_proto::transport::TlsArgs,
     metrics: SocketAddr,
     _dir: TempDir,
 }
@@ -97,7 +99,10 @@ impl Service {
             .arg(metrics.to_string())
             .args(args);
         for (key, _) in std::env::vars() {
-            if key.starts_with("LEGATE_") || key.starts_with("ETCD_") || key.starts_with("HOST_") {
+            if ["LEGATE_", "ETCD_", "ETCDCTL_", "HOST_"]
+                .iter()
+                .any(|prefix| key.starts_with(prefix))
+            {
                 command.env_remove(key);
             }
         }
@@ -110,6 +115,7 @@ impl Service {
             name: binary.to_owned(),
             log,
             grpc,
+            client_tls: legate_proto::transport::TlsArgs::default(),
             metrics,
             _dir: dir,
         })
@@ -149,11 +155,25 @@ impl Service {
         self.grpc.clone()
     }
 
-    /// A channel to the gRPC endpoint, connecting on first use.
+    /// Makes the harness's own clients of a TCP listener present `tls` (mutual TLS).
+    pub fn with_client_tls(mut self, tls: legate_proto::transport::TlsArgs) -> Self {
+        self.client_tls = tls;
+        self
+    }
+
+    /// A channel to the gRPC endpoint, connecting on first use: the Unix socket, or the TCP
+    /// listener (`https://` with [`Service::with_client_tls`], else `http://`).
     pub fn channel(&self) -> Result<tonic::transport::Channel> {
+        let endpoint = if self.grpc.starts_with("unix:") {
+            self.grpc.clone()
+        } else if self.client_tls.ca.is_some() {
+            format!("https://{}", self.grpc)
+        } else {
+            format!("http://{}", self.grpc)
+        };
         Ok(legate_proto::transport::channel(
-            &self.grpc,
-            &legate_proto::transport::TlsArgs::default(),
+            &endpoint,
+            &self.client_tls,
         )?)
     }
 

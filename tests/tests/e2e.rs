@@ -316,3 +316,22 @@ async fn a_replica_stopped_gracefully_costs_no_request() {
         ambassador.logs(&[&host])
     );
 }
+
+/// #14: the whole pipeline with every wire secured, as a fleet runs it: the registrar and
+/// confgen reach etcd over TLS with client certificates, the supervisor subscribes to confgen's
+/// TCP listener with mutual TLS. From `docker run` to an answer through HAProxy, and a second
+/// app routed without a reload.
+#[tokio::test]
+async fn the_whole_pipeline_runs_over_mutual_tls() {
+    let ambassador = Ambassador::start_secured(LOCALHOST).await.unwrap();
+    let host = ambassador.host(Ipv4Addr::LOCALHOST, 10).await.unwrap();
+    let _first = run_app(&host, "first.tls.test", "first", &[]).await;
+    wait_answer(&ambassador, &[&host], "first.tls.test", "/", "first").await;
+    let reloads = ambassador.supervised().reloads().await.unwrap();
+    let _second = run_app(&host, "second.tls.test", "second", &[]).await;
+    wait_answer(&ambassador, &[&host], "second.tls.test", "/", "second").await;
+    assert_eq!(ambassador.supervised().reloads().await.unwrap(), reloads);
+    for log in [ambassador.confgen.log(), host.registrar.log()] {
+        assert!(!log.contains("WARN"), "a warning over TLS:\n{log}");
+    }
+}

@@ -219,7 +219,7 @@ async fn over_tcp_each_caller_is_what_its_certificate_names() -> Result<()> {
         "--grpc-admin".to_owned(),
         "ops".to_owned(),
     ];
-    args.extend(confgen_cert.flags("--grpc"));
+    args.extend(confgen_cert.grpc_flags());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let _confgen = Service::confgen(&etcd.endpoint(), free_port()?, &args, &[])?;
     let confgen_url = format!("https://{confgen_addr}");
@@ -288,7 +288,7 @@ async fn over_tcp_each_caller_is_what_its_certificate_names() -> Result<()> {
         "--grpc-admin".to_owned(),
         "ops".to_owned(),
     ];
-    args.extend(node.flags("--grpc"));
+    args.extend(node.grpc_flags());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let supervised = Supervised::new()?;
     let supervisor = supervised.start(Some(&confgen_url), &args)?;
@@ -318,5 +318,222 @@ async fn over_tcp_each_caller_is_what_its_certificate_names() -> Result<()> {
     );
     let mut as_ops = SupervisorClient::new(tls_channel(&supervisor_url, &ops));
     assert_eq!(code(as_ops.apply(snapshot).await), Code::Ok);
+    Ok(())
+}
+
+/// Starts `binary` on etcd with `args` and waits for it to stop on its own; its log.
+async fn refused(binary: &str, args: &[String]) -> String {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut service = match binary {
+        "legate-confgen" => Service::confgen(args[1], free_port().unwrap(), &args[2..], &[]),
+        _ => Service::start(
+            binary,
+            &args,
+            &[("HOST_IP", "127.0.0.1"), ("HOST_ID", "refused")],
+        ),
+    }
+    .unwrap();
+    let status = service
+        .wait_exit(WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{binary} did not stop: {e}\n{}", service.log()));
+    assert!(!status.success(), "{binary}: {status}");
+    service.log()
+}
+
+/// `--etcd-endpoints <endpoint>` and `extra`.
+fn etcd_args(endpoint: &str, extra: &[String]) -> Vec<String> {
+    let mut args = vec!["--etcd-endpoints".to_owned(), endpoint.to_owned()];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Regression: `https://` endpoints were refused and nothing else was possible, so a fleet's
+/// etcd traffic crossed the network in clear. Against an etcd that speaks only TLS and wants a
+/// client certificate: the right files work for confgen and the registrar; no certificate,
+/// another CA's, an expired one, or a server CA that is not etcd's stop the service at once
+/// with the cause, instead of a retry loop that hides it.
+#[tokio::test]
+async fn etcd_over_tls_needs_a_valid_client_certificate_and_says_what_is_wrong() -> Result<()> {
+    let pki = Pki::new("legate etcd CA")?;
+    let etcd = Etcd::start_tls(&pki).await?;
+    let endpoint = etcd.endpoint();
+    assert!(endpoint.starts_with("https://"));
+    let good = pki.issue(&["legate"])?;
+    let other_ca = Pki::new("another CA")?;
+    let stranger = other_ca.issue(&["legate"])?;
+    let expired = pki.issue_expired(&["legate"])?;
+
+    // The right files: confgen syncs, the registrar claims its host id.
+    let args = etcd_args(&endpoint, &good.etcd_flags());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut confgen = Service::confgen(args[1], free_port()?, &args[2..], &[])?;
+    confgen.wait_serving().await?;
+    let mut registrar = Service::start(
+        "legate-registrar",
+        &[&args[..], &["--filter", "label=legate.test.none"]].concat(),
+        &[("HOST_IP", "127.0.0.1"), ("HOST_ID", "tls-host")],
+    )?;
+    registrar.wait_serving().await?;
+    let mut client = etcd.client().await?;
+    let hosts = client.get("/hosts/tls-host", None).await?;
+    assert_eq!(hosts.kvs().len(), 1, "the host record is in etcd");
+
+    // `--etcd-cacert` from `ca`, the client certificate and key from `client`.
+    let files = |ca: &std::path::Path, client: Option<&Issued>| {
+        let mut flags = vec!["--etcd-cacert".to_owned(), ca.display().to_string()];
+        if let Some(client) = client {
+            flags.extend([
+                "--etcd-cert".to_owned(),
+                client.cert.display().to_string(),
+                "--etcd-key".to_owned(),
+                client.key.display().to_string(),
+            ]);
+        }
+        flags
+    };
+    let refused_cert = "etcd refused this client's certificate";
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        ("no client certificate", files(&good.ca, None), refused_cert),
+        (
+            "another CA's",
+            files(&good.ca, Some(&stranger)),
+            refused_cert,
+        ),
+        ("expired", files(&good.ca, Some(&expired)), refused_cert),
+        (
+            "a server CA that is not etcd's",
+            files(&other_ca.ca_file(), Some(&good)),
+            "does not verify against --etcd-cacert",
+        ),
+        (
+            "plain http to a TLS etcd with TLS files",
+            good.etcd_flags(),
+            "use https://",
+        ),
+    ];
+    for (case, extra, cause) in cases {
+        let target = if case.starts_with("plain") {
+            endpoint.replace("https://", "http://")
+        } else {
+            endpoint.clone()
+        };
+        for binary in ["legate-confgen", "legate-registrar"] {
+            let log = refused(binary, &etcd_args(&target, &extra)).await;
+            assert!(
+                log.contains(cause),
+                "{case}, {binary}: no {cause:?} in\n{log}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Regression: there was no etcd user or password at all, so anyone who reached etcd could
+/// write registrations. With authentication on and roles limited to legate's prefix: a writer
+/// registers, a reader is enough for confgen; a wrong password, no credentials, or a reader
+/// as registrar stop the service with the cause.
+#[tokio::test]
+async fn etcd_authentication_with_roles_limited_to_the_prefix() -> Result<()> {
+    let mut etcd = Etcd::start().await?;
+    etcd.enable_auth(
+        &[
+            (
+                "legate-rw",
+                etcd_client::Permission::read_write("/legate/").with_prefix(),
+            ),
+            (
+                "legate-ro",
+                etcd_client::Permission::read("/legate/").with_prefix(),
+            ),
+        ],
+        &[
+            ("registrar", "registrar-secret", "legate-rw"),
+            ("reader", "reader-secret", "legate-ro"),
+        ],
+    )
+    .await?;
+    let secrets = tempfile::tempdir()?;
+    let password = |name: &str, password: &str| {
+        let path = secrets.path().join(name);
+        std::fs::write(&path, format!("{password}\n")).unwrap();
+        path.display().to_string()
+    };
+    let credentials = |user: &str, file: String| {
+        vec![
+            "--prefix".to_owned(),
+            "/legate".to_owned(),
+            "--etcd-user".to_owned(),
+            user.to_owned(),
+            "--etcd-password-file".to_owned(),
+            file,
+        ]
+    };
+    let writer = credentials("registrar", password("registrar", "registrar-secret"));
+    let reader = credentials("reader", password("reader", "reader-secret"));
+    let wrong = credentials("registrar", password("wrong", "guessed"));
+
+    let args = etcd_args(&etcd.endpoint(), &writer);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut registrar = Service::start(
+        "legate-registrar",
+        &[&args[..], &["--filter", "label=legate.test.none"]].concat(),
+        &[("HOST_IP", "127.0.0.1"), ("HOST_ID", "auth-host")],
+    )?;
+    registrar.wait_serving().await?;
+    let mut client = etcd.client().await?;
+    assert_eq!(
+        client
+            .get("/legate/hosts/auth-host", None)
+            .await?
+            .kvs()
+            .len(),
+        1
+    );
+    assert!(
+        !registrar.log().contains("reader-secret") && !registrar.log().contains("registrar-secret"),
+        "a password in the log"
+    );
+
+    let args = etcd_args(&etcd.endpoint(), &reader);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut confgen = Service::confgen(args[1], free_port()?, &args[2..], &[])?;
+    confgen.wait_serving().await?;
+
+    let endpoint = etcd.endpoint();
+    let no_prefix_access = vec!["--prefix".to_owned(), "/other".to_owned()];
+    let cases: Vec<(&str, &str, Vec<String>, &str)> = vec![
+        (
+            "legate-registrar",
+            "a wrong password",
+            wrong.clone(),
+            "authentication failed",
+        ),
+        (
+            "legate-confgen",
+            "a wrong password",
+            wrong,
+            "authentication failed",
+        ),
+        (
+            "legate-confgen",
+            "no credentials",
+            no_prefix_access,
+            "--etcd-user",
+        ),
+        (
+            "legate-registrar",
+            "a reader as registrar",
+            reader,
+            "permission denied",
+        ),
+    ];
+    for (binary, case, extra, cause) in cases {
+        let log = refused(binary, &etcd_args(&endpoint, &extra)).await;
+        assert!(
+            log.contains(cause),
+            "{case}, {binary}: no {cause:?} in\n{log}"
+        );
+    }
     Ok(())
 }
