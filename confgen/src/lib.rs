@@ -60,9 +60,12 @@ pub struct Config {
     #[arg(long, env = "LEGATE_HTTP_PORT", default_value_t = 80,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub http_port: u16,
-    /// Address the HTTP frontend and the TCP service listeners bind.
-    #[arg(long, env = "LEGATE_BIND_ADDRESS", default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
-    pub bind_address: IpAddr,
+    /// Addresses the HTTP frontend and the TCP service listeners bind, comma-separated.
+    /// `auto`: loopback and the Docker bridge's gateway (`docker0`), where this host's
+    /// containers reach the ambassador (`host-gateway`); `0.0.0.0` for every interface.
+    #[arg(long, env = "LEGATE_BIND_ADDRESS", default_value = "auto",
+          value_parser = BindAddresses::parse)]
+    pub bind_address: BindAddresses,
     /// A directory whose files the configuration may name (certificates, error pages);
     /// repeatable. Any other file reference in the template's output is refused.
     #[arg(long = "allowed-file-dir", env = "LEGATE_ALLOWED_FILE_DIRS", value_delimiter = ',',
@@ -90,6 +93,86 @@ pub struct Config {
     /// Prometheus metrics listen address.
     #[arg(long, env = "LEGATE_METRICS_LISTEN", default_value = "127.0.0.1:9402")]
     pub metrics_listen: SocketAddr,
+}
+
+impl runtime::Check for Config {
+    fn check(&self) -> Result<(), String> {
+        self.etcd.check()?;
+        self.grpc.check(&self.listen)
+    }
+}
+
+/// Where HAProxy listens (`--bind-address`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindAddresses {
+    /// Loopback and the Docker bridge's gateway, found at start.
+    Auto,
+    /// These addresses.
+    List(Vec<IpAddr>),
+}
+
+/// The interface of Docker's default bridge, whose address `host-gateway` resolves to.
+const DOCKER_BRIDGE: &str = "docker0";
+
+impl BindAddresses {
+    /// Parses `auto` or a comma list of distinct addresses; an unspecified address (every
+    /// interface) stands alone.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(Self::Auto);
+        }
+        let mut list: Vec<IpAddr> = Vec::new();
+        for part in s.split(',') {
+            let ip: IpAddr = part.trim().parse().map_err(|_| {
+                format!(
+                    "'{}' is not an IP address (or `auto`)",
+                    part.escape_default()
+                )
+            })?;
+            if list.contains(&ip) {
+                return Err(format!("{ip} is given twice"));
+            }
+            list.push(ip);
+        }
+        if list.len() > 1 && list.iter().any(IpAddr::is_unspecified) {
+            return Err(
+                "an unspecified address (every interface) cannot be combined with others"
+                    .to_owned(),
+            );
+        }
+        Ok(Self::List(list))
+    }
+
+    /// The addresses: for `auto`, 127.0.0.1 and `docker0`'s IPv4 address when it has one
+    /// (without it, only loopback, with a warning).
+    pub fn resolve(&self) -> Vec<IpAddr> {
+        match self {
+            Self::List(list) => list.clone(),
+            Self::Auto => {
+                let mut binds = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
+                match docker_bridge() {
+                    Some(gateway) => binds.push(IpAddr::V4(gateway)),
+                    None => warn!(
+                        interface = DOCKER_BRIDGE,
+                        "no Docker bridge address: HAProxy listens on loopback only, which \
+                         containers cannot reach; set --bind-address"
+                    ),
+                }
+                binds
+            }
+        }
+    }
+}
+
+/// The IPv4 address of the Docker bridge interface, if it has one.
+fn docker_bridge() -> Option<Ipv4Addr> {
+    nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter(|interface| interface.interface_name == DOCKER_BRIDGE)
+        .find_map(|interface| {
+            let address = interface.address?;
+            address.as_sockaddr_in().map(|a| a.ip())
+        })
 }
 
 /// The `--wait` setting.
@@ -186,16 +269,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let host = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let binds = config.bind_address.resolve();
     let settings = Settings {
-        http_bind: SocketAddr::new(config.bind_address, config.http_port),
-        bind_address: config.bind_address,
+        binds,
+        http_port: config.http_port,
         generator: format!("confgen@{host}"),
         allowed_file_dirs: config.allowed_file_dirs.clone(),
     };
     let schema = Schema::new(config.etcd.prefix.clone());
     info!(
         etcd = ?config.etcd.endpoints(), prefix = %schema.prefix(),
-        template = ?config.template, wait = ?config.wait, http = %settings.http_bind,
+        template = ?config.template, wait = ?config.wait, binds = ?settings.binds,
+        http_port = settings.http_port,
         output = ?config.output, "confgen starting"
     );
 

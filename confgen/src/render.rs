@@ -10,7 +10,7 @@
 //! validation, so none can carry configuration syntax. The map files are not templated:
 //! confgen writes them from the model, so the supervisor can change their entries at runtime.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use handlebars::{
@@ -70,10 +70,11 @@ pub enum Item {
 /// What a template renders with, besides the model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
-    /// Address of the HTTP frontend.
-    pub http_bind: SocketAddr,
-    /// Address the TCP service listeners bind, on their service port.
-    pub bind_address: IpAddr,
+    /// Addresses the HTTP frontend (on `http_port`) and the TCP service listeners (on their
+    /// service ports) bind; never empty.
+    pub binds: Vec<IpAddr>,
+    /// Port of the HTTP frontend.
+    pub http_port: u16,
     /// Who renders, e.g. `confgen@host-a`.
     pub generator: String,
     /// Directories whose files the output may name (certificates, error pages); none by default.
@@ -91,10 +92,13 @@ struct MapNames {
 #[derive(Debug, Serialize)]
 struct Context<'a> {
     generator: &'a str,
-    /// `address:port` of the HTTP frontend, e.g. `0.0.0.0:80` or `[::]:80`.
+    /// `address:port` of the HTTP frontend, comma-separated for several addresses, e.g.
+    /// `127.0.0.1:80,172.17.0.1:80` or `[::]:80`.
     http_bind: String,
     http_port: u16,
-    /// Address for `bind <address>:<port>`, e.g. `0.0.0.0` or `[::]`.
+    /// Addresses for `bind <address>:<port>` lines, e.g. `127.0.0.1` or `[::]`.
+    bind_addresses: Vec<String>,
+    /// The first of `bind_addresses` (templates written for a single address).
     bind_address: String,
     maps: MapNames,
     hosts: &'a [v1::Host],
@@ -146,15 +150,24 @@ impl Renderer {
         model: &Arc<Model>,
         settings: &Settings,
     ) -> Result<Rendered, RenderError> {
-        let bind_address = match settings.bind_address {
-            IpAddr::V4(ip) => ip.to_string(),
-            IpAddr::V6(ip) => format!("[{ip}]"),
-        };
+        let bind_addresses: Vec<String> = settings
+            .binds
+            .iter()
+            .map(|ip| match ip {
+                IpAddr::V4(ip) => ip.to_string(),
+                IpAddr::V6(ip) => format!("[{ip}]"),
+            })
+            .collect();
+        let http_bind: Vec<String> = bind_addresses
+            .iter()
+            .map(|address| format!("{address}:{}", settings.http_port))
+            .collect();
         let context = Context {
             generator: &settings.generator,
-            http_bind: settings.http_bind.to_string(),
-            http_port: settings.http_bind.port(),
-            bind_address,
+            http_bind: http_bind.join(","),
+            http_port: settings.http_port,
+            bind_address: bind_addresses.first().cloned().unwrap_or_default(),
+            bind_addresses,
             maps: MapNames {
                 hosts: HOSTS_MAP,
                 wildcards: WILDCARDS_MAP,

@@ -1,6 +1,6 @@
 //! Unit tests of the pure core: registry parsing, model building, rendering, `--wait`.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,7 +8,7 @@ use legate_proto::registry::{Prefix, Schema};
 
 use crate::model::{self, HOSTS_MAP, Registry, Slots, WILDCARDS_MAP};
 use crate::render::{DEFAULT_TEMPLATE, Item, RenderError, Renderer, Settings};
-use crate::{Wait, parse_wait};
+use crate::{BindAddresses, Wait, parse_wait};
 
 fn id(n: u32) -> String {
     format!("{:08x}{n:056x}", n.wrapping_mul(2_654_435_761))
@@ -20,8 +20,8 @@ fn registry(prefix: &str) -> Registry {
 
 fn settings() -> Settings {
     Settings {
-        http_bind: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 8080)),
-        bind_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        binds: vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)],
+        http_port: 8080,
         generator: "confgen@test".to_owned(),
         allowed_file_dirs: Vec::new(),
     }
@@ -297,14 +297,14 @@ fn default_template_renders_checks_listeners_and_no_global() {
         1,
     );
     let mut settings = settings();
-    settings.bind_address = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+    settings.binds = vec![IpAddr::V6(Ipv6Addr::UNSPECIFIED)];
     let rendered = Renderer::new(DEFAULT_TEMPLATE)
         .unwrap()
         .render(&Arc::new(registry.model(&[])), &settings)
         .unwrap();
     let config = &rendered.config;
     for line in [
-        "    bind 0.0.0.0:8080",
+        "    bind [::]:8080",
         "    http-check send meth GET uri /healthz ver HTTP/1.1 hdr Host blog.example.com",
         &format!(
             "    server {}-10.0.0.1-80 10.0.0.1:80 weight 5 check",
@@ -328,6 +328,55 @@ fn default_template_renders_checks_listeners_and_no_global() {
         rendered.checksum,
         legate_proto::checksum(config, &rendered.maps)
     );
+}
+
+#[test]
+fn haproxy_listens_on_every_bind_address_and_auto_starts_with_loopback() {
+    let mut registry = registry("");
+    registry.reset(
+        vec![(service("db", 3306, 1, "10.0.0.2:3306"), Vec::new())],
+        1,
+    );
+    let mut settings = settings();
+    settings.binds = vec![
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V4(Ipv4Addr::new(172, 17, 0, 1)),
+    ];
+    let rendered = Renderer::new(DEFAULT_TEMPLATE)
+        .unwrap()
+        .render(&Arc::new(registry.model(&[])), &settings)
+        .unwrap();
+    let binds: Vec<&str> = rendered
+        .config
+        .lines()
+        .filter(|l| l.trim_start().starts_with("bind "))
+        .collect();
+    assert_eq!(
+        binds,
+        [
+            "    bind 127.0.0.1:8080,172.17.0.1:8080",
+            "    bind 127.0.0.1:3306",
+            "    bind 172.17.0.1:3306",
+        ]
+    );
+
+    assert_eq!(BindAddresses::parse("auto").unwrap(), BindAddresses::Auto);
+    let auto = BindAddresses::Auto.resolve();
+    assert_eq!(auto[0], IpAddr::V4(Ipv4Addr::LOCALHOST));
+    assert!(auto.len() <= 2 && auto.iter().all(|ip| !ip.is_unspecified()));
+    assert_eq!(
+        BindAddresses::parse("127.0.0.1,::1").unwrap(),
+        BindAddresses::List(vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()])
+    );
+    for bad in [
+        "",
+        "localhost",
+        "0.0.0.0,127.0.0.1",
+        "127.0.0.1,127.0.0.1",
+        "auto,::1",
+    ] {
+        assert!(BindAddresses::parse(bad).is_err(), "{bad:?} accepted");
+    }
 }
 
 #[test]

@@ -266,20 +266,8 @@ impl EtcdArgs {
             std::fs::read(path)
                 .map_err(|e| EtcdError::fatal(format!("{flag} {}: {e}", path.display())))
         };
-        let endpoints = self.endpoints();
-        let https = endpoints
-            .iter()
-            .filter(|e| e.starts_with("https://"))
-            .count();
-        if https > 0 && https < endpoints.len() {
-            return Err(EtcdError::fatal(
-                "etcd endpoints mix http:// and https://".to_owned(),
-            ));
-        }
-        if https > 0 {
-            let ca = self.etcd_cacert.as_deref().ok_or_else(|| {
-                EtcdError::fatal("https:// etcd endpoints need --etcd-cacert".to_owned())
-            })?;
+        self.check().map_err(EtcdError::fatal)?;
+        if let Some(ca) = self.etcd_cacert.as_deref() {
             let mut tls = etcd_client::TlsOptions::new().ca_certificate(
                 etcd_client::Certificate::from_pem(read("--etcd-cacert", ca)?),
             );
@@ -290,10 +278,6 @@ impl EtcdArgs {
                 ));
             }
             options = options.with_tls(tls);
-        } else if self.etcd_cacert.is_some() || self.etcd_cert.is_some() {
-            return Err(EtcdError::fatal(
-                "etcd TLS files are set but the endpoints are http://: use https://".to_owned(),
-            ));
         }
         if let (Some(user), Some(file)) = (&self.etcd_user, &self.etcd_password_file) {
             let password = String::from_utf8(read("--etcd-password-file", file)?)
@@ -309,6 +293,37 @@ impl EtcdArgs {
         }
         Ok(options)
     }
+}
+
+impl EtcdArgs {
+    /// What the flags cannot say alone: https:// endpoints need `--etcd-cacert`, TLS files
+    /// need https://, and all endpoints use one scheme.
+    pub fn check(&self) -> Result<(), String> {
+        let endpoints = self.endpoints();
+        let https = endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        if https > 0 && https < endpoints.len() {
+            return Err("etcd endpoints mix http:// and https://".to_owned());
+        }
+        if https > 0 && self.etcd_cacert.is_none() {
+            return Err("https:// etcd endpoints need --etcd-cacert".to_owned());
+        }
+        if https == 0 && (self.etcd_cacert.is_some() || self.etcd_cert.is_some()) {
+            return Err(
+                "etcd TLS files are set but the endpoints are http://: use https://".to_owned(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Checks of a service's configuration that involve several flags, run after clap's own: a
+/// failure is a bad configuration like any other (exit status 64).
+pub trait Check {
+    /// What is wrong, if anything.
+    fn check(&self) -> Result<(), String>;
 }
 
 /// clap value parser for `--etcd-user`: a name alone (etcdctl's `user:password` would put the
@@ -473,17 +488,23 @@ pub fn parse_host_ip(s: &str) -> Result<HostIp, String> {
     HostIp::parse(s).map_err(|e| e.to_string())
 }
 
-/// Parses the command line; on `--help`/`--version` prints and returns success, on a bad
-/// configuration prints the error and returns [`EXIT_CONFIG`].
-pub fn parse_args<T: Parser>() -> Result<T, ExitCode> {
-    T::try_parse().map_err(|e| {
+/// Parses the command line and [`Check`]s it; on `--help`/`--version` prints and returns
+/// success, on a bad configuration prints the error and returns [`EXIT_CONFIG`].
+pub fn parse_args<T: Parser + Check>() -> Result<T, ExitCode> {
+    let args = T::try_parse().map_err(|e| {
         let _ = e.print();
         if e.use_stderr() {
             ExitCode::from(EXIT_CONFIG)
         } else {
             ExitCode::SUCCESS
         }
-    })
+    })?;
+    if let Err(why) = args.check() {
+        let error = T::command().error(clap::error::ErrorKind::ArgumentConflict, why);
+        let _ = error.print();
+        return Err(ExitCode::from(EXIT_CONFIG));
+    }
+    Ok(args)
 }
 
 /// This host's id: `configured` (`--host-id`/`HOST_ID`), else the host name if it is a valid

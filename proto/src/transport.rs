@@ -95,29 +95,27 @@ struct TlsFiles {
 }
 
 impl TlsArgs {
-    fn load(&self) -> Result<Option<TlsFiles>, RuntimeError> {
-        let read = |flag: &str, path: &Option<PathBuf>| -> Result<Option<Vec<u8>>, RuntimeError> {
-            path.as_ref()
-                .map(|path| {
-                    std::fs::read(path)
-                        .map_err(|e| RuntimeError::Tls(format!("{flag} {}: {e}", path.display())))
-                })
-                .transpose()
-        };
-        match (
-            read("--grpc-ca", &self.ca)?,
-            read("--grpc-cert", &self.cert)?,
-            read("--grpc-key", &self.key)?,
-        ) {
-            (None, None, None) => Ok(None),
-            (Some(ca), Some(cert), Some(key)) => Ok(Some(TlsFiles {
-                ca: Certificate::from_pem(ca),
-                identity: Identity::from_pem(cert, key),
-            })),
-            _ => Err(RuntimeError::Tls(
-                "--grpc-ca, --grpc-cert and --grpc-key go together".to_owned(),
-            )),
+    /// Whether all three files are given, or none; an error when only some are.
+    fn complete(&self) -> Result<bool, String> {
+        match (&self.ca, &self.cert, &self.key) {
+            (None, None, None) => Ok(false),
+            (Some(_), Some(_), Some(_)) => Ok(true),
+            _ => Err("--grpc-ca, --grpc-cert and --grpc-key go together".to_owned()),
         }
+    }
+
+    fn load(&self) -> Result<Option<TlsFiles>, RuntimeError> {
+        let (Some(ca), Some(cert), Some(key)) = (&self.ca, &self.cert, &self.key) else {
+            return self.complete().map(|_| None).map_err(RuntimeError::Tls);
+        };
+        let read = |flag: &str, path: &Path| {
+            std::fs::read(path)
+                .map_err(|e| RuntimeError::Tls(format!("{flag} {}: {e}", path.display())))
+        };
+        Ok(Some(TlsFiles {
+            ca: Certificate::from_pem(read("--grpc-ca", ca)?),
+            identity: Identity::from_pem(read("--grpc-cert", cert)?, read("--grpc-key", key)?),
+        }))
     }
 }
 
@@ -141,6 +139,21 @@ pub struct ServerArgs {
     /// Labs only: allow plain gRPC on a TCP address, where every caller administers.
     #[arg(long = "grpc-insecure", env = "LEGATE_GRPC_INSECURE")]
     pub insecure: bool,
+}
+
+impl ServerArgs {
+    /// What the flags cannot say alone: TCP needs mutual TLS or `--grpc-insecure`, and the
+    /// TLS files go together.
+    pub fn check(&self, listen: &Listen) -> Result<(), String> {
+        let tls = self.tls.complete()?;
+        match listen {
+            Listen::Tcp(addr) if !tls && !self.insecure => Err(format!(
+                "gRPC on TCP {addr} needs mutual TLS (--grpc-cert, --grpc-key, --grpc-ca), \
+                 or --grpc-insecure in a lab; the default is a Unix socket"
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Who called: set by the server's authentication layer on every request.
@@ -286,16 +299,8 @@ impl GrpcServer {
     /// Checks `listen` against `args`: TCP needs mutual TLS or `--grpc-insecure`; TLS files are
     /// read now, so a missing or unreadable one stops the service at start.
     pub fn new(listen: &Listen, args: &ServerArgs) -> Result<Self, RuntimeError> {
+        args.check(listen).map_err(RuntimeError::Tls)?;
         let tls = args.tls.load()?;
-        if let Listen::Tcp(addr) = listen
-            && tls.is_none()
-            && !args.insecure
-        {
-            return Err(RuntimeError::Tls(format!(
-                "gRPC on TCP {addr} needs mutual TLS (--grpc-cert, --grpc-key, --grpc-ca), \
-                 or --grpc-insecure in a lab; the default is a Unix socket"
-            )));
-        }
         Ok(Self {
             listen: listen.clone(),
             tls,

@@ -94,6 +94,13 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
 }
 
+impl runtime::Check for Config {
+    fn check(&self) -> Result<(), String> {
+        self.etcd.check()?;
+        self.grpc.check(&self.listen)
+    }
+}
+
 fn parse_filter(s: &str) -> Result<String, String> {
     match s.strip_prefix("label=") {
         Some(label) if !label.is_empty() && !label.contains(char::is_whitespace) => {

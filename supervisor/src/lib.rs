@@ -106,6 +106,12 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
 }
 
+impl runtime::Check for Config {
+    fn check(&self) -> Result<(), String> {
+        self.grpc.check(&self.listen)
+    }
+}
+
 /// A directory that can appear in HAProxy's configuration and command line as is.
 fn parse_dir(s: &str) -> Result<PathBuf, String> {
     if s.is_empty()

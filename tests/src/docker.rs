@@ -290,6 +290,9 @@ pub async fn get_from_container(network: &Network, url: &str, host: &str) -> Res
     let consumer = Container::create(&[
         "--network",
         network.name(),
+        // What the README's usage does: the host's ambassador by name.
+        "--add-host",
+        "legate-ambassador:host-gateway",
         &images()?.http_app,
         // No `-T`: busybox 1.35's wget crashes with it; the timeout below bounds the request.
         "wget",

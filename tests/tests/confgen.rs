@@ -264,8 +264,8 @@ async fn golden_outputs_are_stable_and_haproxy_accepts_them() {
     ];
     let mut renderer = Renderer::new(DEFAULT_TEMPLATE).unwrap();
     let settings = Settings {
-        http_bind: "0.0.0.0:80".parse().unwrap(),
-        bind_address: "0.0.0.0".parse().unwrap(),
+        binds: vec!["0.0.0.0".parse().unwrap()],
+        http_port: 80,
         generator: "confgen@golden".to_owned(),
         allowed_file_dirs: Vec::new(),
     };

@@ -71,7 +71,7 @@ async fn a_bad_configuration_exits_with_64_and_says_why() {
         &'static [(&'static str, &'static str)],
         &'static str,
     );
-    let cases: [Case; 6] = [
+    let cases: [Case; 9] = [
         (
             "legate-registrar",
             &[],
@@ -82,7 +82,25 @@ async fn a_bad_configuration_exits_with_64_and_says_why() {
             "legate-registrar",
             &[],
             &[("ETCD_HOST", "https://etcd:2379")],
-            "TLS",
+            "need --etcd-cacert",
+        ),
+        (
+            "legate-registrar",
+            &["--etcd-cacert", "/ca.pem"],
+            &[],
+            "use https://",
+        ),
+        (
+            "legate-confgen",
+            &["--listen", "127.0.0.1:7999"],
+            &[],
+            "needs mutual TLS",
+        ),
+        (
+            "legate-supervisor",
+            &["--grpc-ca", "/ca.pem"],
+            &[],
+            "go together",
         ),
         ("legate-confgen", &["--prefix", "legate/"], &[], "prefix"),
         ("legate-supervisor", &["--log-format", "xml"], &[], "xml"),

@@ -125,6 +125,22 @@ fn the_systemd_units_verify_restart_on_failure_and_are_hardened() {
     }
     verify(&units).unwrap();
 
+    // With the TLS drop-in (read by systemd after the unit, as a file appended to it).
+    let drop_in = std::fs::read_to_string(repo().join("deploy/systemd/tls.conf")).unwrap();
+    let with_tls: Vec<PathBuf> = units
+        .iter()
+        .map(|unit| {
+            let path = dir.path().join(format!(
+                "tls-{}",
+                unit.file_name().unwrap().to_string_lossy()
+            ));
+            let text = std::fs::read_to_string(unit).unwrap();
+            std::fs::write(&path, format!("{text}\n{drop_in}")).unwrap();
+            path
+        })
+        .collect();
+    verify(&with_tls).unwrap();
+
     // The supervisor subscribes on the socket confgen listens on, in confgen's runtime
     // directory; each socket is in its own unit's runtime directory.
     let unit = |service: &str| repo().join(format!("deploy/systemd/{service}.service"));
@@ -202,14 +218,21 @@ struct Stack {
     env: Vec<(String, String)>,
     project: String,
     http: u16,
+    /// The host directory of the stack's gRPC sockets (`LEGATE_SOCKET_DIR`).
+    sockets: tempfile::TempDir,
 }
 
 impl Stack {
     fn new() -> Result<Self> {
         let project = format!("legate-test-{}", docker::run_id());
         let http = free_port()?;
+        let sockets = tempfile::Builder::new().prefix("legate-stack-").tempdir()?;
         let mut env = vec![
             ("LEGATE_PROJECT".to_owned(), project.clone()),
+            (
+                "LEGATE_SOCKET_DIR".to_owned(),
+                sockets.path().display().to_string(),
+            ),
             ("LEGATE_HTTP_PORT".to_owned(), http.to_string()),
             ("HOST_IP".to_owned(), "127.0.0.1".to_owned()),
             ("HOST_ID".to_owned(), project.clone()),
@@ -228,7 +251,12 @@ impl Stack {
         ] {
             env.push((name.to_owned(), free_port()?.to_string()));
         }
-        Ok(Self { env, project, http })
+        Ok(Self {
+            env,
+            project,
+            http,
+            sockets,
+        })
     }
 
     /// `deploy/stack <args>` with this stack's environment; legate's own variables of the
@@ -239,7 +267,12 @@ impl Stack {
             .arg(repo().join("deploy/stack"))
             .args(args)
             .current_dir(repo());
-        for key in ["ETCD_ENDPOINTS", "ETCD_HOST", "LEGATE_IMAGE"] {
+        for key in [
+            "ETCD_ENDPOINTS",
+            "ETCD_HOST",
+            "LEGATE_IMAGE",
+            "LEGATE_TLS_DIR",
+        ] {
             command.env_remove(key);
         }
         command.envs(self.env.iter().map(|(k, v)| (k, v)));
@@ -366,17 +399,29 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
     .await
     .unwrap();
 
-    // From another container: the ambassador listens on the host, at the network's gateway.
+    // From a container on a network of its own: the ambassador listens on the host's Docker
+    // bridge (`LEGATE_BIND_ADDRESS=auto`), which `host-gateway` names.
     let network = Network::create("stack").await.unwrap();
-    let url = format!(
-        "http://{}:{}/",
-        network.gateway().await.unwrap(),
-        stack.http
-    );
+    let url = format!("http://legate-ambassador:{}/", stack.http);
     let answer = get_from_container(&network, &url, "quick.test")
         .await
         .unwrap();
     assert_eq!(answer, "quick-app");
+
+    // The registrar's API, from the host, on its socket: what it registered.
+    let socket = format!("unix:{}/registrar.sock", stack.sockets.path().display());
+    let channel =
+        legate_proto::transport::channel(&socket, &legate_proto::transport::TlsArgs::default())
+            .unwrap();
+    let list = legate_proto::v1::registrar_client::RegistrarClient::new(channel)
+        .list(legate_proto::v1::ListRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        list.registrations.iter().any(|r| r.domain == "quick.test"),
+        "{list:?}"
+    );
 
     assert!(!stack.leftovers().await.unwrap().is_empty());
     stack
@@ -385,4 +430,31 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
         .unwrap();
     let left = stack.leftovers().await.unwrap();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// With `LEGATE_TLS_DIR`, `deploy/stack` adds `compose/tls.yml`: the services get the files
+/// from that directory, bind-mounted read-only, and only their paths in the environment.
+#[test]
+fn the_tls_files_are_mounted_read_only_and_only_their_paths_are_in_the_environment() {
+    let stack = Stack::new().unwrap();
+    let tls = tempfile::tempdir().unwrap();
+    let output = stack
+        .command(&["config"])
+        .env("LEGATE_TLS_DIR", tls.path())
+        .output()
+        .unwrap();
+    let config = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{config}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mount = format!("{}:/etc/legate/tls:ro", tls.path().display());
+    assert_eq!(config.matches(&mount).count(), 3, "{config}");
+    for line in [
+        "ETCDCTL_CACERT: /etc/legate/tls/ca.pem",
+        "LEGATE_GRPC_KEY: /etc/legate/tls/node-key.pem",
+    ] {
+        assert!(config.contains(line), "no {line:?} in\n{config}");
+    }
 }
