@@ -5,6 +5,7 @@
 //! all of them on a full resync, so a reconcile inspects only what changed.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 
 use bollard::Docker;
 use bollard::models::{ContainerInspectResponse, EventMessage, HealthStatusEnum};
@@ -13,11 +14,81 @@ use futures_util::{Stream, StreamExt};
 
 use crate::conventions::{Binding, ContainerInfo, Health};
 
+/// How the registrar reaches the Docker engine, with the docker CLI's variables. Only read
+/// calls are made (list, inspect, events), but the API has no read-only mode: whoever reaches
+/// it is root on the host, hence TLS with client certificates for `tcp://`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DockerArgs {
+    /// Docker engine to watch: `unix:///path` or `tcp://host:port`.
+    #[arg(
+        long = "docker-host",
+        env = "DOCKER_HOST",
+        default_value = "unix:///var/run/docker.sock"
+    )]
+    pub docker_host: String,
+    /// TLS to a `tcp://` engine: verify its certificate against `ca.pem` and present
+    /// `cert.pem`/`key.pem`, all from `--docker-cert-path`.
+    /// Any value but empty, `0`, `false`, `no`, `off` turns it on.
+    #[arg(long = "docker-tls-verify", env = "DOCKER_TLS_VERIFY",
+          value_parser = clap::builder::FalseyValueParser::new())]
+    pub docker_tls_verify: bool,
+    /// Directory of `ca.pem`, `cert.pem` and `key.pem` for `--docker-tls-verify`.
+    #[arg(long = "docker-cert-path", env = "DOCKER_CERT_PATH")]
+    pub docker_cert_path: Option<PathBuf>,
+}
+
+/// Seconds a Docker API call may take (bollard's default).
+const DOCKER_TIMEOUT: u64 = 120;
+
+impl DockerArgs {
+    /// What the flags cannot say alone: TLS needs a `tcp://` host and the certificates'
+    /// directory.
+    pub fn check(&self) -> Result<(), String> {
+        let tcp = self.docker_host.starts_with("tcp://");
+        if !tcp && !self.docker_host.starts_with("unix://") {
+            return Err(format!(
+                "Docker host '{}' is neither unix:// nor tcp://",
+                self.docker_host.escape_default()
+            ));
+        }
+        if self.docker_tls_verify && !tcp {
+            return Err("--docker-tls-verify needs a tcp:// Docker host".to_owned());
+        }
+        if self.docker_tls_verify && self.docker_cert_path.is_none() {
+            return Err("--docker-tls-verify needs --docker-cert-path".to_owned());
+        }
+        Ok(())
+    }
+
+    /// Whether the engine is reached over TCP without TLS.
+    pub fn plain_tcp(&self) -> bool {
+        self.docker_host.starts_with("tcp://") && !self.docker_tls_verify
+    }
+
+    fn connect(&self) -> Result<Docker, bollard::errors::Error> {
+        let version = bollard::API_DEFAULT_VERSION;
+        match &self.docker_cert_path {
+            Some(dir) if self.docker_tls_verify => Docker::connect_with_ssl(
+                &self.docker_host,
+                &dir.join("key.pem"),
+                &dir.join("cert.pem"),
+                &dir.join("ca.pem"),
+                DOCKER_TIMEOUT,
+                version,
+            ),
+            _ if self.docker_host.starts_with("tcp://") => {
+                Docker::connect_with_http(&self.docker_host, DOCKER_TIMEOUT, version)
+            }
+            _ => Docker::connect_with_unix(&self.docker_host, DOCKER_TIMEOUT, version),
+        }
+    }
+}
+
 /// Docker errors.
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
     /// The engine could not be reached or answered an error.
-    #[error("docker: {0}")]
+    #[error("docker: {}", legate_proto::runtime::error_chain(.0))]
     Api(#[from] bollard::errors::Error),
 }
 
@@ -94,10 +165,12 @@ pub struct DockerSource {
 }
 
 impl DockerSource {
-    /// Connects to `host` (`unix:///var/run/docker.sock`, `tcp://...`) and negotiates the API
-    /// version with the engine.
-    pub async fn connect(host: &str, label_filters: Vec<String>) -> Result<Self, DockerError> {
-        let docker = Docker::connect_with_host(host)?.negotiate_version().await?;
+    /// Connects to the engine of `args` and negotiates the API version with it.
+    pub async fn connect(
+        args: &DockerArgs,
+        label_filters: Vec<String>,
+    ) -> Result<Self, DockerError> {
+        let docker = args.connect()?.negotiate_version().await?;
         Ok(Self {
             docker,
             label_filters,

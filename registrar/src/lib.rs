@@ -33,7 +33,7 @@ use tokio_util::task::TaskTracker;
 use tonic_health::ServingStatus;
 use tracing::{debug, info, warn};
 
-use crate::docker::DockerSource;
+use crate::docker::{DockerArgs, DockerSource};
 use crate::reconciler::Reconciler;
 use crate::store::{Store, StoreError};
 
@@ -63,13 +63,8 @@ pub struct Config {
     #[arg(long, env = "LEGATE_RESYNC_INTERVAL", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub resync_interval: u64,
-    /// Docker engine to watch.
-    #[arg(
-        long,
-        env = "DOCKER_HOST",
-        default_value = "unix:///var/run/docker.sock"
-    )]
-    pub docker_host: String,
+    #[command(flatten)]
+    pub docker: DockerArgs,
     /// Only consider containers matching this filter, `label=<key>` or `label=<key>=<value>`;
     /// repeatable. Lets several registrars share one Docker engine.
     #[arg(long = "filter", env = "LEGATE_CONTAINER_FILTER", value_parser = parse_filter)]
@@ -97,6 +92,7 @@ pub struct Config {
 impl runtime::Check for Config {
     fn check(&self) -> Result<(), String> {
         self.etcd.check()?;
+        self.docker.check()?;
         self.grpc.check(&self.listen)
     }
 }
@@ -148,6 +144,13 @@ enum Trigger {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let host_id = runtime::host_id(config.host_id.as_ref()).map_err(Error::Identity)?;
     let grpc = GrpcServer::new(&config.listen, &config.grpc)?;
+    if config.docker.plain_tcp() {
+        warn!(
+            docker = config.docker.docker_host,
+            "the Docker API over TCP without TLS: anyone who reaches it is root on that host; \
+             set DOCKER_TLS_VERIFY and DOCKER_CERT_PATH"
+        );
+    }
     let host_ip = match config.host_ip {
         Some(ip) => ip,
         None => {
@@ -162,7 +165,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let schema = Schema::new(config.etcd.prefix.clone());
     info!(
         %host_id, %host_ip, instance, prefix = %schema.prefix(), etcd = ?config.etcd.endpoints(),
-        docker = config.docker_host, filters = ?config.filters, lease_ttl = config.lease_ttl,
+        docker = config.docker.docker_host, docker_tls = config.docker.docker_tls_verify, filters = ?config.filters, lease_ttl = config.lease_ttl,
         "registrar starting"
     );
 
@@ -185,7 +188,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
     let started = async {
         let source = retry("connecting to Docker", &tasks, || {
-            DockerSource::connect(&config.docker_host, config.filters.clone())
+            DockerSource::connect(&config.docker, config.filters.clone())
         })
         .await?;
         let client = match config.etcd.connect_retrying(&tasks).await {
@@ -240,7 +243,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     ));
     tracker.spawn(guard(store.clone(), lease_rx.clone(), tasks.clone()));
     tracker.spawn(follow_events(
-        config.docker_host.clone(),
+        config.docker.clone(),
         config.filters.clone(),
         trigger_tx.clone(),
         tasks.clone(),
@@ -356,14 +359,14 @@ async fn guard(mut store: Store, lease: watch::Receiver<i64>, shutdown: Cancella
 
 /// Follows Docker's events; a lost stream reconnects with backoff and triggers a full resync.
 async fn follow_events(
-    host: String,
+    docker: DockerArgs,
     filters: Vec<String>,
     trigger: mpsc::Sender<Trigger>,
     shutdown: CancellationToken,
 ) {
     let mut delays = backoff();
     while !shutdown.is_cancelled() {
-        match DockerSource::connect(&host, filters.clone()).await {
+        match DockerSource::connect(&docker, filters.clone()).await {
             Ok(source) => {
                 let mut events = std::pin::pin!(source.events());
                 // Anything may have happened while the stream was down.

@@ -2,6 +2,7 @@
 //! files in a temporary directory, as operators would hand them to legate and etcd.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Result;
 use legate_proto::transport::TlsArgs;
@@ -9,6 +10,7 @@ use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DnType, IsCa, KeyPair, date_time_ymd,
 };
 use tempfile::TempDir;
+use tokio_rustls::rustls;
 
 /// A CA and the directory its files go to.
 pub struct Pki {
@@ -85,6 +87,31 @@ impl Pki {
     /// which etcd takes as the user name), valid now.
     pub fn issue(&self, names: &[&str]) -> Result<Issued> {
         self.sign(names, false)
+    }
+
+    /// A TLS server configuration for `names` that wants a client certificate signed by this
+    /// CA: what an engine behind TLS (Docker's `--tlsverify`) does.
+    pub fn server_config(&self, names: &[&str]) -> Result<Arc<rustls::ServerConfig>> {
+        let key = KeyPair::generate()?;
+        let params =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())?;
+        let cert = params.signed_by(&key, &self.ca, &self.key)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.der().clone())?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()?;
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )?;
+        Ok(Arc::new(config))
     }
 
     /// A certificate for `names` that expired years ago.

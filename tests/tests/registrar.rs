@@ -12,6 +12,7 @@ use legate_proto::v1;
 use legate_proto::v1::registrar_client::RegistrarClient;
 use legate_tests::docker::{self, Container};
 use legate_tests::etcd::{Cluster, Etcd};
+use legate_tests::pki::{Issued, Pki};
 use legate_tests::proxy::{Proxy, Upstream};
 use legate_tests::service::Service;
 use legate_tests::{WAIT, http_get, tcp_banner, wait_for};
@@ -972,4 +973,74 @@ async fn a_paused_container_is_unrouted_until_it_is_unpaused() {
         .await;
     app.command("unpause").await.unwrap();
     f.wait_keys("the key back at unpause", |k| *k == keys).await;
+}
+
+/// #14: the Docker engine over TCP with TLS, reached as the docker CLI reaches it (a `tcp://`
+/// host, `DOCKER_TLS_VERIFY`, `DOCKER_CERT_PATH` holding `ca.pem`, `cert.pem`, `key.pem`): the
+/// registrar registers through it. With a client certificate the engine does not trust, it
+/// is not served, and the registrar's log says why.
+#[tokio::test]
+async fn docker_over_tls_with_the_docker_clis_settings() {
+    let pki = Pki::new("docker CA").unwrap();
+    let engine = Proxy::start_tls(
+        Upstream::Unix("/var/run/docker.sock".into()),
+        pki.server_config(&["127.0.0.1"]).unwrap(),
+    )
+    .await
+    .unwrap();
+    let host = format!("tcp://{}", engine.addr());
+    let cert_dir = |client: &Issued| {
+        let dir = tempfile::tempdir().unwrap();
+        for (from, to) in [
+            (&client.ca, "ca.pem"),
+            (&client.cert, "cert.pem"),
+            (&client.key, "key.pem"),
+        ] {
+            std::fs::copy(from, dir.path().join(to)).unwrap();
+        }
+        dir
+    };
+    let trusted = cert_dir(&pki.issue(&["registrar"]).unwrap());
+    let path = trusted.path().display().to_string();
+    let f = Fixture::start(&[
+        "--docker-host",
+        &host,
+        "--docker-tls-verify",
+        "--docker-cert-path",
+        &path,
+    ])
+    .await;
+    f.registered_app("docker-tls.example.com").await;
+
+    let other_ca = Pki::new("another CA").unwrap();
+    let mut stranger = other_ca.issue(&["registrar"]).unwrap();
+    stranger.ca = pki.ca_file();
+    let untrusted = cert_dir(&stranger);
+    let path = untrusted.path().display().to_string();
+    let registrar = Service::start(
+        "legate-registrar",
+        &[
+            "--etcd-endpoints",
+            &f.etcd.endpoint(),
+            "--docker-host",
+            &host,
+            "--docker-cert-path",
+            &path,
+        ],
+        &[
+            ("HOST_IP", "127.0.0.1"),
+            ("HOST_ID", "untrusted"),
+            ("DOCKER_TLS_VERIFY", "1"),
+        ],
+    )
+    .unwrap();
+    wait_for("the registrar to say why Docker fails", WAIT, || async {
+        let log = registrar.log();
+        Ok(log
+            .lines()
+            .any(|l| l.contains("connecting to Docker") && l.contains("UnknownCA"))
+            .then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", registrar.log()));
 }

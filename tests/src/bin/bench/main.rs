@@ -3,7 +3,7 @@
 //! `cargo run --release -p legate-tests --bin bench -- registrar [--containers N] [--idle-secs S] [--foreign-keys N]`
 //! `cargo run --release -p legate-tests --bin bench -- confgen [--puts N] [--renders N] [--apps N] [--services N]`
 //! `cargo run --release -p legate-tests --bin bench -- supervisor [--changes N] [--reloads N]`
-//! `cargo run --release -p legate-tests --bin bench -- convergence [--count N]`
+//! `cargo run --release -p legate-tests --bin bench -- convergence [--count N] [--tls]`
 //! `cargo run --release -p legate-tests --bin bench -- docker [--count N]`
 //! `cargo run --release -p legate-tests --bin bench -- churn [--changes N] [--reloads N] [--secs S]`
 //! `cargo run --release -p legate-tests --bin bench -- burst [--count N] [--parallel N]`
@@ -29,7 +29,8 @@
 //! convergence: etcd put → first request routed through HAProxy by the whole ambassador (confgen,
 //! supervisor), for N new servers of existing apps, N new domains and N new service ports, one at
 //! a time, beside the limits measured in the same run (etcd put → watch event, one runtime-API
-//! command, one HAProxy reload) and the ratio of the two.
+//! command, one HAProxy reload) and the ratio of the two. `--tls`: with every wire between
+//! hosts secured (etcd TLS with client certificates, confgen → supervisor over mutual TLS).
 //!
 //! docker: `docker run` → routed and `docker stop` → no longer routed through registrar, etcd,
 //! confgen, supervisor and HAProxy, for N containers one at a time.
@@ -91,6 +92,7 @@ async fn main() -> Result<()> {
     let mut reloads = 50usize;
     let mut count = None;
     let mut foreign_keys = 20_000usize;
+    let mut tls = false;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--puts" => puts = args.next().context("--puts N")?.parse()?,
@@ -105,6 +107,7 @@ async fn main() -> Result<()> {
             "--reloads" => reloads = args.next().context("--reloads N")?.parse()?,
             "--count" => count = Some(args.next().context("--count N")?.parse()?),
             "--foreign-keys" => foreign_keys = args.next().context("--foreign-keys N")?.parse()?,
+            "--tls" => tls = true,
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -115,7 +118,7 @@ async fn main() -> Result<()> {
         }
         "confgen" => confgen(puts, renders, apps, services).await,
         "supervisor" => supervisor(changes, reloads).await,
-        "convergence" => pipeline::convergence(count.unwrap_or(100)).await,
+        "convergence" => pipeline::convergence(count.unwrap_or(100), tls).await,
         "docker" => pipeline::docker(count.unwrap_or(50)).await,
         "churn" => scenarios::churn(changes, reloads, Duration::from_secs(secs)).await,
         "burst" => scenarios::burst(count.unwrap_or(500), parallel).await,
@@ -129,7 +132,7 @@ async fn main() -> Result<()> {
             "usage: bench registrar [--containers N] [--idle-secs S]\n       \
              bench confgen [--puts N] [--renders N] [--apps N] [--services N]\n       \
              bench supervisor [--changes N] [--reloads N]\n       \
-             bench convergence [--count N]\n       \
+             bench convergence [--count N] [--tls]\n       \
              bench docker [--count N]\n       \
              bench churn [--changes N] [--reloads N] [--secs S]\n       \
              bench burst [--count N] [--parallel N]\n       \

@@ -60,8 +60,12 @@ pub(crate) async fn banner_server(
 /// etcd put → routed, for a new server of an existing app, a new domain and a new service
 /// port, `changes` of each one at a time; and the limits: etcd put → watch event, one
 /// runtime-API command, one HAProxy reload.
-pub(crate) async fn convergence(changes: usize) -> Result<()> {
-    let ambassador = Ambassador::start(LOCALHOST).await?;
+pub(crate) async fn convergence(changes: usize, tls: bool) -> Result<()> {
+    let ambassador = if tls {
+        Ambassador::start_secured(LOCALHOST).await?
+    } else {
+        Ambassador::start(LOCALHOST).await?
+    };
     let http = ambassador.http();
     let mut kv = ambassador.etcd.client().await?;
     let supervised = ambassador.supervised();
@@ -183,7 +187,12 @@ pub(crate) async fn convergence(changes: usize) -> Result<()> {
 
     println!();
     println!(
-        "convergence: etcd put issued -> first request routed to it through HAProxy, {changes} changes of each kind, one at a time"
+        "convergence: etcd put issued -> first request routed to it through HAProxy, {changes} changes of each kind, one at a time{}",
+        if tls {
+            " (etcd over TLS with client certificates, supervisor -> confgen over mutual TLS)"
+        } else {
+            ""
+        }
     );
     println!(
         "{:<44} {:>9} {:>9} {:>9} {:>8} {:>10}",
