@@ -394,7 +394,7 @@ impl Generator {
                     let first = pending.map_or(now, |(first, _)| first);
                     pending = Some((first, (now + wait.min).min(first + wait.max)));
                 }
-                () = sleep_until(deadline) => {
+                () = runtime::sleep_until(deadline) => {
                     pending = None;
                     self.render().await;
                     rendered = Some(Instant::now());
@@ -557,13 +557,6 @@ impl Generator {
                 .set_serving::<v1::confgen_server::ConfgenServer<api::Api>>()
                 .await;
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

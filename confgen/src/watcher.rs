@@ -15,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
-use legate_proto::runtime::{EtcdArgs, EtcdError, MAX_BACKOFF, backoff};
+use legate_proto::runtime::{Backoff, EtcdArgs, EtcdError, pause};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -94,7 +94,7 @@ pub async fn run(
     batches: mpsc::Sender<Batch>,
     shutdown: CancellationToken,
 ) -> Result<(), EtcdError> {
-    let mut delays = backoff();
+    let mut backoff = Backoff::capped(RETRY_CAP);
     let mut state = State::Connect;
     loop {
         let failure = match state {
@@ -151,7 +151,7 @@ pub async fn run(
                             .increment(1);
                         state = State::Watch(client, last);
                         if established {
-                            delays = backoff();
+                            backoff.reset();
                             if started.elapsed() >= RESUME_AT_ONCE_AFTER {
                                 warn!(from = last + 1, "watch lost, resuming at once: {error}");
                                 continue;
@@ -162,11 +162,10 @@ pub async fn run(
                 }
             }
         };
-        let delay = delays.next().unwrap_or(MAX_BACKOFF).min(RETRY_CAP);
+        let delay = backoff.delay();
         warn!(retry_in = ?delay, "{failure}");
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(delay) => {}
+        if !pause(delay, &shutdown).await {
+            return Ok(());
         }
     }
 }

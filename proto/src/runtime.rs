@@ -238,17 +238,16 @@ impl EtcdArgs {
         &self,
         shutdown: &CancellationToken,
     ) -> Result<Option<etcd_client::Client>, EtcdError> {
-        let mut delays = backoff();
+        let mut backoff = Backoff::default();
         loop {
             match self.connect(shutdown).await {
                 Ok(client) => return Ok(Some(client)),
                 Err(e) if e.fatal => return Err(e),
                 Err(e) => {
-                    let delay = delays.next().unwrap_or(MAX_BACKOFF);
+                    let delay = backoff.delay();
                     warn!(error = %e, retry_in = ?delay, "connecting to etcd");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return Ok(None),
-                        () = tokio::time::sleep(delay) => {}
+                    if !pause(delay, shutdown).await {
+                        return Ok(None);
                     }
                 }
             }
@@ -517,22 +516,93 @@ pub fn host_id(configured: Option<&HostId>) -> Result<HostId, String> {
     HostId::new(&name.to_string_lossy()).map_err(|e| format!("{e}: set HOST_ID"))
 }
 
-/// Jittered exponential backoff, 100 ms up to 5 s, forever: the delays between attempts of
-/// anything transient. A caller that saw a healthy period starts a new one.
-pub fn backoff() -> impl Iterator<Item = Duration> + Send {
-    use backon::BackoffBuilder;
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(MAX_BACKOFF)
-        .with_jitter()
-        .without_max_times()
-        .build()
-}
+/// How long an attempt (a stream, a process) must have lasted to count as healthy: its failure
+/// then starts the backoff again from the smallest delay.
+pub const HEALTHY: Duration = Duration::from_secs(10);
 
-/// The longest delay of [`backoff`].
+/// The longest delay of a [`Backoff`] unless capped lower.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Retries `attempt` with [`backoff`], logging each failure with `what`, until it succeeds
+/// The delays between the attempts of anything transient: jittered exponential from 100 ms up
+/// to a cap ([`MAX_BACKOFF`] unless set), for ever. A success [`Backoff::reset`]s it; so does
+/// the failure of an attempt that had stayed up [`HEALTHY`] ([`Backoff::after`]), so that an
+/// occasional failure is retried fast while one that repeats at once is not retried in a tight
+/// loop.
+pub struct Backoff {
+    cap: Duration,
+    delays: Box<dyn Iterator<Item = Duration> + Send>,
+}
+
+impl std::fmt::Debug for Backoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backoff").field("cap", &self.cap).finish()
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::capped(MAX_BACKOFF)
+    }
+}
+
+impl Backoff {
+    /// Delays of at most `cap`: for what must be noticed within `cap` once it works again.
+    pub fn capped(cap: Duration) -> Self {
+        Self {
+            cap,
+            delays: Self::fresh(),
+        }
+    }
+
+    fn fresh() -> Box<dyn Iterator<Item = Duration> + Send> {
+        use backon::BackoffBuilder;
+        Box::new(
+            backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(MAX_BACKOFF)
+                .with_jitter()
+                .without_max_times()
+                .build(),
+        )
+    }
+
+    /// Starts again from the smallest delay.
+    pub fn reset(&mut self) {
+        self.delays = Self::fresh();
+    }
+
+    /// The next delay.
+    pub fn delay(&mut self) -> Duration {
+        self.delays.next().unwrap_or(MAX_BACKOFF).min(self.cap)
+    }
+
+    /// The next delay after the failure of an attempt that began at `began`: from the smallest
+    /// again when the attempt had stayed up [`HEALTHY`].
+    pub fn after(&mut self, began: std::time::Instant) -> Duration {
+        if began.elapsed() >= HEALTHY {
+            self.reset();
+        }
+        self.delay()
+    }
+}
+
+/// Sleeps `delay`; `false` when `shutdown` comes first.
+pub async fn pause(delay: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = tokio::time::sleep(delay) => true,
+    }
+}
+
+/// Sleeps until `deadline`; for ever when there is none (a `select!` branch that never fires).
+pub async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Retries `attempt` with a [`Backoff`], logging each failure with `what`, until it succeeds
 /// (`Some`) or `shutdown` is cancelled (`None`).
 pub async fn retry<T, E: std::fmt::Display, Fut: Future<Output = Result<T, E>>>(
     what: &str,
@@ -550,16 +620,15 @@ pub async fn retry_within<T, E: std::fmt::Display, Fut: Future<Output = Result<T
     shutdown: &CancellationToken,
     mut attempt: impl FnMut() -> Fut,
 ) -> Option<T> {
-    let mut delays = backoff();
+    let mut backoff = Backoff::capped(cap);
     loop {
         match attempt().await {
             Ok(value) => return Some(value),
             Err(e) => {
-                let delay = delays.next().unwrap_or(MAX_BACKOFF).min(cap);
+                let delay = backoff.delay();
                 warn!(error = %e, retry_in = ?delay, "{what}");
-                tokio::select! {
-                    () = shutdown.cancelled() => return None,
-                    () = tokio::time::sleep(delay) => {}
+                if !pause(delay, shutdown).await {
+                    return None;
                 }
             }
         }
@@ -833,6 +902,50 @@ mod tests {
         ] {
             assert!(parse_etcd_endpoint(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn a_backoff_grows_to_its_cap_and_starts_again_after_a_reset_or_a_healthy_attempt() {
+        let mut backoff = Backoff::default();
+        let first = backoff.delay();
+        assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(200));
+        let later: Vec<Duration> = (0..20).map(|_| backoff.delay()).collect();
+        assert!(later.iter().all(|d| *d <= MAX_BACKOFF), "{later:?}");
+        assert!(
+            later[15..].iter().all(|d| *d >= Duration::from_secs(2)),
+            "{later:?}"
+        );
+        backoff.reset();
+        assert!(backoff.delay() <= Duration::from_millis(200));
+
+        // An attempt that failed at once does not reset; one that stayed up HEALTHY does.
+        for _ in 0..10 {
+            backoff.delay();
+        }
+        let now = std::time::Instant::now();
+        assert!(backoff.after(now) >= Duration::from_secs(1));
+        let long_ago = now - HEALTHY;
+        assert!(backoff.after(long_ago) <= Duration::from_millis(200));
+
+        let mut capped = Backoff::capped(Duration::from_millis(300));
+        assert!((0..20).all(|_| capped.delay() <= Duration::from_millis(300)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_ends_with_its_delay_or_at_shutdown() {
+        let shutdown = CancellationToken::new();
+        let started = tokio::time::Instant::now();
+        assert!(pause(Duration::from_secs(3), &shutdown).await);
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+        let cancel = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            cancel.cancel();
+        });
+        assert!(!pause(Duration::from_secs(60), &shutdown).await);
+        assert_eq!(started.elapsed(), Duration::from_secs(4));
+        let never = tokio::time::timeout(Duration::from_secs(3600), sleep_until(None)).await;
+        assert!(never.is_err(), "no deadline sleeps for ever");
     }
 
     #[test]

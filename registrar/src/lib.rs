@@ -18,12 +18,12 @@ pub mod store;
 
 use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use legate_proto::registry::{HostId, HostIp, HostRecord, Schema};
 use legate_proto::runtime::{
-    self, CommonArgs, EtcdArgs, MAX_BACKOFF, RuntimeError, backoff, retry, retry_within,
+    self, Backoff, CommonArgs, EtcdArgs, RuntimeError, pause, retry, retry_within,
 };
 use legate_proto::transport::{GrpcServer, Listen, Peer, ServerArgs};
 use legate_proto::v1;
@@ -306,7 +306,7 @@ async fn keep_lease(
     shutdown: CancellationToken,
 ) {
     let cap = store::keep_alive_period(ttl).min(Duration::from_secs(1));
-    let mut delays = backoff();
+    let mut backoff = Backoff::capped(cap);
     while !shutdown.is_cancelled() {
         let id = *lease.borrow();
         match store.keep_alive(id, ttl, &shutdown).await {
@@ -329,14 +329,13 @@ async fn keep_lease(
                 info!(lease = format!("{new:x}"), "new lease");
                 lease.send_replace(new);
                 let _ = trigger.send(Trigger::Full).await;
-                delays = backoff();
+                backoff.reset();
             }
             Err(e) => {
-                let delay = delays.next().unwrap_or(MAX_BACKOFF).min(cap);
+                let delay = backoff.delay();
                 warn!(error = %e, retry_in = ?delay, "lease keep-alive failed");
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(delay) => {}
+                if !pause(delay, &shutdown).await {
+                    return;
                 }
             }
         }
@@ -345,14 +344,14 @@ async fn keep_lease(
 
 /// Restarts the host record guard whenever its watch fails.
 async fn guard(mut store: Store, lease: watch::Receiver<i64>, shutdown: CancellationToken) {
-    let mut delays = backoff();
+    let mut backoff = Backoff::default();
     while !shutdown.is_cancelled() {
+        let began = Instant::now();
         if let Err(e) = store.guard_host_record(&lease, &shutdown).await {
             debug!(error = %e, "host record guard restarts");
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(delays.next().unwrap_or(MAX_BACKOFF)) => {}
+        if !pause(backoff.after(began), &shutdown).await {
+            return;
         }
     }
 }
@@ -364,8 +363,9 @@ async fn follow_events(
     trigger: mpsc::Sender<Trigger>,
     shutdown: CancellationToken,
 ) {
-    let mut delays = backoff();
+    let mut backoff = Backoff::default();
     while !shutdown.is_cancelled() {
+        let began = Instant::now();
         match DockerSource::connect(&docker, filters.clone()).await {
             Ok(source) => {
                 let mut events = std::pin::pin!(source.events());
@@ -378,7 +378,6 @@ async fn follow_events(
                     };
                     match event {
                         Some(Ok(event)) => {
-                            delays = backoff();
                             if trigger.send(Trigger::Container(event)).await.is_err() {
                                 return;
                             }
@@ -397,9 +396,8 @@ async fn follow_events(
             }
             Err(e) => warn!(error = %e, "connecting to Docker for events"),
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(delays.next().unwrap_or(MAX_BACKOFF)) => {}
+        if !pause(backoff.after(began), &shutdown).await {
+            return;
         }
     }
 }

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use legate_proto::registry::{HostId, HostIp, Schema};
-use legate_proto::runtime::{MAX_BACKOFF, backoff};
+use legate_proto::runtime::{Backoff, sleep_until};
 use legate_proto::v1;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -224,7 +224,7 @@ impl<D: Containers, S: Keys> Reconciler<D, S> {
         mut triggers: mpsc::Receiver<Trigger>,
         shutdown: CancellationToken,
     ) {
-        let mut delays = backoff();
+        let mut backoff = Backoff::default();
         let mut retry_in: Option<Duration> = Some(Duration::ZERO);
         loop {
             let mut full = false;
@@ -234,7 +234,7 @@ impl<D: Containers, S: Keys> Reconciler<D, S> {
             let first = tokio::select! {
                 () = shutdown.cancelled() => return,
                 trigger = triggers.recv() => trigger,
-                () = sleep_opt(retry_in) => None,
+                () = sleep_until(retry_in.map(|delay| tokio::time::Instant::now() + delay)) => None,
             };
             if first.is_none() && retry_in.is_none() {
                 return; // every sender is gone
@@ -273,7 +273,7 @@ impl<D: Containers, S: Keys> Reconciler<D, S> {
             match outcome {
                 Ok(response) => {
                     retry_in = None;
-                    delays = backoff();
+                    backoff.reset();
                     if let Some(response) = response {
                         for reply in replies {
                             let _ = reply.send(response);
@@ -281,7 +281,7 @@ impl<D: Containers, S: Keys> Reconciler<D, S> {
                     }
                 }
                 Err(e) => {
-                    let delay = delays.next().unwrap_or(MAX_BACKOFF);
+                    let delay = backoff.delay();
                     warn!(error = %e, retry_in = ?delay, "reconcile failed");
                     metrics::counter!("legate_registrar_reconcile_errors_total").increment(1);
                     let error = e.to_string();
@@ -488,13 +488,6 @@ impl<D: Containers, S: Keys> Reconciler<D, S> {
 /// The short form of a container id, for logs.
 fn short(id: &str) -> &str {
     &id[..12.min(id.len())]
-}
-
-async fn sleep_opt(delay: Option<Duration>) {
-    match delay {
-        Some(delay) => tokio::time::sleep(delay).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

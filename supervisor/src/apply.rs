@@ -33,9 +33,6 @@ use crate::{CONFIG_FILE, Settings};
 /// A snapshot to apply and where to send the result (`Supervisor.Apply`).
 pub type Request = (Arc<ConfigSnapshot>, oneshot::Sender<ApplyResult>);
 
-/// How long HAProxy must run before a crash starts the backoff anew.
-const HEALTHY_PERIOD: Duration = Duration::from_secs(30);
-
 /// Counters and the last outcome, shared with `Supervisor.Status`.
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
@@ -69,7 +66,7 @@ pub struct Applier {
     health: HealthReporter,
     serving: bool,
     restart_at: Option<Instant>,
-    backoff: Box<dyn Iterator<Item = Duration> + Send>,
+    backoff: runtime::Backoff,
     /// How far `haproxy::tail_log` forwarded HAProxy's output file.
     log_forwarded: Arc<std::sync::atomic::AtomicU64>,
     /// Per-apply lines at INFO at most every few seconds.
@@ -118,13 +115,18 @@ impl Applier {
             health,
             serving: false,
             restart_at: None,
-            backoff: Box::new(runtime::backoff()),
+            backoff: runtime::Backoff::default(),
             log_forwarded,
             log_throttle: runtime::Throttle::new(runtime::INFO_EVERY),
             settings,
         };
         let live = applier.read_live();
-        if let Some(haproxy) = Haproxy::adopt(&applier.paths).await {
+        let adopted = if applier.settings.external {
+            Haproxy::adopt_external(&applier.paths).await
+        } else {
+            Haproxy::adopt(&applier.paths).await
+        };
+        if let Some(haproxy) = adopted {
             // What runs is known only if the files are the ones a confirmed apply recorded.
             applier.running = live.filter(|(_, recorded)| *recorded).map(|(s, _)| s);
             if applier.running.is_none() {
@@ -185,7 +187,12 @@ impl Applier {
             }
         }
         if let Some(haproxy) = self.haproxy.take() {
-            if self.settings.stop_haproxy {
+            if haproxy.external() {
+                info!(
+                    pid = haproxy.pid(),
+                    "leaving haproxy running in its container"
+                );
+            } else if self.settings.stop_haproxy {
                 haproxy.stop(Duration::from_secs(8)).await;
             } else {
                 info!(pid = haproxy.pid(), "leaving haproxy running");
@@ -524,11 +531,19 @@ impl Applier {
         Ok(())
     }
 
-    /// Starts HAProxy on the live files.
+    /// Starts HAProxy on the live files; with `--haproxy-external`, waits for the one of the
+    /// HAProxy container to run them.
     async fn spawn(&mut self) -> Result<(), String> {
-        match Haproxy::spawn(&self.settings.haproxy, &self.paths).await {
+        let started = if self.settings.external {
+            Haproxy::await_external(&self.paths).await
+        } else {
+            Haproxy::spawn(&self.settings.haproxy, &self.paths).await
+        };
+        match started {
             Ok(haproxy) => {
-                haproxy.stop_orphans(&self.paths);
+                if !haproxy.external() {
+                    haproxy.stop_orphans(&self.paths);
+                }
                 self.haproxy = Some(haproxy);
                 self.restart_at = None;
                 self.update_status().await;
@@ -541,13 +556,25 @@ impl Applier {
     /// Notices a dead master and starts it again, with backoff.
     async fn check_process(&mut self) {
         if let Some(haproxy) = &mut self.haproxy {
-            if haproxy.alive() {
+            let alive = if haproxy.external() {
+                haproxy.answers(&self.paths).await
+            } else {
+                haproxy.alive()
+            };
+            if alive {
                 return;
             }
-            error!(pid = haproxy.pid(), "haproxy exited: starting it again");
+            if haproxy.external() {
+                error!(
+                    pid = haproxy.pid(),
+                    "haproxy's container does not answer: waiting for it"
+                );
+            } else {
+                error!(pid = haproxy.pid(), "haproxy exited: starting it again");
+            }
             metrics::counter!("legate_supervisor_haproxy_restarts_total").increment(1);
-            if haproxy.uptime() > HEALTHY_PERIOD {
-                self.backoff = Box::new(runtime::backoff());
+            if haproxy.uptime() >= runtime::HEALTHY {
+                self.backoff.reset();
             }
             self.haproxy = None;
             self.draining.clear();
@@ -559,7 +586,7 @@ impl Applier {
             return;
         }
         if let Err(e) = self.spawn().await {
-            let delay = self.backoff.next().unwrap_or(runtime::MAX_BACKOFF);
+            let delay = self.backoff.delay();
             error!(error = %e, retry_in = ?delay, "cannot start haproxy");
             self.restart_at = Some(Instant::now() + delay);
         }

@@ -114,7 +114,58 @@ pub struct Haproxy {
     pid: u32,
     /// `None` when adopted: not our child.
     child: Option<tokio::process::Child>,
+    /// In another container: its pid is in another namespace.
+    external: bool,
     started: Instant,
+}
+
+/// HAProxy's command line on the live files: master-worker mode (`-W`), the master socket
+/// and the pidfile in the run directory, the supervisor's `global` file then the configuration,
+/// run from the live directory (map paths are relative), its output appended to the log file.
+fn command(binary: &Path, paths: &Paths) -> Result<std::process::Command, Error> {
+    let log_path = paths.log();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io(format!("opening {}", log_path.display())))?;
+    let _ = std::fs::remove_file(paths.master_socket());
+    let mut command = std::process::Command::new(binary);
+    command
+        .arg("-W")
+        .arg("-S")
+        .arg(format!("{},mode,600", paths.master_socket().display()))
+        .arg("-p")
+        .arg(paths.pidfile())
+        .arg("-f")
+        .arg(paths.global())
+        .arg("-f")
+        .arg(paths.live().join(crate::CONFIG_FILE))
+        .current_dir(paths.live())
+        .stdin(Stdio::null())
+        .stderr(log);
+    Ok(command)
+}
+
+/// `--run-haproxy`: waits until the supervisor has written the `global` file and a live
+/// configuration, then becomes HAProxy on them (`exec`), as the main process of its own
+/// container. Returns only on failure.
+pub fn exec(binary: &Path, paths: &Paths) -> Error {
+    use std::os::unix::process::CommandExt;
+    let config = paths.live().join(crate::CONFIG_FILE);
+    let mut waiting = false;
+    while !(paths.global().exists() && config.exists()) {
+        if !waiting {
+            info!(config = %config.display(), "waiting for the supervisor's first configuration");
+            waiting = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    info!(binary = %binary.display(), "starting haproxy");
+    match command(binary, paths) {
+        Ok(mut command) => Error::Start(format!("exec {}: {}", binary.display(), command.exec())),
+        Err(e) => e,
+    }
 }
 
 impl Haproxy {
@@ -122,27 +173,9 @@ impl Haproxy {
     /// On failure, the error carries HAProxy's alerts.
     pub async fn spawn(binary: &Path, paths: &Paths) -> Result<Self, Error> {
         let log_path = paths.log();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(io(format!("opening {}", log_path.display())))?;
-        let offset = log.metadata().map(|m| m.len()).unwrap_or(0);
-        let _ = std::fs::remove_file(paths.master_socket());
-        let mut command = tokio::process::Command::new(binary);
+        let offset = log_offset(&log_path);
+        let mut command = tokio::process::Command::from(command(binary, paths)?);
         command
-            .arg("-W")
-            .arg("-S")
-            .arg(format!("{},mode,600", paths.master_socket().display()))
-            .arg("-p")
-            .arg(paths.pidfile())
-            .arg("-f")
-            .arg(paths.global())
-            .arg("-f")
-            .arg(paths.live().join(crate::CONFIG_FILE))
-            .current_dir(paths.live())
-            .stdin(Stdio::null())
-            .stderr(log)
             // Its own process group: a Ctrl-C meant for the supervisor does not reach it.
             .process_group(0)
             .kill_on_drop(false);
@@ -153,6 +186,7 @@ impl Haproxy {
         let mut haproxy = Self {
             pid,
             child: Some(child),
+            external: false,
             started: Instant::now(),
         };
         let deadline = Instant::now() + START_TIMEOUT;
@@ -190,6 +224,48 @@ impl Haproxy {
             .parse()
             .ok()?;
         kill(Pid::from_raw(i32::try_from(pid).ok()?), None).ok()?;
+        Self::answering(paths, pid).await
+    }
+
+    /// The HAProxy of another container (`--run-haproxy`), once its master answers on the
+    /// master socket as the master its pidfile names. Its pid is in that container's namespace:
+    /// it is only compared, never signalled.
+    pub async fn adopt_external(paths: &Paths) -> Option<Self> {
+        let pid: u32 = std::fs::read_to_string(paths.pidfile())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let mut haproxy = Self::answering(paths, pid).await?;
+        haproxy.external = true;
+        Some(haproxy)
+    }
+
+    /// Waits up to [`START_TIMEOUT`] for the HAProxy of another container to run the live files.
+    pub async fn await_external(paths: &Paths) -> Result<Self, Error> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(haproxy) = Self::adopt_external(paths).await {
+                return Ok(haproxy);
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Start(format!(
+                    "no HAProxy answers on {} after {START_TIMEOUT:?}: is its container \
+                     (`legate-supervisor --run-haproxy`) running? {}",
+                    paths.master_socket().display(),
+                    alerts_since(&paths.log(), 0)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether the master answers on its socket as `self` (for one in another container).
+    pub async fn answers(&self, paths: &Paths) -> bool {
+        Self::answering(paths, self.pid).await.is_some()
+    }
+
+    async fn answering(paths: &Paths, pid: u32) -> Option<Self> {
         let procs = Procs::parse(&cli(&paths.master_socket(), "show proc").await.ok()?);
         let master = procs.master?;
         if master.pid != pid || !procs.workers.iter().any(|w| !w.old) {
@@ -199,8 +275,14 @@ impl Haproxy {
         Some(Self {
             pid,
             child: None,
+            external: false,
             started: Instant::now() - Duration::from_secs(master.uptime_s),
         })
+    }
+
+    /// Whether it runs in another container (`--run-haproxy`): not ours to signal.
+    pub fn external(&self) -> bool {
+        self.external
     }
 
     /// Soft-stops every other HAProxy master that runs this supervisor's configuration (its
@@ -238,10 +320,12 @@ impl Haproxy {
         self.started.elapsed()
     }
 
-    /// Whether the master still runs (and reaps it if it exited).
+    /// Whether the master still runs (and reaps it if it exited). One in another container
+    /// is taken as running here; [`Haproxy::answers`] tells.
     pub fn alive(&mut self) -> bool {
         match &mut self.child {
             Some(child) => matches!(child.try_wait(), Ok(None)),
+            None if self.external => true,
             None => i32::try_from(self.pid).is_ok_and(|pid| kill(Pid::from_raw(pid), None).is_ok()),
         }
     }

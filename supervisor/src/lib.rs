@@ -94,6 +94,15 @@ pub struct Config {
     /// supervisor adopts it).
     #[arg(long, env = "LEGATE_STOP_HAPROXY")]
     pub stop_haproxy: bool,
+    /// HAProxy runs in a container of its own (`--run-haproxy`), sharing --state-dir and
+    /// --run-dir: the supervisor never starts or stops it; it drives it through the master
+    /// socket, so HAProxy serves on while the supervisor restarts or is replaced.
+    #[arg(long, env = "LEGATE_HAPROXY_EXTERNAL", conflicts_with = "stop_haproxy")]
+    pub haproxy_external: bool,
+    /// Run HAProxy instead of the supervisor: wait for the supervisor's first configuration in
+    /// --state-dir, then become HAProxy on it (for the HAProxy container of a compose stack).
+    #[arg(long)]
+    pub run_haproxy: bool,
     /// gRPC listen address (Supervisor API and health): `unix:<path>`, or `<ip>:<port>` with
     /// mutual TLS. Apply changes what this host routes: only administrators may call it.
     #[arg(long, env = "LEGATE_LISTEN", default_value = "unix:/run/legate/supervisor.sock",
@@ -154,6 +163,8 @@ pub struct Settings {
     pub max_reloads: u32,
     pub haproxy_log: String,
     pub stop_haproxy: bool,
+    /// HAProxy runs in a container of its own (`--haproxy-external`).
+    pub external: bool,
     pub allowed_file_dirs: Vec<PathBuf>,
     pub haproxy_log_max: u64,
 }
@@ -171,6 +182,7 @@ impl Settings {
             max_reloads: config.max_reloads,
             haproxy_log: config.haproxy_log.clone(),
             stop_haproxy: config.stop_haproxy,
+            external: config.haproxy_external,
             allowed_file_dirs: config.allowed_file_dirs.clone(),
             haproxy_log_max: config.haproxy_log_max,
         }
@@ -215,6 +227,19 @@ pub enum Error {
     /// A task panicked.
     #[error("a task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+}
+
+/// `--run-haproxy`: becomes HAProxy once the supervisor has written a configuration; returns
+/// only if that fails.
+pub fn run_haproxy(config: &Config) -> std::process::ExitCode {
+    if let Err(e) = runtime::init_tracing(&config.common) {
+        eprintln!("legate-supervisor: {e}");
+        return std::process::ExitCode::from(runtime::EXIT_CONFIG);
+    }
+    let settings = Settings::new(config);
+    let error = haproxy::exec(&settings.haproxy, &settings.paths);
+    tracing::error!(error = %error, "cannot run haproxy");
+    std::process::ExitCode::FAILURE
 }
 
 /// Runs the supervisor until `shutdown` is cancelled.

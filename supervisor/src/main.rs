@@ -8,6 +8,9 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
+    if config.run_haproxy {
+        return legate_supervisor::run_haproxy(&config);
+    }
     let common = config.common.clone();
     let metrics_listen = config.metrics_listen;
     runtime::run_service(

@@ -37,8 +37,9 @@ impl Subscriber {
         snapshots: watch::Sender<Option<Arc<ConfigSnapshot>>>,
         shutdown: CancellationToken,
     ) {
-        let mut delays = runtime::backoff();
+        let mut backoff = runtime::Backoff::default();
         loop {
+            let began = std::time::Instant::now();
             let have_checksum = self
                 .stats
                 .lock()
@@ -62,7 +63,6 @@ impl Subscriber {
                                 () = shutdown.cancelled() => return,
                                 message = stream.message() => match message {
                                     Ok(Some(snapshot)) => {
-                                        delays = runtime::backoff();
                                         snapshots.send_replace(Some(Arc::new(snapshot)));
                                     }
                                     Ok(None) => break "confgen ended the stream".to_owned(),
@@ -73,11 +73,10 @@ impl Subscriber {
                     }
                 },
             };
-            let delay = delays.next().unwrap_or(runtime::MAX_BACKOFF);
+            let delay = backoff.after(began);
             warn!(error = %error, retry_in = ?delay, "confgen watch");
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(delay) => {}
+            if !runtime::pause(delay, &shutdown).await {
+                return;
             }
         }
     }

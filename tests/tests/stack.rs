@@ -423,6 +423,73 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
         "{list:?}"
     );
 
+    // #19: the supervisor restarted under load, keep-alive and new connections at once: HAProxy
+    // (its own container) is untouched and no request fails; the new supervisor adopts it and
+    // routes a new app.
+    let container = |service: &str| format!("{}_{service}_1", stack.project);
+    let started_at = |service: &str| {
+        let name = container(service);
+        async move {
+            docker::docker(&["inspect", "--format", "{{.State.StartedAt}}", &name])
+                .await
+                .unwrap()
+        }
+    };
+    let haproxy_started = started_at("haproxy").await;
+    let supervisor_started = started_at("supervisor").await;
+    let load = |close: bool| {
+        tokio::spawn(legate_tests::load::wrk(
+            ambassador,
+            "quick.test",
+            Duration::from_secs(8),
+            8,
+            close,
+        ))
+    };
+    let (keep_alive, fresh) = (load(false), load(true));
+    docker::docker(&["restart", "--time", "10", &container("supervisor")])
+        .await
+        .unwrap();
+    for report in [
+        keep_alive.await.unwrap().unwrap(),
+        fresh.await.unwrap().unwrap(),
+    ] {
+        assert!(report.requests > 100, "{}", report.output);
+        assert_eq!(
+            (report.socket_errors, report.non_2xx),
+            (0, 0),
+            "requests failed while the supervisor restarted:\n{}",
+            report.output
+        );
+    }
+    assert_ne!(started_at("supervisor").await, supervisor_started);
+    assert_eq!(
+        started_at("haproxy").await,
+        haproxy_started,
+        "HAProxy restarted"
+    );
+    let _after = Container::run(&[
+        "-e",
+        "DOMAIN_NAME=after.test",
+        "-e",
+        "RESPONSE=after-restart",
+        "-p",
+        "80",
+        &images.http_app,
+    ])
+    .await
+    .unwrap();
+    wait_for(
+        "a new app routed by the restarted supervisor",
+        WAIT,
+        || async {
+            let (status, body) = http_get(ambassador, "after.test", "/").await?;
+            Ok((status == 200 && body.trim() == "after-restart").then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+
     assert!(!stack.leftovers().await.unwrap().is_empty());
     stack
         .run(&["down", "--volumes"], Duration::from_secs(120))
