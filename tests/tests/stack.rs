@@ -450,10 +450,14 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
     docker::docker(&["restart", "--time", "10", &container("supervisor")])
         .await
         .unwrap();
-    for report in [
-        keep_alive.await.unwrap().unwrap(),
-        fresh.await.unwrap().unwrap(),
+    for (kind, report) in [
+        ("keep-alive", keep_alive.await.unwrap().unwrap()),
+        ("Connection: close", fresh.await.unwrap().unwrap()),
     ] {
+        eprintln!(
+            "supervisor restarted under wrk ({kind}): {} requests, {} socket errors, {} non-2xx",
+            report.requests, report.socket_errors, report.non_2xx
+        );
         assert!(report.requests > 100, "{}", report.output);
         assert_eq!(
             (report.socket_errors, report.non_2xx),
