@@ -224,7 +224,13 @@ impl Haproxy {
             .parse()
             .ok()?;
         kill(Pid::from_raw(i32::try_from(pid).ok()?), None).ok()?;
-        Self::answering(paths, pid).await
+        let haproxy = Self::answering(paths, pid).await?;
+        info!(
+            pid,
+            uptime_s = haproxy.uptime().as_secs(),
+            "adopted a running haproxy"
+        );
+        Some(haproxy)
     }
 
     /// The HAProxy of another container (`--run-haproxy`), once its master answers on the
@@ -238,6 +244,11 @@ impl Haproxy {
             .ok()?;
         let mut haproxy = Self::answering(paths, pid).await?;
         haproxy.external = true;
+        info!(
+            pid,
+            uptime_s = haproxy.uptime().as_secs(),
+            "adopted the haproxy of its own container"
+        );
         Some(haproxy)
     }
 
@@ -271,7 +282,6 @@ impl Haproxy {
         if master.pid != pid || !procs.workers.iter().any(|w| !w.old) {
             return None;
         }
-        info!(pid, uptime_s = master.uptime_s, "adopted a running haproxy");
         Some(Self {
             pid,
             child: None,

@@ -423,9 +423,10 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
         "{list:?}"
     );
 
-    // #19: the supervisor restarted under load, keep-alive and new connections at once: HAProxy
-    // (its own container) is untouched and no request fails; the new supervisor adopts it and
-    // routes a new app.
+    // #19: each service of the stack restarted in turn under load, keep-alive and new
+    // connections at once: HAProxy (its own container) is untouched and no request fails; the
+    // restarted ones pick up where they were (the supervisor adopts HAProxy, the registrar its
+    // keys) and route a new app.
     let container = |service: &str| format!("{}_{service}_1", stack.project);
     let started_at = |service: &str| {
         let name = container(service);
@@ -436,7 +437,6 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
         }
     };
     let haproxy_started = started_at("haproxy").await;
-    let supervisor_started = started_at("supervisor").await;
     let load = |close: bool| {
         tokio::spawn(legate_tests::load::wrk(
             ambassador,
@@ -446,27 +446,35 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
             close,
         ))
     };
-    let (keep_alive, fresh) = (load(false), load(true));
-    docker::docker(&["restart", "--time", "10", &container("supervisor")])
-        .await
-        .unwrap();
-    for (kind, report) in [
-        ("keep-alive", keep_alive.await.unwrap().unwrap()),
-        ("Connection: close", fresh.await.unwrap().unwrap()),
-    ] {
-        eprintln!(
-            "supervisor restarted under wrk ({kind}): {} requests, {} socket errors, {} non-2xx",
-            report.requests, report.socket_errors, report.non_2xx
-        );
-        assert!(report.requests > 100, "{}", report.output);
-        assert_eq!(
-            (report.socket_errors, report.non_2xx),
-            (0, 0),
-            "requests failed while the supervisor restarted:\n{}",
-            report.output
+    for service in ["supervisor", "registrar", "confgen", "etcd"] {
+        let started = started_at(service).await;
+        let (keep_alive, fresh) = (load(false), load(true));
+        docker::docker(&["restart", "--time", "10", &container(service)])
+            .await
+            .unwrap();
+        for (kind, report) in [
+            ("keep-alive", keep_alive.await.unwrap().unwrap()),
+            ("Connection: close", fresh.await.unwrap().unwrap()),
+        ] {
+            eprintln!(
+                "{service} restarted under wrk ({kind}): {} requests, {} socket errors, {} \
+                 non-2xx",
+                report.requests, report.socket_errors, report.non_2xx
+            );
+            assert!(report.requests > 100, "{}", report.output);
+            assert_eq!(
+                (report.socket_errors, report.non_2xx),
+                (0, 0),
+                "requests failed while {service} restarted:\n{}",
+                report.output
+            );
+        }
+        assert_ne!(
+            started_at(service).await,
+            started,
+            "{service} did not restart"
         );
     }
-    assert_ne!(started_at("supervisor").await, supervisor_started);
     assert_eq!(
         started_at("haproxy").await,
         haproxy_started,
