@@ -32,6 +32,37 @@ pub struct Ambassador {
     _pki: Option<Pki>,
 }
 
+/// An ambassador but its supervisor.
+struct Parts {
+    etcd: Etcd,
+    confgen: Service,
+    bind: IpAddr,
+    http: u16,
+    etcd_flags: Vec<String>,
+    pki: Option<Pki>,
+}
+
+impl Parts {
+    /// Starts a supervisor following confgen at `endpoint` with `flags`, and waits until it
+    /// serves.
+    async fn with_supervisor(self, endpoint: &str, flags: &[String]) -> Result<Ambassador> {
+        let supervised = Supervised::new()?;
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let mut supervisor = supervised.start(Some(endpoint), &flags)?;
+        supervisor.wait_serving().await?;
+        Ok(Ambassador {
+            etcd: self.etcd,
+            confgen: self.confgen,
+            supervisor,
+            supervised,
+            bind: self.bind,
+            http: self.http,
+            etcd_flags: self.etcd_flags,
+            _pki: self.pki,
+        })
+    }
+}
+
 impl Ambassador {
     /// Starts the ambassador with its HTTP frontend and TCP listeners on `bind`, and waits
     /// until HAProxy runs the first configuration.
@@ -52,19 +83,17 @@ impl Ambassador {
             &[],
         )?;
         confgen.wait_serving().await?;
-        let supervised = Supervised::new()?;
-        let mut supervisor = supervised.start(Some(&confgen.grpc()), &[])?;
-        supervisor.wait_serving().await?;
-        Ok(Self {
+        let endpoint = confgen.grpc();
+        Parts {
             etcd,
             confgen,
-            supervisor,
-            supervised,
             bind,
             http,
             etcd_flags: Vec::new(),
-            _pki: None,
-        })
+            pki: None,
+        }
+        .with_supervisor(&endpoint, &[])
+        .await
     }
 
     /// [`Ambassador::start`] with every wire between hosts secured, as a fleet runs it: etcd
@@ -94,21 +123,16 @@ impl Ambassador {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut confgen = Service::start("legate-confgen", &args, &[])?.with_client_tls(node.tls());
         confgen.wait_serving().await?;
-        let supervised = Supervised::new()?;
-        let flags = node.grpc_flags();
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let mut supervisor = supervised.start(Some(&format!("https://{grpc}")), &flags)?;
-        supervisor.wait_serving().await?;
-        Ok(Self {
+        Parts {
             etcd,
             confgen,
-            supervisor,
-            supervised,
             bind,
             http,
             etcd_flags,
-            _pki: Some(pki),
-        })
+            pki: Some(pki),
+        }
+        .with_supervisor(&format!("https://{grpc}"), &node.grpc_flags())
+        .await
     }
 
     /// The HTTP frontend.

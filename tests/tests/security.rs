@@ -191,6 +191,18 @@ fn tls_channel(endpoint: &str, tls: &Issued) -> Channel {
     transport::channel(endpoint, &tls.tls()).unwrap()
 }
 
+/// Flags of a gRPC listener on TCP `addr` with mutual TLS by `cert`, administered by `ops`.
+fn tls_listener(addr: &str, cert: &Issued) -> Vec<String> {
+    let mut args = vec![
+        "--listen".to_owned(),
+        addr.to_owned(),
+        "--grpc-admin".to_owned(),
+        "ops".to_owned(),
+    ];
+    args.extend(cert.grpc_flags());
+    args
+}
+
 /// The call's gRPC code, `Ok` when it succeeded.
 fn code<T>(result: Result<T, tonic::Status>) -> Code {
     result.map_or_else(|s| s.code(), |_| Code::Ok)
@@ -213,13 +225,7 @@ async fn over_tcp_each_caller_is_what_its_certificate_names() -> Result<()> {
 
     let etcd = Etcd::start().await?;
     let confgen_addr = free_addr()?.to_string();
-    let mut args = vec![
-        "--listen".to_owned(),
-        confgen_addr.clone(),
-        "--grpc-admin".to_owned(),
-        "ops".to_owned(),
-    ];
-    args.extend(confgen_cert.grpc_flags());
+    let args = tls_listener(&confgen_addr, &confgen_cert);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let _confgen = Service::confgen(&etcd.endpoint(), free_port()?, &args, &[])?;
     let confgen_url = format!("https://{confgen_addr}");
@@ -282,13 +288,7 @@ async fn over_tcp_each_caller_is_what_its_certificate_names() -> Result<()> {
 
     // A supervisor on TCP with the node's certificate, subscribed to confgen over mutual TLS.
     let supervisor_addr = free_addr()?.to_string();
-    let mut args = vec![
-        "--listen".to_owned(),
-        supervisor_addr.clone(),
-        "--grpc-admin".to_owned(),
-        "ops".to_owned(),
-    ];
-    args.extend(node.grpc_flags());
+    let args = tls_listener(&supervisor_addr, &node);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let supervised = Supervised::new()?;
     let supervisor = supervised.start(Some(&confgen_url), &args)?;
