@@ -161,9 +161,21 @@ pub fn exec(binary: &Path, paths: &Paths) -> Error {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    info!(binary = %binary.display(), "starting haproxy");
+    // An HAProxy that still serves (the container being replaced): its listening sockets are
+    // taken over through its admin socket (`expose-fd listeners`) instead of bound afresh, so
+    // no connection is refused or reset in between; it is then stopped by whoever replaces it.
+    let admin = paths.admin_socket();
+    let takeover = std::os::unix::net::UnixStream::connect(&admin).is_ok();
     match command(binary, paths) {
-        Ok(mut command) => Error::Start(format!("exec {}: {}", binary.display(), command.exec())),
+        Ok(mut command) => {
+            if takeover {
+                info!(socket = %admin.display(), "starting haproxy: taking the listening sockets over from the running one");
+                command.arg("-x").arg(&admin);
+            } else {
+                info!(binary = %binary.display(), "starting haproxy");
+            }
+            Error::Start(format!("exec {}: {}", binary.display(), command.exec()))
+        }
         Err(e) => e,
     }
 }

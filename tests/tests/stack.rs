@@ -437,18 +437,18 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
         }
     };
     let haproxy_started = started_at("haproxy").await;
-    let load = |close: bool| {
+    let load = |close: bool, secs: u64| {
         tokio::spawn(legate_tests::load::wrk(
             ambassador,
             "quick.test",
-            Duration::from_secs(8),
+            Duration::from_secs(secs),
             8,
             close,
         ))
     };
     for service in ["supervisor", "registrar", "confgen", "etcd"] {
         let started = started_at(service).await;
-        let (keep_alive, fresh) = (load(false), load(true));
+        let (keep_alive, fresh) = (load(false, 8), load(true, 8));
         docker::docker(&["restart", "--time", "10", &container(service)])
             .await
             .unwrap();
@@ -501,6 +501,54 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
     )
     .await
     .unwrap();
+
+    // #19: `deploy/stack upgrade` replaces every container under load, HAProxy's by a second
+    // container that takes the listening sockets over before the first one stops.
+    let haproxy_containers = || async {
+        docker::docker(&[
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label=com.docker.compose.project={}", stack.project),
+            "--filter",
+            "label=com.docker.compose.service=haproxy",
+        ])
+        .await
+        .unwrap()
+    };
+    let haproxy_before = haproxy_containers().await;
+    let (keep_alive, fresh) = (load(false, 30), load(true, 30));
+    let started = Instant::now();
+    let said = stack
+        .run(&["upgrade", "--no-build"], Duration::from_secs(300))
+        .await
+        .unwrap();
+    let upgrade_took = started.elapsed();
+    for (kind, report) in [
+        ("keep-alive", keep_alive.await.unwrap().unwrap()),
+        ("Connection: close", fresh.await.unwrap().unwrap()),
+    ] {
+        eprintln!(
+            "deploy/stack upgrade ({upgrade_took:?}) under wrk ({kind}): {} requests, {} socket \
+             errors, {} non-2xx",
+            report.requests, report.socket_errors, report.non_2xx
+        );
+        assert_eq!(
+            (report.socket_errors, report.non_2xx),
+            (0, 0),
+            "requests failed during the upgrade:\n{}\n{said}",
+            report.output
+        );
+    }
+    assert!(said.contains("takes the listening sockets over"), "{said}");
+    let haproxy_after = haproxy_containers().await;
+    assert_eq!(haproxy_after.lines().count(), 1, "{haproxy_after}");
+    assert_ne!(
+        haproxy_after, haproxy_before,
+        "HAProxy's container was not replaced"
+    );
+    let (status, body) = http_get(ambassador, "after.test", "/").await.unwrap();
+    assert_eq!((status, body.trim()), (200, "after-restart"));
 
     assert!(!stack.leftovers().await.unwrap().is_empty());
     stack
