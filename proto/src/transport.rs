@@ -325,7 +325,7 @@ impl GrpcServer {
         match &self.listen {
             Listen::Unix(path) => {
                 let listener = bind_unix(path, &self.socket_group).await?;
-                let incoming = tokio_stream_unix(listener);
+                let incoming = unix_connections(listener);
                 let served = server
                     .layer(layer)
                     .add_routes(routes)
@@ -372,13 +372,21 @@ impl GrpcServer {
     }
 }
 
-/// The accepted connections of `listener`, as a stream.
-fn tokio_stream_unix(
+/// The accepted connections of `listener`, as a stream. A failed accept (out of file
+/// descriptors, say) is logged and retried a moment later, never the end of the server.
+fn unix_connections(
     listener: tokio::net::UnixListener,
 ) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::UnixStream>> {
     futures_util::stream::unfold(listener, |listener| async move {
-        let accepted = listener.accept().await.map(|(stream, _)| stream);
-        Some((accepted, listener))
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => return Some((Ok(stream), listener)),
+                Err(e) => {
+                    warn!(error = %e, "accepting a gRPC connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
     })
 }
 
