@@ -534,7 +534,7 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
             report.requests, report.socket_errors, report.non_2xx
         );
         // No connection refused or reset. One non-2xx answer among ~27,000 was seen once in
-        // two CI runs and not in five by hand; its cause is not found yet (#19), so it is
+        // two CI runs and not in four by hand; its cause is not found yet (#19), so it is
         // reported here rather than asserted.
         assert_eq!(
             report.socket_errors, 0,
