@@ -114,8 +114,13 @@ fn runtime(old: Files<'_>, new: Files<'_>, draining: &Draining) -> Result<Runtim
             );
         return Err(format!("the configuration changed beyond servers: {line}"));
     }
-    let maps = map_commands(old.maps, new.maps, new.config)?;
-    let moves = moves(old.maps, new.maps)?;
+    let hand_over = hand_over(&before, &after, old, new, draining)?;
+    let (first, last) = match &hand_over.maps {
+        Some((first, last)) => (first.as_slice(), last.as_slice()),
+        None => (old.maps, new.maps),
+    };
+    let maps = map_commands(first, last, new.config)?;
+    let moves = moves(first, last)?;
     // Servers made ready and put into maintenance, each in the backend's phase (see below).
     let (mut ready_early, mut ready_late) = (Vec::new(), Vec::new());
     let (mut maint_early, mut maint_late) = (Vec::new(), Vec::new());
@@ -168,20 +173,225 @@ fn runtime(old: Files<'_>, new: Files<'_>, draining: &Draining) -> Result<Runtim
     // first and loses its old ones last: it never runs out of servers. But a backend that a
     // map key newly points to (a slot taken, or given to another domain by a restarted
     // confgen) loses its old servers *before* the maps change, and one that a key stops
-    // pointing to (a slot freed or given away) gets its new servers only *after*. A slot that
-    // changes hands directly is empty for that moment (its keys answered 503), but no request
-    // ever reaches another domain's server; a domain moving to a free slot finds it ready.
-    let mut commands = ready_early;
+    // pointing to (a slot freed or given away) gets its new servers only *after*. A key whose
+    // new slot another key leaves in the same batch waits on a free twin of that slot
+    // meanwhile ([`hand_over`]): no request reaches another domain's server, and none finds
+    // its domain without a server; a domain moving to a free slot finds it ready.
+    let mut commands = hand_over.enter;
+    commands.extend(ready_early);
     commands.extend(changed);
     commands.extend(maint_early);
     commands.extend(maps);
     commands.extend(ready_late);
     commands.extend(maint_late);
+    commands.extend(hand_over.leave);
+    removed.extend(hand_over.removed);
     Ok(Runtime {
         commands,
         removed,
         revived,
     })
+}
+
+/// Keys handed over through a temporary backend: a key whose new backend is one that another
+/// key leaves in the same batch (two domains swapping slots after a confgen restart) would find
+/// it empty between the two moves. Instead it first moves to a free twin of its new backend
+/// (same section lines, under the same `defaults`, no servers, no key pointing at it before or
+/// after), filled with its new servers; the rest of the batch runs with it there; then it moves
+/// to its new backend, by then filled, and the twin's servers go to maintenance and are deleted
+/// once drained. Only for maps matched exactly (entry order does not matter); a key with no free
+/// twin keeps the direct move.
+#[derive(Debug, Default)]
+struct HandOver {
+    /// The old and the new maps with each handed-over key on its twin; `None`: no hand-over.
+    maps: Option<(Vec<ConfigFile>, Vec<ConfigFile>)>,
+    /// Twins filled, keys moved onto them: before anything else.
+    enter: Vec<Command>,
+    /// Keys moved to their new backends, twins emptied: after everything else.
+    leave: Vec<Command>,
+    /// The twins' servers, deleted once drained.
+    removed: Vec<(ServerId, String)>,
+}
+
+fn hand_over(
+    before: &Parsed<'_>,
+    after: &Parsed<'_>,
+    old: Files<'_>,
+    new: Files<'_>,
+    draining: &Draining,
+) -> Result<HandOver, String> {
+    let unchanged = old.maps.len() == new.maps.len()
+        && old
+            .maps
+            .iter()
+            .zip(new.maps)
+            .all(|(a, b)| a.content == b.content);
+    if unchanged
+        || !old
+            .maps
+            .iter()
+            .map(|m| &m.name)
+            .eq(new.maps.iter().map(|m| &m.name))
+    {
+        return Ok(HandOver::default());
+    }
+    let mut old_values = BTreeMap::new();
+    let mut referenced = BTreeSet::new();
+    for map in old.maps {
+        for (key, value) in map_entries(&map.name, &map.content)? {
+            old_values.insert((map.name.as_str(), key), value);
+            referenced.insert(value);
+        }
+    }
+    let mut new_values = BTreeMap::new();
+    for map in new.maps {
+        for (key, value) in map_entries(&map.name, &map.content)? {
+            new_values.insert((map.name.as_str(), key), value);
+            referenced.insert(value);
+        }
+    }
+    // Backends that a key leaves: pointed at before by a key that no longer points there.
+    let left: BTreeSet<&str> = old_values
+        .iter()
+        .filter(|(key, value)| new_values.get(*key) != Some(*value))
+        .map(|(_, value)| *value)
+        .collect();
+    let exact: BTreeSet<&str> = new
+        .maps
+        .iter()
+        .filter(|m| exact_only(new.config, &m.name))
+        .map(|m| m.name.as_str())
+        .collect();
+    let handed: Vec<((&str, &str), &str)> = new_values
+        .iter()
+        .filter(|((map, _), _)| exact.contains(map))
+        .filter(|(key, value)| {
+            old_values.get(*key).is_some_and(|was| was != *value)
+                && left.contains(**value)
+                && servers_of(after, value).next().is_some()
+        })
+        .map(|(key, value)| (*key, *value))
+        .collect();
+    if handed.is_empty() {
+        return Ok(HandOver::default());
+    }
+    let bodies = bodies(new.config);
+    let mut busy: BTreeSet<&str> = referenced;
+    busy.extend(before.servers.keys().map(|(backend, _)| *backend));
+    busy.extend(after.servers.keys().map(|(backend, _)| *backend));
+    busy.extend(after.fixed.iter().copied());
+    let mut result = HandOver::default();
+    let mut moved: BTreeMap<(&str, &str), &str> = BTreeMap::new();
+    let mut arrive = Vec::new();
+    for ((map, key), target) in handed {
+        let Some(body) = bodies.get(target) else {
+            continue;
+        };
+        // A twin may still hold servers draining from an earlier hand-over, in maintenance:
+        // fine, unless one has the name of a server it would get.
+        let names: Vec<&str> = servers_of(after, target).map(|(name, _)| name).collect();
+        let collides = |twin: &str| {
+            names
+                .iter()
+                .any(|name| draining.contains_key(&(twin.to_owned(), (*name).to_owned())))
+        };
+        let twin = bodies.iter().find(|(name, b)| {
+            *b == body && !busy.contains(*name) && cli_safe(name) && !collides(name)
+        });
+        let Some((&twin, _)) = twin else {
+            continue;
+        };
+        busy.insert(twin);
+        for (name, server) in servers_of(after, target) {
+            result.enter.extend(add_server(twin, name, server)?);
+            result.leave.push(Command::quiet(format!(
+                "set server {twin}/{name} state maint"
+            )));
+            result
+                .removed
+                .push(((twin.to_owned(), name.to_owned()), server.line()));
+        }
+        result
+            .enter
+            .push(Command::quiet(format!("set map {map} {key} {twin}")));
+        arrive.push(Command::quiet(format!("set map {map} {key} {target}")));
+        moved.insert((map, key), twin);
+    }
+    if moved.is_empty() {
+        return Ok(HandOver::default());
+    }
+    arrive.append(&mut result.leave);
+    result.leave = arrive;
+    let rewrite = |maps: &[ConfigFile]| -> Vec<ConfigFile> {
+        maps.iter()
+            .map(|map| {
+                let mut content = String::with_capacity(map.content.len());
+                for line in map.content.lines() {
+                    let mut words = words(line.trim());
+                    let twin = words
+                        .next()
+                        .and_then(|key| Some((key, moved.get(&(map.name.as_str(), key))?)));
+                    match twin {
+                        Some((key, twin)) => content.push_str(&format!("{key} {twin}")),
+                        None => content.push_str(line),
+                    }
+                    content.push('\n');
+                }
+                ConfigFile {
+                    name: map.name.clone(),
+                    content,
+                }
+            })
+            .collect()
+    };
+    result.maps = Some((rewrite(old.maps), rewrite(new.maps)));
+    Ok(result)
+}
+
+/// The servers of `backend` in `parsed`, by name.
+fn servers_of<'a>(
+    parsed: &'a Parsed<'a>,
+    backend: &'a str,
+) -> impl Iterator<Item = (&'a str, &'a Server<'a>)> + 'a {
+    parsed
+        .servers
+        .range((backend, "")..)
+        .take_while(move |((b, _), _)| *b == backend)
+        .map(|((_, name), server)| (*name, server))
+}
+
+/// Each `backend` and `listen` section's lines but its header and its servers, with the number
+/// of the `defaults` section it follows: sections with the same are interchangeable.
+fn bodies(config: &str) -> BTreeMap<&str, (usize, Vec<&str>)> {
+    let mut bodies = BTreeMap::new();
+    let mut defaults = 0;
+    let mut current: Option<&str> = None;
+    for line in config.lines() {
+        let mut words = words(line);
+        let Some(first) = words.next() else {
+            continue;
+        };
+        if SECTIONS.contains(&first) {
+            current = None;
+            match first {
+                "defaults" => defaults += 1,
+                "backend" | "listen" => {
+                    if let Some(name) = words.next() {
+                        bodies.insert(name, (defaults, Vec::new()));
+                        current = Some(name);
+                    }
+                }
+                _ => {}
+            }
+            continue;
+        }
+        if let Some((_, body)) = current.and_then(|name| bodies.get_mut(name))
+            && first != "server"
+        {
+            body.push(line.trim());
+        }
+    }
+    bodies
 }
 
 /// How the maps' keys move between backends (map values): `gained`, the backends that some
@@ -774,10 +984,11 @@ mod tests {
     #[test]
     fn no_request_reaches_another_domains_server_at_any_point_of_a_batch() {
         let cases = [
-            // Two domains swap slots; a third moves into a free one.
+            // Two domains swap slots; a third moves into a free one. Slots 5 and 6 are free
+            // before and after: the swapping domains wait there, and are never without a server.
             (
                 pooled(
-                    4,
+                    6,
                     &[
                         ("a.test", 1, &["10.0.0.1"]),
                         ("m.test", 2, &["10.0.0.2", "10.0.0.3"]),
@@ -785,7 +996,7 @@ mod tests {
                     ],
                 ),
                 pooled(
-                    4,
+                    6,
                     &[
                         ("a.test", 2, &["10.0.0.1"]),
                         ("m.test", 1, &["10.0.0.2", "10.0.0.3"]),
@@ -793,6 +1004,39 @@ mod tests {
                     ],
                 ),
                 // Moving to a free slot: ready before the map points there.
+                &["a.test", "m.test", "z.test"][..],
+            ),
+            // A chain: m.test takes a.test's slot, a.test takes a free one; one twin (slot 4).
+            (
+                pooled(
+                    4,
+                    &[("a.test", 1, &["10.0.0.1"]), ("m.test", 2, &["10.0.0.2"])],
+                ),
+                pooled(
+                    4,
+                    &[("a.test", 3, &["10.0.0.1"]), ("m.test", 1, &["10.0.0.2"])],
+                ),
+                &["a.test", "m.test"][..],
+            ),
+            // The same swap with no free twin: the direct move, empty for a moment, never
+            // another domain's server.
+            (
+                pooled(
+                    3,
+                    &[
+                        ("a.test", 1, &["10.0.0.1"]),
+                        ("m.test", 2, &["10.0.0.2", "10.0.0.3"]),
+                        ("z.test", 3, &["10.0.0.4"]),
+                    ],
+                ),
+                pooled(
+                    3,
+                    &[
+                        ("a.test", 2, &["10.0.0.1"]),
+                        ("m.test", 1, &["10.0.0.2", "10.0.0.3"]),
+                        ("z.test", 3, &["10.0.0.4"]),
+                    ],
+                ),
                 &["z.test"][..],
             ),
             // A domain goes and a new one takes its slot at once; another gains a server.
@@ -835,7 +1079,12 @@ mod tests {
                 for ((_, domain), backend) in &state.maps {
                     for (at, server) in &state.ready {
                         if at == backend {
-                            let owner = &allowed[&(at.clone(), server.clone())];
+                            // By name: a twin holds a domain's servers under their names.
+                            let owner = allowed
+                                .iter()
+                                .find(|((_, name), _)| name == server)
+                                .map(|(_, domain)| domain)
+                                .unwrap();
                             assert_eq!(
                                 owner, domain,
                                 "after '{line}': {domain} reaches {at}/{server}"

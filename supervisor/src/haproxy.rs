@@ -629,8 +629,10 @@ pub fn rotate_log(path: &Path, forwarded: &AtomicU64, limit: u64) -> bool {
 /// Whether `line` only reports what the supervisor itself just did: a runtime API command
 /// (`CLI : ... New server registered.`), a server put into or out of maintenance (each runtime
 /// change), proxies stopped and started (each reload). One per
-/// change at INFO would be megabytes an hour under churn: they go to DEBUG. Servers that
-/// health checks mark down, and alerts, are not among them.
+/// change at INFO would be megabytes an hour under churn: they go to DEBUG. So does the alert
+/// of a slot emptied by the supervisor (`CLI : backend 'slot_3' has no server available!`,
+/// each time a domain goes). Servers that health checks mark down, and the alerts they raise,
+/// are not among them.
 fn echoes_the_supervisor(line: &str) -> bool {
     line.contains(": CLI : ")
         || line.contains("for maintenance")
@@ -676,11 +678,11 @@ pub async fn tail_log(path: PathBuf, forwarded: Arc<AtomicU64>, shutdown: Cancel
         while let Some(end) = pending.find('\n') {
             let line: String = pending.drain(..=end).collect();
             let line = line.trim_end();
-            if line.contains("[ALERT]") {
-                error!(target: "haproxy", "{line}");
-            } else if line.is_empty() {
+            if line.is_empty() {
             } else if echoes_the_supervisor(line) {
                 debug!(target: "haproxy", "{line}");
+            } else if line.contains("[ALERT]") {
+                error!(target: "haproxy", "{line}");
             } else if sent >= FORWARD_PER_SECOND {
                 suppressed += 1;
             } else if line.contains("[WARNING]") {
@@ -698,6 +700,24 @@ pub async fn tail_log(path: PathBuf, forwarded: Arc<AtomicU64>, shutdown: Cancel
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_supervisors_own_actions_are_told_from_faults() {
+        for echo in [
+            "[ALERT]    (21411) : CLI : backend 'slot_3' has no server available!",
+            "[NOTICE]   (21411) : CLI : 'server app/s1' : New server registered.",
+            "[WARNING]  (21411) : Server slot_2/s1 is going DOWN for maintenance. 0 active and 0 backup servers left.",
+            "[WARNING]  (21411) : Proxy slot_2 stopped (cumulated conns: FE: 0, BE: 12).",
+        ] {
+            assert!(echoes_the_supervisor(echo), "{echo}");
+        }
+        for fault in [
+            "[ALERT]    (21411) : backend 'app' has no server available!",
+            "[WARNING]  (21411) : Server app/s1 is DOWN, reason: Layer4 connection problem, info: \"Connection refused\", check duration: 0ms.",
+        ] {
+            assert!(!echoes_the_supervisor(fault), "{fault}");
+        }
+    }
 
     #[test]
     fn show_proc_of_2_6_is_parsed() {

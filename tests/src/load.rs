@@ -1,9 +1,14 @@
 //! Bounded HTTP load with `wrk` (Debian's), against loopback only.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use tokio::task::JoinHandle;
+
+use crate::{http_get, tcp_banner};
 
 /// What one `wrk` run reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -86,6 +91,105 @@ pub fn parse(text: &str) -> Result<Report> {
     Ok(report)
 }
 
+/// What fresh-connection probes saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProbeCounts {
+    /// Answers from what was asked for.
+    pub answered: u64,
+    /// Connections refused or reset, timeouts, error statuses.
+    pub failed: u64,
+    /// Answers from something else than what was asked for.
+    pub misrouted: u64,
+    /// The last failure or misroute, for a message.
+    pub last_failure: String,
+}
+
+/// Probes on fresh connections, one after another until stopped: an HTTP app by its domain
+/// (expecting `200` and its body) and a TCP service (expecting its first line).
+#[derive(Debug)]
+pub struct Probe {
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<ProbeCounts>,
+}
+
+impl Probe {
+    /// Starts probing `domain` on `http` and the TCP service on `service`, both on loopback.
+    pub fn start(
+        http: SocketAddr,
+        domain: &str,
+        body: &str,
+        service: SocketAddr,
+        banner: &str,
+    ) -> Result<Self> {
+        if !http.ip().is_loopback() || !service.ip().is_loopback() {
+            bail!("probes go to loopback only, not {http} or {service}");
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let (domain, app, banner) = (domain.to_owned(), format!("200 {body}"), banner.to_owned());
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut counts = ProbeCounts::default();
+            while !stopped.load(Ordering::Relaxed) {
+                let answer = http_get(http, &domain, "/")
+                    .await
+                    .map(|(status, body)| format!("{status} {}", body.trim()));
+                counts.count(answer, &app);
+                counts.count(tcp_banner(service).await, &banner);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            counts
+        });
+        Ok(Self { stop, task })
+    }
+
+    /// Stops the probes; what they saw.
+    pub async fn stop(self) -> Result<ProbeCounts> {
+        self.stop.store(true, Ordering::Relaxed);
+        Ok(self.task.await?)
+    }
+}
+
+impl ProbeCounts {
+    fn count(&mut self, answer: Result<String>, expected: &str) {
+        match answer {
+            Ok(answer) if answer == expected => self.answered += 1,
+            Ok(answer) if answer.starts_with(['5', '4']) => {
+                self.failed += 1;
+                self.last_failure = answer;
+            }
+            Ok(answer) => {
+                self.misrouted += 1;
+                self.last_failure = answer;
+            }
+            Err(e) => {
+                self.failed += 1;
+                self.last_failure = format!("{e:#}");
+            }
+        }
+    }
+}
+
+/// The TCP sockets listening on `ports` in the output of `ss --listening --tcp --numeric
+/// --extended --no-header`, as (port, inode) sorted: the same inodes mean the same sockets,
+/// never closed in between.
+pub fn listening_sockets(ss: &str, ports: &[u16]) -> Vec<(u16, String)> {
+    let mut found: Vec<(u16, String)> = ss
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port = fields
+                .get(3)?
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .filter(|p| ports.contains(p))?;
+            let inode = fields.iter().find_map(|f| f.strip_prefix("ino:"))?;
+            Some((port, inode.to_owned()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +208,17 @@ mod tests {
         let clean = parse("  10 requests in 1.00s, 1KB read\n").unwrap();
         assert_eq!((clean.socket_errors, clean.non_2xx), (0, 0));
         assert!(parse("garbage").is_err());
+    }
+
+    #[test]
+    fn listening_sockets_are_read_from_ss() {
+        let ss = "LISTEN 0 1024 0.0.0.0:80 0.0.0.0:* ino:4242 sk:1 cgroup:/ <->\n\
+                  LISTEN 0 4096 127.0.0.1:2379 0.0.0.0:* uid:105 ino:77 sk:2 cgroup:/ <->\n\
+                  LISTEN 0 1024 [::]:80 [::]:* ino:4243 sk:3 v6only:1 <->\n";
+        assert_eq!(
+            listening_sockets(ss, &[80, 3306]),
+            [(80, "4242".to_owned()), (80, "4243".to_owned())]
+        );
+        assert!(listening_sockets(ss, &[8080]).is_empty());
     }
 }

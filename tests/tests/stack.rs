@@ -437,6 +437,45 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
         }
     };
     let haproxy_started = started_at("haproxy").await;
+    // HAProxy's listening sockets (host network): the same sockets from here to the end.
+    let ports = [stack.http, service_port];
+    let listening = || {
+        let ss = StdCommand::new("ss")
+            .args([
+                "--listening",
+                "--tcp",
+                "--numeric",
+                "--extended",
+                "--no-header",
+            ])
+            .output()
+            .unwrap();
+        legate_tests::load::listening_sockets(&String::from_utf8_lossy(&ss.stdout), &ports)
+    };
+    let sockets = listening();
+    assert!(sockets.len() >= 2, "{sockets:?}");
+    let probe = || {
+        legate_tests::load::Probe::start(
+            ambassador,
+            "quick.test",
+            "quick-app",
+            service,
+            "quick-service",
+        )
+        .unwrap()
+    };
+    let probed = |step: String, probes: legate_tests::load::ProbeCounts| {
+        eprintln!(
+            "{step}: probes {} answered, {} failed, {} misrouted",
+            probes.answered, probes.failed, probes.misrouted
+        );
+        assert!(probes.answered > 10, "{step}: {probes:?}");
+        assert_eq!(
+            (probes.failed, probes.misrouted),
+            (0, 0),
+            "{step}: {probes:?}"
+        );
+    };
     let load = |close: bool, secs: u64| {
         tokio::spawn(legate_tests::load::wrk(
             ambassador,
@@ -448,7 +487,7 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
     };
     for service in ["supervisor", "registrar", "confgen", "etcd"] {
         let started = started_at(service).await;
-        let (keep_alive, fresh) = (load(false, 8), load(true, 8));
+        let (keep_alive, fresh, probes) = (load(false, 8), load(true, 8), probe());
         docker::docker(&["restart", "--time", "10", &container(service)])
             .await
             .unwrap();
@@ -469,11 +508,13 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
                 report.output
             );
         }
+        probed(format!("{service} restarted"), probes.stop().await.unwrap());
         assert_ne!(
             started_at(service).await,
             started,
             "{service} did not restart"
         );
+        assert_eq!(listening(), sockets, "listening sockets changed: {service}");
     }
     assert_eq!(
         started_at("haproxy").await,
@@ -517,7 +558,7 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
         .unwrap()
     };
     let haproxy_before = haproxy_containers().await;
-    let (keep_alive, fresh) = (load(false, 30), load(true, 30));
+    let (keep_alive, fresh, probes) = (load(false, 30), load(true, 30), probe());
     let started = Instant::now();
     let said = stack
         .run(&["upgrade", "--no-build"], Duration::from_secs(300))
@@ -548,6 +589,15 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
             );
         }
     }
+    probed(
+        "deploy/stack upgrade".to_owned(),
+        probes.stop().await.unwrap(),
+    );
+    assert_eq!(
+        listening(),
+        sockets,
+        "listening sockets changed by the upgrade"
+    );
     assert!(said.contains("takes the listening sockets over"), "{said}");
     let haproxy_after = haproxy_containers().await;
     assert_eq!(haproxy_after.lines().count(), 1, "{haproxy_after}");

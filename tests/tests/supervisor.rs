@@ -646,13 +646,20 @@ fn pooled(http: u16, slots: &[(&str, SocketAddr)]) -> v1::ConfigSnapshot {
         ));
         hosts.push_str(&format!("{domain} slot_{slot}\n"));
     }
+    // Free slots, as confgen keeps at least 32: a domain handed a slot another one leaves
+    // waits in one of them meanwhile.
+    for slot in slots.len() + 1..=slots.len() + 4 {
+        text.push_str(&format!("\nbackend slot_{slot}\n    balance roundrobin\n"));
+    }
     snapshot(text, &[("hosts.map", &hosts)])
 }
 
 /// Regression (#13, item 5): when a restarted confgen renumbered the pooled backends, the
 /// supervisor's runtime batch made a slot's new servers ready while the map still sent another
 /// domain to it: 3 requests in ~250,000 reached another domain's server. Here domains swap
-/// slots 100 times under load, and every answer is checked against the domain asked for.
+/// slots 100 times under load, and every answer is checked against the domain asked for. And
+/// (#19) a domain handed a slot that another one leaves was without a server for a moment (15
+/// of 13,916 requests answered 503): none may fail.
 #[tokio::test]
 async fn no_request_reaches_another_domains_server_while_slots_change_hands() {
     use std::sync::Arc;
@@ -755,7 +762,12 @@ async fn no_request_reaches_another_domains_server_while_slots_change_hands() {
         answers > 1000,
         "too little load to prove anything: {answers}"
     );
-    assert_eq!(misroutes, 0, "{answers} right answers, {errors} errors");
+    assert_eq!(
+        (misroutes, errors),
+        (0, 0),
+        "{answers} right answers: no request may reach another domain's server, or find its \
+         own domain without one"
+    );
 }
 
 /// Regression (#13, item 8): with the supervisor's run directory lost (pidfile and master

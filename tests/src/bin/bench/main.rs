@@ -10,6 +10,7 @@
 //! `cargo run --release -p legate-tests --bin bench -- scale [--apps N] [--services N]`
 //! `cargo run --release -p legate-tests --bin bench -- idle [--count N] [--idle-secs S]`
 //! `cargo run --release -p legate-tests --bin bench -- faults`
+//! `cargo run --release -p legate-tests --bin bench -- soak [--minutes N] [--rate R]`
 //!
 //! registrar: Docker start → key visible in etcd and stop → key deleted, for N containers
 //! started and stopped one by one (p50/p99/max), then the registrar's RSS and CPU while idle
@@ -52,12 +53,18 @@
 //! faults: the fault sequence under load (etcd frozen past the lease TTL, the etcd leader
 //! killed, a service on a busy port, confgen restarted 10 times, the supervisor killed): per
 //! fault, requests, errors, misroutes and the seconds until the registrations are back.
+//!
+//! soak: `--minutes` (default 120) of registry churn at `--rate` changes a second (default 20)
+//! and a container restarted every 20 s, under `wrk`: a row a minute of every process's RSS and
+//! open files, HAProxy's processes, etcd's DB size and the bytes logged, then the slopes per
+//! hour; fails on any failed request or a legate process growing over 1 MiB/h in the last half.
 
 #![allow(clippy::print_stdout)]
 
 mod faults;
 mod pipeline;
 mod scenarios;
+mod soak;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -93,6 +100,8 @@ async fn main() -> Result<()> {
     let mut count = None;
     let mut foreign_keys = 20_000usize;
     let mut tls = false;
+    let mut minutes = 120u64;
+    let mut rate = 20u32;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--puts" => puts = args.next().context("--puts N")?.parse()?,
@@ -108,6 +117,8 @@ async fn main() -> Result<()> {
             "--count" => count = Some(args.next().context("--count N")?.parse()?),
             "--foreign-keys" => foreign_keys = args.next().context("--foreign-keys N")?.parse()?,
             "--tls" => tls = true,
+            "--minutes" => minutes = args.next().context("--minutes N")?.parse()?,
+            "--rate" => rate = args.next().context("--rate R")?.parse()?,
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -124,6 +135,7 @@ async fn main() -> Result<()> {
         "burst" => scenarios::burst(count.unwrap_or(500), parallel).await,
         "scale" => scenarios::scale(apps, services).await,
         "faults" => faults::faults().await,
+        "soak" => soak::soak(minutes, rate).await,
         "idle" => {
             let idle = Duration::from_secs(idle_secs.unwrap_or(300));
             scenarios::idle(count.unwrap_or(100), idle).await
@@ -137,7 +149,9 @@ async fn main() -> Result<()> {
              bench churn [--changes N] [--reloads N] [--secs S]\n       \
              bench burst [--count N] [--parallel N]\n       \
              bench scale [--apps N] [--services N]\n       \
-             bench idle [--count N] [--idle-secs S]"
+             bench idle [--count N] [--idle-secs S]\n       \
+             bench faults\n       \
+             bench soak [--minutes N] [--rate R]"
         ),
     }
 }

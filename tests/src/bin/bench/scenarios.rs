@@ -225,7 +225,7 @@ pub(crate) async fn churn(changes: usize, reloads: usize, load_for: Duration) ->
 
 /// Creates `count` containers on `host`, 8 at a time, each an app with the domain
 /// `<tag>-<i>.test` that answers `<tag>-<i>`; on an error, removes those it made.
-async fn create_apps(host: &Host, tag: &str, count: usize) -> Result<Vec<Container>> {
+pub(crate) async fn create_apps(host: &Host, tag: &str, count: usize) -> Result<Vec<Container>> {
     let image = &images()?.http_app;
     let created: Vec<Result<Container>> = futures_util::stream::iter(0..count)
         .map(|i| async move {
@@ -262,7 +262,7 @@ async fn settle(results: Vec<Result<Container>>) -> Result<Vec<Container>> {
 }
 
 /// Starts `containers`, `parallel` `docker start`s at a time.
-async fn start_all(containers: &[Container], parallel: usize) -> Result<()> {
+pub(crate) async fn start_all(containers: &[Container], parallel: usize) -> Result<()> {
     let started: Vec<Result<()>> = futures_util::stream::iter(containers)
         .map(|c| c.command("start"))
         .buffer_unordered(parallel)

@@ -1,0 +1,428 @@
+//! The systemd deployment form under a real systemd: the units of `deploy/systemd`, with etcd's
+//! own Debian unit, run by systemd as PID 1 of a container made from the legate image. Each unit
+//! is restarted in turn, then the binaries are upgraded in place and the units restarted, then a
+//! new TCP service makes HAProxy reload, all under `wrk` and fresh-connection probes of an app
+//! and a TCP service: no request fails or is misrouted, and HAProxy's listening sockets are the
+//! same sockets (`ss` inode) from the first step to the last.
+//!
+//! A test binary of its own: it builds an image (`deploy/stack build`, then systemd on top).
+
+#![allow(clippy::unwrap_used)] // test helpers panic on failure, like the tests themselves
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use legate_tests::docker::{self, Container, Network, RUN_LABEL, TEST_LABEL, images};
+use legate_tests::{WAIT, free_port, http_get, load, tcp_banner, wait_for};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// Builds the legate image (`deploy/stack build`: release binaries, base image, image).
+async fn legate_image() -> Result<()> {
+    let mut command = tokio::process::Command::new("bash");
+    command
+        .arg(repo().join("deploy/stack"))
+        .arg("build")
+        .current_dir(repo())
+        .env_remove("LEGATE_IMAGE")
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(25 * 60), command.output())
+        .await
+        .context("deploy/stack build took over 25 minutes")??;
+    if !output.status.success() {
+        bail!(
+            "deploy/stack build failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// The legate image with systemd, the units of `deploy/systemd` installed as the README says
+/// (units in /etc/systemd/system, the sysusers file), Debian's haproxy.service masked (the
+/// supervisor's unit conflicts with it), and a `docker` group owning the engine's socket as on
+/// the host. Tagged by what it is made of, kept like the other test images.
+async fn systemd_image() -> Result<String> {
+    let socket_group = std::fs::metadata("/var/run/docker.sock")
+        .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
+        .context("the Docker engine's socket")?;
+    let base =
+        docker::docker(&["image", "inspect", "--format", "{{.Id}}", "legate:latest"]).await?;
+    let context = tempfile::Builder::new()
+        .prefix("legate-systemd-image-")
+        .tempdir()?;
+    let units = repo().join("deploy/systemd");
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(&units)? {
+        let name = entry?.file_name().into_string().unwrap();
+        if name.ends_with(".service") || name.ends_with(".conf") {
+            std::fs::copy(units.join(&name), context.path().join(&name))?;
+            files.push(std::fs::read(units.join(&name))?);
+        }
+    }
+    let dockerfile = format!(
+        "FROM legate:latest\n\
+         RUN apt-get update \\\n \
+         && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+         systemd systemd-sysv iproute2 \\\n \
+         && rm -rf /var/lib/apt/lists/* \\\n \
+         && systemctl mask haproxy.service getty.target console-getty.service \\\n \
+         && groupadd --gid {socket_group} docker\n\
+         COPY legate-*.service /etc/systemd/system/\n\
+         COPY legate.sysusers.conf /etc/sysusers.d/legate.conf\n\
+         STOPSIGNAL SIGRTMIN+3\n\
+         CMD [\"/lib/systemd/systemd\"]\n"
+    );
+    std::fs::write(context.path().join("Dockerfile"), &dockerfile)?;
+    let mut hasher = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(&(&base, &dockerfile, &files), &mut hasher);
+    let tag = format!(
+        "legate-test-systemd:{:016x}",
+        std::hash::Hasher::finish(&hasher)
+    );
+    let context = context.path().to_str().unwrap();
+    let label = format!("{TEST_LABEL}=1");
+    docker::docker(&[
+        "build", "--quiet", "--label", &label, "--tag", &tag, context,
+    ])
+    .await?;
+    Ok(tag)
+}
+
+/// A machine run by systemd: a container of the systemd image, its HTTP frontend and one TCP
+/// port published on loopback.
+struct Machine {
+    container: Container,
+    http: SocketAddr,
+    service: SocketAddr,
+}
+
+impl Machine {
+    async fn boot(image: &str, network: &Network, service_port: u16) -> Result<Self> {
+        let service_publish = format!("127.0.0.1::{service_port}");
+        let container = Container::run(&[
+            "--cap-add",
+            "SYS_ADMIN",
+            "--tmpfs",
+            "/run",
+            "--tmpfs",
+            "/run/lock",
+            "--volume",
+            "/sys/fs/cgroup:/sys/fs/cgroup:ro",
+            "--volume",
+            "/var/run/docker.sock:/var/run/docker.sock",
+            "--network",
+            network.name(),
+            "--publish",
+            "127.0.0.1::80",
+            "--publish",
+            &service_publish,
+            image,
+        ])
+        .await?;
+        let http = container.published("80/tcp").await?;
+        let service = container.published(&format!("{service_port}/tcp")).await?;
+        let machine = Self {
+            container,
+            http,
+            service,
+        };
+        wait_for("systemd to boot", WAIT, || async {
+            let state = machine.exec(&["systemctl", "is-system-running"]).await;
+            Ok(state
+                .is_ok_and(|s| s == "running" || s == "degraded")
+                .then_some(()))
+        })
+        .await?;
+        Ok(machine)
+    }
+
+    async fn exec(&self, command: &[&str]) -> Result<String> {
+        let mut args = vec!["exec", self.container.id()];
+        args.extend_from_slice(command);
+        docker::docker(&args).await
+    }
+
+    /// Writes `text` into the file `path` of the machine.
+    async fn write(&self, path: &str, text: &str) -> Result<()> {
+        let file = tempfile::NamedTempFile::new()?;
+        std::fs::write(file.path(), text)?;
+        let dir = Path::new(path).parent().context("a file in a directory")?;
+        self.exec(&["mkdir", "-p", dir.to_str().unwrap()]).await?;
+        let target = format!("{}:{path}", self.container.id());
+        docker::docker(&["cp", file.path().to_str().unwrap(), &target]).await?;
+        self.exec(&["chmod", "644", path]).await.map(drop)
+    }
+
+    /// A unit's main pid (0 when it is not running).
+    async fn main_pid(&self, unit: &str) -> Result<u32> {
+        let pid = self
+            .exec(&[
+                "systemctl",
+                "show",
+                "--property",
+                "MainPID",
+                "--value",
+                unit,
+            ])
+            .await?;
+        Ok(pid.parse()?)
+    }
+
+    /// The HAProxy master's pid from the supervisor's pidfile.
+    async fn haproxy_master(&self) -> Result<u32> {
+        Ok(self
+            .exec(&["cat", "/run/legate/haproxy.pid"])
+            .await?
+            .parse()?)
+    }
+
+    /// The TCP sockets listening on `ports` in the machine, as (port, inode).
+    async fn listeners(&self, ports: &[u16]) -> Result<Vec<(u16, String)>> {
+        let ss = [
+            "ss",
+            "--listening",
+            "--tcp",
+            "--numeric",
+            "--extended",
+            "--no-header",
+        ];
+        Ok(load::listening_sockets(&self.exec(&ss).await?, ports))
+    }
+
+    async fn journal(&self) -> String {
+        self.exec(&["journalctl", "--no-pager", "--lines", "80"])
+            .await
+            .unwrap_or_else(|e| e.to_string())
+    }
+}
+
+/// One step under load: `wrk` keep-alive and `Connection: close` on the app plus the probes,
+/// while `action` runs; asserts that nothing failed.
+async fn under_load<F, Fut>(machine: &Machine, step: &str, action: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let load = |close: bool| {
+        tokio::spawn(load::wrk(
+            machine.http,
+            "sd.test",
+            Duration::from_secs(8),
+            8,
+            close,
+        ))
+    };
+    let probe = load::Probe::start(
+        machine.http,
+        "sd.test",
+        "sd-app",
+        machine.service,
+        "sd-service",
+    )
+    .unwrap();
+    let (keep_alive, fresh) = (load(false), load(true));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    if let Err(e) = action().await {
+        panic!("{step}: {e:#}\n{}", machine.journal().await);
+    }
+    for (kind, report) in [
+        ("keep-alive", keep_alive.await.unwrap().unwrap()),
+        ("Connection: close", fresh.await.unwrap().unwrap()),
+    ] {
+        eprintln!(
+            "{step} under wrk ({kind}): {} requests, {} socket errors, {} non-2xx",
+            report.requests, report.socket_errors, report.non_2xx
+        );
+        assert!(report.requests > 100, "{step}: {}", report.output);
+        assert_eq!(
+            (report.socket_errors, report.non_2xx),
+            (0, 0),
+            "{step}: requests failed\n{}\n{}",
+            report.output,
+            machine.journal().await
+        );
+    }
+    let probes = probe.stop().await.unwrap();
+    eprintln!(
+        "{step}: probes {} answered, {} failed, {} misrouted",
+        probes.answered, probes.failed, probes.misrouted
+    );
+    assert!(probes.answered > 10, "{step}: {probes:?}");
+    assert_eq!(
+        (probes.failed, probes.misrouted),
+        (0, 0),
+        "{step}: {probes:?}"
+    );
+}
+
+/// #19, systemd form: every unit restarted in turn, the binaries upgraded in place, and a
+/// reload of HAProxy, under load: 0 failed requests, 0 misroutes, the same listening sockets.
+#[tokio::test]
+async fn the_systemd_units_restart_and_upgrade_without_dropping_a_request() {
+    legate_image().await.unwrap();
+    let image = systemd_image().await.unwrap();
+    let images = images().unwrap();
+    let network = Network::create("systemd").await.unwrap();
+    let gateway = network.gateway().await.unwrap();
+    let (service_port, new_port) = (free_port().unwrap(), free_port().unwrap());
+    let machine = Machine::boot(&image, &network, service_port).await.unwrap();
+
+    // The host's settings, as an operator writes them (deploy/systemd/legate.env); etcd is
+    // Debian's (started at boot), on loopback. The machine's containers are this run's only.
+    let settings = format!(
+        "HOST_IP={gateway}\nHOST_ID=systemd-test\nLEGATE_BIND_ADDRESS=0.0.0.0\n\
+         LEGATE_LEASE_TTL=10\nLEGATE_CONTAINER_FILTER=label={RUN_LABEL}={}\n",
+        docker::run_id()
+    );
+    machine
+        .write("/etc/legate/legate.env", &settings)
+        .await
+        .unwrap();
+    let started = machine
+        .exec(&[
+            "systemctl",
+            "start",
+            "etcd.service",
+            "legate-registrar.service",
+            "legate-confgen.service",
+            "legate-supervisor.service",
+        ])
+        .await;
+    if let Err(e) = started {
+        panic!("{e:#}\n{}", machine.journal().await);
+    }
+
+    let _app = Container::run(&[
+        "-e",
+        "DOMAIN_NAME=sd.test",
+        "-e",
+        "RESPONSE=sd-app",
+        "-p",
+        "80",
+        &images.http_app,
+    ])
+    .await
+    .unwrap();
+    let (service_env, port_env, publish) = (
+        format!("SERVICE_PORT={service_port}"),
+        format!("PORT={service_port}"),
+        service_port.to_string(),
+    );
+    let _service = Container::run(&[
+        "-e",
+        &service_env,
+        "-e",
+        &port_env,
+        "-e",
+        "RESPONSE=sd-service",
+        "-p",
+        &publish,
+        &images.tcp_service,
+    ])
+    .await
+    .unwrap();
+    let routed = wait_for(
+        "the app and the service through systemd's HAProxy",
+        WAIT * 2,
+        || async {
+            let (status, body) = http_get(machine.http, "sd.test", "/").await?;
+            let banner = tcp_banner(machine.service).await?;
+            Ok((status == 200 && body.trim() == "sd-app" && banner == "sd-service").then_some(()))
+        },
+    )
+    .await;
+    if let Err(e) = routed {
+        panic!("{e:#}\n{}", machine.journal().await);
+    }
+
+    let ports = [80, service_port];
+    let listening = machine.listeners(&ports).await.unwrap();
+    assert_eq!(listening.len(), 2, "{listening:?}");
+    let master = machine.haproxy_master().await.unwrap();
+    for unit in [
+        "legate-registrar.service",
+        "legate-confgen.service",
+        "legate-supervisor.service",
+        "etcd.service",
+    ] {
+        let before = machine.main_pid(unit).await.unwrap();
+        under_load(&machine, &format!("systemctl restart {unit}"), || async {
+            machine
+                .exec(&["systemctl", "restart", unit])
+                .await
+                .map(drop)
+        })
+        .await;
+        let after = machine.main_pid(unit).await.unwrap();
+        assert!(after != 0 && after != before, "{unit}: {before} -> {after}");
+        assert_eq!(
+            machine.listeners(&ports).await.unwrap(),
+            listening,
+            "HAProxy's listening sockets changed while {unit} restarted"
+        );
+        assert_eq!(machine.haproxy_master().await.unwrap(), master);
+    }
+
+    // An upgrade as a package does it: each binary replaced by a new file (rename over the
+    // old one), then the units restarted in order.
+    under_load(&machine, "binaries upgraded, units restarted", || async {
+        for service in ["legate-registrar", "legate-confgen", "legate-supervisor"] {
+            let built = legate_tests::service::binary(service)?;
+            let staged = format!("/usr/local/bin/.{service}.new");
+            let target = format!("{}:{staged}", machine.container.id());
+            docker::docker(&["cp", built.to_str().unwrap(), &target]).await?;
+            machine
+                .exec(&["mv", &staged, &format!("/usr/local/bin/{service}")])
+                .await?;
+        }
+        for unit in ["legate-registrar", "legate-confgen", "legate-supervisor"] {
+            machine.exec(&["systemctl", "restart", unit]).await?;
+        }
+        Ok(())
+    })
+    .await;
+    assert_eq!(machine.listeners(&ports).await.unwrap(), listening);
+
+    // A new TCP service port: a reload of HAProxy (new workers, the listening sockets passed
+    // on to them), under load.
+    let (new_env, new_port_env, new_publish) = (
+        format!("SERVICE_PORT={new_port}"),
+        format!("PORT={new_port}"),
+        new_port.to_string(),
+    );
+    let mut new_service = None;
+    under_load(&machine, "a new service port (HAProxy reloads)", || async {
+        new_service = Some(
+            Container::run(&[
+                "-e",
+                &new_env,
+                "-e",
+                &new_port_env,
+                "-e",
+                "RESPONSE=sd-new",
+                "-p",
+                &new_publish,
+                &images.tcp_service,
+            ])
+            .await?,
+        );
+        wait_for("a listener on the new port", WAIT, || async {
+            Ok((machine.listeners(&[new_port]).await?.len() == 1).then_some(()))
+        })
+        .await
+        .map(drop)
+    })
+    .await;
+    assert_eq!(machine.listeners(&ports).await.unwrap(), listening);
+    assert_eq!(machine.haproxy_master().await.unwrap(), master);
+    assert!(new_service.is_some());
+}
