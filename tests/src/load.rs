@@ -32,34 +32,93 @@ pub async fn wrk(
     connections: u32,
     close: bool,
 ) -> Result<Report> {
-    if !addr.ip().is_loopback() {
-        bail!("load goes to loopback only, not {addr}");
-    }
-    let mut command = tokio::process::Command::new("wrk");
-    command
-        .arg("-t2")
-        .arg(format!("-c{connections}"))
-        .arg(format!("-d{}s", duration.as_secs().max(1)))
-        .arg("--timeout")
-        .arg("5s")
-        .arg("-H")
-        .arg(format!("Host: {host}"));
-    if close {
-        command.arg("-H").arg("Connection: close");
-    }
-    command.arg(format!("http://{addr}/")).kill_on_drop(true);
-    let output = tokio::time::timeout(duration + Duration::from_secs(30), command.output())
+    Wrk::start(addr, host, duration, connections, close)?
+        .finish()
         .await
-        .context("wrk did not finish")?
-        .context("running wrk (apt-get install wrk)")?;
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    if !output.status.success() {
-        bail!(
-            "wrk failed: {text}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+}
+
+/// A `wrk` run in the background: it ends by itself after its duration, or earlier at
+/// [`Wrk::stop`], so that load lasts exactly as long as what it is the load of, however slow
+/// the machine, and never longer than its bound.
+#[derive(Debug)]
+pub struct Wrk {
+    child: tokio::process::Child,
+    duration: Duration,
+    started: tokio::time::Instant,
+}
+
+impl Wrk {
+    /// Starts `wrk` as [`wrk`] does.
+    pub fn start(
+        addr: SocketAddr,
+        host: &str,
+        duration: Duration,
+        connections: u32,
+        close: bool,
+    ) -> Result<Self> {
+        if !addr.ip().is_loopback() {
+            bail!("load goes to loopback only, not {addr}");
+        }
+        let mut command = tokio::process::Command::new("wrk");
+        command
+            .arg("-t2")
+            .arg(format!("-c{connections}"))
+            .arg(format!("-d{}s", duration.as_secs().max(1)))
+            .arg("--timeout")
+            .arg("5s")
+            .arg("-H")
+            .arg(format!("Host: {host}"));
+        if close {
+            command.arg("-H").arg("Connection: close");
+        }
+        command
+            .arg(format!("http://{addr}/"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let child = command
+            .spawn()
+            .context("running wrk (apt-get install wrk)")?;
+        Ok(Self {
+            child,
+            duration,
+            started: tokio::time::Instant::now(),
+        })
     }
-    parse(&text)
+
+    /// Whether it ended by itself: its duration is over.
+    pub fn is_finished(&mut self) -> bool {
+        self.child.try_wait().is_ok_and(|status| status.is_some())
+    }
+
+    /// Stops it once it has run for `at_least` (SIGINT: wrk stops its connections and prints
+    /// its summary) and reads its report.
+    pub async fn stop_after(self, at_least: Duration) -> Result<Report> {
+        tokio::time::sleep_until(self.started + at_least).await;
+        if let Some(pid) = self.child.id() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+            // It may have ended by itself meanwhile: its report is read all the same.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        }
+        self.finish().await
+    }
+
+    /// Waits for the end of its duration and reads its report.
+    pub async fn finish(self) -> Result<Report> {
+        let limit = self.duration + Duration::from_secs(30);
+        let output = tokio::time::timeout(limit, self.child.wait_with_output())
+            .await
+            .context("wrk did not finish")?
+            .context("waiting for wrk")?;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        if !output.status.success() {
+            bail!(
+                "wrk failed: {text}{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        parse(&text)
+    }
 }
 
 /// Parses wrk's summary.

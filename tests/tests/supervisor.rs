@@ -395,9 +395,11 @@ async fn no_request_fails_during_runtime_changes_and_reloads() {
     );
 
     let addr = SocketAddr::from(([127, 0, 0, 1], http));
-    let duration = Duration::from_secs(20);
-    let keep_alive = tokio::spawn(load::wrk(addr, "a.test", duration, 8, false));
-    let close = tokio::spawn(load::wrk(addr, "a.test", duration, 4, true));
+    // The load lasts as long as the changes do (stopped after them, 3 s at least), 2 minutes
+    // at most.
+    let bound = Duration::from_secs(120);
+    let mut keep_alive = load::Wrk::start(addr, "a.test", bound, 8, false).unwrap();
+    let mut close = load::Wrk::start(addr, "a.test", bound, 4, true).unwrap();
     let mut version = 1;
     for i in 0..200 {
         version += 1;
@@ -414,10 +416,10 @@ async fn no_request_fails_during_runtime_changes_and_reloads() {
     }
     assert!(
         !keep_alive.is_finished() && !close.is_finished(),
-        "the changes outlasted the load: the test proved nothing"
+        "the changes outlasted the load ({bound:?}): the test proved nothing"
     );
     for (mode, run) in [("keep-alive", keep_alive), ("close", close)] {
-        let report = run.await.unwrap().unwrap();
+        let report = run.stop_after(Duration::from_secs(3)).await.unwrap();
         assert!(report.requests > 100, "{mode}: {}", report.output);
         assert_eq!(
             (report.socket_errors, report.non_2xx),
@@ -568,9 +570,11 @@ async fn a_listener_that_cannot_bind_is_refused_and_the_rest_applies_without_a_f
         ApplyOutcome::Reloaded,
     );
     let addr = SocketAddr::from(([127, 0, 0, 1], http));
-    let duration = Duration::from_secs(8);
-    let keep_alive = tokio::spawn(load::wrk(addr, "a.test", duration, 8, false));
-    let close = tokio::spawn(load::wrk(addr, "a.test", duration, 4, true));
+    // The load lasts as long as the changes do (stopped after them, 3 s at least), 2 minutes
+    // at most.
+    let bound = Duration::from_secs(120);
+    let mut keep_alive = load::Wrk::start(addr, "a.test", bound, 8, false).unwrap();
+    let close = load::Wrk::start(addr, "a.test", bound, 4, true).unwrap();
 
     // A new server and a service on the busy port, in one snapshot.
     let squatted = both(&service_section("ssh", busy, b1.addr()));
@@ -602,7 +606,7 @@ async fn a_listener_that_cannot_bind_is_refused_and_the_rest_applies_without_a_f
     );
     assert!(!keep_alive.is_finished(), "the changes outlasted the load");
     for (mode, run) in [("keep-alive", keep_alive), ("close", close)] {
-        let report = run.await.unwrap().unwrap();
+        let report = run.stop_after(Duration::from_secs(3)).await.unwrap();
         assert!(report.requests > 100, "{mode}: {}", report.output);
         assert_eq!(
             (report.socket_errors, report.non_2xx),

@@ -17,6 +17,13 @@ use anyhow::{Context, Result, bail};
 use legate_tests::docker::{self, Container, Network, RUN_LABEL, TEST_LABEL, images};
 use legate_tests::{WAIT, free_port, http_get, load, tcp_banner, wait_for};
 
+/// A program's path, found in `PATH`.
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+}
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -106,9 +113,15 @@ struct Machine {
 }
 
 impl Machine {
-    async fn boot(image: &str, network: &Network, service_port: u16) -> Result<Self> {
-        let service_publish = format!("127.0.0.1::{service_port}");
-        let container = Container::run(&[
+    /// Boots systemd in a container of `image` with the engine's socket and `args` (network,
+    /// ports, mounts); `http` and `service` say where the ambassador will answer, from the
+    /// container once it exists.
+    async fn boot(
+        image: &str,
+        args: &[&str],
+        addresses: impl AsyncFnOnce(&Container) -> Result<(SocketAddr, SocketAddr)>,
+    ) -> Result<Self> {
+        let mut all = vec![
             "--cap-add",
             "SYS_ADMIN",
             "--tmpfs",
@@ -119,17 +132,11 @@ impl Machine {
             "/sys/fs/cgroup:/sys/fs/cgroup:ro",
             "--volume",
             "/var/run/docker.sock:/var/run/docker.sock",
-            "--network",
-            network.name(),
-            "--publish",
-            "127.0.0.1::80",
-            "--publish",
-            &service_publish,
-            image,
-        ])
-        .await?;
-        let http = container.published("80/tcp").await?;
-        let service = container.published(&format!("{service_port}/tcp")).await?;
+        ];
+        all.extend_from_slice(args);
+        all.push(image);
+        let container = Container::run(&all).await?;
+        let (http, service) = addresses(&container).await?;
         let machine = Self {
             container,
             http,
@@ -268,13 +275,29 @@ where
 /// reload of HAProxy, under load: 0 failed requests, 0 misroutes, the same listening sockets.
 #[tokio::test]
 async fn the_systemd_units_restart_and_upgrade_without_dropping_a_request() {
+    let _one = ONE_AT_A_TIME.lock().await;
     legate_image().await.unwrap();
     let image = systemd_image().await.unwrap();
     let images = images().unwrap();
     let network = Network::create("systemd").await.unwrap();
     let gateway = network.gateway().await.unwrap();
     let (service_port, new_port) = (free_port().unwrap(), free_port().unwrap());
-    let machine = Machine::boot(&image, &network, service_port).await.unwrap();
+    let service_publish = format!("127.0.0.1::{service_port}");
+    let args = [
+        "--network",
+        network.name(),
+        "--publish",
+        "127.0.0.1::80",
+        "--publish",
+        &service_publish,
+    ];
+    let machine = Machine::boot(&image, &args, async |container: &Container| {
+        let http = container.published("80/tcp").await?;
+        let service = container.published(&format!("{service_port}/tcp")).await?;
+        Ok((http, service))
+    })
+    .await
+    .unwrap();
 
     // The host's settings, as an operator writes them (deploy/systemd/legate.env); etcd is
     // Debian's (started at boot), on loopback. The machine's containers are this run's only.
@@ -425,4 +448,320 @@ async fn the_systemd_units_restart_and_upgrade_without_dropping_a_request() {
     assert_eq!(machine.listeners(&ports).await.unwrap(), listening);
     assert_eq!(machine.haproxy_master().await.unwrap(), master);
     assert!(new_service.is_some());
+}
+
+/// The containers and volumes the fleet unit makes, by their fixed names.
+const FLEET_CONTAINERS: [&str; 5] = [
+    "legate-registrar",
+    "legate-confgen",
+    "legate-supervisor",
+    "legate-haproxy",
+    "legate-haproxy-next",
+];
+const FLEET_VOLUMES: [&str; 2] = ["legate-supervisor", "legate-haproxy"];
+/// Host directories the fleet unit mounts, which the engine creates when they are missing.
+const FLEET_HOST_DIRS: [&str; 2] = ["/run/legate", "/etc/legate/tls"];
+
+/// What the fleet unit left on the engine and the host, removed when dropped: its containers
+/// (by the ids they had), its volumes, and the host directories the test made.
+struct FleetLeftovers {
+    made_dirs: Vec<&'static str>,
+    /// Images the test built, removed last.
+    images: Vec<String>,
+}
+
+impl FleetLeftovers {
+    /// Fails if this host already runs a fleet ambassador: the test would replace it.
+    fn claim() -> Result<Self> {
+        for name in FLEET_CONTAINERS {
+            let found = std::process::Command::new("docker")
+                .args(["container", "inspect", name])
+                .output()?;
+            if found.status.success() {
+                bail!("a container {name} exists on this host: it runs an ambassador, not a test");
+            }
+        }
+        let made_dirs = FLEET_HOST_DIRS
+            .into_iter()
+            .filter(|dir| !Path::new(dir).exists())
+            .collect();
+        Ok(Self {
+            made_dirs,
+            images: Vec::new(),
+        })
+    }
+}
+
+impl Drop for FleetLeftovers {
+    fn drop(&mut self) {
+        for name in FLEET_CONTAINERS {
+            let id = std::process::Command::new("docker")
+                .args(["container", "inspect", "--format", "{{.Id}}", name])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+            if let Some(id) = id {
+                let _ = std::process::Command::new("docker")
+                    .args(["rm", "--force", &id])
+                    .output();
+            }
+        }
+        let _ = std::process::Command::new("docker")
+            .args(["volume", "rm"])
+            .args(FLEET_VOLUMES)
+            .output();
+        for dir in &self.made_dirs {
+            let _ = std::fs::remove_dir(dir);
+        }
+        let _ = std::fs::remove_dir("/etc/legate");
+        for image in &self.images {
+            let _ = std::process::Command::new("docker")
+                .args(["rmi", "--force", image])
+                .output();
+        }
+    }
+}
+
+/// Tests of this binary one at a time: each boots a machine and loads it.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// #19, fleet form: the unit template `ambassador@.service` run by systemd (what fleet does
+/// on each machine), its containers on the engine of this host: the unit restarted, its
+/// containers restarted, then an upgrade to a rebuilt image (the unit restarted with a new
+/// LEGATE_IMAGE), under load: 0 failed requests, 0 misroutes, HAProxy's listening sockets the
+/// same sockets throughout while its container is replaced.
+#[tokio::test]
+async fn the_fleet_unit_restarts_and_upgrades_without_dropping_a_request() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut leftovers = FleetLeftovers::claim().unwrap();
+    legate_image().await.unwrap();
+    let image = systemd_image().await.unwrap();
+    let images = images().unwrap();
+    // The rebuilt image of the upgrade: the same content, another image id.
+    let context = tempfile::tempdir().unwrap();
+    std::fs::write(
+        context.path().join("Dockerfile"),
+        format!(
+            "FROM legate:latest\nLABEL legate.test.rebuilt={}\n",
+            docker::run_id()
+        ),
+    )
+    .unwrap();
+    let rebuilt = format!("legate-test-rebuilt:{}", docker::run_id());
+    let label = format!("{TEST_LABEL}=1");
+    docker::docker(&[
+        "build",
+        "--quiet",
+        "--label",
+        &label,
+        "--tag",
+        &rebuilt,
+        context.path().to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+    leftovers.images.push(rebuilt.clone());
+    let etcd = legate_tests::etcd::Etcd::start().await.unwrap();
+    let (http_port, service_port) = (free_port().unwrap(), free_port().unwrap());
+    let docker_cli = which("docker").expect("docker in PATH");
+    let docker_mount = format!("{}:/usr/bin/docker:ro", docker_cli.display());
+    let machine = Machine::boot(
+        &image,
+        &["--volume", &docker_mount],
+        async |_: &Container| {
+            Ok((
+                SocketAddr::from(([127, 0, 0, 1], http_port)),
+                SocketAddr::from(([127, 0, 0, 1], service_port)),
+            ))
+        },
+    )
+    .await
+    .unwrap();
+
+    // fleet's machine: CoreOS's /etc/environment, the unit template, the settings file.
+    let settings = |image: &str| {
+        format!(
+            "LEGATE_IMAGE={image}\nETCD_PORT={}\nLEGATE_HTTP_PORT={http_port}\n\
+             LEGATE_BIND_ADDRESS=127.0.0.1\nLEGATE_LEASE_TTL=10\n\
+             LEGATE_CONTAINER_FILTER=label={RUN_LABEL}={}\n",
+            etcd.addr().port(),
+            docker::run_id()
+        )
+    };
+    machine
+        .write("/etc/environment", "COREOS_PRIVATE_IPV4=127.0.0.1\n")
+        .await
+        .unwrap();
+    let template =
+        std::fs::read_to_string(repo().join("deploy/fleet/ambassador@.service")).unwrap();
+    machine
+        .write("/etc/systemd/system/ambassador@.service", &template)
+        .await
+        .unwrap();
+    machine
+        .write("/etc/legate/legate.env", &settings("legate:latest"))
+        .await
+        .unwrap();
+    // The unit requires docker.service: the engine is this host's, reached through its
+    // socket, so the machine's docker.service only says it is there.
+    machine
+        .write(
+            "/etc/systemd/system/docker.service",
+            "[Unit]\nDescription=the host's Docker engine, through its socket\n\n\
+             [Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/usr/bin/docker version\n",
+        )
+        .await
+        .unwrap();
+    machine.exec(&["systemctl", "daemon-reload"]).await.unwrap();
+    let unit = "ambassador@1.service";
+    if let Err(e) = machine.exec(&["systemctl", "start", unit]).await {
+        panic!("{e:#}\n{}", machine.journal().await);
+    }
+
+    let _app = Container::run(&[
+        "-e",
+        "DOMAIN_NAME=sd.test",
+        "-e",
+        "RESPONSE=sd-app",
+        "-p",
+        "80",
+        &images.http_app,
+    ])
+    .await
+    .unwrap();
+    let (service_env, port_env, publish) = (
+        format!("SERVICE_PORT={service_port}"),
+        format!("PORT={service_port}"),
+        service_port.to_string(),
+    );
+    let _service = Container::run(&[
+        "-e",
+        &service_env,
+        "-e",
+        &port_env,
+        "-e",
+        "RESPONSE=sd-service",
+        "-p",
+        &publish,
+        &images.tcp_service,
+    ])
+    .await
+    .unwrap();
+    let routed = wait_for(
+        "the app and the service through the fleet unit's HAProxy",
+        WAIT * 2,
+        || async {
+            let (status, body) = http_get(machine.http, "sd.test", "/").await?;
+            let banner = tcp_banner(machine.service).await?;
+            Ok((status == 200 && body.trim() == "sd-app" && banner == "sd-service").then_some(()))
+        },
+    )
+    .await;
+    if let Err(e) = routed {
+        panic!("{e:#}\n{}", machine.journal().await);
+    }
+
+    // HAProxy runs on the host's network: its sockets are the host's.
+    let ports = [http_port, service_port];
+    let host_listeners = || {
+        let ss = std::process::Command::new("ss")
+            .args([
+                "--listening",
+                "--tcp",
+                "--numeric",
+                "--extended",
+                "--no-header",
+            ])
+            .output()
+            .unwrap();
+        load::listening_sockets(&String::from_utf8_lossy(&ss.stdout), &ports)
+    };
+    let listening = host_listeners();
+    assert_eq!(listening.len(), 2, "{listening:?}");
+    let container_id = |name: &'static str| async move {
+        docker::docker(&["inspect", "--format", "{{.Id}}", name])
+            .await
+            .unwrap()
+    };
+    let haproxy = container_id("legate-haproxy").await;
+
+    let before = machine.main_pid(unit).await.unwrap();
+    under_load(&machine, "systemctl restart ambassador@1", || async {
+        machine
+            .exec(&["systemctl", "restart", unit])
+            .await
+            .map(drop)
+    })
+    .await;
+    assert_ne!(machine.main_pid(unit).await.unwrap(), before);
+    assert_eq!(
+        host_listeners(),
+        listening,
+        "the unit's restart changed the listening sockets"
+    );
+    assert_eq!(
+        container_id("legate-haproxy").await,
+        haproxy,
+        "HAProxy's container was replaced"
+    );
+
+    for name in ["legate-registrar", "legate-confgen"] {
+        let before = container_id(name).await;
+        under_load(&machine, &format!("docker restart {name}"), || async {
+            docker::docker(&["restart", "--time", "10", name])
+                .await
+                .map(drop)
+        })
+        .await;
+        assert_eq!(container_id(name).await, before);
+        assert_eq!(
+            host_listeners(),
+            listening,
+            "{name}'s restart changed the listening sockets"
+        );
+    }
+
+    // The upgrade: a new image named in the settings, the unit restarted.
+    machine
+        .write("/etc/legate/legate.env", &settings(&rebuilt))
+        .await
+        .unwrap();
+    under_load(
+        &machine,
+        "upgrade: LEGATE_IMAGE changed, the unit restarted",
+        || async {
+            machine
+                .exec(&["systemctl", "restart", unit])
+                .await
+                .map(drop)
+        },
+    )
+    .await;
+    let wanted = docker::docker(&["image", "inspect", "--format", "{{.Id}}", &rebuilt])
+        .await
+        .unwrap();
+    for name in [
+        "legate-registrar",
+        "legate-confgen",
+        "legate-supervisor",
+        "legate-haproxy",
+    ] {
+        let running = docker::docker(&["inspect", "--format", "{{.Image}}", name])
+            .await
+            .unwrap();
+        assert_eq!(running, wanted, "{name} does not run the new image");
+    }
+    assert_ne!(container_id("legate-haproxy").await, haproxy);
+    assert_eq!(
+        host_listeners(),
+        listening,
+        "the upgrade changed the listening sockets"
+    );
+
+    if let Err(e) = machine.exec(&["systemctl", "stop", unit]).await {
+        panic!("{e:#}\n{}", machine.journal().await);
+    }
+    drop(machine);
+    drop(leftovers);
 }
