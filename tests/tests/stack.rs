@@ -574,20 +574,16 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
              errors, {} non-2xx",
             report.requests, report.socket_errors, report.non_2xx
         );
-        // No connection refused or reset. One non-2xx answer among ~27,000 was seen once in
-        // two CI runs and not in four by hand; its cause is not found yet (#19), so it is
-        // reported here rather than asserted.
+        // The upgrade recreates confgen, which numbers the pooled slots afresh: quick.test
+        // and after.test swap slots. A swap used to leave a domain without a server for an
+        // instant (one 503 among ~27,000 requests, once in two runs); now each domain waits on a
+        // free twin slot meanwhile.
         assert_eq!(
-            report.socket_errors, 0,
-            "connections failed during the upgrade:\n{}\n{said}",
+            (report.socket_errors, report.non_2xx),
+            (0, 0),
+            "requests failed during the upgrade:\n{}\n{said}",
             report.output
         );
-        if report.non_2xx > 0 {
-            eprintln!(
-                "non-2xx answers during the upgrade ({kind}):\n{}",
-                report.output
-            );
-        }
     }
     probed(
         "deploy/stack upgrade".to_owned(),
