@@ -72,7 +72,7 @@ pub struct Config {
           value_parser = runtime::parse_allowed_dir)]
     pub allowed_file_dirs: Vec<PathBuf>,
     /// How long a node that is disconnected and has not reported stays in `Confgen.Status`.
-    #[arg(long, env = "LEGATE_NODE_EXPIRY", default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, env = "LEGATE_NODE_EXPIRY", default_value = "10m", value_parser = runtime::parse_duration)]
     pub node_expiry: Duration,
     /// Most nodes kept in `Confgen.Status`: beyond it, the disconnected ones seen longest ago
     /// go first (connected nodes always stay).
@@ -184,30 +184,9 @@ pub struct Wait {
     pub max: Duration,
 }
 
-/// Parses a duration with a unit: `ms`, `s` or `m` (`0` alone is zero).
-pub fn parse_duration(part: &str) -> Result<Duration, String> {
-    let split = part
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(part.len());
-    let (number, unit) = part.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("'{}' is not a duration like 5ms", part.escape_default()))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        "" if n == 0 => Ok(Duration::ZERO),
-        _ => Err(format!(
-            "'{}' needs a unit: ms, s or m",
-            part.escape_default()
-        )),
-    }
-}
-
 /// Parses `min[:max]` as in `--wait`.
 pub fn parse_wait(s: &str) -> Result<Wait, String> {
-    let duration = parse_duration;
+    let duration = runtime::parse_duration;
     let wait = match s.split_once(':') {
         Some((min, max)) => Wait {
             min: duration(min)?,

@@ -159,6 +159,8 @@ impl Registry {
                 Ok(record) => Entry::Host(key, record),
                 Err(e) => Entry::Skipped(format!("value: {e}")),
             },
+            // Outside the directories this registry reads (`owns`): never parsed here.
+            Ok(Key::Refused(_)) => Entry::Skipped("key: a refusal, not a route".to_owned()),
             Err(e @ KeyError::NotUtf8) => Entry::Skipped(e.to_string()),
             Err(e) => Entry::Skipped(format!("key: {e}")),
         }

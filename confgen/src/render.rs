@@ -88,7 +88,7 @@ struct MapNames {
     wildcards: &'static str,
 }
 
-/// The data a template sees (documented in the README's "Templates" section).
+/// The data a template sees (documented in the "Templates" section of docs/configuration.md).
 #[derive(Debug, Serialize)]
 struct Context<'a> {
     generator: &'a str,

@@ -767,6 +767,27 @@ where
     })
 }
 
+/// Parses a duration with a unit: `ms`, `s` or `m` (`0` alone is zero).
+pub fn parse_duration(part: &str) -> Result<Duration, String> {
+    let split = part
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(part.len());
+    let (number, unit) = part.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("'{}' is not a duration like 5ms", part.escape_default()))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        "" if n == 0 => Ok(Duration::ZERO),
+        _ => Err(format!(
+            "'{}' needs a unit: ms, s or m",
+            part.escape_default()
+        )),
+    }
+}
+
 /// Errors of the process around a service: setup, listeners.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -779,6 +800,9 @@ pub enum RuntimeError {
     /// The metrics exporter could not start.
     #[error("metrics exporter: {0}")]
     Metrics(#[from] metrics_exporter_prometheus::BuildError),
+    /// The metrics listener could not bind.
+    #[error("cannot listen: {0}")]
+    MetricsListen(std::io::Error),
     /// A gRPC listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -831,12 +855,11 @@ pub fn init_tracing(common: &CommonArgs) -> Result<(), RuntimeError> {
     installed.map_err(|_| RuntimeError::TracingInstalled)
 }
 
-/// Serves Prometheus metrics on `listen` and records `legate_build_info{service,version} 1`.
-/// Must run inside the tokio runtime.
+/// Serves Prometheus metrics (and the pages a service adds, [`crate::web`]) on `listen` and
+/// records `legate_build_info{service,version} 1`. Must run inside the tokio runtime.
 pub fn install_metrics(service: &'static str, listen: SocketAddr) -> Result<(), RuntimeError> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(listen)
-        .install()?;
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    crate::web::listen(listen, handle).map_err(RuntimeError::MetricsListen)?;
     metrics::describe_gauge!("legate_build_info", "legate build information; always 1");
     metrics::gauge!("legate_build_info", "service" => service, "version" => env!("CARGO_PKG_VERSION"))
         .set(1.0);

@@ -1,5 +1,6 @@
-//! The container conventions (the README has them): from what Docker says about one container to the
-//! registrations it asks for, or the reason it is refused. Pure: no I/O, fully unit tested.
+//! The container conventions (docs/configuration.md has them): from what Docker says about one
+//! container to the registrations it asks for, or the reason it is refused. Pure: no I/O,
+//! fully unit tested.
 //!
 //! | what | environment (seed) | label |
 //! |---|---|---|

@@ -21,7 +21,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use legate_proto::registry::{HostId, HostIp, Schema};
+use legate_proto::registry::{
+    ContainerId, ContainerName, HostId, HostIp, Refusal, RefusedKey, Schema,
+};
 use legate_proto::runtime::{Backoff, sleep_until};
 use legate_proto::v1;
 use tokio::sync::{mpsc, watch};
@@ -426,6 +428,18 @@ impl<D: Containers, S: Keys> Reconciler<D, S> {
                     );
                     metrics::counter!("legate_registrar_refused_total").increment(1);
                     self.refused.insert(info.id.clone(), reason.clone());
+                }
+                // Written too, under the lease, so that operators' tools see every host's
+                // refusals; it goes with the container like its registrations would.
+                if let Ok(container_id) = ContainerId::new(&info.id) {
+                    let key = self.store.schema().refused_key(&RefusedKey {
+                        host_id: self.host_id.clone(),
+                        container_id,
+                    });
+                    let name = ContainerName::new(&info.name).ok();
+                    wanted
+                        .keys
+                        .insert(key, Refusal::new(name, &reason).to_json());
                 }
                 wanted.refused = Some(v1::RefusedContainer {
                     container_id: info.id.clone(),

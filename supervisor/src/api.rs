@@ -1,5 +1,6 @@
 //! The `legate.v1.Supervisor` gRPC service: `Apply` hands a snapshot to the applier and waits
-//! for its outcome; `Status` reports what runs, the counters and HAProxy's processes.
+//! for its outcome; `Status` reports what runs, the counters and HAProxy's processes; `Routes`
+//! each route's traffic and servers as the last poll of HAProxy saw them.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -10,12 +11,14 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
 use crate::apply::{self, Stats};
+use crate::traffic::Traffic;
 
 /// The service; the applier task does the work.
 #[derive(Debug)]
 pub struct Api {
     pub requests: mpsc::Sender<apply::Request>,
     pub stats: Arc<Mutex<Stats>>,
+    pub traffic: Arc<Mutex<Traffic>>,
     pub master_socket: PathBuf,
 }
 
@@ -62,5 +65,13 @@ impl v1::supervisor_server::Supervisor for Api {
             haproxy_uptime_s: stats.started.map_or(0, |s| s.elapsed().as_secs()),
             refused_listeners: stats.refused_listeners,
         }))
+    }
+
+    async fn routes(
+        &self,
+        _: Request<v1::RoutesRequest>,
+    ) -> Result<Response<v1::RoutesResponse>, Status> {
+        let traffic = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(Response::new(traffic.routes()))
     }
 }

@@ -58,6 +58,8 @@ pub struct Applier {
     haproxy: Option<Haproxy>,
     /// What HAProxy runs (the last good configuration); `None` when unknown or none yet.
     running: Option<Arc<ConfigSnapshot>>,
+    /// `running`, for the traffic poller.
+    running_tx: watch::Sender<Option<Arc<ConfigSnapshot>>>,
     /// The addresses `running` listens on, with its checksum.
     running_binds: Option<(String, BTreeSet<std::net::SocketAddr>)>,
     /// Servers removed at runtime that still hold connections, to delete once drained.
@@ -81,6 +83,7 @@ impl Applier {
         stats: Arc<Mutex<Stats>>,
         health: HealthReporter,
         log_forwarded: Arc<std::sync::atomic::AtomicU64>,
+        running_tx: watch::Sender<Option<Arc<ConfigSnapshot>>>,
     ) -> Result<Self, crate::Error> {
         let paths = settings.paths.clone();
         for dir in [
@@ -109,6 +112,7 @@ impl Applier {
             paths,
             haproxy: None,
             running: None,
+            running_tx,
             running_binds: None,
             draining: diff::Draining::new(),
             stats,
@@ -128,7 +132,7 @@ impl Applier {
         };
         if let Some(haproxy) = adopted {
             // What runs is known only if the files are the ones a confirmed apply recorded.
-            applier.running = live.filter(|(_, recorded)| *recorded).map(|(s, _)| s);
+            applier.set_running(live.filter(|(_, recorded)| *recorded).map(|(s, _)| s));
             if applier.running.is_none() {
                 warn!("the live files are not the ones last applied: the next apply reloads");
             }
@@ -138,7 +142,7 @@ impl Applier {
                 version = snapshot.version,
                 "starting haproxy on the last good configuration"
             );
-            applier.running = Some(snapshot);
+            applier.set_running(Some(snapshot));
             applier.restart_at = Some(Instant::now());
             applier.check_process().await;
         } else {
@@ -634,7 +638,12 @@ impl Applier {
             stats.running_version = snapshot.version;
             stats.running_checksum.clone_from(&snapshot.checksum);
         }
-        self.running = Some(snapshot);
+        self.set_running(Some(snapshot));
+    }
+
+    fn set_running(&mut self, snapshot: Option<Arc<ConfigSnapshot>>) {
+        self.running_tx.send_replace(snapshot.clone());
+        self.running = snapshot;
     }
 
     /// The live files as a snapshot, and whether they are the ones the last confirmed apply

@@ -7,6 +7,8 @@
 //! - [`listeners`]: the addresses a configuration binds; those that cannot be bound are refused
 //!   before a reload (pure, but for the bind probe).
 //! - [`subscriber`]: snapshots from confgen's `Watch`, outcomes back through `Report`.
+//! - [`traffic`]: HAProxy's counters per route (domain or service port), for the metrics,
+//!   `Supervisor.Routes` and the status page.
 //! - [`api`]: the `legate.v1.Supervisor` gRPC service.
 
 pub mod api;
@@ -15,6 +17,7 @@ pub mod diff;
 pub mod haproxy;
 pub mod listeners;
 pub mod subscriber;
+pub mod traffic;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -110,9 +113,23 @@ pub struct Config {
     pub listen: Listen,
     #[command(flatten)]
     pub grpc: ServerArgs,
-    /// Prometheus metrics listen address.
+    /// Prometheus metrics listen address; it also serves the per-route traffic series.
     #[arg(long, env = "LEGATE_METRICS_LISTEN", default_value = "127.0.0.1:9403")]
     pub metrics_listen: SocketAddr,
+    /// How often HAProxy's counters and server states are read for the per-route metrics and
+    /// `Supervisor.Routes` (ms, s or m).
+    #[arg(long, env = "LEGATE_STATS_INTERVAL", default_value = "5s",
+          value_parser = parse_interval)]
+    pub stats_interval: std::time::Duration,
+}
+
+/// A poll interval: a duration of at least 100 ms.
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let interval = runtime::parse_duration(s)?;
+    if interval < std::time::Duration::from_millis(100) {
+        return Err("must be at least 100ms".to_owned());
+    }
+    Ok(interval)
 }
 
 impl runtime::Check for Config {
@@ -267,12 +284,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         forwarded.clone(),
         tasks.clone(),
     ));
-    let applier = apply::Applier::start(settings.clone(), stats.clone(), health, forwarded).await?;
+    let (running_tx, running) = watch::channel(None);
+    let applier = apply::Applier::start(
+        settings.clone(),
+        stats.clone(),
+        health,
+        forwarded,
+        running_tx,
+    )
+    .await?;
+    let traffic = Arc::new(Mutex::new(traffic::Traffic::default()));
+    legate_proto::web::serve(Arc::new(traffic::Pages(traffic.clone())));
+    tracker.spawn(traffic::poll(
+        settings.paths.admin_socket(),
+        running,
+        traffic.clone(),
+        config.stats_interval,
+        tasks.clone(),
+    ));
 
     let (request_tx, request_rx) = mpsc::channel(16);
     let api = v1::supervisor_server::SupervisorServer::new(api::Api {
         requests: request_tx,
         stats: stats.clone(),
+        traffic,
         master_socket: settings.paths.master_socket(),
     })
     .max_decoding_message_size(MAX_MESSAGE);

@@ -97,6 +97,26 @@ pub fn without(config: &str, headers: &[&str]) -> String {
     out
 }
 
+/// The `listen` sections of `config` whose addresses all share one port, by name: a TCP
+/// service as an operator knows it, by its port.
+pub fn listen_ports(config: &str) -> Vec<(&str, u16)> {
+    sections(config)
+        .into_iter()
+        .filter_map(|section| {
+            let mut words = words(section.header);
+            let (Some("listen"), Some(name)) = (words.next(), words.next()) else {
+                return None;
+            };
+            let port = section.addrs.first()?.port();
+            section
+                .addrs
+                .iter()
+                .all(|a| a.port() == port)
+                .then_some((name, port))
+        })
+        .collect()
+}
+
 /// Binds `addr` and lets it go at once: whether HAProxy's bind would succeed, short of
 /// `SO_REUSEPORT` sharing (refusing such a port is the safe side).
 pub fn probe(addr: SocketAddr) -> std::io::Result<()> {

@@ -67,6 +67,11 @@ impl Ambassador {
     /// Starts the ambassador with its HTTP frontend and TCP listeners on `bind`, and waits
     /// until HAProxy runs the first configuration.
     pub async fn start(bind: IpAddr) -> Result<Self> {
+        Self::start_with(bind, &[]).await
+    }
+
+    /// [`Ambassador::start`] with more flags for the supervisor.
+    pub async fn start_with(bind: IpAddr, supervisor: &[&str]) -> Result<Self> {
         let etcd = Etcd::start().await?;
         let http = free_port()?;
         let (bind_arg, http_arg) = (bind.to_string(), http.to_string());
@@ -92,7 +97,13 @@ impl Ambassador {
             etcd_flags: Vec::new(),
             pki: None,
         }
-        .with_supervisor(&endpoint, &[])
+        .with_supervisor(
+            &endpoint,
+            &supervisor
+                .iter()
+                .map(|f| (*f).to_owned())
+                .collect::<Vec<_>>(),
+        )
         .await
     }
 

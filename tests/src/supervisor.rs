@@ -32,7 +32,8 @@ impl Supervised {
     }
 
     /// Starts a supervisor on these directories, subscribed to `confgen` if given (otherwise
-    /// it takes snapshots from `Supervisor.Apply` only), with HAProxy's traffic log off.
+    /// it takes snapshots from `Supervisor.Apply` only), with HAProxy's traffic log off unless
+    /// `args` set `--haproxy-log`.
     pub fn start(&self, confgen: Option<&str>, args: &[&str]) -> Result<Service> {
         let state = self.dir.path().join("state");
         let run = self.dir.path().join("run");
@@ -44,13 +45,14 @@ impl Supervised {
             run.to_str().context("run dir")?,
             "--haproxy",
             haproxy.to_str().context("haproxy path")?,
-            "--haproxy-log",
-            "none",
             "--node-id",
             "node-a",
             "--confgen",
             confgen.unwrap_or("none"),
         ];
+        if !args.contains(&"--haproxy-log") {
+            all.extend_from_slice(&["--haproxy-log", "none"]);
+        }
         all.extend_from_slice(args);
         Service::start("legate-supervisor", &all, &[])
     }

@@ -449,6 +449,20 @@ async fn hostile_containers_are_refused_and_listed_with_reasons() {
     );
     assert!(keys.keys().all(|k| k.contains(good.id())));
 
+    // Each refusal is in etcd too, under the host's lease, for the operators of every host.
+    let all = f.keys().await;
+    for (container, reason) in &containers {
+        let key = format!("/refused/{}/{}", f.host_id, container.id());
+        let value = all
+            .get(&key)
+            .unwrap_or_else(|| panic!("no {key} in etcd: {all:#?}"));
+        let refusal = legate_proto::registry::Refusal::parse(value.as_bytes()).unwrap();
+        assert!(refusal.reason.contains(reason), "{key}: {refusal:?}");
+        assert!(!refusal.reason.contains(char::is_control), "{refusal:?}");
+    }
+    let refused = all.keys().filter(|k| k.starts_with("/refused/")).count();
+    assert_eq!(refused, containers.len(), "{all:#?}");
+
     // Refusals are logged once per change, not on every reconcile.
     client.resync(v1::ResyncRequest {}).await.unwrap();
     let log = f.registrar.log();

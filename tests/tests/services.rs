@@ -135,18 +135,18 @@ async fn a_bad_configuration_exits_with_64_and_says_why() {
     }
 }
 
-/// Regression (#13, item 11): the README's configuration table gave confgen's and the
-/// supervisor's listeners as `:7402`/`:7403` (every interface) while they bind 127.0.0.1. The
-/// table states what each binary's `--help` says its defaults are.
+/// Regression (#13, item 11): the configuration table gave confgen's and the supervisor's
+/// listeners as `:7402`/`:7403` (every interface) while they bind 127.0.0.1. The table
+/// (docs/configuration.md, once in the README) states what each binary's `--help` says.
 #[test]
-fn the_readme_states_each_services_default_listeners() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+fn the_configuration_table_states_each_services_default_listeners() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md");
+    let readme = std::fs::read_to_string(path).unwrap();
     for flag in ["--listen", "--metrics-listen"] {
         let row = readme
             .lines()
             .find(|line| line.starts_with(&format!("| `{flag}` ")))
-            .unwrap_or_else(|| panic!("no README row for {flag}"));
+            .unwrap_or_else(|| panic!("no row for {flag} in {path}"));
         for binary in BINARIES {
             let help = std::process::Command::new(legate_tests::service::binary(binary).unwrap())
                 .arg("--help")
@@ -163,7 +163,7 @@ fn the_readme_states_each_services_default_listeners() {
             let name = binary.trim_start_matches("legate-");
             assert!(
                 row.contains(&format!("{name} `{default}`")),
-                "README says {row:?}, {binary} {flag} defaults to {default}"
+                "{path} says {row:?}, {binary} {flag} defaults to {default}"
             );
         }
     }

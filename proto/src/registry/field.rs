@@ -63,6 +63,8 @@ pub enum Field {
     Instance,
     /// The etcd key prefix.
     Prefix,
+    /// Why a container was refused.
+    Reason,
 }
 
 impl fmt::Display for Field {
@@ -75,6 +77,7 @@ impl fmt::Display for Field {
             Field::HostId => "host id",
             Field::ContainerId => "container id",
             Field::ContainerName => "container name",
+            Field::Reason => "reason",
             Field::Ip => "ip",
             Field::Address => "address",
             Field::Weight => "weight",

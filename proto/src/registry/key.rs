@@ -3,6 +3,8 @@
 //! - app: `<prefix>/apps/<domain>/<container-id>/<ip>:<port>`
 //! - service: `<prefix>/services/<name>/<service-port>/<container-id>/<ip>:<port>`
 //! - host: `<prefix>/hosts/<host-id>`
+//! - refusal: `<prefix>/refused/<host-id>/<container-id>`: a container that asks to be routed
+//!   but cannot be, and why (for operators' tools; not part of the routing model)
 //!
 //! `<ip>:<port>` is the host IP and the published host port. [`Schema`] formats and parses them;
 //! parsing validates every segment, so a key that parses names only valid values.
@@ -82,6 +84,8 @@ pub enum KeyKind {
     Service,
     /// `/hosts/...`
     Host,
+    /// `/refused/...`
+    Refused,
 }
 
 impl KeyKind {
@@ -91,6 +95,7 @@ impl KeyKind {
             KeyKind::App => "apps",
             KeyKind::Service => "services",
             KeyKind::Host => "hosts",
+            KeyKind::Refused => "refused",
         }
     }
 
@@ -100,6 +105,7 @@ impl KeyKind {
             KeyKind::App => 3,
             KeyKind::Service => 4,
             KeyKind::Host => 1,
+            KeyKind::Refused => 2,
         }
     }
 }
@@ -110,6 +116,7 @@ impl fmt::Display for KeyKind {
             KeyKind::App => "app",
             KeyKind::Service => "service",
             KeyKind::Host => "host",
+            KeyKind::Refused => "refusal",
         })
     }
 }
@@ -145,6 +152,15 @@ pub struct HostKey {
     pub host_id: HostId,
 }
 
+/// A container a registrar refused.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RefusedKey {
+    /// The registrar's host id.
+    pub host_id: HostId,
+    /// The container.
+    pub container_id: ContainerId,
+}
+
 /// Any registry key.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Key {
@@ -154,6 +170,8 @@ pub enum Key {
     Service(ServiceKey),
     /// A host.
     Host(HostKey),
+    /// A refusal.
+    Refused(RefusedKey),
 }
 
 impl Key {
@@ -163,6 +181,7 @@ impl Key {
             Key::App(_) => KeyKind::App,
             Key::Service(_) => KeyKind::Service,
             Key::Host(_) => KeyKind::Host,
+            Key::Refused(_) => KeyKind::Refused,
         }
     }
 }
@@ -179,8 +198,8 @@ pub enum KeyError {
         /// The prefix.
         prefix: String,
     },
-    /// The directory after the prefix is not `apps`, `services` or `hosts`.
-    #[error("unknown key kind '{}' (expected apps, services or hosts)", .dir.escape_default())]
+    /// The directory after the prefix is not `apps`, `services`, `hosts` or `refused`.
+    #[error("unknown key kind '{}' (expected apps, services, hosts or refused)", .dir.escape_default())]
     UnknownKind {
         /// The directory found.
         dir: String,
@@ -250,12 +269,23 @@ impl Schema {
         format!("{}{}", self.dir(KeyKind::Host), key.host_id)
     }
 
+    /// The key of a container a registrar refused.
+    pub fn refused_key(&self, key: &RefusedKey) -> String {
+        format!(
+            "{}{}/{}",
+            self.dir(KeyKind::Refused),
+            key.host_id,
+            key.container_id
+        )
+    }
+
     /// The text of any key.
     pub fn format(&self, key: &Key) -> String {
         match key {
             Key::App(k) => self.app_key(k),
             Key::Service(k) => self.service_key(k),
             Key::Host(k) => self.host_key(k),
+            Key::Refused(k) => self.refused_key(k),
         }
     }
 
@@ -274,6 +304,7 @@ impl Schema {
             "apps" => KeyKind::App,
             "services" => KeyKind::Service,
             "hosts" => KeyKind::Host,
+            "refused" => KeyKind::Refused,
             _ => {
                 return Err(KeyError::UnknownKind {
                     dir: dir.to_owned(),
@@ -302,6 +333,10 @@ impl Schema {
             }),
             (KeyKind::Host, [host_id]) => Key::Host(HostKey {
                 host_id: HostId::new(host_id)?,
+            }),
+            (KeyKind::Refused, [host_id, id]) => Key::Refused(RefusedKey {
+                host_id: HostId::new(host_id)?,
+                container_id: ContainerId::new(id)?,
             }),
             // INVARIANT: the segment count was checked against the kind above.
             _ => unreachable!("segment count checked for {kind}"),

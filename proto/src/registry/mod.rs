@@ -14,8 +14,8 @@ pub use field::{
     HostIp, MAX_CHECK_PATH_LEN, MAX_CONTAINER_NAME_LEN, MAX_DOMAIN_LEN, MAX_LABEL_LEN,
     MAX_NAME_LEN, MAX_WEIGHT, Port, Reason, ServiceName, ValidationError, Weight, is_safe_char,
 };
-pub use key::{AppKey, HostKey, Key, KeyError, KeyKind, Prefix, Schema, ServiceKey};
-pub use value::{HostRecord, MAX_VALUE_LEN, RegistrationValue, ValueError};
+pub use key::{AppKey, HostKey, Key, KeyError, KeyKind, Prefix, RefusedKey, Schema, ServiceKey};
+pub use value::{HostRecord, MAX_VALUE_LEN, Refusal, RegistrationValue, ValueError};
 
 #[cfg(test)]
 mod tests;

@@ -472,6 +472,10 @@ fn key() -> impl Strategy<Value = Key> {
         name().prop_map(|n| Key::Host(HostKey {
             host_id: HostId::new(&n).unwrap()
         })),
+        (name(), container_id()).prop_map(|(n, container_id)| Key::Refused(RefusedKey {
+            host_id: HostId::new(&n).unwrap(),
+            container_id,
+        })),
     ]
 }
 
@@ -532,4 +536,27 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_refusal_is_one_printable_bounded_line_both_ways() {
+    let name = ContainerName::new("web-1").ok();
+    let hostile = format!(
+        "DOMAIN_NAME 'a\u{1b}[31mb\nbackend x': {}",
+        "y".repeat(2000)
+    );
+    let refusal = Refusal::new(name.clone(), &hostile);
+    assert!(!refusal.reason.contains(char::is_control), "{refusal:?}");
+    assert!(refusal.reason.len() <= Refusal::MAX_REASON && refusal.reason.ends_with("..."));
+    let parsed = Refusal::parse(refusal.to_json().as_bytes()).unwrap();
+    assert_eq!(parsed, refusal);
+    // What another writer put there is made printable on the way in too.
+    let raw = br#"{"container_name":"web-1","reason":"a\u001b[2Jb"}"#;
+    let parsed = Refusal::parse(raw).unwrap();
+    assert_eq!(
+        (parsed.container_name, parsed.reason.as_str()),
+        (name, "a [2Jb")
+    );
+    assert_eq!(Refusal::parse(b"{}"), Err(ValueError::Missing("reason")));
+    assert!(Refusal::parse(br#"{"reason": 3}"#).is_err());
 }

@@ -176,6 +176,70 @@ impl HostRecord {
     }
 }
 
+/// Why a registrar refused a container, the value of `<prefix>/refused/<host-id>/<id>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The container's name.
+    pub container_name: Option<ContainerName>,
+    /// Why, one line of at most [`Refusal::MAX_REASON`] bytes of printable text.
+    pub reason: String,
+}
+
+#[derive(Serialize)]
+struct RefusalWire<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container_name: Option<&'a str>,
+    reason: &'a str,
+}
+
+impl Refusal {
+    /// Longest reason kept; a longer one is cut (with an ellipsis).
+    pub const MAX_REASON: usize = 1024;
+
+    /// A refusal; the reason is made one printable line and cut to [`Self::MAX_REASON`].
+    pub fn new(container_name: Option<ContainerName>, reason: &str) -> Self {
+        let mut line: String = reason
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        if line.len() > Self::MAX_REASON {
+            let mut end = Self::MAX_REASON - 3;
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            line.truncate(end);
+            line.push_str("...");
+        }
+        Self {
+            container_name,
+            reason: line,
+        }
+    }
+
+    /// The JSON text written to etcd.
+    pub fn to_json(&self) -> String {
+        let wire = RefusalWire {
+            container_name: self.container_name.as_ref().map(ContainerName::as_str),
+            reason: &self.reason,
+        };
+        serde_json::to_string(&wire).unwrap_or_default()
+    }
+
+    /// Parses a refusal; `reason` is required, and made printable as [`Self::new`] does.
+    pub fn parse(raw: &[u8]) -> Result<Self, ValueError> {
+        let object = json_object(checked_text(raw)?)?;
+        let name = string_field(
+            &object,
+            "container_name",
+            Field::ContainerName,
+            ContainerName::new,
+        )?;
+        let reason = string_field(&object, "reason", Field::Reason, |s| Ok(s.to_owned()))?
+            .ok_or(ValueError::Missing("reason"))?;
+        Ok(Self::new(name, &reason))
+    }
+}
+
 fn checked_text(raw: &[u8]) -> Result<&str, ValueError> {
     if raw.len() > MAX_VALUE_LEN {
         return Err(ValueError::TooLarge { len: raw.len() });
