@@ -541,35 +541,6 @@ struct StatusOut {
     supervisor: Option<SupervisorOut>,
 }
 
-fn outcome(result: Option<&v1::ApplyResult>) -> String {
-    result
-        .and_then(|r| v1::ApplyOutcome::try_from(r.outcome).ok())
-        .map_or("none", |o| match o {
-            v1::ApplyOutcome::Unspecified => "none",
-            v1::ApplyOutcome::Unchanged => "unchanged",
-            v1::ApplyOutcome::Runtime => "runtime",
-            v1::ApplyOutcome::Reloaded => "reloaded",
-            v1::ApplyOutcome::Rejected => "rejected",
-        })
-        .to_owned()
-}
-
-fn node_state(node: &v1::NodeStatus, checksum: &str) -> &'static str {
-    let rejected = node
-        .last_result
-        .as_ref()
-        .is_some_and(|r| r.outcome == v1::ApplyOutcome::Rejected as i32);
-    if rejected {
-        "failing"
-    } else if node.running_checksum != checksum {
-        "stale"
-    } else if !node.connected {
-        "disconnected"
-    } else {
-        "current"
-    }
-}
-
 fn unix_ms_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -593,11 +564,11 @@ pub(crate) async fn status(sources: &Sources, out: &mut Out) -> bool {
                 .iter()
                 .map(|node| NodeOut {
                     node_id: node.node_id.clone(),
-                    state: node_state(node, &confgen.checksum),
+                    state: legate_proto::node_state(node, &confgen.checksum),
                     connected: node.connected,
                     running_version: node.running_version,
                     running_checksum: node.running_checksum.clone(),
-                    last_outcome: outcome(node.last_result.as_ref()),
+                    last_outcome: legate_proto::outcome_name(node.last_result.as_ref()).to_owned(),
                     last_message: node
                         .last_result
                         .as_ref()

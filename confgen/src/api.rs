@@ -45,6 +45,8 @@ pub struct Status {
 struct StatusInner {
     skipped: Vec<v1::SkippedKey>,
     shared_ports: Vec<v1::SharedPort>,
+    hosts: Vec<v1::Host>,
+    refused: Vec<v1::HostRefusal>,
     last_render_error: String,
     nodes: BTreeMap<String, Node>,
 }
@@ -138,18 +140,15 @@ impl Status {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records the outcome of a render: the skipped keys and shared ports of its model, and
-    /// its error (empty on success). Returns the previous shared ports.
-    pub fn rendered(
-        &self,
-        skipped: Vec<v1::SkippedKey>,
-        shared_ports: Vec<v1::SharedPort>,
-        error: String,
-    ) -> Vec<v1::SharedPort> {
+    /// Records the outcome of a render: what its registry held besides routes, and its
+    /// error (empty on success). Returns the previous shared ports.
+    pub fn rendered(&self, outcome: Rendered, error: String) -> Vec<v1::SharedPort> {
         let mut inner = self.lock();
-        inner.skipped = skipped;
+        inner.skipped = outcome.skipped;
+        inner.hosts = outcome.hosts;
+        inner.refused = outcome.refused;
         inner.last_render_error = error;
-        std::mem::replace(&mut inner.shared_ports, shared_ports)
+        std::mem::replace(&mut inner.shared_ports, outcome.shared_ports)
     }
 
     fn connect(&self, node_id: &str, have_checksum: String) {
@@ -202,8 +201,23 @@ impl Status {
             shared_ports: inner.shared_ports.clone(),
             last_render_error: inner.last_render_error.clone(),
             nodes: inner.nodes.values().map(|n| n.status.clone()).collect(),
+            hosts: inner.hosts.clone(),
+            refused: inner.refused.clone(),
         }
     }
+}
+
+/// What a render's registry held besides its routes, for `Confgen.Status`.
+#[derive(Debug, Default)]
+pub struct Rendered {
+    /// Keys skipped, with the reasons.
+    pub skipped: Vec<v1::SkippedKey>,
+    /// Service ports several names share.
+    pub shared_ports: Vec<v1::SharedPort>,
+    /// Live registrars.
+    pub hosts: Vec<v1::Host>,
+    /// Containers the registrars refused.
+    pub refused: Vec<v1::HostRefusal>,
 }
 
 /// Whether any subscriber wants the model in its snapshots. The model of a large registry is

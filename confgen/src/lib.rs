@@ -450,11 +450,13 @@ impl Generator {
         metrics::gauge!("legate_confgen_skipped_keys").set(model.skipped.len() as f64);
         let shared = model::shared_ports(&model);
         let error = result.as_ref().err().map(ToString::to_string);
-        let previous_shared = self.status.rendered(
-            model.skipped.clone(),
-            shared.clone(),
-            error.unwrap_or_default(),
-        );
+        let outcome = api::Rendered {
+            skipped: model.skipped.clone(),
+            shared_ports: shared.clone(),
+            hosts: model.hosts.clone(),
+            refused: self.registry.refusals(),
+        };
+        let previous_shared = self.status.rendered(outcome, error.unwrap_or_default());
         for port in shared.iter().filter(|p| !previous_shared.contains(p)) {
             warn!(
                 port = port.port,

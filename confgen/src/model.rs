@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use legate_proto::registry::{
-    AppKey, ContainerId, Endpoint, HostKey, HostRecord, Key, KeyError, KeyKind, RegistrationValue,
-    Schema, ServiceKey,
+    AppKey, ContainerId, Endpoint, HostKey, HostRecord, Key, KeyError, KeyKind, Refusal,
+    RefusedKey, RegistrationValue, Schema, ServiceKey,
 };
 use legate_proto::v1;
 
@@ -23,6 +23,8 @@ enum Entry {
     App(AppKey, RegistrationValue),
     Service(ServiceKey, RegistrationValue),
     Host(HostKey, HostRecord),
+    /// A container a registrar refused: not routed, shown in the status.
+    Refused(RefusedKey, Refusal),
     /// The key or its value does not parse or validate.
     Skipped(String),
 }
@@ -32,7 +34,7 @@ enum Entry {
 pub struct Registry {
     schema: Schema,
     /// The prefixes of the directories this registry reads: `<prefix>/apps/`, ...
-    dirs: [String; 3],
+    dirs: [String; 4],
     entries: BTreeMap<Vec<u8>, Entry>,
     revision: i64,
 }
@@ -49,7 +51,13 @@ pub struct SkipNotice {
 impl Registry {
     /// An empty registry under `schema`'s prefix.
     pub fn new(schema: Schema) -> Self {
-        let dirs = [KeyKind::App, KeyKind::Service, KeyKind::Host].map(|kind| schema.dir(kind));
+        let dirs = [
+            KeyKind::App,
+            KeyKind::Service,
+            KeyKind::Host,
+            KeyKind::Refused,
+        ]
+        .map(|kind| schema.dir(kind));
         Self {
             schema,
             dirs,
@@ -64,7 +72,8 @@ impl Registry {
     }
 
     /// The etcd range that holds every registry directory: `[<prefix>/apps/, <prefix>/services0)`
-    /// (`0` follows `/`). Keys in it outside the three directories are ignored.
+    /// (`0` follows `/`; `hosts/` and `refused/` sort between). Keys in it outside the four
+    /// directories are ignored.
     pub fn range(&self) -> (Vec<u8>, Vec<u8>) {
         let start = self.schema.dir(KeyKind::App).into_bytes();
         let mut end = self.schema.dir(KeyKind::Service).into_bytes();
@@ -159,11 +168,33 @@ impl Registry {
                 Ok(record) => Entry::Host(key, record),
                 Err(e) => Entry::Skipped(format!("value: {e}")),
             },
-            // Outside the directories this registry reads (`owns`): never parsed here.
-            Ok(Key::Refused(_)) => Entry::Skipped("key: a refusal, not a route".to_owned()),
+            Ok(Key::Refused(key)) => match Refusal::parse(value) {
+                Ok(refusal) => Entry::Refused(key, refusal),
+                Err(e) => Entry::Skipped(format!("value: {e}")),
+            },
             Err(e @ KeyError::NotUtf8) => Entry::Skipped(e.to_string()),
             Err(e) => Entry::Skipped(format!("key: {e}")),
         }
+    }
+
+    /// The containers the registrars refused, in key order (host id, then container id).
+    pub fn refusals(&self) -> Vec<v1::HostRefusal> {
+        self.entries
+            .values()
+            .filter_map(|entry| match entry {
+                Entry::Refused(key, refusal) => Some(v1::HostRefusal {
+                    host_id: key.host_id.to_string(),
+                    container_id: key.container_id.to_string(),
+                    container_name: refusal
+                        .container_name
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
+                    reason: refusal.reason.clone(),
+                }),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Builds the model of the current registry. Service ports in `reserved_ports` (the
@@ -204,6 +235,7 @@ impl Registry {
                     ip: record.ip.to_string(),
                     version: record.version.clone(),
                 }),
+                Entry::Refused(..) => {}
                 Entry::Skipped(reason) => skipped.push(v1::SkippedKey {
                     key: raw.clone(),
                     reason: reason.clone(),

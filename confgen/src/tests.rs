@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use legate_proto::registry::{Prefix, Schema};
+use legate_proto::v1;
 
 use crate::model::{self, HOSTS_MAP, Registry, Slots, WILDCARDS_MAP};
 use crate::render::{DEFAULT_TEMPLATE, Item, RenderError, Renderer, Settings};
@@ -161,6 +162,31 @@ fn puts_and_deletes_follow_the_revision() {
     // A put outside the registry still advances the revision (it is in the watched range).
     assert!(registry.put(b"/b/x".to_vec(), b"", 14).is_none());
     assert_eq!(registry.revision(), 14);
+    assert!(registry.is_empty());
+}
+
+#[test]
+fn refusals_are_kept_for_the_status_and_never_routed() {
+    let mut registry = registry("/legate");
+    let refused = format!("/legate/refused/host-a/{}", id(7)).into_bytes();
+    let value = br#"{"container_name":"web-7","reason":"DOMAIN_NAME 'a b': character ' '"}"#;
+    registry.reset(vec![(refused.clone(), value.to_vec())], 5);
+    let model = registry.model(&[]);
+    assert!(model.apps.is_empty() && model.services.is_empty() && model.skipped.is_empty());
+    assert_eq!(
+        registry.refusals(),
+        [v1::HostRefusal {
+            host_id: "host-a".to_owned(),
+            container_id: id(7),
+            container_name: "web-7".to_owned(),
+            reason: "DOMAIN_NAME 'a b': character ' '".to_owned(),
+        }]
+    );
+    // A value that does not parse is a skipped key like any other, not a refusal.
+    assert!(registry.put(refused.clone(), b"{}", 6).is_some());
+    assert!(registry.refusals().is_empty());
+    assert_eq!(registry.model(&[]).skipped.len(), 1);
+    registry.delete(&refused, 7);
     assert!(registry.is_empty());
 }
 

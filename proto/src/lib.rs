@@ -49,6 +49,37 @@ pub fn checksum(haproxy_config: &str, maps: &[v1::ConfigFile]) -> String {
     hex
 }
 
+/// How a node stands against confgen's current `checksum`, for status displays: `failing` (its
+/// last apply was rejected), `stale` (it runs another configuration), `disconnected` (not
+/// watching now), or `current`.
+pub fn node_state(node: &v1::NodeStatus, checksum: &str) -> &'static str {
+    let rejected = node
+        .last_result
+        .as_ref()
+        .is_some_and(|r| r.outcome == v1::ApplyOutcome::Rejected as i32);
+    if rejected {
+        "failing"
+    } else if node.running_checksum != checksum {
+        "stale"
+    } else if !node.connected {
+        "disconnected"
+    } else {
+        "current"
+    }
+}
+
+/// The name of an apply outcome as status displays show it: `unchanged`, `runtime`,
+/// `reloaded`, `rejected`, or `none`.
+pub fn outcome_name(result: Option<&v1::ApplyResult>) -> &'static str {
+    match result.and_then(|r| v1::ApplyOutcome::try_from(r.outcome).ok()) {
+        Some(v1::ApplyOutcome::Unchanged) => "unchanged",
+        Some(v1::ApplyOutcome::Runtime) => "runtime",
+        Some(v1::ApplyOutcome::Reloaded) => "reloaded",
+        Some(v1::ApplyOutcome::Rejected) => "rejected",
+        Some(v1::ApplyOutcome::Unspecified) | None => "none",
+    }
+}
+
 /// Whether `name` is a valid `ConfigFile.name`: 1-64 characters of `[a-z0-9._-]`, not starting
 /// with '.', so that it can only name a file inside the configuration's directory.
 pub fn valid_file_name(name: &str) -> bool {

@@ -736,8 +736,17 @@ where
             return ExitCode::FAILURE;
         }
         if let Err(e) = install_metrics(name, metrics_listen) {
-            error!(error = %e, %metrics_listen, "cannot serve metrics");
-            return ExitCode::FAILURE;
+            // A port that another process holds is this host's configuration to fix: the
+            // units do not restart on EXIT_CONFIG, so this is said once, not in a loop.
+            let holder = holder_of(metrics_listen)
+                .map(|h| format!("; {h} holds it"))
+                .unwrap_or_default();
+            error!(
+                error = %e, %metrics_listen,
+                "cannot serve metrics{holder}: free the port, or move this listener with \
+                 --metrics-listen (LEGATE_METRICS_LISTEN)"
+            );
+            return ExitCode::from(EXIT_CONFIG);
         }
         info!(version = env!("CARGO_PKG_VERSION"), %metrics_listen, "{name} starting");
         let service = service(shutdown.clone());
@@ -786,6 +795,73 @@ pub fn parse_duration(part: &str) -> Result<Duration, String> {
             part.escape_default()
         )),
     }
+}
+
+/// The process that listens on `addr`'s port (on `addr`'s address or on every address), as
+/// `name (pid N)`, read from `/proc`; `None` when there is none or it cannot be seen (another
+/// user's process, without root).
+pub fn holder_of(addr: SocketAddr) -> Option<String> {
+    let inode = listening_inode(addr)?;
+    let target = format!("socket:[{inode}]");
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == target.as_str())
+        });
+        if holds {
+            let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            return Some(format!("{} (pid {pid})", name.trim()));
+        }
+    }
+    None
+}
+
+/// The inode of the listening TCP socket on `addr`'s port, at its address or a wildcard (any
+/// address when `addr`'s is the wildcard).
+fn listening_inode(addr: SocketAddr) -> Option<u64> {
+    const LISTEN: &str = "0A";
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            let Some((ip, port)) = local.split_once(':') else {
+                continue;
+            };
+            if *state != LISTEN || u16::from_str_radix(port, 16).ok() != Some(addr.port()) {
+                continue;
+            }
+            // The address as the kernel prints it: hex of the bytes as stored, so 127.0.0.1
+            // is `0100007F`; a wildcard is all zeros.
+            let wildcard = ip.bytes().all(|b| b == b'0');
+            let same = match addr.ip() {
+                std::net::IpAddr::V4(v4) => {
+                    ip.len() == 8
+                        && u32::from_str_radix(ip, 16).ok() == Some(u32::from_le_bytes(v4.octets()))
+                }
+                std::net::IpAddr::V6(_) => false,
+            };
+            if wildcard || same || addr.ip().is_unspecified() {
+                return inode.parse().ok();
+            }
+        }
+    }
+    None
 }
 
 /// Errors of the process around a service: setup, listeners.
@@ -895,6 +971,22 @@ pub async fn health_routes() -> (tonic_health::server::HealthReporter, tonic::se
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_holder_of_a_port_is_named() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let holder = holder_of(addr).unwrap();
+        assert!(
+            holder.ends_with(&format!("(pid {})", std::process::id())),
+            "{holder}"
+        );
+        // The same port asked for on every address is held as well.
+        let any = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), addr.port());
+        assert_eq!(holder_of(any), Some(holder));
+        drop(listener);
+        assert_eq!(holder_of(addr), None);
+    }
 
     #[test]
     fn etcd_endpoints_are_urls() {

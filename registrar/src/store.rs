@@ -33,6 +33,12 @@ pub fn keep_alive_period(ttl: i64) -> Duration {
 /// Most operations in one etcd transaction (etcd's default limit is 128).
 const MAX_TXN_OPS: usize = 100;
 
+/// How long one write may take before it is given up and retried. A write that a follower
+/// forwarded to a leader that just died is lost without an answer: etcd would time it out
+/// after 5 s (the client's timeout, every call's), while a new leader is elected in about one
+/// second (`--election-timeout` 1000 ms); a retry after 2 s lands on the new leader.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// etcd errors.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -56,6 +62,9 @@ pub enum StoreError {
     /// The lease expired: keys attached to it are gone.
     #[error("lease {0:x} expired")]
     LeaseLost(i64),
+    /// A write had no answer in time (lost with a leader that died): retried.
+    #[error("etcd did not answer a write within {0:?} (a leader change?)")]
+    WriteTimedOut(Duration),
     /// The keep-alive stream stopped answering (or was closed) while the lease still lives:
     /// it must be opened again.
     #[error("lease {lease:x} is alive but its keep-alive stream {why}")]
@@ -347,9 +356,10 @@ impl Store {
             )
             .collect();
         for chunk in ops.chunks(MAX_TXN_OPS) {
-            self.client
-                .txn(Txn::new().and_then(chunk.to_vec()))
+            let txn = self.client.txn(Txn::new().and_then(chunk.to_vec()));
+            tokio::time::timeout(WRITE_TIMEOUT, txn)
                 .await
+                .map_err(|_| StoreError::WriteTimedOut(WRITE_TIMEOUT))?
                 .map_err(lease_error(lease))?;
         }
         Ok(())

@@ -9,6 +9,7 @@
 //! - [`subscriber`]: snapshots from confgen's `Watch`, outcomes back through `Report`.
 //! - [`traffic`]: HAProxy's counters per route (domain or service port), for the metrics,
 //!   `Supervisor.Routes` and the status page.
+//! - [`page`]: the status page on the metrics listener.
 //! - [`api`]: the `legate.v1.Supervisor` gRPC service.
 
 pub mod api;
@@ -16,6 +17,7 @@ pub mod apply;
 pub mod diff;
 pub mod haproxy;
 pub mod listeners;
+pub mod page;
 pub mod subscriber;
 pub mod traffic;
 
@@ -294,7 +296,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     )
     .await?;
     let traffic = Arc::new(Mutex::new(traffic::Traffic::default()));
-    legate_proto::web::serve(Arc::new(traffic::Pages(traffic.clone())));
+    let fleet = Arc::new(Mutex::new(page::Fleet::default()));
+    legate_proto::web::serve(Arc::new(page::Pages {
+        node_id: node_id.to_string(),
+        traffic: traffic.clone(),
+        stats: stats.clone(),
+        fleet: fleet.clone(),
+        refresh: config.stats_interval,
+    }));
+    if let Some(channel) = &confgen {
+        tracker.spawn(page::follow_confgen(
+            channel.clone(),
+            fleet,
+            config.stats_interval,
+            tasks.clone(),
+        ));
+    }
     tracker.spawn(traffic::poll(
         settings.paths.admin_socket(),
         running,

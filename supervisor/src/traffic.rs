@@ -307,8 +307,9 @@ fn worker_pid(info: &str) -> Option<u32> {
         .and_then(|pid| pid.trim().parse().ok())
 }
 
-/// The kind of a server's state, for `legate_route_servers{state}`.
-fn state_kind(state: &str) -> &'static str {
+/// The kind of a server's state, for `legate_route_servers{state}`: `up`, `down`, `maint`,
+/// `drain` or `other`.
+pub fn state_kind(state: &str) -> &'static str {
     match state.split_whitespace().next().unwrap_or_default() {
         "UP" | "no" => "up",
         "DOWN" => "down",
@@ -621,18 +622,6 @@ pub async fn poll(
         if !runtime::pause(interval, &shutdown).await {
             return;
         }
-    }
-}
-
-/// What the supervisor adds to its metrics listener.
-pub struct Pages(pub Arc<Mutex<Traffic>>);
-
-impl legate_proto::web::Pages for Pages {
-    fn metrics(&self, out: &mut String) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .metrics(out);
     }
 }
 

@@ -288,16 +288,23 @@ fn text(output: &Output) -> String {
     )
 }
 
-/// `legate routes`, `hosts`, `refused`, `status` and `explain` against a running ambassador
-/// with a routed container, a refused one, a skipped key, and sources that are down.
-#[tokio::test]
-async fn the_legate_command_shows_the_fleet_and_explains_a_container() {
+/// An ambassador whose supervisor polls HAProxy every 200 ms, one host's registrar, and a
+/// name unique to this test.
+async fn ambassador_with_host() -> (Ambassador, Host, String) {
     let ambassador = Ambassador::start_with(LOCALHOST, &["--stats-interval", "200ms"])
         .await
         .unwrap();
     let host = ambassador.host(Ipv4Addr::LOCALHOST, 10).await.unwrap();
-    let images = images().unwrap();
     let case = format!("{}-{}", docker::run_id(), free_port().unwrap());
+    (ambassador, host, case)
+}
+
+/// `legate routes`, `hosts`, `refused`, `status` and `explain` against a running ambassador
+/// with a routed container, a refused one, a skipped key, and sources that are down.
+#[tokio::test]
+async fn the_legate_command_shows_the_fleet_and_explains_a_container() {
+    let (ambassador, host, case) = ambassador_with_host().await;
+    let images = images().unwrap();
     let (good_name, bad_name) = (format!("cli-good-{case}"), format!("cli-bad-{case}"));
     let good: Container = host
         .run(
@@ -523,4 +530,129 @@ async fn wait_routed_any(ambassador: &Ambassador, domain: &str) {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", ambassador.logs(&[])));
+}
+
+/// The status page, loaded by a real browser (headless Chromium) from a running ambassador:
+/// the route with its server's live state, this node current, the host, and what was refused.
+#[tokio::test]
+async fn the_status_page_shows_the_fleet_in_a_browser() {
+    let (ambassador, host, case) = ambassador_with_host().await;
+    let images = images().unwrap();
+    let bad_name = format!("page-bad-{case}");
+    let _good = host
+        .run(&[80], &["-e", "DOMAIN_NAME=page.test", &images.http_app])
+        .await
+        .unwrap();
+    let _bad = host
+        .run(
+            &[80],
+            &[
+                "--name",
+                &bad_name,
+                "-e",
+                "DOMAIN_NAME=<b>bad</b>.test",
+                &images.http_app,
+            ],
+        )
+        .await
+        .unwrap();
+    wait_routed_any(&ambassador, "page.test").await;
+    let metrics = ambassador.supervisor.metrics();
+    let page = wait_for(
+        "the page to show page.test UP and the refusal",
+        WAIT,
+        || async {
+            let (status, body) = legate_tests::http_get(metrics, "localhost", "/").await?;
+            let row = body
+                .split("<tr data-route=\"page.test\">")
+                .nth(1)
+                .and_then(|rest| rest.split("</tr>").next())
+                .unwrap_or_default()
+                .to_owned();
+            Ok((status == 200 && row.contains(" UP ") && body.contains(&bad_name)).then_some(body))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", ambassador.logs(&[&host])));
+    assert!(page.contains("<meta http-equiv=\"refresh\""), "{page}");
+    let (status, _) = legate_tests::http_get(metrics, "localhost", "/nothing")
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+
+    // The browser's DOM: what an operator sees.
+    let url = format!("http://{metrics}/");
+    let browser = |args: Vec<String>| async move {
+        tokio::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+            ])
+            .args(args)
+            .output()
+            .await
+            .expect("chromium (Debian's `chromium` package) runs the status page test")
+    };
+    let output = browser(vec!["--dump-dom".to_owned(), url.clone()]).await;
+    let dom = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let section = |id: &str| {
+        dom.split(&format!("<section id=\"{id}\">"))
+            .nth(1)
+            .and_then(|rest| rest.split("</section>").next())
+            .unwrap_or_else(|| panic!("no section {id} in the DOM:\n{dom}"))
+            .to_owned()
+    };
+    let routes = section("routes");
+    assert!(
+        routes.contains("page.test") && routes.contains("UP"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("slot_"),
+        "the backend is shown beside the domain: {routes}"
+    );
+    let nodes = section("nodes");
+    assert!(
+        nodes.contains("node-a") && nodes.contains("current"),
+        "{nodes}"
+    );
+    let hosts = section("hosts");
+    assert!(
+        hosts.contains(host.id()) && hosts.contains("127.0.0.1"),
+        "{hosts}"
+    );
+    let refused = section("refused");
+    assert!(refused.contains(&bad_name), "{refused}");
+    // The hostile domain is text in the browser, never markup.
+    assert!(refused.contains("&lt;b&gt;bad&lt;/b&gt;.test"), "{refused}");
+    assert!(!dom.contains("<b>bad"), "{dom}");
+    assert!(!dom.contains("<script"), "no script on the page: {dom}");
+
+    // A screenshot among the test's artifacts.
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    let output = browser(vec![
+        format!("--screenshot={}", shot.display()),
+        "--window-size=1280,800".to_owned(),
+        url,
+    ])
+    .await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let png = std::fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
 }

@@ -168,3 +168,39 @@ fn the_configuration_table_states_each_services_default_listeners() {
         }
     }
 }
+
+/// A metrics port that another process holds: each service names the process and exits 64 at
+/// once, which the systemd units do not restart (a loop on "address in use" said nothing new).
+#[tokio::test]
+async fn a_taken_metrics_port_is_named_with_its_holder_and_exits_64() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = holder.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    for binary in BINARIES {
+        let socket = format!(
+            "unix:{}",
+            dir.path().join(format!("{binary}.sock")).display()
+        );
+        let output = tokio::process::Command::new(legate_tests::service::binary(binary).unwrap())
+            .args(["--metrics-listen", &addr, "--listen", &socket])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .output()
+            .await
+            .unwrap();
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(output.status.code(), Some(64), "{binary}: {log}");
+        for said in [
+            "cannot serve metrics".to_owned(),
+            format!("(pid {}) holds it", std::process::id()),
+            "--metrics-listen (LEGATE_METRICS_LISTEN)".to_owned(),
+        ] {
+            assert!(log.contains(&said), "{binary} does not say {said:?}: {log}");
+        }
+    }
+    drop(holder);
+}

@@ -93,6 +93,8 @@ fn the_systemd_units_verify_restart_on_failure_and_are_hardened() {
         let service_settings = settings(&unit, "Service");
         for expected in [
             ("Restart", "on-failure"),
+            // A bad flag or a port another process holds (exit 64) is said once.
+            ("RestartPreventExitStatus", "64"),
             ("NoNewPrivileges", "yes"),
             ("ProtectSystem", "strict"),
             ("ProtectHome", "yes"),
@@ -323,6 +325,35 @@ impl Drop for Stack {
     }
 }
 
+/// A port the stack needs, held by another process: `up` names the port, the process and the
+/// variable that moves it, and starts nothing (the service would restart in a loop on "address
+/// in use" while `up` waited for it).
+#[tokio::test]
+async fn up_names_a_taken_port_and_starts_nothing() {
+    let mut stack = Stack::new().unwrap();
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port().to_string();
+    for (name, value) in &mut stack.env {
+        if name == "LEGATE_CONFGEN_METRICS_PORT" {
+            value.clone_from(&port);
+        }
+    }
+    let error = stack
+        .run(&["up", "--no-build"], Duration::from_secs(120))
+        .await
+        .unwrap_err()
+        .to_string();
+    for said in [
+        format!("port {port}, which confgen needs, is taken by"),
+        format!("(pid {})", std::process::id()),
+        "LEGATE_CONFGEN_METRICS_PORT=<a free port>".to_owned(),
+        "nothing was started".to_owned(),
+    ] {
+        assert!(error.contains(&said), "no {said:?} in: {error}");
+    }
+    assert_eq!(stack.leftovers().await.unwrap(), Vec::<String>::new());
+}
+
 /// The README's quick start: one command brings the stack up (build included); an app started
 /// with `docker run -e DOMAIN_NAME=... -p 80` answers through the ambassador by Host header,
 /// from the host and from another container, and a TCP service on its port; `deploy/stack
@@ -422,6 +453,39 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
         list.registrations.iter().any(|r| r.domain == "quick.test"),
         "{list:?}"
     );
+
+    // The operators' view, as the quick start says: `legate` in the registrar's container,
+    // and the status page on the supervisor's metrics port.
+    let registrar = format!("{}_registrar_1", stack.project);
+    let legate = |args: &'static [&'static str]| {
+        let registrar = registrar.clone();
+        async move {
+            let mut command = vec!["exec", registrar.as_str(), "legate"];
+            command.extend_from_slice(args);
+            docker::docker(&command).await
+        }
+    };
+    wait_for("legate routes and status in the stack", WAIT, || async {
+        let routes = legate(&["routes", "-o", "json"]).await?;
+        let status = legate(&["status"]).await?;
+        Ok((routes.contains("\"quick.test\"")
+            && routes.contains("\"UP")
+            && status.contains("current"))
+        .then_some(()))
+    })
+    .await
+    .unwrap();
+    let page_port: u16 = stack
+        .env
+        .iter()
+        .find(|(k, _)| k == "LEGATE_SUPERVISOR_METRICS_PORT")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap();
+    let (status, page) = http_get(([127, 0, 0, 1], page_port).into(), "localhost", "/")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(page.contains("<tr data-route=\"quick.test\">"), "{page}");
 
     // #19: each service of the stack restarted in turn under load, keep-alive and new
     // connections at once: HAProxy (its own container) is untouched and no request fails; the

@@ -503,7 +503,7 @@ async fn stop_haproxy_is_honoured_on_every_sigterm() {
     let backend = Backend::start("b1", "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    for round in 0..25 {
+    for round in 0..100 {
         let supervised = Supervised::new().unwrap();
         let mut supervisor = supervised.start(None, &["--stop-haproxy"]).unwrap();
         let mut client = client(&supervisor).await;

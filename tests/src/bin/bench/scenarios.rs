@@ -524,9 +524,19 @@ pub(crate) async fn idle(count: usize, idle: Duration) -> Result<()> {
             .iter()
             .map(|(_, pids)| usage(pids))
             .collect::<Result<Vec<_>>>()?;
+        let restarts = async || -> Result<f64> {
+            let text = ambassador.confgen.metrics_text().await?;
+            Ok(text
+                .lines()
+                .filter(|l| l.starts_with("legate_confgen_watch_restarts_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum())
+        };
+        let restarts_before = restarts().await?;
         let started = Instant::now();
         tokio::time::sleep(idle).await;
         let elapsed = started.elapsed().as_secs_f64();
+        let watch_losses = restarts().await? - restarts_before;
         println!();
         println!("idle: the ambassador with {count} registered containers, over {idle:?}");
         println!(
@@ -542,6 +552,7 @@ pub(crate) async fn idle(count: usize, idle: Duration) -> Result<()> {
                 mib(rss_after)
             );
         }
+        println!("confgen's etcd watch lost or restarted meanwhile: {watch_losses} times");
         Ok::<_, anyhow::Error>(())
     }
     .await;
