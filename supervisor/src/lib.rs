@@ -115,11 +115,12 @@ pub struct Config {
     pub listen: Listen,
     #[command(flatten)]
     pub grpc: ServerArgs,
-    /// Prometheus metrics listen address; it also serves the per-route traffic series.
+    /// Prometheus metrics listen address; it also serves the per-route traffic series and the
+    /// status page (`/`).
     #[arg(long, env = "LEGATE_METRICS_LISTEN", default_value = "127.0.0.1:9403")]
     pub metrics_listen: SocketAddr,
-    /// How often HAProxy's counters and server states are read for the per-route metrics and
-    /// `Supervisor.Routes` (ms, s or m).
+    /// How often HAProxy's counters and server states (and confgen's status, for the status
+    /// page) are read for the per-route metrics, `Supervisor.Routes` and the page (ms, s or m).
     #[arg(long, env = "LEGATE_STATS_INTERVAL", default_value = "5s",
           value_parser = parse_interval)]
     pub stats_interval: std::time::Duration,
