@@ -257,6 +257,43 @@ impl Container {
     }
 }
 
+/// Runs the test HTTP app for `domain` answering `response`, publishing port 80 on an
+/// ephemeral host port, and the test TCP service on `service_port` (its `SERVICE_PORT`,
+/// published on the same host port) sending `banner`.
+pub async fn run_app_and_service(
+    domain: &str,
+    response: &str,
+    service_port: u16,
+    banner: &str,
+) -> Result<(Container, Container)> {
+    let images = images()?;
+    let (domain, response) = (
+        format!("DOMAIN_NAME={domain}"),
+        format!("RESPONSE={response}"),
+    );
+    let app =
+        Container::run(&["-e", &domain, "-e", &response, "-p", "80", &images.http_app]).await?;
+    let (service_env, port_env, banner, publish) = (
+        format!("SERVICE_PORT={service_port}"),
+        format!("PORT={service_port}"),
+        format!("RESPONSE={banner}"),
+        service_port.to_string(),
+    );
+    let service = Container::run(&[
+        "-e",
+        &service_env,
+        "-e",
+        &port_env,
+        "-e",
+        &banner,
+        "-p",
+        &publish,
+        &images.tcp_service,
+    ])
+    .await?;
+    Ok((app, service))
+}
+
 /// Force-removes `containers` with a few `docker rm` commands instead of one each; those that
 /// a command failed to remove are left to their own drop.
 pub async fn remove_all(containers: Vec<Container>) {

@@ -39,6 +39,21 @@ use anyhow::{Context, Result, bail};
 /// Generous default for waits in tests: behaviour, not speed, is what tests check.
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// The repository's root directory.
+pub fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_owned)
+        .unwrap_or_default()
+}
+
+/// A program's path, found in `PATH`.
+pub fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+}
+
 /// A port that was free on 127.0.0.1 a moment ago (the kernel picks it among ephemeral ports).
 pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;

@@ -228,9 +228,28 @@ impl ProbeCounts {
     }
 }
 
-/// The TCP sockets listening on `ports` in the output of `ss --listening --tcp --numeric
-/// --extended --no-header`, as (port, inode) sorted: the same inodes mean the same sockets,
-/// never closed in between.
+/// The `ss` command whose output [`listening_sockets`] reads.
+pub const SS_LISTENING: [&str; 6] = [
+    "ss",
+    "--listening",
+    "--tcp",
+    "--numeric",
+    "--extended",
+    "--no-header",
+];
+
+/// The TCP sockets listening on `ports` on this host (`ss`), as [`listening_sockets`] says.
+pub fn host_listening_sockets(ports: &[u16]) -> Vec<(u16, String)> {
+    let output = std::process::Command::new(SS_LISTENING[0])
+        .args(&SS_LISTENING[1..])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    listening_sockets(&output, ports)
+}
+
+/// The TCP sockets listening on `ports` in the output of [`SS_LISTENING`], as (port, inode)
+/// sorted: the same inodes mean the same sockets, never closed in between.
 pub fn listening_sockets(ss: &str, ports: &[u16]) -> Vec<(u16, String)> {
     let mut found: Vec<(u16, String)> = ss
         .lines()

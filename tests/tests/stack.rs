@@ -13,21 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use legate_tests::docker::{self, Container, Network, get_from_container, images};
-use legate_tests::{WAIT, free_port, http_get, tcp_banner, wait_for};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
-
-/// A program's path, found in `PATH`.
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(program))
-        .find(|path| path.is_file())
-}
+use legate_tests::{WAIT, free_port, http_get, repo, tcp_banner, wait_for, which};
 
 /// Copies `unit` into `dir` as `name`, its executables replaced by the ones of this machine
 /// (legate's own binaries are built, not installed, here).
@@ -503,19 +489,7 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
     let haproxy_started = started_at("haproxy").await;
     // HAProxy's listening sockets (host network): the same sockets from here to the end.
     let ports = [stack.http, service_port];
-    let listening = || {
-        let ss = StdCommand::new("ss")
-            .args([
-                "--listening",
-                "--tcp",
-                "--numeric",
-                "--extended",
-                "--no-header",
-            ])
-            .output()
-            .unwrap();
-        legate_tests::load::listening_sockets(&String::from_utf8_lossy(&ss.stdout), &ports)
-    };
+    let listening = || legate_tests::load::host_listening_sockets(&ports);
     let sockets = listening();
     assert!(sockets.len() >= 2, "{sockets:?}");
     let probe = || {

@@ -10,26 +10,12 @@
 #![allow(clippy::unwrap_used)] // test helpers panic on failure, like the tests themselves
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use legate_tests::docker::{self, Container, Network, RUN_LABEL, TEST_LABEL, images};
-use legate_tests::{WAIT, free_port, http_get, load, tcp_banner, wait_for};
-
-/// A program's path, found in `PATH`.
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(program))
-        .find(|path| path.is_file())
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
+use legate_tests::{WAIT, free_port, http_get, load, repo, tcp_banner, wait_for, which};
 
 /// Builds the legate image (`deploy/stack build`: release binaries, base image, image).
 async fn legate_image() -> Result<()> {
@@ -194,15 +180,8 @@ impl Machine {
 
     /// The TCP sockets listening on `ports` in the machine, as (port, inode).
     async fn listeners(&self, ports: &[u16]) -> Result<Vec<(u16, String)>> {
-        let ss = [
-            "ss",
-            "--listening",
-            "--tcp",
-            "--numeric",
-            "--extended",
-            "--no-header",
-        ];
-        Ok(load::listening_sockets(&self.exec(&ss).await?, ports))
+        let ss = self.exec(&load::SS_LISTENING).await?;
+        Ok(load::listening_sockets(&ss, ports))
     }
 
     async fn journal(&self) -> String {
@@ -324,35 +303,9 @@ async fn the_systemd_units_restart_and_upgrade_without_dropping_a_request() {
         panic!("{e:#}\n{}", machine.journal().await);
     }
 
-    let _app = Container::run(&[
-        "-e",
-        "DOMAIN_NAME=sd.test",
-        "-e",
-        "RESPONSE=sd-app",
-        "-p",
-        "80",
-        &images.http_app,
-    ])
-    .await
-    .unwrap();
-    let (service_env, port_env, publish) = (
-        format!("SERVICE_PORT={service_port}"),
-        format!("PORT={service_port}"),
-        service_port.to_string(),
-    );
-    let _service = Container::run(&[
-        "-e",
-        &service_env,
-        "-e",
-        &port_env,
-        "-e",
-        "RESPONSE=sd-service",
-        "-p",
-        &publish,
-        &images.tcp_service,
-    ])
-    .await
-    .unwrap();
+    let _containers = docker::run_app_and_service("sd.test", "sd-app", service_port, "sd-service")
+        .await
+        .unwrap();
     let routed = wait_for(
         "the app and the service through systemd's HAProxy",
         WAIT * 2,
@@ -537,7 +490,6 @@ async fn the_fleet_unit_restarts_and_upgrades_without_dropping_a_request() {
     let mut leftovers = FleetLeftovers::claim().unwrap();
     legate_image().await.unwrap();
     let image = systemd_image().await.unwrap();
-    let images = images().unwrap();
     // The rebuilt image of the upgrade: the same content, another image id.
     let context = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -619,35 +571,9 @@ async fn the_fleet_unit_restarts_and_upgrades_without_dropping_a_request() {
         panic!("{e:#}\n{}", machine.journal().await);
     }
 
-    let _app = Container::run(&[
-        "-e",
-        "DOMAIN_NAME=sd.test",
-        "-e",
-        "RESPONSE=sd-app",
-        "-p",
-        "80",
-        &images.http_app,
-    ])
-    .await
-    .unwrap();
-    let (service_env, port_env, publish) = (
-        format!("SERVICE_PORT={service_port}"),
-        format!("PORT={service_port}"),
-        service_port.to_string(),
-    );
-    let _service = Container::run(&[
-        "-e",
-        &service_env,
-        "-e",
-        &port_env,
-        "-e",
-        "RESPONSE=sd-service",
-        "-p",
-        &publish,
-        &images.tcp_service,
-    ])
-    .await
-    .unwrap();
+    let _containers = docker::run_app_and_service("sd.test", "sd-app", service_port, "sd-service")
+        .await
+        .unwrap();
     let routed = wait_for(
         "the app and the service through the fleet unit's HAProxy",
         WAIT * 2,
@@ -664,19 +590,7 @@ async fn the_fleet_unit_restarts_and_upgrades_without_dropping_a_request() {
 
     // HAProxy runs on the host's network: its sockets are the host's.
     let ports = [http_port, service_port];
-    let host_listeners = || {
-        let ss = std::process::Command::new("ss")
-            .args([
-                "--listening",
-                "--tcp",
-                "--numeric",
-                "--extended",
-                "--no-header",
-            ])
-            .output()
-            .unwrap();
-        load::listening_sockets(&String::from_utf8_lossy(&ss.stdout), &ports)
-    };
+    let host_listeners = || load::host_listening_sockets(&ports);
     let listening = host_listeners();
     assert_eq!(listening.len(), 2, "{listening:?}");
     let container_id = |name: &'static str| async move {
