@@ -209,6 +209,17 @@ impl Probe {
 }
 
 impl ProbeCounts {
+    /// Says the counts of `step` and fails it unless every probe of many (over 10) was
+    /// answered by what it asked for.
+    pub fn assert_clean(&self, step: &str) {
+        eprintln!(
+            "{step}: probes {} answered, {} failed, {} misrouted",
+            self.answered, self.failed, self.misrouted
+        );
+        assert!(self.answered > 10, "{step}: {self:?}");
+        assert_eq!((self.failed, self.misrouted), (0, 0), "{step}: {self:?}");
+    }
+
     fn count(&mut self, answer: Result<String>, expected: &str) {
         match answer {
             Ok(answer) if answer == expected => self.answered += 1,

@@ -502,18 +502,6 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
         )
         .unwrap()
     };
-    let probed = |step: String, probes: legate_tests::load::ProbeCounts| {
-        eprintln!(
-            "{step}: probes {} answered, {} failed, {} misrouted",
-            probes.answered, probes.failed, probes.misrouted
-        );
-        assert!(probes.answered > 10, "{step}: {probes:?}");
-        assert_eq!(
-            (probes.failed, probes.misrouted),
-            (0, 0),
-            "{step}: {probes:?}"
-        );
-    };
     let load = |close: bool, secs: u64| {
         tokio::spawn(legate_tests::load::wrk(
             ambassador,
@@ -546,7 +534,8 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
                 report.output
             );
         }
-        probed(format!("{service} restarted"), probes.stop().await.unwrap());
+        let step = format!("{service} restarted");
+        probes.stop().await.unwrap().assert_clean(&step);
         assert_ne!(
             started_at(service).await,
             started,
@@ -623,10 +612,11 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
             report.output
         );
     }
-    probed(
-        "deploy/stack upgrade".to_owned(),
-        probes.stop().await.unwrap(),
-    );
+    probes
+        .stop()
+        .await
+        .unwrap()
+        .assert_clean("deploy/stack upgrade");
     assert_eq!(
         listening(),
         sockets,
