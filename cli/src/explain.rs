@@ -13,7 +13,7 @@ use legate_registrar::docker::{DockerArgs, DockerSource};
 use serde::Serialize;
 
 use crate::fleet::{Fleet, Sources};
-use crate::show::{Format, Out, Tone, short, state_tone};
+use crate::show::{Format, Out, Tone, state_tone};
 
 /// How a step went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -93,8 +93,21 @@ pub(crate) async fn explain(
         ("container", routes)
     };
     let mut routed = !routes.is_empty();
-    for (route, keys) in &routes {
-        routed &= follow(sources, &fleet, route, keys.as_deref(), &mut steps).await;
+    if routed {
+        // What this host's services say, asked once for every route followed.
+        let (confgen, supervisor, live) = tokio::join!(
+            sources.confgen(),
+            sources.supervisor(),
+            sources.live_routes()
+        );
+        let here = Here {
+            confgen,
+            supervisor,
+            live,
+        };
+        for (route, keys) in &routes {
+            routed &= follow(&fleet, &here, route, keys.as_deref(), &mut steps);
+        }
     }
     let explanation = Explanation {
         target: target.to_owned(),
@@ -162,7 +175,7 @@ async fn container(
         format!(
             "{} ({}) is {state} on this host",
             info.name,
-            short(&info.id)
+            legate_proto::short_id(&info.id)
         ),
     );
     let list = match sources.registrar().await {
@@ -326,10 +339,17 @@ fn elsewhere(fleet: &Fleet, target: &str, steps: &mut Steps) -> Vec<(Route, Opti
     routes
 }
 
+/// What this host's confgen, supervisor and HAProxy said.
+struct Here {
+    confgen: anyhow::Result<v1::ConfgenStatus>,
+    supervisor: anyhow::Result<v1::SupervisorStatus>,
+    live: anyhow::Result<v1::RoutesResponse>,
+}
+
 /// The steps of one route from the registry to this host's HAProxy; whether it is routed here.
-async fn follow(
-    sources: &Sources,
+fn follow(
     fleet: &Fleet,
+    here_said: &Here,
     route: &Route,
     keys: Option<&[String]>,
     steps: &mut Steps,
@@ -388,13 +408,8 @@ async fn follow(
         format!("{} server(s): {}", servers.len(), names.join(", ")),
     );
 
-    let (confgen, supervisor, live) = tokio::join!(
-        sources.confgen(),
-        sources.supervisor(),
-        sources.live_routes()
-    );
     let written = revisions.iter().filter_map(|(_, r)| *r).max();
-    match confgen {
+    match &here_said.confgen {
         Ok(status) => {
             let skipped: Vec<String> = status
                 .skipped
@@ -439,7 +454,7 @@ async fn follow(
         }
         Err(e) => steps.push("confgen", Mark::Doubt, format!("{e:#}")),
     }
-    match supervisor {
+    match &here_said.supervisor {
         Ok(status) => {
             let refused: Vec<&String> = match route {
                 Route::Port(p) => status
@@ -471,7 +486,7 @@ async fn follow(
             return false;
         }
     }
-    let live = match live {
+    let live = match &here_said.live {
         Ok(live) => live,
         Err(e) => {
             steps.push("haproxy", Mark::Fail, format!("{e:#}"));

@@ -423,16 +423,13 @@ pub(crate) async fn refused(sources: &Sources, out: &mut Out) -> bool {
     let mut complete = true;
     let mut refused = Vec::new();
     match &fleet {
-        Ok(fleet) => refused.extend(fleet.refused.iter().map(|r| {
-            RefusedOut {
-                source: format!("registrar@{}", r.host_id),
-                subject: r
-                    .refusal
-                    .container_name
-                    .as_ref()
-                    .map_or_else(|| short(&r.container_id).to_owned(), |n| n.to_string()),
-                reason: r.refusal.reason.clone(),
-            }
+        Ok(fleet) => refused.extend(fleet.refused.iter().map(|r| RefusedOut {
+            source: format!("registrar@{}", r.host_id),
+            subject: r.refusal.container_name.as_ref().map_or_else(
+                || legate_proto::short_id(&r.container_id).to_owned(),
+                |n| n.to_string(),
+            ),
+            reason: r.refusal.reason.clone(),
         })),
         Err(e) => {
             complete = false;
@@ -492,11 +489,6 @@ pub(crate) async fn refused(sources: &Sources, out: &mut Out) -> bool {
     complete
 }
 
-/// The first 12 characters of a container id, as Docker shows it.
-pub(crate) fn short(id: &str) -> &str {
-    id.get(..12).unwrap_or(id)
-}
-
 #[derive(Debug, Serialize)]
 struct ConfgenOut {
     version: u64,
@@ -541,16 +533,10 @@ struct StatusOut {
     supervisor: Option<SupervisorOut>,
 }
 
-fn unix_ms_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// `legate status`.
 pub(crate) async fn status(sources: &Sources, out: &mut Out) -> bool {
     let (confgen, supervisor) = tokio::join!(sources.confgen(), sources.supervisor());
-    let now = unix_ms_now();
+    let now = legate_proto::unix_ms(std::time::SystemTime::now());
     let mut status = StatusOut {
         confgen: None,
         nodes: Vec::new(),
@@ -626,7 +612,7 @@ pub(crate) async fn status(sources: &Sources, out: &mut Out) -> bool {
         out.line(format!(
             "confgen: version {}, {}, {} skipped keys, {}",
             confgen.version,
-            checksum_short(&confgen.checksum),
+            legate_proto::short_checksum(&confgen.checksum),
             confgen.skipped_keys,
             out.paint(&rendered.text, rendered.tone),
         ));
@@ -648,7 +634,7 @@ pub(crate) async fn status(sources: &Sources, out: &mut Out) -> bool {
                     Cell::from(&node.node_id),
                     Cell::new(node.state, tone),
                     Cell::from(node.running_version.to_string()),
-                    Cell::from(checksum_short(&node.running_checksum)),
+                    Cell::from(legate_proto::short_checksum(&node.running_checksum)),
                     Cell::new(result, tone),
                     Cell::from(
                         node.reported_s_ago
@@ -672,7 +658,7 @@ pub(crate) async fn status(sources: &Sources, out: &mut Out) -> bool {
             "supervisor (this host): running version {}, {}; {} reloads, {} runtime applies, \
              {} rejected; HAProxy pid {}, {} worker(s), up {}s",
             s.running_version,
-            checksum_short(&s.running_checksum),
+            legate_proto::short_checksum(&s.running_checksum),
             s.reloads,
             s.runtime_applies,
             s.rejected,
@@ -688,9 +674,4 @@ pub(crate) async fn status(sources: &Sources, out: &mut Out) -> bool {
         }
     }
     complete
-}
-
-/// `sha256:` and the first 12 hex digits.
-pub(crate) fn checksum_short(checksum: &str) -> String {
-    checksum.get(..19).unwrap_or(checksum).to_owned()
 }

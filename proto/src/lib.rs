@@ -49,6 +49,22 @@ pub fn checksum(haproxy_config: &str, maps: &[v1::ConfigFile]) -> String {
     hex
 }
 
+/// `at` in milliseconds since the Unix epoch, as the API's `*_unix_ms` fields carry it.
+pub fn unix_ms(at: std::time::SystemTime) -> i64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A checksum as status displays show it: `sha256:` and the first 12 hex digits.
+pub fn short_checksum(checksum: &str) -> &str {
+    checksum.get(..19).unwrap_or(checksum)
+}
+
+/// A container id as Docker shows it: its first 12 characters.
+pub fn short_id(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
 /// How a node stands against confgen's current `checksum`, for status displays: `failing` (its
 /// last apply was rejected), `stale` (it runs another configuration), `disconnected` (not
 /// watching now), or `current`.

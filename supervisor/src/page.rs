@@ -162,7 +162,7 @@ impl Pages {
             pid = stats.master_pid,
             uptime = stats.started.map_or(0, |s| s.elapsed().as_secs()),
             version = stats.running_version,
-            checksum = html(stats.running_checksum.get(..19).unwrap_or_default()),
+            checksum = html(legate_proto::short_checksum(&stats.running_checksum)),
             reloads = stats.reloads,
             runtime = stats.runtime_applies,
             rejected = stats.rejected,
@@ -211,9 +211,7 @@ impl Pages {
              ({polled}); this page refreshes every {refresh} s. \
              <a href=\"/metrics\">Prometheus metrics</a></p></footer></body></html>",
             polled = if routes.error.is_empty() {
-                let now = SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+                let now = legate_proto::unix_ms(SystemTime::now());
                 format!(
                     "{:.1} s ago",
                     (now - routes.polled_at_unix_ms) as f64 / 1000.0
@@ -281,7 +279,7 @@ fn fleet_sections(page: &mut String, status: &v1::ConfgenStatus, listeners: &[St
          <code>{}</code>{}</p><table><thead><tr><th>Node</th><th>State</th><th>Running</th>\
          <th>Last apply</th></tr></thead><tbody>",
         status.version,
-        html(status.checksum.get(..19).unwrap_or_default()),
+        html(legate_proto::short_checksum(&status.checksum)),
         if status.last_render_error.is_empty() {
             String::new()
         } else {
@@ -307,7 +305,7 @@ fn fleet_sections(page: &mut String, status: &v1::ConfgenStatus, listeners: &[St
             id = html(&node.node_id),
             tone = tone(state),
             version = node.running_version,
-            checksum = html(node.running_checksum.get(..19).unwrap_or_default()),
+            checksum = html(legate_proto::short_checksum(&node.running_checksum)),
             message = html(&message),
         );
     }
@@ -344,7 +342,7 @@ fn fleet_sections(page: &mut String, status: &v1::ConfgenStatus, listeners: &[St
     let mut rows = 0;
     for refusal in &status.refused {
         let subject = if refusal.container_name.is_empty() {
-            refusal.container_id.get(..12).unwrap_or_default()
+            legate_proto::short_id(&refusal.container_id)
         } else {
             &refusal.container_name
         };

@@ -436,7 +436,7 @@ impl Traffic {
     pub fn routes(&self) -> v1::RoutesResponse {
         v1::RoutesResponse {
             routes: self.entries.iter().map(|e| e.view.clone()).collect(),
-            polled_at_unix_ms: self.polled_at.map_or(0, unix_ms),
+            polled_at_unix_ms: self.polled_at.map_or(0, legate_proto::unix_ms),
             error: self.error.clone(),
         }
     }
@@ -565,11 +565,6 @@ impl std::fmt::Display for Label {
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn unix_ms(at: SystemTime) -> i64 {
-    at.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A label value as Prometheus' text format takes it.
