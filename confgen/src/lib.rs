@@ -31,8 +31,8 @@ use tonic_health::server::HealthReporter;
 use tracing::{debug, error, info, warn};
 
 use crate::api::{ModelDemand, Status};
-use crate::model::{Model, Registry, Slots};
-use crate::render::{Item, ItemFailure, RenderError, Renderer, Settings};
+use crate::model::{Registry, Routes};
+use crate::render::{Item, ItemFailure, RenderError, Renderer, Settings, View};
 use crate::watcher::{Batch, Event};
 
 /// confgen's configuration: every flag has an environment fallback.
@@ -292,9 +292,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     tracker.close();
     let generator = Generator {
         registry,
-        slots: Slots::default(),
+        routes: Routes::new(vec![config.http_port]),
         renderer,
-        reserved_ports: vec![config.http_port],
         settings,
         snapshots: snapshot_tx,
         models,
@@ -320,12 +319,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 /// Owns the registry and turns its batches into snapshots.
 struct Generator {
     registry: Registry,
-    /// Which pooled backend serves which app, kept across renders.
-    slots: Slots,
+    /// The model, kept up to date with the registry's changes (and which pooled backend
+    /// serves which app).
+    routes: Routes,
     renderer: Renderer,
     settings: Settings,
-    /// Ports the ambassador listens on itself: no service may take them.
-    reserved_ports: Vec<u16>,
     snapshots: watch::Sender<Option<Arc<v1::ConfigSnapshot>>>,
     /// Whether snapshots carry the model.
     models: Arc<ModelDemand>,
@@ -411,9 +409,9 @@ impl Generator {
         metrics::gauge!("legate_confgen_registry_keys").set(self.registry.len() as f64);
     }
 
-    /// Builds the model and renders it. This blocks confgen's one thread for the time of a
-    /// render (about 200 ms for 31,000 servers): the snapshot is its only output, and one
-    /// thread keeps the memory of successive renders in one malloc arena.
+    /// Brings the model up to date and renders it. This blocks confgen's one thread for the
+    /// time of a render: only the blocks of the apps and services that changed are rendered
+    /// again, the others come from the renderer's cache.
     async fn render(&mut self) {
         let started = std::time::Instant::now();
         let keep_model = self.models.wanted_now();
@@ -428,32 +426,38 @@ impl Generator {
                 false
             });
         }
-        let mut model = self.registry.model(&self.reserved_ports);
-        self.slots.assign(&mut model);
-        let mut model = Arc::new(model);
-        let mut result = self.renderer.render(&model, &self.settings);
-        if let Err(RenderError::Items(failures)) = &result {
-            for failure in failures {
+        self.routes.update(&mut self.registry);
+        let mut view = View::of(&self.routes);
+        let mut result = self.renderer.render(&view, &self.settings);
+        let mut failures = Vec::new();
+        if let Err(RenderError::Items(failed)) = &mut result {
+            for failure in failed.iter() {
                 warn!(
-                    item = describe(&model, failure.item),
+                    item = describe(&failure.item),
                     error = failure.error,
                     "left out of the configuration: it does not render with the template"
                 );
             }
             metrics::counter!("legate_confgen_render_failures_total")
-                .increment(failures.len() as u64);
-            model = Arc::new(without_failed(&model, failures, &self.registry));
-            result = self.renderer.render(&model, &self.settings);
+                .increment(failed.len() as u64);
+            failures = std::mem::take(failed);
+            view.excluded = failures.iter().map(|f| f.item.clone()).collect();
+            result = self.renderer.render(&view, &self.settings);
+        }
+        let mut skipped = self.routes.skipped();
+        if !failures.is_empty() {
+            skipped.extend(failed_keys(&view, &failures, &self.registry));
+            skipped.sort_by(|a, b| a.key.cmp(&b.key));
         }
         metrics::histogram!("legate_confgen_render_seconds")
             .record(started.elapsed().as_secs_f64());
-        metrics::gauge!("legate_confgen_skipped_keys").set(model.skipped.len() as f64);
-        let shared = model::shared_ports(&model);
+        metrics::gauge!("legate_confgen_skipped_keys").set(skipped.len() as f64);
+        let shared = model::shared_ports(view.services().map(|s| &**s));
         let error = result.as_ref().err().map(ToString::to_string);
         let outcome = api::Rendered {
-            skipped: model.skipped.clone(),
+            skipped: skipped.clone(),
             shared_ports: shared.clone(),
-            hosts: model.hosts.clone(),
+            hosts: view.hosts.to_vec(),
             refused: self.registry.refusals(),
         };
         let previous_shared = self.status.rendered(outcome, error.unwrap_or_default());
@@ -488,16 +492,25 @@ impl Generator {
             return;
         }
         let version = u64::try_from(self.registry.revision()).unwrap_or_default();
-        let (apps, services, skipped) =
-            (model.apps.len(), model.services.len(), model.skipped.len());
-        // The renderer let go of its reference: the model moves into the snapshot.
-        let model = Arc::try_unwrap(model).unwrap_or_else(|shared| Model::clone(&shared));
+        let (apps, services) = (view.apps().count(), view.services().count());
+        let model = keep_model.then(|| {
+            let mut model = self.routes.model();
+            model
+                .apps
+                .retain(|app| !view.excluded.contains(&Item::App(app.domain.clone())));
+            model
+                .services
+                .retain(|s| !view.excluded.contains(&Item::Service(s.port as u16)));
+            model.skipped = skipped.clone();
+            model
+        });
+        drop(view);
         let snapshot = v1::ConfigSnapshot {
             version,
             checksum: rendered.checksum,
             haproxy_config: rendered.config,
             maps: rendered.maps,
-            model: keep_model.then_some(model),
+            model,
             generator: self.settings.generator.clone(),
         };
         if same {
@@ -522,7 +535,7 @@ impl Generator {
             checksum = snapshot.checksum,
             apps,
             services,
-            skipped,
+            skipped = skipped.len(),
             render_ms = started.elapsed().as_secs_f64() * 1000.0,
             "new configuration"
         );
@@ -558,62 +571,41 @@ async fn write_output(dir: &Path, snapshot: &v1::ConfigSnapshot) -> std::io::Res
     Ok(())
 }
 
-/// An app or service of `model`, as the log names it.
-fn describe(model: &Model, item: Item) -> String {
+/// An app or service, as the log names it.
+fn describe(item: &Item) -> String {
     match item {
-        Item::App(i) => format!("app {}", model.apps[i].domain),
-        Item::Service(i) => format!(
-            "service {} on port {}",
-            model.services[i].names.join(","),
-            model.services[i].port
-        ),
+        Item::App(domain) => format!("app {domain}"),
+        Item::Service(port) => format!("service on port {port}"),
     }
 }
 
-/// `model` without the apps and services that failed to render; each is listed with the
-/// skipped keys instead, as its directory in the registry and the template's error, so that
-/// `Confgen.Status` and the `legate_confgen_skipped_keys` gauge show it like any bad key.
-fn without_failed(model: &Model, failures: &[ItemFailure], registry: &Registry) -> Model {
-    let mut reduced = model.clone();
-    let failed = |item: Item| failures.iter().any(|f| f.item == item);
-    reduced.apps = (0..model.apps.len())
-        .filter(|&i| !failed(Item::App(i)))
-        .map(|i| model.apps[i].clone())
-        .collect();
-    reduced.services = (0..model.services.len())
-        .filter(|&i| !failed(Item::Service(i)))
-        .map(|i| model.services[i].clone())
-        .collect();
+/// The apps and services that failed to render, as skipped keys: each is listed as its
+/// directory in the registry with the template's error, so that `Confgen.Status` and the
+/// `legate_confgen_skipped_keys` gauge show it like any bad key.
+fn failed_keys(view: &View, failures: &[ItemFailure], registry: &Registry) -> Vec<v1::SkippedKey> {
+    let mut skipped = Vec::new();
     for failure in failures {
         let reason = format!(
             "{} does not render with the template: {}",
-            describe(model, failure.item),
+            describe(&failure.item),
             failure.error
         );
-        let keys: Vec<String> = match failure.item {
-            Item::App(i) => vec![format!(
-                "{}{}/",
-                registry.dir(KeyKind::App),
-                model.apps[i].domain
-            )],
-            Item::Service(i) => model.services[i]
-                .names
-                .iter()
-                .map(|name| {
-                    let port = model.services[i].port;
-                    format!("{}{name}/{port}/", registry.dir(KeyKind::Service))
-                })
-                .collect(),
+        let keys = match &failure.item {
+            Item::App(domain) => vec![format!("{}{domain}/", registry.dir(KeyKind::App))],
+            Item::Service(port) => view.services.get(port).map_or_else(Vec::new, |service| {
+                service
+                    .names
+                    .iter()
+                    .map(|name| format!("{}{name}/{port}/", registry.dir(KeyKind::Service)))
+                    .collect()
+            }),
         };
-        reduced
-            .skipped
-            .extend(keys.into_iter().map(|key| v1::SkippedKey {
-                key: key.into_bytes(),
-                reason: reason.clone(),
-            }));
+        skipped.extend(keys.into_iter().map(|key| v1::SkippedKey {
+            key: key.into_bytes(),
+            reason: reason.clone(),
+        }));
     }
-    reduced.skipped.sort_by(|a, b| a.key.cmp(&b.key));
-    reduced
+    skipped
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use legate_proto::registry::{
     AppKey, ContainerId, Endpoint, HostKey, HostRecord, Key, KeyError, KeyKind, Refusal,
@@ -37,6 +38,40 @@ pub struct Registry {
     dirs: [String; 4],
     entries: BTreeMap<Vec<u8>, Entry>,
     revision: i64,
+    /// The names registered on each service port, with how many keys each has there.
+    port_names: BTreeMap<u16, BTreeMap<String, usize>>,
+    /// What changed since the last [`Registry::take_changes`].
+    changes: Changes,
+}
+
+/// What changed in a [`Registry`]: the apps, service ports and keys that [`Routes`] must look
+/// at again.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// Domains with a key put or deleted.
+    pub apps: BTreeSet<String>,
+    /// Service ports with a key put or deleted.
+    pub ports: BTreeSet<u16>,
+    /// Whether a host key changed.
+    pub hosts: bool,
+    /// Every key put or deleted (for the list of skipped keys).
+    pub keys: BTreeSet<Vec<u8>>,
+}
+
+impl Changes {
+    fn note(&mut self, raw: &[u8], entry: &Entry) {
+        match entry {
+            Entry::App(key, _) => {
+                self.apps.insert(key.domain.to_string());
+            }
+            Entry::Service(key, _) => {
+                self.ports.insert(key.service_port.get());
+            }
+            Entry::Host(..) => self.hosts = true,
+            Entry::Refused(..) | Entry::Skipped(_) => {}
+        }
+        self.keys.insert(raw.to_vec());
+    }
 }
 
 /// A key the registry skipped, newly or for a new reason; for the log.
@@ -63,7 +98,127 @@ impl Registry {
             dirs,
             entries: BTreeMap::new(),
             revision: 0,
+            port_names: BTreeMap::new(),
+            changes: Changes::default(),
         }
+    }
+
+    /// What changed since the last call.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Stores `entry` under `key`, or removes the key, recording what changed.
+    fn set(&mut self, key: Vec<u8>, entry: Option<Entry>) {
+        if self.entries.get(&key) == entry.as_ref() {
+            return;
+        }
+        if let Some(entry) = &entry {
+            self.changes.note(&key, entry);
+            self.count_name(entry, true);
+        }
+        let old = match entry {
+            Some(entry) => self.entries.insert(key.clone(), entry),
+            None => self.entries.remove(&key),
+        };
+        if let Some(old) = old {
+            self.changes.note(&key, &old);
+            self.count_name(&old, false);
+        }
+    }
+
+    fn count_name(&mut self, entry: &Entry, added: bool) {
+        let Entry::Service(key, _) = entry else {
+            return;
+        };
+        let port = key.service_port.get();
+        let names = self.port_names.entry(port).or_default();
+        let name = key.name.as_str();
+        if added {
+            *names.entry(name.to_owned()).or_default() += 1;
+        } else if let Some(count) = names.get_mut(name) {
+            *count -= 1;
+            if *count == 0 {
+                names.remove(name);
+                if names.is_empty() {
+                    self.port_names.remove(&port);
+                }
+            }
+        }
+    }
+
+    /// The entries whose raw key starts with `prefix`, in key order.
+    fn prefixed<'a>(&'a self, prefix: &'a [u8]) -> impl Iterator<Item = (&'a [u8], &'a Entry)> {
+        self.entries
+            .range::<[u8], _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(move |(key, _)| key.starts_with(prefix))
+            .map(|(key, entry)| (key.as_slice(), entry))
+    }
+
+    /// The app of `domain` as the registry has it now (`backend` named after the domain, no
+    /// slot), or `None` when no key of it parses.
+    pub fn app(&self, domain: &str) -> Option<v1::App> {
+        let prefix = format!("{}{domain}/", self.dirs[0]);
+        let mut found: Option<&AppKey> = None;
+        let mut servers = Vec::new();
+        for (_, entry) in self.prefixed(prefix.as_bytes()) {
+            if let Entry::App(key, value) = entry {
+                found.get_or_insert(key);
+                servers.push(server(&key.container_id, key.endpoint, value));
+            }
+        }
+        found.map(|key| build_app(key, servers))
+    }
+
+    /// The service on `port` as the registry has it now, or `None` when no key of it parses.
+    pub fn service(&self, port: u16) -> Option<v1::Service> {
+        let names = self.port_names.get(&port)?;
+        let mut servers = Vec::new();
+        for name in names.keys() {
+            let prefix = format!("{}{name}/{port}/", self.dirs[1]);
+            for (_, entry) in self.prefixed(prefix.as_bytes()) {
+                if let Entry::Service(key, value) = entry {
+                    servers.push(server(&key.container_id, key.endpoint, value));
+                }
+            }
+        }
+        Some(build_service(
+            port,
+            names.keys().map(String::as_str),
+            servers,
+        ))
+    }
+
+    /// The live hosts, in key order.
+    pub fn hosts(&self) -> Vec<v1::Host> {
+        self.prefixed(self.dirs[2].as_bytes())
+            .filter_map(|(_, entry)| match entry {
+                Entry::Host(key, record) => Some(host(key, record)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Why the key `raw` is skipped, if it is, with `reserved_ports` not routed.
+    pub fn skipped(&self, raw: &[u8], reserved_ports: &[u16]) -> Option<String> {
+        match self.entries.get(raw)? {
+            Entry::Skipped(reason) => Some(reason.clone()),
+            Entry::Service(key, _) if reserved_ports.contains(&key.service_port.get()) => {
+                Some(reserved(key.service_port.get()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Every skipped key with its reason, with `reserved_ports` not routed.
+    pub fn all_skipped(&self, reserved_ports: &[u16]) -> BTreeMap<Vec<u8>, String> {
+        self.entries
+            .keys()
+            .filter_map(|raw| Some((raw.clone(), self.skipped(raw, reserved_ports)?)))
+            .collect()
     }
 
     /// The directory of one kind of key, with its trailing slash: `<prefix>/apps/`.
@@ -99,28 +254,33 @@ impl Registry {
     }
 
     /// Replaces everything with a full listing read at `revision`. Returns the keys skipped
-    /// that were not skipped for the same reason before.
+    /// that were not skipped for the same reason before. Only what differs from the entries held
+    /// before counts as changed.
     pub fn reset(
         &mut self,
         kvs: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
         revision: i64,
     ) -> Vec<SkipNotice> {
-        let mut previous = std::mem::take(&mut self.entries);
+        let mut previous: BTreeSet<Vec<u8>> = self.entries.keys().cloned().collect();
         let mut notices = Vec::new();
         for (key, value) in kvs {
             if !self.owns(&key) {
                 continue;
             }
             let entry = self.parse(&key, &value);
+            previous.remove(&key);
             if let Entry::Skipped(reason) = &entry
-                && previous.remove(&key).as_ref() != Some(&entry)
+                && self.entries.get(&key) != Some(&entry)
             {
                 notices.push(SkipNotice {
                     key: printable(&key),
                     reason: reason.clone(),
                 });
             }
-            self.entries.insert(key, entry);
+            self.set(key, Some(entry));
+        }
+        for key in previous {
+            self.set(key, None);
         }
         self.revision = revision;
         notices
@@ -140,14 +300,14 @@ impl Registry {
             }),
             _ => None,
         };
-        self.entries.insert(key, entry);
+        self.set(key, Some(entry));
         notice
     }
 
     /// Applies a delete seen at `revision`.
     pub fn delete(&mut self, key: &[u8], revision: i64) {
         self.revision = self.revision.max(revision);
-        self.entries.remove(key);
+        self.set(key.to_vec(), None);
     }
 
     fn owns(&self, key: &[u8]) -> bool {
@@ -179,9 +339,8 @@ impl Registry {
 
     /// The containers the registrars refused, in key order (host id, then container id).
     pub fn refusals(&self) -> Vec<v1::HostRefusal> {
-        self.entries
-            .values()
-            .filter_map(|entry| match entry {
+        self.prefixed(self.dirs[3].as_bytes())
+            .filter_map(|(_, entry)| match entry {
                 Entry::Refused(key, refusal) => Some(v1::HostRefusal {
                     host_id: key.host_id.to_string(),
                     container_id: key.container_id.to_string(),
@@ -197,14 +356,14 @@ impl Registry {
             .collect()
     }
 
-    /// Builds the model of the current registry. Service ports in `reserved_ports` (the
-    /// ambassador's own listeners) are not routed: their keys are skipped with a reason.
+    /// Builds the model of the current registry from scratch, as a fresh confgen does (no
+    /// slots assigned: [`Slots::assign`]). Service ports in `reserved_ports` (the ambassador's
+    /// own listeners) are not routed: their keys are skipped with a reason.
     pub fn model(&self, reserved_ports: &[u16]) -> Model {
         let mut apps: BTreeMap<&str, (&AppKey, Vec<Sortable>)> = BTreeMap::new();
         let mut services: BTreeMap<u16, (BTreeSet<&str>, Vec<Sortable>)> = BTreeMap::new();
         let mut hosts = Vec::new();
-        let mut skipped = Vec::new();
-        for (raw, entry) in &self.entries {
+        for entry in self.entries.values() {
             match entry {
                 Entry::App(key, value) => {
                     let server = server(&key.container_id, key.endpoint, value);
@@ -216,12 +375,6 @@ impl Registry {
                 Entry::Service(key, value) => {
                     let port = key.service_port.get();
                     if reserved_ports.contains(&port) {
-                        skipped.push(v1::SkippedKey {
-                            key: raw.clone(),
-                            reason: format!(
-                                "service port {port} is taken by the ambassador's own listener"
-                            ),
-                        });
                         continue;
                     }
                     let service = services.entry(port).or_default();
@@ -230,61 +383,82 @@ impl Registry {
                         .1
                         .push(server(&key.container_id, key.endpoint, value));
                 }
-                Entry::Host(key, record) => hosts.push(v1::Host {
-                    host_id: key.host_id.to_string(),
-                    ip: record.ip.to_string(),
-                    version: record.version.clone(),
-                }),
-                Entry::Refused(..) => {}
-                Entry::Skipped(reason) => skipped.push(v1::SkippedKey {
-                    key: raw.clone(),
-                    reason: reason.clone(),
-                }),
+                Entry::Host(key, record) => hosts.push(host(key, record)),
+                Entry::Refused(..) | Entry::Skipped(_) => {}
             }
         }
-        skipped.sort_by(|a, b| a.key.cmp(&b.key));
-        let apps = apps
-            .into_values()
-            .map(|(key, servers)| {
-                let servers = arrange(servers);
-                let wildcard = key.domain.is_wildcard();
-                let domain = key.domain.to_string();
-                v1::App {
-                    backend: if wildcard {
-                        format!("wild_{}", &domain[2..])
-                    } else {
-                        format!("app_{domain}")
-                    },
-                    check_path: servers
-                        .iter()
-                        .map(|s| s.check_path.as_str())
-                        .find(|p| !p.is_empty())
-                        .unwrap_or_default()
-                        .to_owned(),
-                    domain,
-                    wildcard,
-                    servers,
-                    slot: 0,
-                }
-            })
-            .collect();
-        let services = services
-            .into_iter()
-            .map(|(port, (names, servers))| v1::Service {
-                port: u32::from(port),
-                names: names.into_iter().map(str::to_owned).collect(),
-                backend: format!("svc_{port}"),
-                servers: arrange(servers),
-            })
-            .collect();
         Model {
-            apps,
-            services,
+            apps: apps
+                .into_values()
+                .map(|(key, servers)| build_app(key, servers))
+                .collect(),
+            services: services
+                .into_iter()
+                .map(|(port, (names, servers))| build_service(port, names.into_iter(), servers))
+                .collect(),
             hosts,
-            skipped,
+            skipped: skipped_keys(self.all_skipped(reserved_ports)),
             etcd_revision: self.revision,
             slots: 0,
         }
+    }
+}
+
+/// Why a service key on a reserved port is skipped.
+fn reserved(port: u16) -> String {
+    format!("service port {port} is taken by the ambassador's own listener")
+}
+
+/// The skipped keys as the model lists them, in key order.
+fn skipped_keys(skipped: BTreeMap<Vec<u8>, String>) -> Vec<v1::SkippedKey> {
+    skipped
+        .into_iter()
+        .map(|(key, reason)| v1::SkippedKey { key, reason })
+        .collect()
+}
+
+fn host(key: &HostKey, record: &HostRecord) -> v1::Host {
+    v1::Host {
+        host_id: key.host_id.to_string(),
+        ip: record.ip.to_string(),
+        version: record.version.clone(),
+    }
+}
+
+/// The app of `key`'s domain with these servers, its backend named after the domain.
+fn build_app(key: &AppKey, servers: Vec<Sortable>) -> v1::App {
+    let servers = arrange(servers);
+    let wildcard = key.domain.is_wildcard();
+    let domain = key.domain.to_string();
+    v1::App {
+        backend: if wildcard {
+            format!("wild_{}", &domain[2..])
+        } else {
+            format!("app_{domain}")
+        },
+        check_path: servers
+            .iter()
+            .map(|s| s.check_path.as_str())
+            .find(|p| !p.is_empty())
+            .unwrap_or_default()
+            .to_owned(),
+        domain,
+        wildcard,
+        servers,
+        slot: 0,
+    }
+}
+
+fn build_service<'a>(
+    port: u16,
+    names: impl Iterator<Item = &'a str>,
+    servers: Vec<Sortable>,
+) -> v1::Service {
+    v1::Service {
+        port: u32::from(port),
+        names: names.map(str::to_owned).collect(),
+        backend: format!("svc_{port}"),
+        servers: arrange(servers),
     }
 }
 
@@ -314,49 +488,250 @@ fn pool_size(apps: u32) -> u32 {
 }
 
 impl Slots {
-    /// Gives each plain app of `model` its slot (and backend name), and the model the pool size.
+    /// Gives each plain app of `model` its slot (and backend name), and the model the pool size:
+    /// the whole model at once, as [`Routes`] does change by change.
     pub fn assign(&mut self, model: &mut Model) {
-        let pooled = |app: &v1::App| !app.wildcard && app.check_path.is_empty();
         let wanted: BTreeSet<&str> = model
             .apps
             .iter()
             .filter(|app| pooled(app))
             .map(|app| app.domain.as_str())
             .collect();
-        let needed = u32::try_from(wanted.len()).unwrap_or(u32::MAX);
-        if self.total > 2 * pool_size(needed) {
-            *self = Self::default();
+        let gone: Vec<String> = self
+            .taken
+            .keys()
+            .filter(|domain| !wanted.contains(domain.as_str()))
+            .cloned()
+            .collect();
+        for domain in gone {
+            self.release(&domain);
         }
-        let free = &mut self.free;
-        self.taken.retain(|domain, slot| {
-            let keep = wanted.contains(domain.as_str());
-            if !keep {
-                free.insert(*slot);
-            }
-            keep
-        });
         let new = wanted.len() - self.taken.len();
+        self.fit(wanted.len(), new);
+        for app in model.apps.iter_mut().filter(|app| pooled(app)) {
+            if let Some(slot) = self.place(&app.domain) {
+                app.slot = slot;
+                app.backend = slot_backend(slot);
+            }
+        }
+        model.slots = self.total;
+    }
+
+    /// Frees the slot of `domain`, if it has one.
+    fn release(&mut self, domain: &str) {
+        if let Some(slot) = self.taken.remove(domain) {
+            self.free.insert(slot);
+        }
+    }
+
+    /// Readies the pool for `needed` pooled apps, `new` of which have no slot yet: a pool far
+    /// larger than they need is emptied (returns true: every app must be placed again, which
+    /// numbers them afresh), one without enough free slots grows.
+    fn fit(&mut self, needed: usize, new: usize) -> bool {
+        let needed = u32::try_from(needed).unwrap_or(u32::MAX);
+        let compacted = self.total > 2 * pool_size(needed);
+        let new = if compacted {
+            *self = Self::default();
+            needed as usize
+        } else {
+            new
+        };
         if new > self.free.len() {
             let total = pool_size(needed);
             self.free.extend(self.total + 1..=total);
             self.total = total;
         }
-        for app in model.apps.iter_mut().filter(|app| pooled(app)) {
-            let slot = match self.taken.get(&app.domain) {
-                Some(slot) => *slot,
-                None => {
-                    // The pool was sized for every pooled app above.
-                    let Some(slot) = self.free.pop_first() else {
-                        continue;
-                    };
-                    self.taken.insert(app.domain.clone(), slot);
-                    slot
-                }
-            };
-            app.slot = slot;
-            app.backend = slot_backend(slot);
+        compacted
+    }
+
+    /// The slot of `domain`, a free one if it has none yet (`None` only if the pool, which
+    /// [`Slots::fit`] sized, is full).
+    fn place(&mut self, domain: &str) -> Option<u32> {
+        if let Some(slot) = self.taken.get(domain) {
+            return Some(*slot);
         }
-        model.slots = self.total;
+        let slot = self.free.pop_first()?;
+        self.taken.insert(domain.to_owned(), slot);
+        Some(slot)
+    }
+
+    /// Size of the pool.
+    pub fn total(&self) -> u32 {
+        self.total
+    }
+}
+
+/// Whether `app` is served by a pooled backend: a plain domain without an HTTP health check.
+fn pooled(app: &v1::App) -> bool {
+    !app.wildcard && app.check_path.is_empty()
+}
+
+/// The model kept up to date change by change: the registry's [`Changes`] rebuild only the
+/// apps and services they touch. An app or service that comes out equal to what it was stays
+/// the same `Arc`, so the renderer's cache of its block stays valid; the others are new ones.
+/// Slots are assigned as [`Slots::assign`] assigns them over the whole model after the same
+/// changes, so the same history gives the same model either way.
+#[derive(Debug, Default)]
+pub struct Routes {
+    reserved_ports: Vec<u16>,
+    /// Apps by domain.
+    pub apps: Arc<BTreeMap<String, Arc<v1::App>>>,
+    /// Services by port.
+    pub services: Arc<BTreeMap<u16, Arc<v1::Service>>>,
+    /// Live hosts.
+    pub hosts: Arc<Vec<v1::Host>>,
+    /// The app in each slot of the pool (index: slot - 1).
+    pub pool: Arc<Vec<Option<Arc<v1::App>>>>,
+    skipped: BTreeMap<Vec<u8>, String>,
+    slots: Slots,
+    revision: i64,
+}
+
+impl Routes {
+    /// An empty model; service ports in `reserved_ports` are never routed.
+    pub fn new(reserved_ports: Vec<u16>) -> Self {
+        Self {
+            reserved_ports,
+            ..Self::default()
+        }
+    }
+
+    /// Applies what changed in `registry` since the last update.
+    pub fn update(&mut self, registry: &mut Registry) {
+        let changes = registry.take_changes();
+        self.revision = registry.revision();
+        self.update_apps(registry, &changes.apps);
+        let services = Arc::make_mut(&mut self.services);
+        for &port in &changes.ports {
+            let service = (!self.reserved_ports.contains(&port))
+                .then(|| registry.service(port))
+                .flatten();
+            keep_or_replace(services, port, service);
+        }
+        if changes.hosts {
+            self.hosts = Arc::new(registry.hosts());
+        }
+        for key in changes.keys {
+            match registry.skipped(&key, &self.reserved_ports) {
+                Some(reason) => self.skipped.insert(key, reason),
+                None => self.skipped.remove(&key),
+            };
+        }
+    }
+
+    fn update_apps(&mut self, registry: &Registry, domains: &BTreeSet<String>) {
+        let apps = Arc::make_mut(&mut self.apps);
+        let mut built: Vec<(String, Option<v1::App>)> = Vec::with_capacity(domains.len());
+        for domain in domains {
+            let app = registry.app(domain);
+            if !app.as_ref().is_some_and(pooled) {
+                self.slots.release(domain);
+            }
+            built.push((domain.clone(), app));
+        }
+        let placing = built
+            .iter()
+            .filter(|(domain, app)| {
+                app.as_ref().is_some_and(pooled) && !self.slots.taken.contains_key(domain)
+            })
+            .count();
+        let needed = self.slots.taken.len() + placing;
+        let before = self.slots.total;
+        if self.slots.fit(needed, placing) {
+            // Numbered afresh: every pooled app takes a new slot, in domain order.
+            let mut all: BTreeMap<String, Option<v1::App>> = apps
+                .iter()
+                .filter(|(_, app)| pooled(app))
+                .map(|(domain, app)| (domain.clone(), Some(v1::App::clone(app))))
+                .collect();
+            all.extend(built);
+            built = all.into_iter().collect();
+        }
+        let pool = Arc::make_mut(&mut self.pool);
+        if self.slots.total != before {
+            pool.clear();
+            pool.resize(self.slots.total as usize, None);
+            // Every app in the pool is placed again below, or was placed before in a slot
+            // that survives a growth.
+            for app in apps.values().filter(|app| app.slot > 0) {
+                if let Some(entry) = pool.get_mut(app.slot as usize - 1) {
+                    *entry = Some(app.clone());
+                }
+            }
+        }
+        for (domain, app) in built {
+            if let Some(old) = apps.get(&domain)
+                && old.slot > 0
+                && let Some(entry) = pool.get_mut(old.slot as usize - 1)
+                && entry.as_ref().is_some_and(|a| Arc::ptr_eq(a, old))
+            {
+                *entry = None;
+            }
+            let app = app.map(|mut app| {
+                if pooled(&app)
+                    && let Some(slot) = self.slots.place(&domain)
+                {
+                    app.slot = slot;
+                    app.backend = slot_backend(slot);
+                }
+                app
+            });
+            let kept = keep_or_replace(apps, domain, app);
+            if let Some(app) = kept.filter(|app| app.slot > 0)
+                && let Some(entry) = pool.get_mut(app.slot as usize - 1)
+            {
+                *entry = Some(app);
+            }
+        }
+    }
+
+    /// Size of the pool.
+    pub fn slot_count(&self) -> u32 {
+        self.slots.total
+    }
+
+    /// The keys skipped, with their reasons, in key order.
+    pub fn skipped(&self) -> Vec<v1::SkippedKey> {
+        skipped_keys(self.skipped.clone())
+    }
+
+    /// The whole model, copied out (for subscribers that ask for it and for tests).
+    pub fn model(&self) -> Model {
+        Model {
+            apps: self.apps.values().map(|app| v1::App::clone(app)).collect(),
+            services: self
+                .services
+                .values()
+                .map(|service| v1::Service::clone(service))
+                .collect(),
+            hosts: self.hosts.to_vec(),
+            skipped: self.skipped(),
+            etcd_revision: self.revision,
+            slots: self.slots.total,
+        }
+    }
+}
+
+/// Puts `value` under `key` unless an equal one is there (then the old `Arc` stays), removes the
+/// key for `None`. Returns what is under the key afterwards.
+fn keep_or_replace<K: Ord, V: PartialEq>(
+    map: &mut BTreeMap<K, Arc<V>>,
+    key: K,
+    value: Option<V>,
+) -> Option<Arc<V>> {
+    match value {
+        None => {
+            map.remove(&key);
+            None
+        }
+        Some(value) => match map.get(&key) {
+            Some(old) if **old == value => Some(old.clone()),
+            _ => {
+                let value = Arc::new(value);
+                map.insert(key, value.clone());
+                Some(value)
+            }
+        },
     }
 }
 
@@ -373,7 +748,8 @@ fn server(container_id: &ContainerId, endpoint: Endpoint, value: &RegistrationVa
         host_id: text(value.host_id.as_ref()),
         container_name: text(value.container_name.as_ref()),
         weight: u32::from(value.weight.unwrap_or_default().get()),
-        check_path: text(value.check_path.as_ref()),
+        check_path: text(value.check.as_ref().and_then(|check| check.path())),
+        check: value.check.is_some(),
         address: endpoint.to_string(),
     };
     (ip, server)
@@ -437,6 +813,11 @@ pub fn maps(model: &Model) -> Vec<v1::ConfigFile> {
             hosts.push_str(&format!("{} {}\n", app.domain, app.backend));
         }
     }
+    maps_from(hosts, wildcards)
+}
+
+/// The map files from the hosts map's text and the wildcards' `(suffix, backend)` pairs.
+pub fn maps_from(hosts: String, mut wildcards: Vec<(&str, &str)>) -> Vec<v1::ConfigFile> {
     wildcards.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(b.0)));
     let wildcards: String = wildcards
         .into_iter()
@@ -455,10 +836,11 @@ pub fn maps(model: &Model) -> Vec<v1::ConfigFile> {
 }
 
 /// Service ports that several names share.
-pub fn shared_ports(model: &Model) -> Vec<v1::SharedPort> {
-    model
-        .services
-        .iter()
+pub fn shared_ports<'a>(
+    services: impl IntoIterator<Item = &'a v1::Service>,
+) -> Vec<v1::SharedPort> {
+    services
+        .into_iter()
         .filter(|s| s.names.len() > 1)
         .map(|s| v1::SharedPort {
             port: s.port,

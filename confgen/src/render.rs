@@ -1,31 +1,47 @@
-//! Rendering a [`Model`] into an HAProxy configuration with a handlebars template.
+//! Rendering the model ([`View`]) into an HAProxy configuration with a handlebars template.
 //!
 //! The template sees a [`Context`]: the listener settings, the names of the map files and the
-//! live hosts; apps and services are iterated with the block helpers `{{#apps}}...{{/apps}}`
-//! and `{{#services}}...{{/services}}`, inside which the context is one app or service. They
-//! stream: handlebars turns its data into JSON, and the JSON of 10,000 apps would take more
-//! memory than everything else confgen holds, so only one app's JSON exists at a time.
+//! live hosts; apps, services and pooled backends are iterated with the block helpers
+//! `{{#apps}}...{{/apps}}`, `{{#services}}...{{/services}}` and `{{#slots}}...{{/slots}}`,
+//! inside which the context is one app, service or slot. They stream: handlebars turns its
+//! data into JSON, and the JSON of 10,000 apps would take more memory than everything else
+//! confgen holds, so only one item's JSON exists at a time.
+//!
+//! Rendering is incremental: the output of each item's block is kept, and the next render
+//! reuses it as long as the item is the same (the model keeps an unchanged app or service as
+//! the same `Arc`) and nothing else the block reads changed ([`Deps`], read from the block's
+//! template once: its position `@index`/`@first`/`@last`, or the root's counts and hosts). A
+//! change to one app renders that app's block and no other. The output is kept as [`Chunk`]s,
+//! the items' blocks and the template text between the helpers, so the policy check also runs
+//! only on chunks it has not seen.
 //! Handlebars runs in strict mode (a field that does not exist is an error, not an empty
 //! string) with HTML escaping off: every value in the context has passed the registry
 //! validation, so none can carry configuration syntax. The map files are not templated:
 //! confgen writes them from the model, so the supervisor can change their entries at runtime.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use handlebars::template::{Parameter, TemplateElement};
 use handlebars::{
-    BlockContext, Context as HbContext, Handlebars, Helper, HelperDef, HelperResult, Output,
-    RenderContext, Renderable, StringOutput, to_json,
+    BlockContext, Context as HbContext, Handlebars, Helper, HelperDef, HelperResult, Output, Path,
+    RenderContext, Renderable, StringOutput, Template, to_json,
 };
 use legate_proto::v1;
 use serde::Serialize;
 
-use crate::model::{self, HOSTS_MAP, Model, WILDCARDS_MAP};
+use crate::model::{self, HOSTS_MAP, Model, Routes, WILDCARDS_MAP};
 
 /// The template used without `--template`.
 pub const DEFAULT_TEMPLATE: &str = include_str!("../templates/default.cfg.hbs");
 
 const NAME: &str = "haproxy";
+
+/// Where a helper's items go in the top-level output, which is cut there afterwards: no
+/// template or value can contain it (templates are refused with it, values are validated).
+const MARK: char = '\0';
 
 /// Why a template could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +49,9 @@ pub enum RenderError {
     /// The template does not compile.
     #[error("template does not compile: {0}")]
     Template(#[from] Box<handlebars::TemplateError>),
+    /// The template holds a NUL character.
+    #[error("template does not compile: it holds a NUL character")]
+    Nul,
     /// The template failed on this model.
     #[error("template failed to render: {0}")]
     Render(#[from] Box<handlebars::RenderError>),
@@ -40,9 +59,6 @@ pub enum RenderError {
     /// `global` section, a file outside the allowed directories, a Unix socket, Lua, ...
     #[error("rendered configuration refused: {0}")]
     Policy(#[from] legate_proto::policy::Violation),
-    /// Cannot happen: handlebars writes strings only.
-    #[error("rendered configuration is not UTF-8")]
-    NotUtf8,
     /// These apps or services failed to render, and only they: the caller renders again
     /// without them.
     #[error("{} app(s) or service(s) failed to render", .0.len())]
@@ -58,13 +74,13 @@ pub struct ItemFailure {
     pub error: String,
 }
 
-/// An app or service of the rendered model, by its index.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// An app or service of the model.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Item {
-    /// `model.apps[i]`.
-    App(usize),
-    /// `model.services[i]`.
-    Service(usize),
+    /// The app of this domain.
+    App(String),
+    /// The service on this port.
+    Service(u16),
 }
 
 /// What a template renders with, besides the model.
@@ -108,8 +124,111 @@ struct Context<'a> {
     slot_count: u32,
 }
 
+/// The fields of [`Context`] that change with the registry; the others are settings.
+const CHANGING: [&str; 4] = ["hosts", "app_count", "service_count", "slot_count"];
+
+/// The model as the renderer reads it: shared, ordered, each item an `Arc` that stays the same
+/// while the item does.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    /// Apps by domain.
+    pub apps: Arc<BTreeMap<String, Arc<v1::App>>>,
+    /// Services by port.
+    pub services: Arc<BTreeMap<u16, Arc<v1::Service>>>,
+    /// The app in each pooled slot (index: slot - 1).
+    pub pool: Arc<Vec<Option<Arc<v1::App>>>>,
+    /// Live hosts.
+    pub hosts: Arc<Vec<v1::Host>>,
+    /// Items left out (their block failed to render).
+    pub excluded: BTreeSet<Item>,
+}
+
+impl View {
+    /// The model that `routes` keeps.
+    pub fn of(routes: &Routes) -> Self {
+        Self {
+            apps: routes.apps.clone(),
+            services: routes.services.clone(),
+            pool: routes.pool.clone(),
+            hosts: routes.hosts.clone(),
+            excluded: BTreeSet::new(),
+        }
+    }
+
+    /// A model built whole ([`crate::model::Registry::model`], slots assigned).
+    pub fn of_model(model: &Model) -> Self {
+        let apps: BTreeMap<String, Arc<v1::App>> = model
+            .apps
+            .iter()
+            .map(|app| (app.domain.clone(), Arc::new(app.clone())))
+            .collect();
+        let mut pool = vec![None; model.slots as usize];
+        for app in apps.values().filter(|app| app.slot > 0) {
+            if let Some(entry) = pool.get_mut(app.slot as usize - 1) {
+                *entry = Some(app.clone());
+            }
+        }
+        Self {
+            services: Arc::new(
+                model
+                    .services
+                    .iter()
+                    .map(|service| (service.port as u16, Arc::new(service.clone())))
+                    .collect(),
+            ),
+            apps: Arc::new(apps),
+            pool: Arc::new(pool),
+            hosts: Arc::new(model.hosts.clone()),
+            excluded: BTreeSet::new(),
+        }
+    }
+
+    fn app_excluded(&self, app: &v1::App) -> bool {
+        !self.excluded.is_empty() && self.excluded.contains(&Item::App(app.domain.clone()))
+    }
+
+    fn service_excluded(&self, service: &v1::Service) -> bool {
+        !self.excluded.is_empty() && self.excluded.contains(&Item::Service(service.port as u16))
+    }
+
+    /// The apps rendered, in domain order.
+    pub fn apps(&self) -> impl Iterator<Item = &Arc<v1::App>> {
+        self.apps.values().filter(|app| !self.app_excluded(app))
+    }
+
+    /// The services rendered, in port order.
+    pub fn services(&self) -> impl Iterator<Item = &Arc<v1::Service>> {
+        self.services
+            .values()
+            .filter(|service| !self.service_excluded(service))
+    }
+}
+
+/// A piece of the rendered configuration: an item's block, or template text between helpers.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    /// Where it comes from.
+    pub key: ChunkKey,
+    /// The text.
+    pub text: Arc<str>,
+}
+
+/// What a [`Chunk`] is, in output order: the template text before helper invocation `n`
+/// (`Text(n)`; the last one follows every invocation) and each item of invocation `n`.
+#[derive(Debug, Clone)]
+pub enum ChunkKey {
+    /// Template text before invocation `n`.
+    Text(u32),
+    /// An app's block in invocation `n`.
+    App(u32, Arc<v1::App>),
+    /// A pooled backend's block in invocation `n`.
+    Slot(u32, u32),
+    /// A service's block in invocation `n`.
+    Service(u32, Arc<v1::Service>),
+}
+
 /// A rendered configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Rendered {
     /// The HAProxy configuration, without `global`.
     pub config: String,
@@ -117,9 +236,17 @@ pub struct Rendered {
     pub maps: Vec<v1::ConfigFile>,
     /// `legate_proto::checksum` of both.
     pub checksum: String,
+    /// The configuration in chunks, in order.
+    pub chunks: Vec<Chunk>,
 }
 
-/// A compiled template.
+impl PartialEq for Rendered {
+    fn eq(&self, other: &Self) -> bool {
+        self.config == other.config && self.maps == other.maps && self.checksum == other.checksum
+    }
+}
+
+/// A compiled template, and the output of its last renders.
 #[derive(Debug)]
 pub struct Renderer {
     handlebars: Handlebars<'static>,
@@ -127,11 +254,201 @@ pub struct Renderer {
     /// rather than one grown by doubling, which would copy it and leave the smaller buffers
     /// behind in the heap.
     last_len: usize,
+    state: Arc<Mutex<State>>,
+    /// The policy's verdict on each chunk of the last render, by the address of the chunk's
+    /// text (kept alive in the entry, so that the address is not reused meanwhile).
+    checked: AddressMap<usize, Checked>,
+    /// The hosts map line of each app of the last render, by the app's address.
+    map_lines: AddressMap<usize, (Arc<v1::App>, String)>,
+}
+
+/// The policy's verdict on one chunk.
+#[derive(Debug)]
+struct Checked {
+    text: Arc<str>,
+    /// The section it starts in, and ends in.
+    from: &'static str,
+    to: &'static str,
+    lines: usize,
+    used: u64,
+}
+
+/// What the helpers share across renders: each block's kept output.
+#[derive(Debug, Default)]
+struct State {
+    /// Renders so far.
+    render: u64,
+    /// Changes to the changing part of the root context ([`CHANGING`]) so far.
+    generation: u64,
+    /// The changing part of the root context at the last render, hashed.
+    root: u64,
+    blocks: AddressMap<usize, Block>,
+    /// This render's invocations, in output order, with their chunks.
+    invocations: Vec<Vec<Chunk>>,
+    failures: Vec<ItemFailure>,
+    /// Whether an item's block is being rendered (a helper inside writes straight into it).
+    in_item: bool,
+}
+
+/// One block of a helper in the template.
+#[derive(Debug)]
+struct Block {
+    deps: Deps,
+    /// The render in which it was last invoked.
+    invoked: u64,
+    items: AddressMap<(usize, usize), Kept>,
+}
+
+/// A map keyed by addresses, which need no protection against chosen collisions.
+type AddressMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<AddressHasher>>;
+
+/// A hasher for keys made of addresses and small numbers: a multiply and a rotate per word.
+#[derive(Debug, Default)]
+struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.write_u64(u64::from(*byte));
+        }
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(26) ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn write_usize(&mut self, word: usize) {
+        self.write_u64(word as u64);
+    }
+}
+
+/// The output of one item's block, with what it was rendered from.
+#[derive(Debug)]
+struct Kept {
+    /// The item, kept alive so that its address is not reused while it is a key.
+    _item: Option<Holder>,
+    /// `@index`, `@first`, `@last`, when the block reads them.
+    position: Option<(usize, bool, bool)>,
+    /// [`State::generation`], when the block reads the changing root.
+    generation: Option<u64>,
+    output: Result<Arc<str>, String>,
+    used: u64,
+}
+
+#[derive(Debug)]
+enum Holder {
+    App(#[allow(dead_code)] Arc<v1::App>),
+    Service(#[allow(dead_code)] Arc<v1::Service>),
+}
+
+/// What a block's output depends on besides its item, read from its template.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deps {
+    /// `@index`, `@first` or `@last` of the block.
+    pub position: bool,
+    /// The changing part of the root context ([`CHANGING`]), or something outside the item
+    /// that cannot be told apart from it.
+    pub root: bool,
+    /// Cannot be kept at all: a helper of the model, a partial or a decorator inside.
+    pub never: bool,
+}
+
+impl Deps {
+    /// Reads the dependencies of the block `template` of a model helper.
+    pub fn of(template: &Template) -> Self {
+        let mut deps = Self::default();
+        deps.walk(template, 0);
+        deps
+    }
+
+    /// `depth`: blocks entered inside the helper's own (`each`, `with`).
+    fn walk(&mut self, template: &Template, depth: usize) {
+        for element in &template.elements {
+            self.element(element, depth);
+        }
+    }
+
+    fn element(&mut self, element: &TemplateElement, depth: usize) {
+        match element {
+            TemplateElement::RawString(_) | TemplateElement::Comment(_) => {}
+            TemplateElement::HtmlExpression(h)
+            | TemplateElement::Expression(h)
+            | TemplateElement::HelperBlock(h) => {
+                let name = match &h.name {
+                    Parameter::Name(name) => name.as_str(),
+                    other => {
+                        self.parameter(other, depth);
+                        ""
+                    }
+                };
+                if SECTIONS.iter().any(|s| s.name() == name) {
+                    self.never = true;
+                }
+                for parameter in h.params.iter().chain(h.hash.values()) {
+                    self.parameter(parameter, depth);
+                }
+                let inner = if matches!(name, "each" | "with") {
+                    depth + 1
+                } else {
+                    depth
+                };
+                if let Some(block) = &h.template {
+                    self.walk(block, inner);
+                }
+                if let Some(inverse) = &h.inverse {
+                    self.walk(inverse, depth);
+                }
+            }
+            _ => self.never = true,
+        }
+    }
+
+    fn parameter(&mut self, parameter: &Parameter, depth: usize) {
+        match parameter {
+            Parameter::Name(_) | Parameter::Literal(_) => {}
+            Parameter::Path(Path::Local((level, _, _))) => match level.cmp(&depth) {
+                std::cmp::Ordering::Less => {}
+                std::cmp::Ordering::Equal => self.position = true,
+                std::cmp::Ordering::Greater => self.root = true,
+            },
+            Parameter::Path(Path::Relative((_, raw))) => {
+                let mut rest = raw.trim_start_matches("./");
+                let mut ups = 0;
+                while let Some(r) = rest.strip_prefix("../") {
+                    rest = r;
+                    ups += 1;
+                }
+                let root = rest
+                    .strip_prefix("@root")
+                    .map(|r| r.trim_start_matches(['.', '/']));
+                let outside = match root {
+                    Some(r) => Some(r),
+                    None if ups > depth => Some(rest),
+                    None => None,
+                };
+                if let Some(path) = outside {
+                    let field = path.split(['.', '/', '[']).next().unwrap_or_default();
+                    if field.is_empty() || CHANGING.contains(&field) || ups > depth + 1 {
+                        self.root = true;
+                    }
+                }
+            }
+            Parameter::Subexpression(sub) => self.element(&sub.element, depth),
+            _ => self.never = true,
+        }
+    }
 }
 
 impl Renderer {
     /// Compiles `template`.
     pub fn new(template: &str) -> Result<Self, RenderError> {
+        if template.contains(MARK) {
+            return Err(RenderError::Nul);
+        }
         let mut handlebars = Handlebars::new();
         handlebars.set_strict_mode(true);
         handlebars.register_escape_fn(handlebars::no_escape);
@@ -141,15 +458,18 @@ impl Renderer {
         Ok(Self {
             handlebars,
             last_len: 0,
+            state: Arc::default(),
+            checked: AddressMap::default(),
+            map_lines: AddressMap::default(),
         })
     }
 
-    /// Renders `model`.
-    pub fn render(
-        &mut self,
-        model: &Arc<Model>,
-        settings: &Settings,
-    ) -> Result<Rendered, RenderError> {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Renders `view`.
+    pub fn render(&mut self, view: &View, settings: &Settings) -> Result<Rendered, RenderError> {
         let bind_addresses: Vec<String> = settings
             .binds
             .iter()
@@ -162,6 +482,7 @@ impl Renderer {
             .iter()
             .map(|address| format!("{address}:{}", settings.http_port))
             .collect();
+        let app_count = view.apps().count();
         let context = Context {
             generator: &settings.generator,
             http_bind: http_bind.join(","),
@@ -172,23 +493,42 @@ impl Renderer {
                 hosts: HOSTS_MAP,
                 wildcards: WILDCARDS_MAP,
             },
-            hosts: &model.hosts,
-            app_count: model.apps.len(),
-            service_count: model.services.len(),
-            slot_count: model.slots,
+            hosts: &view.hosts,
+            app_count,
+            service_count: view.services().count(),
+            slot_count: u32::try_from(view.pool.len()).unwrap_or(u32::MAX),
         };
-        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        {
+            let mut state = self.state();
+            state.render += 1;
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            (
+                &*view.hosts,
+                context.app_count,
+                context.service_count,
+                context.slot_count,
+            )
+                .hash(&mut hasher);
+            let root = hasher.finish();
+            if root != state.root || state.render == 1 {
+                state.root = root;
+                state.generation += 1;
+            }
+            state.invocations.clear();
+            state.failures.clear();
+            state.in_item = false;
+        }
         for section in SECTIONS {
             let helper = Sections {
-                model: model.clone(),
+                view: view.clone(),
                 section,
-                failures: failures.clone(),
+                state: self.state.clone(),
             };
             self.handlebars
                 .register_helper(section.name(), Box::new(helper));
         }
         let mut buffer = Vec::with_capacity(self.last_len + self.last_len / 16);
-        let config = self
+        let top = self
             .handlebars
             .render_to_write(NAME, &context, &mut buffer)
             .map(|()| buffer);
@@ -196,29 +536,151 @@ impl Renderer {
         for section in SECTIONS {
             self.handlebars.unregister_helper(section.name());
         }
-        let config = config.map_err(Box::new)?;
-        let mut failures = std::mem::take(&mut *failures.lock().unwrap_or_else(|e| e.into_inner()));
+        let (invocations, mut failures) = {
+            let mut state = self.state();
+            let render = state.render;
+            for block in state.blocks.values_mut() {
+                if block.invoked == render {
+                    block.items.retain(|_, kept| kept.used == render);
+                } else {
+                    block.items.clear();
+                }
+            }
+            (
+                std::mem::take(&mut state.invocations),
+                std::mem::take(&mut state.failures),
+            )
+        };
+        let top = top.map_err(Box::new)?;
         if !failures.is_empty() {
-            failures.sort_by_key(|f| f.item);
-            failures.dedup_by_key(|f| f.item);
+            failures.sort_by(|a, b| a.item.cmp(&b.item));
+            failures.dedup_by(|a, b| a.item == b.item);
             return Err(RenderError::Items(failures));
         }
         // The template and every value in the context are UTF-8.
-        let config = String::from_utf8(config).map_err(|_| RenderError::NotUtf8)?;
+        let top = String::from_utf8(top)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+        let mut chunks = Vec::with_capacity(invocations.iter().map(Vec::len).sum::<usize>() + 2);
+        let mut invocations = invocations.into_iter();
+        for (n, piece) in top.split(MARK).enumerate() {
+            if !piece.is_empty() {
+                chunks.push(Chunk {
+                    key: ChunkKey::Text(u32::try_from(n).unwrap_or(u32::MAX)),
+                    text: Arc::from(piece),
+                });
+            }
+            if let Some(items) = invocations.next() {
+                chunks.extend(items);
+            }
+        }
+        let config = concat(&chunks, self.last_len);
         self.last_len = config.len();
-        let maps = model::maps(model);
+        let maps = self.maps(view);
         let policy = legate_proto::policy::Policy {
             maps: maps.iter().map(|m| m.name.as_str()).collect(),
             allowed_dirs: &settings.allowed_file_dirs,
         };
-        legate_proto::policy::check(&config, &policy)?;
+        self.check(&chunks, &config, &policy)?;
         let checksum = legate_proto::checksum(&config, &maps);
         Ok(Rendered {
             config,
             maps,
             checksum,
+            chunks,
         })
     }
+
+    /// The policy check of `config`, chunk by chunk, each chunk checked once while it stays in
+    /// the output; the whole text at once when chunks do not end at line ends.
+    fn check(
+        &mut self,
+        chunks: &[Chunk],
+        config: &str,
+        policy: &legate_proto::policy::Policy<'_>,
+    ) -> Result<(), legate_proto::policy::Violation> {
+        use legate_proto::policy::check_part;
+        if chunks.iter().any(|chunk| !chunk.text.ends_with('\n')) {
+            self.checked.clear();
+            return legate_proto::policy::check(config, policy);
+        }
+        let render = self.state().render;
+        let (mut section, mut lines) = ("", 0);
+        for chunk in chunks {
+            let key = chunk.text.as_ptr() as usize;
+            match self.checked.get_mut(&key) {
+                Some(checked)
+                    if checked.from == section && Arc::ptr_eq(&checked.text, &chunk.text) =>
+                {
+                    checked.used = render;
+                    section = checked.to;
+                    lines += checked.lines;
+                }
+                _ => {
+                    let to = match check_part(&chunk.text, section, lines, policy) {
+                        Ok(to) => to,
+                        Err(violation) => {
+                            self.checked.clear();
+                            return Err(violation);
+                        }
+                    };
+                    let count = chunk.text.matches('\n').count();
+                    self.checked.insert(
+                        key,
+                        Checked {
+                            text: chunk.text.clone(),
+                            from: section,
+                            to,
+                            lines: count,
+                            used: render,
+                        },
+                    );
+                    section = to;
+                    lines += count;
+                }
+            }
+        }
+        self.checked.retain(|_, checked| checked.used == render);
+        Ok(())
+    }
+
+    /// The map files routing host names to backends, ordered by name; each app's line of the
+    /// hosts map is kept while the app stays the same.
+    fn maps(&mut self, view: &View) -> Vec<v1::ConfigFile> {
+        let mut hosts = String::with_capacity(
+            self.map_lines
+                .values()
+                .map(|(_, line)| line.len())
+                .sum::<usize>()
+                + 64,
+        );
+        let mut wildcards: Vec<(&str, &str)> = Vec::new();
+        let mut lines =
+            AddressMap::with_capacity_and_hasher(self.map_lines.len(), Default::default());
+        for app in view.apps() {
+            if app.wildcard {
+                wildcards.push((&app.domain[1..], &app.backend));
+                continue;
+            }
+            let key = Arc::as_ptr(app) as usize;
+            let entry = match self.map_lines.remove(&key) {
+                Some(entry) => entry,
+                None => (app.clone(), format!("{} {}\n", app.domain, app.backend)),
+            };
+            hosts.push_str(&entry.1);
+            lines.insert(key, entry);
+        }
+        self.map_lines = lines;
+        model::maps_from(hosts, wildcards)
+    }
+}
+
+/// The chunks' texts, one after the other.
+fn concat(chunks: &[Chunk], hint: usize) -> String {
+    let mut config = String::with_capacity(hint.max(chunks.iter().map(|c| c.text.len()).sum()));
+    for chunk in chunks {
+        config.push_str(&chunk.text);
+    }
+    config
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -256,23 +718,114 @@ struct Slot<'a> {
 /// like `#each`.
 ///
 /// A block that fails for one app or service (a custom template reaching a field that this app
-/// lacks, in strict mode) is left out and recorded in `failures`, and the others render on: one
-/// bad registration must not freeze every later change. A free slot that fails is the
+/// lacks, in strict mode) is left out and recorded in the failures, and the others render on:
+/// one bad registration must not freeze every later change. A free slot that fails is the
 /// template's fault, not an app's: that fails the render.
+///
+/// Each item's output (unless empty) goes into the invocation's list of chunks, and the top-level output gets
+/// one [`MARK`] for the whole invocation; a helper invoked inside an item's block writes
+/// straight into that block's output instead.
 struct Sections {
-    model: Arc<Model>,
+    view: View,
     section: Section,
-    failures: Arc<std::sync::Mutex<Vec<ItemFailure>>>,
+    state: Arc<Mutex<State>>,
 }
 
 /// A local variable that marks the helper's own block, to find it again under the blocks that
 /// a failed render left pushed.
-const MARK: &str = "legate_block";
+const OWN_BLOCK: &str = "legate_block";
 
 /// Pops the blocks that a failed render of one item left above the helper's own.
 fn unwind_to_mark(rc: &mut RenderContext<'_, '_>) {
-    while rc.block().is_some_and(|b| b.get_local_var(MARK).is_none()) {
+    while rc
+        .block()
+        .is_some_and(|b| b.get_local_var(OWN_BLOCK).is_none())
+    {
         rc.pop_block();
+    }
+}
+
+impl Sections {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The items of this helper, each with its chunk key and its cache key (its address; a
+    /// slot's number and its app's address).
+    fn items(&self, ordinal: u32) -> Vec<(Subject, ChunkKey, (usize, usize))> {
+        let mut items = Vec::new();
+        match self.section {
+            Section::Apps => {
+                for app in self.view.apps() {
+                    items.push((
+                        Subject::App(app.clone()),
+                        ChunkKey::App(ordinal, app.clone()),
+                        (Arc::as_ptr(app) as usize, 0),
+                    ));
+                }
+            }
+            Section::Services => {
+                for service in self.view.services() {
+                    items.push((
+                        Subject::Service(service.clone()),
+                        ChunkKey::Service(ordinal, service.clone()),
+                        (Arc::as_ptr(service) as usize, 0),
+                    ));
+                }
+            }
+            Section::Slots => {
+                for (i, app) in self.view.pool.iter().enumerate() {
+                    let slot = u32::try_from(i + 1).unwrap_or(u32::MAX);
+                    let app = app.as_ref().filter(|app| !self.view.app_excluded(app));
+                    items.push((
+                        Subject::Slot(slot, app.cloned()),
+                        ChunkKey::Slot(ordinal, slot),
+                        (i + 1, app.map_or(0, |app| Arc::as_ptr(app) as usize)),
+                    ));
+                }
+            }
+        }
+        items
+    }
+}
+
+/// An item a helper renders.
+enum Subject {
+    App(Arc<v1::App>),
+    Service(Arc<v1::Service>),
+    Slot(u32, Option<Arc<v1::App>>),
+}
+
+impl Subject {
+    fn json(&self) -> handlebars::JsonValue {
+        match self {
+            Subject::App(app) => to_json(&**app),
+            Subject::Service(service) => to_json(&**service),
+            Subject::Slot(slot, app) => to_json(Slot {
+                slot: *slot,
+                backend: model::slot_backend(*slot),
+                free: app.is_none(),
+                domain: app.as_ref().map_or("", |app| app.domain.as_str()),
+                servers: app.as_ref().map_or(&[], |app| app.servers.as_slice()),
+            }),
+        }
+    }
+
+    /// The app or service whose failure this is.
+    fn item(&self) -> Option<Item> {
+        match self {
+            Subject::App(app) | Subject::Slot(_, Some(app)) => Some(Item::App(app.domain.clone())),
+            Subject::Service(service) => Some(Item::Service(service.port as u16)),
+            Subject::Slot(_, None) => None,
+        }
+    }
+
+    fn holder(&self) -> Option<Holder> {
+        match self {
+            Subject::App(app) | Subject::Slot(_, Some(app)) => Some(Holder::App(app.clone())),
+            Subject::Service(service) => Some(Holder::Service(service.clone())),
+            Subject::Slot(_, None) => None,
+        }
     }
 }
 
@@ -288,71 +841,152 @@ impl HelperDef for Sections {
         let Some(template) = h.template() else {
             return Ok(());
         };
-        // The index of the app in each slot, for `{{#slots}}`.
-        let mut slots: Vec<Option<usize>> = Vec::new();
-        if let Section::Slots = self.section {
-            slots.resize(self.model.slots as usize, None);
-            for (index, app) in self.model.apps.iter().enumerate() {
-                if let Some(entry) = (app.slot as usize)
-                    .checked_sub(1)
-                    .and_then(|i| slots.get_mut(i))
-                {
-                    *entry = Some(index);
-                }
+        let id = std::ptr::from_ref::<Template>(template) as usize;
+        let nested = rc
+            .block()
+            .is_some_and(|b| !b.base_path().is_empty() || b.base_value().is_some());
+        // Inside another item's block, or a second time in one render: written straight out,
+        // not kept (what it renders depends on where it is).
+        let (direct, ordinal, render, generation, deps) = {
+            let mut state = self.lock();
+            let render = state.render;
+            let generation = state.generation;
+            let in_item = state.in_item;
+            let block = state.blocks.entry(id).or_insert_with(|| Block {
+                deps: Deps::of(template),
+                invoked: 0,
+                items: AddressMap::default(),
+            });
+            if block.invoked == render {
+                block.deps.never = true;
             }
-        }
-        let len = match self.section {
-            Section::Apps => self.model.apps.len(),
-            Section::Services => self.model.services.len(),
-            Section::Slots => slots.len(),
+            if nested {
+                // Under `each` or `with`: `../` reaches that block's item, not the root.
+                block.deps.root = true;
+            }
+            block.invoked = render;
+            let deps = block.deps;
+            let ordinal = u32::try_from(state.invocations.len()).unwrap_or(u32::MAX);
+            if !in_item {
+                state.invocations.push(Vec::new());
+            }
+            (in_item, ordinal, render, generation, deps)
         };
+        if !direct {
+            out.write(&MARK.to_string())?;
+        }
+        let items = self.items(ordinal);
+        let len = items.len();
+        // This invocation's kept outputs, chunks and failures, handed back to the state at the
+        // end (helpers inside an item's block write straight out and touch none of them).
+        let mut kept_items = match self.lock().blocks.get_mut(&id) {
+            Some(block) if !direct => std::mem::take(&mut block.items),
+            _ => AddressMap::default(),
+        };
+        let mut chunks = Vec::with_capacity(len);
+        let mut failures = Vec::new();
         let mut block = BlockContext::new();
-        block.set_local_var(MARK, to_json(true));
+        block.set_local_var(OWN_BLOCK, to_json(true));
         rc.push_block(block);
-        for i in 0..len {
-            let (value, item) = match self.section {
-                Section::Apps => (to_json(&self.model.apps[i]), Some(Item::App(i))),
-                Section::Services => (to_json(&self.model.services[i]), Some(Item::Service(i))),
-                Section::Slots => {
-                    let slot = u32::try_from(i + 1).unwrap_or(u32::MAX);
-                    let index = slots.get(i).copied().flatten();
-                    let app = index.map(|index| &self.model.apps[index]);
-                    let value = to_json(Slot {
-                        slot,
-                        backend: model::slot_backend(slot),
-                        free: app.is_none(),
-                        domain: app.map_or("", |app| app.domain.as_str()),
-                        servers: app.map_or(&[], |app| app.servers.as_slice()),
-                    });
-                    (value, index.map(Item::App))
+        for (i, (item, chunk, key)) in items.into_iter().enumerate() {
+            let position = deps.position.then_some((i, i == 0, i + 1 == len));
+            let generation = deps.root.then_some(generation);
+            let keep = !direct && !deps.never;
+            let kept = kept_items
+                .get_mut(&key)
+                .filter(|kept| keep && kept.position == position && kept.generation == generation);
+            if let Some(kept) = kept {
+                kept.used = render;
+                match &kept.output {
+                    Ok(text) if text.is_empty() => {}
+                    Ok(text) => chunks.push(Chunk {
+                        key: chunk,
+                        text: text.clone(),
+                    }),
+                    Err(error) => {
+                        if let Some(item) = item.item() {
+                            failures.push(ItemFailure {
+                                item,
+                                error: error.clone(),
+                            });
+                        }
+                    }
                 }
-            };
+                continue;
+            }
             if let Some(block) = rc.block_mut() {
-                block.set_base_value(value);
+                block.set_base_value(item.json());
                 block.set_local_var("index", to_json(i));
                 block.set_local_var("first", to_json(i == 0));
                 block.set_local_var("last", to_json(i + 1 == len));
             }
+            self.lock().in_item = true;
             let mut buffer = StringOutput::new();
-            match (template.render(r, ctx, rc, &mut buffer), item) {
-                (Ok(()), _) => out.write(&buffer.into_string()?)?,
-                (Err(e), Some(item)) => {
+            let result = template.render(r, ctx, rc, &mut buffer);
+            self.lock().in_item = direct;
+            let output = match (result, item.item()) {
+                (Ok(()), _) => Ok(buffer.into_string()?),
+                (Err(e), Some(_)) => {
                     unwind_to_mark(rc);
-                    self.failures
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(ItemFailure {
-                            item,
-                            error: e.to_string(),
-                        });
+                    Err(e.to_string())
                 }
                 (Err(e), None) => {
                     unwind_to_mark(rc);
                     rc.pop_block();
                     return Err(e);
                 }
+            };
+            if direct {
+                match output {
+                    Ok(text) => out.write(&text)?,
+                    Err(error) => {
+                        if let Some(item) = item.item() {
+                            failures.push(ItemFailure { item, error });
+                        }
+                    }
+                }
+                continue;
+            }
+            let output = output.map(Arc::<str>::from);
+            match &output {
+                Ok(text) if text.is_empty() => {}
+                Ok(text) => chunks.push(Chunk {
+                    key: chunk,
+                    text: text.clone(),
+                }),
+                Err(error) => {
+                    if let Some(failed) = item.item() {
+                        failures.push(ItemFailure {
+                            item: failed,
+                            error: error.clone(),
+                        });
+                    }
+                }
+            }
+            if keep {
+                kept_items.insert(
+                    key,
+                    Kept {
+                        _item: item.holder(),
+                        position,
+                        generation,
+                        output,
+                        used: render,
+                    },
+                );
             }
         }
+        let mut state = self.lock();
+        state.failures.append(&mut failures);
+        if !direct {
+            if let Some(block) = state.blocks.get_mut(&id) {
+                block.items = kept_items;
+            }
+            if let Some(invocation) = state.invocations.get_mut(ordinal as usize) {
+                *invocation = chunks;
+            }
+        }
+        drop(state);
         rc.pop_block();
         Ok(())
     }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use legate_proto::registry::{Prefix, Schema};
 use legate_proto::v1;
 
-use crate::model::{self, HOSTS_MAP, Registry, Slots, WILDCARDS_MAP};
-use crate::render::{DEFAULT_TEMPLATE, Item, RenderError, Renderer, Settings};
+use crate::model::{self, HOSTS_MAP, Registry, Routes, Slots, WILDCARDS_MAP};
+use crate::render::{ChunkKey, DEFAULT_TEMPLATE, Item, RenderError, Renderer, Settings, View};
 use crate::{BindAddresses, Wait, parse_wait};
 
 fn id(n: u32) -> String {
@@ -129,7 +129,7 @@ fn bad_keys_and_values_are_skipped_with_reasons_and_the_rest_renders() {
     assert_eq!(model.apps[0].domain, "ok.example.com");
     let rendered = Renderer::new(DEFAULT_TEMPLATE)
         .unwrap()
-        .render(&Arc::new(model.clone()), &settings())
+        .render(&View::of_model(&model), &settings())
         .unwrap();
     assert!(!rendered.config.contains("evil"));
     assert!(rendered.config.contains("backend app_ok.example.com"));
@@ -209,10 +209,10 @@ fn same_registry_in_any_order_renders_byte_identical_output() {
         backward.put(key, &value, 5);
     }
     let a = renderer
-        .render(&Arc::new(forward.model(&[])), &settings())
+        .render(&View::of_model(&forward.model(&[])), &settings())
         .unwrap();
     let b = renderer
-        .render(&Arc::new(backward.model(&[])), &settings())
+        .render(&View::of_model(&backward.model(&[])), &settings())
         .unwrap();
     assert_eq!(a, b);
     // Servers are ordered by address, numerically.
@@ -250,7 +250,7 @@ fn shared_service_ports_share_one_listener_and_reserved_ports_are_skipped() {
     let shared = &model.services[0];
     assert_eq!(shared.names, ["mariadb", "mariadb-alias", "mysql"]);
     assert_eq!(shared.servers.len(), 2);
-    assert_eq!(model::shared_ports(&model).len(), 1);
+    assert_eq!(model::shared_ports(&model.services).len(), 1);
     assert_eq!(model.skipped.len(), 1);
     assert!(
         model.skipped[0].reason.contains("8080"),
@@ -312,13 +312,17 @@ fn maps_route_exact_names_and_wildcards_longest_suffix_first() {
 }
 
 #[test]
-fn default_template_renders_checks_listeners_and_no_global() {
+fn default_template_renders_checks_only_when_asked_listeners_and_no_global() {
     let mut registry = registry("");
     let check = br#"{"check_path":"/healthz","weight":5}"#;
     registry.reset(
         vec![
             (app("blog.example.com", 1, "10.0.0.1:80"), check.to_vec()),
             (service("db", 3306, 2, "[2001:db8::2]:3306"), Vec::new()),
+            (
+                service("db", 3306, 3, "10.0.0.3:3306"),
+                br#"{"check":"tcp"}"#.to_vec(),
+            ),
         ],
         1,
     );
@@ -326,7 +330,7 @@ fn default_template_renders_checks_listeners_and_no_global() {
     settings.binds = vec![IpAddr::V6(Ipv6Addr::UNSPECIFIED)];
     let rendered = Renderer::new(DEFAULT_TEMPLATE)
         .unwrap()
-        .render(&Arc::new(registry.model(&[])), &settings)
+        .render(&View::of_model(&registry.model(&[])), &settings)
         .unwrap();
     let config = &rendered.config;
     for line in [
@@ -339,8 +343,12 @@ fn default_template_renders_checks_listeners_and_no_global() {
         "listen svc_3306",
         "    bind [::]:3306",
         &format!(
-            "    server {}-2001:db8::2-3306 [2001:db8::2]:3306 weight 100 check",
+            "    server {}-2001:db8::2-3306 [2001:db8::2]:3306 weight 100",
             &id(2)[..12]
+        ),
+        &format!(
+            "    server {}-10.0.0.3-3306 10.0.0.3:3306 weight 100 check",
+            &id(3)[..12]
         ),
         "    default_backend legate_no_route",
     ] {
@@ -370,7 +378,7 @@ fn haproxy_listens_on_every_bind_address_and_auto_starts_with_loopback() {
     ];
     let rendered = Renderer::new(DEFAULT_TEMPLATE)
         .unwrap()
-        .render(&Arc::new(registry.model(&[])), &settings)
+        .render(&View::of_model(&registry.model(&[])), &settings)
         .unwrap();
     let binds: Vec<&str> = rendered
         .config
@@ -412,7 +420,7 @@ fn templates_are_strict_unescaped_and_may_not_ask_what_no_configuration_may() {
     settings.generator = "a&b<c>\"".to_owned();
     let mut raw = Renderer::new("# {{generator}}\n").unwrap();
     assert_eq!(
-        raw.render(&Arc::new(model.clone()), &settings)
+        raw.render(&View::of_model(&model), &settings)
             .unwrap()
             .config,
         "# a&b<c>\"\n"
@@ -420,7 +428,7 @@ fn templates_are_strict_unescaped_and_may_not_ask_what_no_configuration_may() {
 
     let mut strict = Renderer::new("{{no_such_field}}").unwrap();
     assert!(matches!(
-        strict.render(&Arc::new(model.clone()), &settings),
+        strict.render(&View::of_model(&model), &settings),
         Err(RenderError::Render(_))
     ));
     assert!(matches!(
@@ -429,7 +437,7 @@ fn templates_are_strict_unescaped_and_may_not_ask_what_no_configuration_may() {
     ));
     let mut global = Renderer::new("defaults\nglobal\n    maxconn 1\n").unwrap();
     assert!(matches!(
-        global.render(&Arc::new(model.clone()), &settings),
+        global.render(&View::of_model(&model), &settings),
         Err(RenderError::Policy(legate_proto::policy::Violation {
             line: 2,
             ..
@@ -442,7 +450,7 @@ fn templates_are_strict_unescaped_and_may_not_ask_what_no_configuration_may() {
         "backend b\n    server s /var/run/docker.sock\n",
     ] {
         let mut renderer = Renderer::new(template).unwrap();
-        let rendered = renderer.render(&Arc::new(model.clone()), &settings);
+        let rendered = renderer.render(&View::of_model(&model), &settings);
         assert!(
             matches!(&rendered, Err(RenderError::Policy(v)) if v.line == 2),
             "{template}: {rendered:?}"
@@ -461,7 +469,7 @@ fn apps_and_services_stream_through_block_helpers() {
         ],
         1,
     );
-    let model = Arc::new(registry.model(&[]));
+    let model = View::of_model(&registry.model(&[]));
     let mut renderer = Renderer::new(
         "{{app_count}} {{service_count}}|{{#apps}}{{@index}}{{#if @first}}F{{/if}}{{#if @last}}L{{/if}}:{{domain}}@{{@root.http_bind}}={{#each servers}}{{address}}{{/each}};{{/apps}}|{{#services}}{{port}}{{names.[0]}}{{/services}}",
     )
@@ -495,7 +503,7 @@ fn an_item_that_fails_its_block_is_named_and_the_rest_renders_without_it() {
     );
     let mut model = registry.model(&[]);
     Slots::default().assign(&mut model);
-    let model = Arc::new(model);
+    let model = View::of_model(&model);
     // Nested blocks inside the failing one: what they leave pushed must not disturb the rest.
     let template = "{{#apps}}{{#each servers}}{{#if ../check_path}}{{no_such_field}}{{/if}}{{/each}}{{domain}};{{/apps}}|{{#slots}}{{#unless free}}{{#if domain}}{{#each servers}}{{address}}{{/each}}{{/if}}{{/unless}}{{/slots}}|{{#services}}{{nope}}{{/services}}";
     let mut renderer = Renderer::new(template).unwrap();
@@ -506,12 +514,18 @@ fn an_item_that_fails_its_block_is_named_and_the_rest_renders_without_it() {
         .iter()
         .map(|f| {
             (
-                f.item,
+                f.item.clone(),
                 f.error.contains("no_such_field") || f.error.contains("nope"),
             )
         })
         .collect();
-    assert_eq!(failed, [(Item::App(1), true), (Item::Service(0), true)]);
+    assert_eq!(
+        failed,
+        [
+            (Item::App("b.example.com".to_owned()), true),
+            (Item::Service(3306), true)
+        ]
+    );
     // A template whose failure is no item's (a free slot, the root) fails the render.
     let mut slots = Renderer::new("{{#slots}}{{#if free}}{{nope}}{{/if}}{{/slots}}").unwrap();
     assert!(matches!(
@@ -653,7 +667,9 @@ fn the_default_template_renders_the_pool_in_slot_order_with_free_backends() {
     let mut model = registry.model(&[]);
     slots.assign(&mut model);
     let mut renderer = Renderer::new(DEFAULT_TEMPLATE).unwrap();
-    let rendered = renderer.render(&Arc::new(model), &settings()).unwrap();
+    let rendered = renderer
+        .render(&View::of_model(&model), &settings())
+        .unwrap();
     let backends: Vec<&str> = rendered
         .config
         .lines()
@@ -706,4 +722,132 @@ fn wait_parses_min_max() {
     for bad in ["", "5", "1s:5ms", "x", "1h", "-1ms", "1ms:11m", "1ms:"] {
         assert!(parse_wait(bad).is_err(), "{bad:?} accepted");
     }
+}
+
+/// One registry change of the property test below.
+#[derive(Debug, Clone)]
+enum Op {
+    App(u8, u8, u8),
+    Service(u8, u8, u8),
+    Host(u8),
+    Garbage(u8),
+    Delete(usize),
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (0..12u8, 0..6u8, 0..4u8).prop_map(|(d, n, v)| Op::App(d, n, v)),
+        2 => (0..4u8, 0..4u8, 0..3u8).prop_map(|(p, n, v)| Op::Service(p, n, v)),
+        1 => (0..3u8).prop_map(Op::Host),
+        1 => (0..3u8).prop_map(Op::Garbage),
+        3 => any::<usize>().prop_map(Op::Delete),
+    ]
+}
+
+/// A template whose blocks read their position and the root's counts, nested helpers and all.
+const TRICKY: &str = "# {{app_count}} apps\n{{#apps}}# {{@index}}{{#if @last}} last{{/if}} of {{@root.app_count}}: {{domain}} {{backend}}{{#each servers}} {{name}}{{#if ../wildcard}}*{{/if}}{{/each}}\n{{/apps}}{{#each hosts}}# host {{host_id}}\n{{/each}}{{#slots}}# slot {{slot}} {{domain}}\n{{/slots}}{{#services}}# svc {{port}}{{#each @root.bind_addresses}} {{this}}:{{../port}}{{/each}}\n{{/services}}";
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+    /// After any sequence of registry changes, the model kept change by change equals the model
+    /// built whole from the same registry (with the slots assigned along the same history), and
+    /// the incremental render is byte-identical to a fresh render of it.
+    #[test]
+    fn incremental_render_equals_full_render(
+        batches in proptest::collection::vec(proptest::collection::vec(op(), 1..6), 1..16)
+    ) {
+        let mut registry = registry("");
+        let mut routes = Routes::new(vec![8080]);
+        let mut slots = Slots::default();
+        let mut renderers = [
+            Renderer::new(DEFAULT_TEMPLATE).unwrap(),
+            Renderer::new(TRICKY).unwrap(),
+        ];
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        let mut revision = 1;
+        for batch in batches {
+            for op in batch {
+                revision += 1;
+                let (key, value): (Vec<u8>, Vec<u8>) = match op {
+                    Op::App(d, n, v) => {
+                        let domain = match d {
+                            0 => "*.example.com".to_owned(),
+                            d => format!("d{d}.example.com"),
+                        };
+                        let value = [&b""[..], br#"{"check":"tcp"}"#, br#"{"check_path":"/h"}"#, br#"{"weight":7}"#][usize::from(v)];
+                        (app(&domain, u32::from(n), &format!("10.0.0.{n}:80")), value.to_vec())
+                    }
+                    Op::Service(p, n, v) => {
+                        let port = [3306, 6379, 8080, 5432][usize::from(p)];
+                        let name = ["db", "cache", "other"][usize::from(v)];
+                        (service(name, port, u32::from(n), &format!("10.0.1.{n}:{port}")), Vec::new())
+                    }
+                    Op::Host(h) => (
+                        format!("/hosts/host-{h}").into_bytes(),
+                        format!(r#"{{"ip":"10.0.2.{h}","instance":"i","version":"1"}}"#).into_bytes(),
+                    ),
+                    Op::Garbage(g) => (format!("/apps/bad {g}/x").into_bytes(), Vec::new()),
+                    Op::Delete(i) => {
+                        if !keys.is_empty() {
+                            let key = keys.swap_remove(i % keys.len());
+                            registry.delete(&key, revision);
+                        }
+                        continue;
+                    }
+                };
+                registry.put(key.clone(), &value, revision);
+                keys.push(key);
+            }
+            routes.update(&mut registry);
+            let mut whole = registry.model(&[8080]);
+            slots.assign(&mut whole);
+            proptest::prop_assert_eq!(&routes.model(), &whole);
+            for (renderer, template) in renderers.iter_mut().zip([DEFAULT_TEMPLATE, TRICKY]) {
+                let incremental = renderer.render(&View::of(&routes), &settings()).unwrap();
+                let fresh = Renderer::new(template)
+                    .unwrap()
+                    .render(&View::of_model(&whole), &settings())
+                    .unwrap();
+                proptest::prop_assert_eq!(&incremental.config, &fresh.config);
+                proptest::prop_assert_eq!(&incremental.maps, &fresh.maps);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_changed_app_renders_its_block_alone() {
+    let mut registry = registry("");
+    let mut routes = Routes::new(Vec::new());
+    for n in 0..50 {
+        registry.put(
+            app(&format!("a{n:02}.example.com"), n, "10.0.0.1:80"),
+            b"",
+            1,
+        );
+    }
+    routes.update(&mut registry);
+    let mut renderer = Renderer::new(DEFAULT_TEMPLATE).unwrap();
+    let first = renderer.render(&View::of(&routes), &settings()).unwrap();
+    registry.put(app("a07.example.com", 99, "10.0.0.9:80"), b"", 2);
+    routes.update(&mut registry);
+    let second = renderer.render(&View::of(&routes), &settings()).unwrap();
+    // Every block but the changed app's is the very same text as before.
+    let rendered_again: Vec<&ChunkKey> = second
+        .chunks
+        .iter()
+        .filter(|c| !matches!(c.key, ChunkKey::Text(_)))
+        .filter(|c| !first.chunks.iter().any(|f| Arc::ptr_eq(&f.text, &c.text)))
+        .map(|c| &c.key)
+        .collect();
+    assert!(
+        matches!(rendered_again.as_slice(), [ChunkKey::Slot(_, 8)]),
+        "{rendered_again:#?}"
+    );
+    assert!(
+        second
+            .config
+            .contains("backend slot_8\n    mode http\n    balance leastconn\n    server ")
+    );
 }

@@ -52,10 +52,27 @@ pub struct Violation {
 
 /// Checks every line of `config` against `policy`; the first violation is the answer.
 pub fn check(config: &str, policy: &Policy<'_>) -> Result<(), Violation> {
-    let mut section = "";
-    for (index, line) in config.split('\n').enumerate() {
+    check_part(config, "", 0, policy).map(|_| ())
+}
+
+/// Checks a part of a configuration made of whole lines, which starts in section `section`
+/// (the first word of the section's header, `""` before any) after `lines_before` lines.
+/// Returns the section it ends in: a configuration cut into parts at line ends passes part by
+/// part, each starting in the section the one before ended in, exactly when it passes whole.
+pub fn check_part(
+    part: &str,
+    section: &'static str,
+    lines_before: usize,
+    policy: &Policy<'_>,
+) -> Result<&'static str, Violation> {
+    let mut section = section;
+    let part = part.strip_suffix('\n').unwrap_or(part);
+    if part.is_empty() {
+        return Ok(section);
+    }
+    for (index, line) in part.split('\n').enumerate() {
         let violation = |reason: String| Violation {
-            line: index + 1,
+            line: lines_before + index + 1,
             reason,
         };
         let words = tokenize(line).map_err(violation)?;
@@ -67,7 +84,7 @@ pub fn check(config: &str, policy: &Policy<'_>) -> Result<(), Violation> {
         }
         check_words(&words, section, policy).map_err(violation)?;
     }
-    Ok(())
+    Ok(section)
 }
 
 /// Words that start a section of an HAProxy configuration.

@@ -103,7 +103,12 @@ impl EtcdError {
     /// Classifies an etcd client error: TLS refusals, failed authentication and missing
     /// permissions are fatal, the rest (etcd silent, unreachable, electing) is transient.
     pub fn of(e: &etcd_client::Error) -> Self {
-        let mut message = error_chain(e);
+        let permission = matches!(e, etcd_client::Error::GRpcStatus(s)
+            if s.code() == tonic::Code::PermissionDenied);
+        Self::classify(error_chain(e), permission)
+    }
+
+    fn classify(mut message: String, permission: bool) -> Self {
         let lower = message.to_ascii_lowercase();
         let hint = if lower.contains("received fatal alert") {
             Some(
@@ -124,8 +129,6 @@ impl EtcdError {
         if let Some(hint) = hint {
             message = format!("{hint} ({message})");
         }
-        let permission = matches!(e, etcd_client::Error::GRpcStatus(s)
-            if s.code() == tonic::Code::PermissionDenied);
         let fatal = permission
             || [
                 "authentication failed",
@@ -142,6 +145,73 @@ impl EtcdError {
             .iter()
             .any(|cause| lower.contains(cause));
         Self { fatal, message }
+    }
+}
+
+/// The TLS alert with which etcd refuses this client, if it does. With TLS 1.3 the server
+/// judges the client's certificate after the client's side of the handshake is done, and its
+/// alert may reach a gRPC client that is already writing only as a broken connection: a
+/// connection that failed that way is tried once more, with a handshake of our own and a read,
+/// which gets the alert itself. `None`: no alert (etcd is down, or it accepts the client).
+#[cfg(feature = "etcd")]
+async fn tls_refusal(args: &EtcdArgs, endpoints: &[String]) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto};
+
+    let pem = std::fs::read(args.etcd_cacert.as_ref()?).ok()?;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.ok()?).ok()?;
+    }
+    let builder =
+        ClientConfig::builder_with_provider(std::sync::Arc::new(crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .ok()?
+            .with_root_certificates(roots);
+    let mut config = match (&args.etcd_cert, &args.etcd_key) {
+        (Some(cert), Some(key)) => {
+            let certs = CertificateDer::pem_slice_iter(&std::fs::read(cert).ok()?)
+                .collect::<Result<Vec<_>, _>>()
+                .ok()?;
+            let key = PrivateKeyDer::from_pem_slice(&std::fs::read(key).ok()?).ok()?;
+            builder.with_client_auth_cert(certs, key).ok()?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let authority = endpoints
+        .iter()
+        .find_map(|e| e.strip_prefix("https://"))?
+        .split('/')
+        .next()?;
+    let (host, port) = authority.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port.parse().ok()?;
+    let name = ServerName::try_from(host.to_owned()).ok()?;
+    let wait = Duration::from_secs(3);
+    let tcp = tokio::time::timeout(wait, tokio::net::TcpStream::connect((host, port)))
+        .await
+        .ok()?
+        .ok()?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let alert = |e: std::io::Error| {
+        let text = e.to_string();
+        text.contains("alert").then_some(text)
+    };
+    let mut tls = match tokio::time::timeout(wait, connector.connect(name, tcp))
+        .await
+        .ok()?
+    {
+        Ok(tls) => tls,
+        Err(e) => return alert(e),
+    };
+    // An accepted client gets the server's HTTP/2 settings; a refused one, the alert.
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(wait, tls.read(&mut byte)).await.ok()? {
+        Ok(_) => None,
+        Err(e) => alert(e),
     }
 }
 
@@ -202,23 +272,32 @@ impl EtcdArgs {
             .with_keep_alive(ETCD_PING_INTERVAL, Duration::from_secs(3))
             .with_keep_alive_while_idle(false);
         let endpoints = self.endpoints();
-        let mut client = etcd_client::Client::connect(&endpoints, Some(options))
-            .await
-            .map_err(|e| EtcdError::of(&e))?;
         let probe =
             crate::registry::Schema::new(self.prefix.clone()).dir(crate::registry::KeyKind::App);
-        client
-            .get(
-                probe,
-                Some(
-                    etcd_client::GetOptions::new()
-                        .with_prefix()
-                        .with_keys_only()
-                        .with_limit(1),
-                ),
-            )
-            .await
-            .map_err(|e| EtcdError::of(&e))?;
+        let connected = async {
+            let mut client = etcd_client::Client::connect(&endpoints, Some(options)).await?;
+            let first = etcd_client::GetOptions::new()
+                .with_prefix()
+                .with_keys_only()
+                .with_limit(1);
+            client.get(probe, Some(first)).await?;
+            Ok::<_, etcd_client::Error>(client)
+        };
+        let client = match connected.await {
+            Ok(client) => client,
+            Err(e) => {
+                let error = EtcdError::of(&e);
+                if error.fatal || self.etcd_cacert.is_none() {
+                    return Err(error);
+                }
+                return Err(match tls_refusal(self, &endpoints).await {
+                    Some(alert) => {
+                        EtcdError::classify(format!("{alert}: {}", error.message), false)
+                    }
+                    None => error,
+                });
+            }
+        };
         if endpoints.len() > 1 {
             let probe = self.secured(etcd_client::ConnectOptions::new())?;
             tokio::spawn(follow_members(

@@ -8,6 +8,7 @@
 //! | app's container port | `APP_PORT` (default: the only published TCP port, else 80) | `legate.port` |
 //! | TCP service | `SERVICE_PORT` (comma list) | `legate.service.port` |
 //! | service name | `SERVICE_NAME` (default: container name) | `legate.service.name` |
+//! | active health check | `HEALTH_CHECK` (`tcp` or an HTTP path; default: none) | `legate.check` |
 //! | opt out | | `legate.ignore=true` |
 //!
 //! Labels win over environment when both are set. Every value goes through the registry
@@ -16,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use legate_proto::registry::{
-    AppKey, ContainerId, ContainerName, Domain, Endpoint, Field, HostId, HostIp, Port,
+    AppKey, ContainerId, ContainerName, Domain, Endpoint, Field, HealthCheck, HostId, HostIp, Port,
     RegistrationValue, ServiceKey, ServiceName,
 };
 
@@ -187,9 +188,13 @@ fn evaluate_inner(
         }
     }
 
+    let check = setting(info, "legate.check", Some("HEALTH_CHECK"))
+        .map(|check| HealthCheck::parse(check.value).map_err(|e| in_setting(&check, e)))
+        .transpose()?;
     let value = RegistrationValue {
         host_id: Some(host_id.clone()),
         container_name: Some(container_name),
+        check,
         ..RegistrationValue::default()
     };
     Ok(Verdict::Register(targets, value))
@@ -346,6 +351,45 @@ mod tests {
         assert_eq!(
             targets(evaluate(&mysql, ip, &id)),
             ["service web-1 3306 10.0.0.5:49153"]
+        );
+    }
+
+    #[test]
+    fn an_active_check_only_when_asked_for() {
+        let (ip, id) = host();
+        let check = |env: &[&str], labels: &[(&str, &str)]| {
+            let mut env = env.to_vec();
+            env.push("DOMAIN_NAME=blog.example.com");
+            match evaluate(&container(&env, labels, &[("80/tcp", "", "8080")]), ip, &id) {
+                Verdict::Register(_, value) => Ok(value.check),
+                Verdict::Refuse(reason) => Err(reason),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(check(&[], &[]), Ok(None));
+        assert_eq!(
+            check(&["HEALTH_CHECK=tcp"], &[]),
+            Ok(Some(HealthCheck::Tcp))
+        );
+        assert_eq!(
+            check(
+                &["HEALTH_CHECK=tcp"],
+                &[("legate.check", "/healthz?full=1")]
+            ),
+            Ok(Some(HealthCheck::parse("/healthz?full=1").unwrap()))
+        );
+        assert_eq!(
+            check(&[], &[("legate.check", "http")]),
+            Err(
+                "legate.check: health check 'http' is neither `tcp` nor an HTTP path \
+                 (starting with /)"
+                    .to_owned()
+            )
+        );
+        let injected = check(&["HEALTH_CHECK=/x\nbackend evil"], &[]).unwrap_err();
+        assert!(
+            injected.starts_with("HEALTH_CHECK: check path"),
+            "{injected}"
         );
     }
 

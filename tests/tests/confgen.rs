@@ -6,12 +6,11 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, Txn, TxnOp};
 use legate_confgen::model::{Registry, Slots};
-use legate_confgen::render::{DEFAULT_TEMPLATE, Renderer, Settings};
+use legate_confgen::render::{DEFAULT_TEMPLATE, Renderer, Settings, View};
 use legate_proto::registry::{Prefix, Schema};
 use legate_proto::v1;
 use legate_proto::v1::confgen_client::ConfgenClient;
@@ -279,9 +278,7 @@ async fn golden_outputs_are_stable_and_haproxy_accepts_them() {
         registry.reset(kvs, 1);
         let mut model = registry.model(&[80]);
         Slots::default().assign(&mut model);
-        let rendered = renderer
-            .render(&Arc::new(model.clone()), &settings)
-            .unwrap();
+        let rendered = renderer.render(&View::of_model(&model), &settings).unwrap();
         let mut files = vec![("haproxy.cfg", rendered.config.as_str())];
         files.extend(
             rendered

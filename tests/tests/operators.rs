@@ -111,7 +111,10 @@ async fn traffic_is_counted_per_domain_across_slot_changes_and_reloads() {
         format!("/apps/{domain}/{}/{}", container_id(n), backend.addr())
     };
     kv.put(key("a.test", 1, &a), "", None).await.unwrap();
-    kv.put(key("b.test", 2, &b), "", None).await.unwrap();
+    // b.test asks for an active check; a.test does not: HAProxy does not probe it.
+    kv.put(key("b.test", 2, &b), r#"{"check":"tcp"}"#, None)
+        .await
+        .unwrap();
     wait_routed(&ambassador, "a.test").await;
     wait_routed(&ambassador, "b.test").await;
     let requests_of = |domain: &str| {
@@ -227,6 +230,12 @@ async fn traffic_is_counted_per_domain_across_slot_changes_and_reloads() {
     assert_eq!(route.servers.len(), 1, "{route:#?}");
     assert_eq!(route.servers[0].address, b.addr().to_string(), "{route:#?}");
     assert!(route.servers[0].state.starts_with("UP"), "{route:#?}");
+    let unchecked = routes
+        .routes
+        .iter()
+        .find(|r| r.domains == ["a.test"])
+        .unwrap_or_else(|| panic!("{routes:#?}"));
+    assert_eq!(unchecked.servers[0].state, "no check", "{unchecked:#?}");
     assert!(
         routes.error.is_empty() && routes.polled_at_unix_ms > 0,
         "{routes:#?}"
@@ -314,6 +323,8 @@ async fn the_legate_command_shows_the_fleet_and_explains_a_container() {
                 &good_name,
                 "-e",
                 "DOMAIN_NAME=cli.test",
+                "-e",
+                "HEALTH_CHECK=tcp",
                 &images.http_app,
             ],
         )
@@ -540,7 +551,16 @@ async fn the_status_page_shows_the_fleet_in_a_browser() {
     let images = images().unwrap();
     let bad_name = format!("page-bad-{case}");
     let _good = host
-        .run(&[80], &["-e", "DOMAIN_NAME=page.test", &images.http_app])
+        .run(
+            &[80],
+            &[
+                "-e",
+                "DOMAIN_NAME=page.test",
+                "--label",
+                "legate.check=tcp",
+                &images.http_app,
+            ],
+        )
         .await
         .unwrap();
     let _bad = host

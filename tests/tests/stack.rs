@@ -455,7 +455,7 @@ async fn the_quick_start_stack_routes_new_containers_and_leaves_nothing_behind()
         let routes = legate(&["routes", "-o", "json"]).await?;
         let status = legate(&["status"]).await?;
         Ok((routes.contains("\"quick.test\"")
-            && routes.contains("\"UP")
+            && routes.contains("\"no check\"")
             && status.contains("current"))
         .then_some(()))
     })

@@ -57,6 +57,8 @@ pub enum Field {
     Weight,
     /// A health-check path.
     CheckPath,
+    /// An active health check: `tcp` or an HTTP path.
+    Check,
     /// A version string.
     Version,
     /// A registrar instance id.
@@ -82,6 +84,7 @@ impl fmt::Display for Field {
             Field::Address => "address",
             Field::Weight => "weight",
             Field::CheckPath => "check path",
+            Field::Check => "health check",
             Field::Version => "version",
             Field::Instance => "instance",
             Field::Prefix => "prefix",
@@ -162,6 +165,8 @@ pub enum Reason {
     },
     /// A relative path or a path segment that is `.` or `..`.
     NotAbsolute,
+    /// Neither `tcp` nor an HTTP path.
+    NotACheck,
     /// A JSON value of the wrong type.
     WrongType {
         /// The JSON type expected.
@@ -225,6 +230,9 @@ impl fmt::Display for Reason {
             }
             Reason::NotAbsolute => {
                 write!(f, "must start with '/' and have no '.' or '..' segment")
+            }
+            Reason::NotACheck => {
+                write!(f, "is neither `tcp` nor an HTTP path (starting with /)")
             }
             Reason::WrongType { expected } => write!(f, "must be a JSON {expected}"),
         }
@@ -535,6 +543,45 @@ impl CheckPath {
             return Err(ValidationError::new(field, s, Reason::NotAbsolute));
         }
         Ok(Self(s.to_owned()))
+    }
+}
+
+/// The active health check a registration asks for; without one, HAProxy does not probe the
+/// server (its liveness comes from the registry).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HealthCheck {
+    /// A TCP connect.
+    Tcp,
+    /// `GET <path>` answered with 2xx or 3xx (apps; a service gets a TCP check).
+    Http(CheckPath),
+}
+
+impl HealthCheck {
+    /// Parses `tcp` or an HTTP path.
+    pub fn parse(s: &str) -> Result<Self, ValidationError> {
+        if s == "tcp" {
+            Ok(Self::Tcp)
+        } else if s.starts_with('/') {
+            CheckPath::new(s).map(Self::Http)
+        } else {
+            Err(ValidationError::new(Field::Check, s, Reason::NotACheck))
+        }
+    }
+
+    /// `tcp` or the path.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Http(path) => path.as_str(),
+        }
+    }
+
+    /// The HTTP path, for an HTTP check.
+    pub fn path(&self) -> Option<&CheckPath> {
+        match self {
+            Self::Tcp => None,
+            Self::Http(path) => Some(path),
+        }
     }
 }
 

@@ -10,8 +10,8 @@ mod key;
 mod value;
 
 pub use field::{
-    CONTAINER_ID_LEN, CheckPath, ContainerId, ContainerName, Domain, Endpoint, Field, HostId,
-    HostIp, MAX_CHECK_PATH_LEN, MAX_CONTAINER_NAME_LEN, MAX_DOMAIN_LEN, MAX_LABEL_LEN,
+    CONTAINER_ID_LEN, CheckPath, ContainerId, ContainerName, Domain, Endpoint, Field, HealthCheck,
+    HostId, HostIp, MAX_CHECK_PATH_LEN, MAX_CONTAINER_NAME_LEN, MAX_DOMAIN_LEN, MAX_LABEL_LEN,
     MAX_NAME_LEN, MAX_WEIGHT, Port, Reason, ServiceName, ValidationError, Weight, is_safe_char,
 };
 pub use key::{AppKey, HostKey, Key, KeyError, KeyKind, Prefix, RefusedKey, Schema, ServiceKey};

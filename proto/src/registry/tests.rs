@@ -294,6 +294,18 @@ fn hostile_cases() -> usize {
             br#"{"check_path": "/x\ninjected"}"#.to_vec(),
             refused(Field::CheckPath, "/x\ninjected", invalid_char('\n', 2)).into(),
         ),
+        (
+            br#"{"check": "/x;y"}"#.to_vec(),
+            refused(Field::CheckPath, "/x;y", invalid_char(';', 2)).into(),
+        ),
+        (
+            br#"{"check": "http"}"#.to_vec(),
+            refused(Field::Check, "http", Reason::NotACheck).into(),
+        ),
+        (
+            br#"{"check": "tcp", "check_path": "/x"}"#.to_vec(),
+            ValueError::Json("both 'check' and 'check_path' are set".to_owned()),
+        ),
         (b"garbage".to_vec(), ValueError::Unrecognized),
         (b"[1,2]".to_vec(), ValueError::Unrecognized),
         (
@@ -498,14 +510,14 @@ proptest! {
         host in proptest::option::of(name()),
         container in proptest::option::of(name()),
         weight in proptest::option::of(0..=256u64),
-        path in proptest::option::of("/[a-z0-9/._~?=&:@+,-]{0,30}"),
+        path in proptest::option::of("tcp|/[a-z0-9/._~?=&:@+,-]{0,30}"),
         endpoint in endpoint(),
     ) {
         let value = RegistrationValue {
             host_id: host.map(|h| HostId::new(&h).unwrap()),
             container_name: container.map(|c| ContainerName::new(&c).unwrap()),
             weight: weight.map(|w| Weight::new(w).unwrap()),
-            check_path: path.map(|p| CheckPath::new(&p).unwrap()),
+            check: path.map(|p| HealthCheck::parse(&p).unwrap()),
         };
         let json = value.to_json();
         prop_assert_eq!(RegistrationValue::parse(json.as_bytes(), &endpoint), Ok(value));

@@ -11,8 +11,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::field::{
-    CheckPath, ContainerName, Endpoint, Field, HostId, HostIp, Reason, ValidationError, Weight,
-    validate_token,
+    CheckPath, ContainerName, Endpoint, Field, HealthCheck, HostId, HostIp, Reason,
+    ValidationError, Weight, validate_token,
 };
 
 /// Largest value accepted, in bytes.
@@ -61,8 +61,10 @@ pub struct RegistrationValue {
     pub container_name: Option<ContainerName>,
     /// The HAProxy weight; [`Weight::DEFAULT`] when absent.
     pub weight: Option<Weight>,
-    /// The HTTP health-check path; a TCP check when absent.
-    pub check_path: Option<CheckPath>,
+    /// The active health check asked for; none when absent. Written as `"check": "tcp"` or, for
+    /// an HTTP check, `"check_path": "<path>"` (which readers before the `check` field know);
+    /// read from either, not both.
+    pub check: Option<HealthCheck>,
 }
 
 #[derive(Serialize)]
@@ -74,6 +76,8 @@ struct RegistrationWire<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     weight: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    check: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     check_path: Option<&'a str>,
 }
 
@@ -84,7 +88,12 @@ impl RegistrationValue {
             host_id: self.host_id.as_ref().map(HostId::as_str),
             container_name: self.container_name.as_ref().map(ContainerName::as_str),
             weight: self.weight.map(Weight::get),
-            check_path: self.check_path.as_ref().map(CheckPath::as_str),
+            check: matches!(self.check, Some(HealthCheck::Tcp)).then_some("tcp"),
+            check_path: self
+                .check
+                .as_ref()
+                .and_then(HealthCheck::path)
+                .map(CheckPath::as_str),
         };
         // Serialising a struct of strings and integers cannot fail.
         serde_json::to_string(&wire).unwrap_or_default()
@@ -118,7 +127,7 @@ impl RegistrationValue {
             weight: number_field(&object, "weight", Field::Weight)?
                 .map(Weight::new)
                 .transpose()?,
-            check_path: string_field(&object, "check_path", Field::CheckPath, CheckPath::new)?,
+            check: check_field(&object)?,
         })
     }
 }
@@ -266,6 +275,18 @@ fn string_field<T>(
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(parse(s)?)),
         Some(other) => Err(wrong_type(field, other, "string")),
+    }
+}
+
+/// The health check: `check` (`tcp` or a path) or `check_path` (a path), not both.
+fn check_field(object: &Map<String, Value>) -> Result<Option<HealthCheck>, ValueError> {
+    let check = string_field(object, "check", Field::Check, HealthCheck::parse)?;
+    let path = string_field(object, "check_path", Field::CheckPath, CheckPath::new)?;
+    match (check, path) {
+        (Some(_), Some(_)) => Err(ValueError::Json(
+            "both 'check' and 'check_path' are set".to_owned(),
+        )),
+        (check, path) => Ok(check.or(path.map(HealthCheck::Http))),
     }
 }
 

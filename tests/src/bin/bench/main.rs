@@ -44,8 +44,9 @@
 //! start until all are routed, and the reloads it took.
 //!
 //! scale: `--apps` apps × 3 servers + `--services` services × 2 in etcd: confgen's sync and
-//! render, the supervisor's first apply, `haproxy -c`, a change of each kind at that size, and
-//! the RSS of confgen, the supervisor, HAProxy and etcd.
+//! render, the supervisor's first apply, HAProxy's RSS and open files; `--count` server changes
+//! and new domains one at a time (p50, p99, CPU per change, reloads); a bulk load of `--bulk`
+//! keys (default 15,000) until HAProxy runs the last; the RSS of every process.
 //!
 //! idle: RSS and CPU of every process of the ambassador with N registered containers, over
 //! `--idle-secs` (default 5 minutes).
@@ -102,6 +103,7 @@ async fn main() -> Result<()> {
     let mut tls = false;
     let mut minutes = 120u64;
     let mut rate = 20u32;
+    let mut bulk = 15_000usize;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--puts" => puts = args.next().context("--puts N")?.parse()?,
@@ -119,6 +121,7 @@ async fn main() -> Result<()> {
             "--tls" => tls = true,
             "--minutes" => minutes = args.next().context("--minutes N")?.parse()?,
             "--rate" => rate = args.next().context("--rate R")?.parse()?,
+            "--bulk" => bulk = args.next().context("--bulk N")?.parse()?,
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -133,7 +136,7 @@ async fn main() -> Result<()> {
         "docker" => pipeline::docker(count.unwrap_or(50)).await,
         "churn" => scenarios::churn(changes, reloads, Duration::from_secs(secs)).await,
         "burst" => scenarios::burst(count.unwrap_or(500), parallel).await,
-        "scale" => scenarios::scale(apps, services).await,
+        "scale" => scenarios::scale(apps, services, count.unwrap_or(100), bulk).await,
         "faults" => faults::faults().await,
         "soak" => soak::soak(minutes, rate).await,
         "idle" => {
@@ -148,7 +151,7 @@ async fn main() -> Result<()> {
              bench docker [--count N]\n       \
              bench churn [--changes N] [--reloads N] [--secs S]\n       \
              bench burst [--count N] [--parallel N]\n       \
-             bench scale [--apps N] [--services N]\n       \
+             bench scale [--apps N] [--services N] [--count N] [--bulk N]\n       \
              bench idle [--count N] [--idle-secs S]\n       \
              bench faults\n       \
              bench soak [--minutes N] [--rate R]"

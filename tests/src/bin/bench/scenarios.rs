@@ -17,10 +17,7 @@ use legate_tests::{free_port, http_get, load};
 use tonic::transport::Channel;
 
 use super::pipeline::{LIMIT, LOCALHOST, answers, banner_server, until};
-use super::{
-    container_id, cpu_percent, cpu_ticks, header, percentile, registry, report, rss_kib,
-    snapshot_at,
-};
+use super::{container_id, cpu_percent, cpu_ticks, header, registry, report, rss_kib, snapshot_at};
 
 type Client = SupervisorClient<Channel>;
 
@@ -72,21 +69,6 @@ async fn haproxy_pids(supervised: &Supervised) -> Result<Vec<u32>> {
 fn usage(pids: &[u32]) -> Result<(u64, u64)> {
     pids.iter().try_fold((0, 0), |(rss, ticks), &pid| {
         Ok((rss + rss_kib(pid)?, ticks + cpu_ticks(pid)?))
-    })
-}
-
-/// The hard limit on open files of this process.
-fn open_files_hard_limit() -> Result<usize> {
-    let limits = std::fs::read_to_string("/proc/self/limits")?;
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .context("no open files limit")?;
-    let hard = line.split_whitespace().nth(4).context("no hard limit")?;
-    Ok(if hard == "unlimited" {
-        usize::MAX
-    } else {
-        hard.parse()?
     })
 }
 
@@ -376,20 +358,13 @@ pub(crate) async fn burst(count: usize, parallel: usize) -> Result<()> {
     Ok(())
 }
 
-/// A registry of `apps` apps × 3 servers and `services` services × 2 servers: confgen's sync and
-/// render, the supervisor's first apply, HAProxy's validation and reload, and each one's RSS.
-pub(crate) async fn scale(apps: usize, services: usize) -> Result<()> {
-    // HAProxy reserves a file descriptor for each server it health-checks, and refuses to start
-    // when its hard limit is below what it needs; children inherit this process's limit.
-    let needed = apps * 3 + services * 3 + 1000;
-    let limit = open_files_hard_limit()?;
-    if needed > limit {
-        bail!(
-            "HAProxy needs about {needed} file descriptors at this size (one per checked server), \
-             above this process's hard limit of {limit}: raise it (ulimit -Hn, LimitNOFILE) or \
-             pass a smaller --apps"
-        );
-    }
+/// A registry of `apps` apps × 3 servers and `services` services × 2 servers, through the whole
+/// ambassador: confgen's sync and render, the supervisor's first apply and HAProxy's RSS and
+/// open files at that size; then `samples` changes of each kind one at a time (a server gained
+/// and lost, a new domain), each from its etcd put until HAProxy runs it, with the CPU confgen
+/// and the supervisor spent per change and the reloads; then `bulk` keys written as fast as
+/// etcd takes them, until HAProxy runs the last.
+pub(crate) async fn scale(apps: usize, services: usize, samples: usize, bulk: usize) -> Result<()> {
     let etcd = Etcd::start().await?;
     let mut kv = etcd.client().await?;
     // Service ports below the ephemeral range, on a loopback address of their own: nothing else
@@ -405,6 +380,7 @@ pub(crate) async fn scale(apps: usize, services: usize) -> Result<()> {
     let (confgen, mut stream) = super::start_confgen(&etcd, bind).await?;
     let (at, snapshot) = snapshot_at(&mut stream, u64::try_from(written)?).await?;
     let sync = at - started;
+    let confgen_rss = usage(&[confgen.pid()])?.0;
     drop(stream);
 
     let supervised = Supervised::new()?;
@@ -414,51 +390,78 @@ pub(crate) async fn scale(apps: usize, services: usize) -> Result<()> {
         Ok(Some(supervisor_client(&supervisor).await?))
     })
     .await?;
-    let first_apply = applied(&mut client, written, started).await?;
+    let first_apply = applied(&mut client, written, started)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", supervisor.log()))?;
+    let haproxy = haproxy_pids(&supervised).await?;
+    let haproxy_rss = usage(&haproxy)?.0;
+    let haproxy_fds: usize = haproxy.iter().map(|pid| open_fds(*pid)).sum();
 
-    // `haproxy -c` as the supervisor runs it, on the files HAProxy now runs.
-    let state = supervised.state_dir();
-    let live = state.join("live");
-    let mut checks = Vec::new();
-    for _ in 0..5 {
+    // One at a time: a server gained by an existing app, then lost again.
+    let cpu = |client: &Service| cpu_ticks(client.pid());
+    let (confgen_before, supervisor_before) = (cpu(&confgen)?, cpu(&supervisor)?);
+    let before = status(&mut client).await?;
+    let mut servers = Vec::with_capacity(samples * 2);
+    for i in 0..samples {
+        let key = format!(
+            "/apps/app-{}.example.com/{}/127.0.0.1:9",
+            i * 7919 % apps,
+            container_id(5_000_000 + i)
+        );
         let at = Instant::now();
-        let output = tokio::process::Command::new(legate_tests::haproxy::binary())
-            .arg("-c")
-            .arg("-f")
-            .arg(state.join("global.cfg"))
-            .arg("-f")
-            .arg(live.join("haproxy.cfg"))
-            .current_dir(&live)
-            .output()
-            .await?;
-        checks.push(at.elapsed());
-        if !output.status.success() {
-            bail!("haproxy -c: {}", String::from_utf8_lossy(&output.stderr));
-        }
+        let version = revision(kv.put(key.clone(), "", None).await?.header())?;
+        servers.push(applied(&mut client, version, at).await?);
+        let at = Instant::now();
+        let version = revision(kv.delete(key, None).await?.header())?;
+        servers.push(applied(&mut client, version, at).await?);
+    }
+    let changes = servers.len() as f64;
+    let per_change = |ticks: u64| ticks as f64 * 10.0 / changes;
+    let server_cpu = (
+        per_change(cpu(&confgen)? - confgen_before),
+        per_change(cpu(&supervisor)? - supervisor_before),
+    );
+    let middle = status(&mut client).await?;
+
+    // One at a time: a new domain.
+    let mut domains = Vec::with_capacity(samples);
+    let mut added = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let key = format!(
+            "/apps/new-{i}.example.com/{}/127.0.0.1:9",
+            container_id(6_000_000 + i)
+        );
+        let at = Instant::now();
+        let version = revision(kv.put(key.clone(), "", None).await?.header())?;
+        domains.push(applied(&mut client, version, at).await?);
+        added.push(key);
+    }
+    let after = status(&mut client).await?;
+    for key in added {
+        kv.delete(key, None).await?;
     }
 
-    // One change of each kind at this size, through the whole pipeline.
-    let before = status(&mut client).await?;
-    let key = format!(
-        "/apps/app-0.example.com/{}/127.0.0.1:9",
-        container_id(5_000_000)
-    );
+    // A bulk load: `bulk` keys of new apps, 3 servers each, as fast as etcd takes them.
+    let bulk_ops: Vec<(String, String)> = (0..bulk)
+        .map(|n| {
+            let key = format!(
+                "/apps/bulk-{}.example.com/{}/127.0.0.{}:{}",
+                n / 3,
+                container_id(7_000_000 + n),
+                n % 3 + 2,
+                40000 + n / 3 % 20000
+            );
+            (key, String::new())
+        })
+        .collect();
+    let settled = status(&mut client).await?;
     let at = Instant::now();
-    let version = revision(kv.put(key, "", None).await?.header())?;
-    let gained = applied(&mut client, version, at).await?;
-    let middle = status(&mut client).await?;
-    let key = format!(
-        "/services/scale-new/{}/{}/127.0.0.1:9",
-        10_000 + services,
-        container_id(5_000_001)
-    );
-    let at = Instant::now();
-    let version = revision(kv.put(key, "", None).await?.header())?;
-    let new_port = applied(&mut client, version, at).await?;
-    let after = status(&mut client).await?;
+    legate_tests::etcd::put_all(&mut kv, &bulk_ops).await?;
+    let last_put = Instant::now();
+    let last = revision(kv.get("x", None).await?.header())?;
+    let loaded = applied(&mut client, last, last_put).await?;
+    let loaded_status = status(&mut client).await?;
 
-    let rss = |pids: &[u32]| usage(pids).map(|(rss, _)| mib(rss));
-    let haproxy = haproxy_pids(&supervised).await?;
     println!();
     println!(
         "scale: {apps} apps x 3 servers + {services} services x 2 servers ({} keys, {:.1} MB of configuration)",
@@ -466,38 +469,61 @@ pub(crate) async fn scale(apps: usize, services: usize) -> Result<()> {
         snapshot.haproxy_config.len() as f64 / 1e6
     );
     println!(
-        "confgen: process start -> first snapshot received (sync + render): {:.0} ms",
-        sync.as_secs_f64() * 1000.0
+        "confgen: process start -> first snapshot received (sync + render): {:.0} ms; RSS {:.1} MiB",
+        sync.as_secs_f64() * 1000.0,
+        mib(confgen_rss)
     );
     println!(
         "supervisor: process start -> HAProxy runs that snapshot (validate, start): {:.0} ms",
         first_apply.as_secs_f64() * 1000.0
     );
     println!(
-        "haproxy -c on it: {:.0} ms (median of {})",
-        percentile(&mut checks, 0.5).as_secs_f64() * 1000.0,
-        checks.len()
-    );
-    println!(
-        "a server added to an existing app: etcd put -> running: {:.1} ms ({} reloads)",
-        gained.as_secs_f64() * 1000.0,
-        middle.reloads - before.reloads
-    );
-    println!(
-        "a new service port: etcd put -> running: {:.0} ms ({} reloads; validate + reload {:.0} ms as the supervisor reports it)",
-        new_port.as_secs_f64() * 1000.0,
-        after.reloads - middle.reloads,
-        after.last_result.as_ref().map_or(0, |r| r.duration_us) as f64 / 1000.0
-    );
-    println!(
-        "RSS: confgen {:.1} MiB, supervisor {:.1} MiB, HAProxy {:.1} MiB ({} processes), etcd {:.1} MiB",
-        rss(&[confgen.pid()])?,
-        rss(&[supervisor.pid()])?,
-        rss(&haproxy)?,
+        "HAProxy: {} processes, RSS {:.1} MiB, {haproxy_fds} open files",
         haproxy.len(),
-        rss(&[etcd.pid()])?
+        mib(haproxy_rss)
+    );
+    header();
+    report(
+        &format!(
+            "a server gained or lost, put -> running ({})",
+            servers.len()
+        ),
+        &mut servers,
+    );
+    report(
+        &format!("a new domain, put -> running ({})", domains.len()),
+        &mut domains,
+    );
+    println!(
+        "CPU per server change: confgen {:.2} ms, supervisor {:.2} ms (10 ms ticks over {} changes)",
+        server_cpu.0,
+        server_cpu.1,
+        servers.len()
+    );
+    println!(
+        "reloads: {} for the server changes, {} for the new domains",
+        middle.reloads - before.reloads,
+        after.reloads - middle.reloads
+    );
+    println!(
+        "bulk load: {bulk} keys written in {:.0} ms, all running {:.0} ms after the last put ({} reloads)",
+        (last_put - at).as_secs_f64() * 1000.0,
+        loaded.as_secs_f64() * 1000.0,
+        loaded_status.reloads - settled.reloads
+    );
+    println!(
+        "RSS: confgen {:.1} MiB, supervisor {:.1} MiB, HAProxy {:.1} MiB, etcd {:.1} MiB",
+        mib(usage(&[confgen.pid()])?.0),
+        mib(usage(&[supervisor.pid()])?.0),
+        mib(usage(&haproxy_pids(&supervised).await?)?.0),
+        mib(usage(&[etcd.pid()])?.0)
     );
     Ok(())
+}
+
+/// Open file descriptors of `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }
 
 /// RSS and CPU of each process of the ambassador, with `count` registered containers, over
