@@ -250,9 +250,10 @@ fn check_words(words: &[String], section: &str, policy: &Policy<'_>) -> Result<(
 /// Rules for any word, wherever it stands.
 fn check_word(word: &str) -> Result<(), String> {
     let lower = word.to_ascii_lowercase();
+    // At the start of the word or of any of its comma-separated parts.
     if let Some(prefix) = LOCAL_SOCKETS
         .iter()
-        .find(|p| lower.starts_with(*p) || lower.contains(&format!(",{p}")))
+        .find(|p| lower.split(',').any(|part| part.starts_with(*p)))
     {
         return Err(format!(
             "'{}': {prefix} addresses (local sockets, inherited descriptors) are not allowed",

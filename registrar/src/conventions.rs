@@ -381,7 +381,7 @@ mod tests {
         assert_eq!(
             check(&[], &[("legate.check", "http")]),
             Err(
-                "legate.check: health check 'http' is neither `tcp` nor an HTTP path \
+                "legate.check: health check 'http': is neither `tcp` nor an HTTP path \
                  (starting with /)"
                     .to_owned()
             )

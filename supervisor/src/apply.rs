@@ -1,6 +1,6 @@
 //! The applier: one task that owns HAProxy and applies snapshots to it, one at a time.
 //!
-//! For each snapshot: identical to what runs -> nothing; otherwise [`diff::plan`] decides. The
+//! For each snapshot: identical to what runs -> nothing; otherwise [`diff::plan_changed`] decides. The
 //! runtime path sends the commands in one batch on the admin socket, checks every reply, then
 //! writes the files so that a later reload reproduces the same state. The reload path stages
 //! the files, validates them with `haproxy -c`, saves the server states, moves the files into
@@ -50,6 +50,7 @@ pub struct Stats {
 }
 
 /// Why an apply was refused: the message for `ApplyResult`.
+#[derive(Debug)]
 struct Rejected(String);
 
 pub struct Applier {
@@ -64,6 +65,8 @@ pub struct Applier {
     running_binds: Option<(String, BTreeSet<std::net::SocketAddr>)>,
     /// Servers removed at runtime that still hold connections, to delete once drained.
     draining: diff::Draining,
+    /// The last snapshot that passed [`check_shape`]: the next is checked where it differs.
+    checked: Option<Arc<ConfigSnapshot>>,
     stats: Arc<Mutex<Stats>>,
     health: HealthReporter,
     serving: bool,
@@ -115,6 +118,7 @@ impl Applier {
             running_tx,
             running_binds: None,
             draining: diff::Draining::new(),
+            checked: None,
             stats,
             health,
             serving: false,
@@ -268,8 +272,14 @@ impl Applier {
         &mut self,
         snapshot: &Arc<ConfigSnapshot>,
     ) -> Result<(ApplyOutcome, String), Rejected> {
-        check_shape(snapshot, &self.settings.allowed_file_dirs)?;
-        let snapshot = &self.without_unbindable(snapshot);
+        let previous = self.checked.clone();
+        check_shape(
+            snapshot,
+            &self.settings.allowed_file_dirs,
+            previous.as_deref(),
+        )?;
+        self.checked = Some(snapshot.clone());
+        let snapshot = &self.without_unbindable(snapshot, previous.as_deref());
         if !self.haproxy_alive() {
             return self.reload(snapshot, "haproxy is not running").await;
         }
@@ -279,7 +289,7 @@ impl Applier {
         if running.checksum == snapshot.checksum {
             return Ok((ApplyOutcome::Unchanged, String::new()));
         }
-        let plan = diff::plan(files(&running), files(snapshot), &self.draining);
+        let plan = diff::plan_changed(files(&running), files(snapshot), &self.draining);
         let reason = match plan {
             Plan::Reload(reason) => reason,
             Plan::Runtime(work) => {
@@ -303,7 +313,25 @@ impl Applier {
     /// `snapshot` without the sections that would listen on an address that cannot be bound
     /// (see [`listeners`]): the same snapshot when there is none, else a copy with the rest of
     /// the configuration and its own checksum. Records the refusals for the status.
-    fn without_unbindable(&mut self, snapshot: &Arc<ConfigSnapshot>) -> Arc<ConfigSnapshot> {
+    /// `previous`: the snapshot before this one, which passed [`check_shape`].
+    fn without_unbindable(
+        &mut self,
+        snapshot: &Arc<ConfigSnapshot>,
+        previous: Option<&ConfigSnapshot>,
+    ) -> Arc<ConfigSnapshot> {
+        // Nothing was refused, HAProxy runs the previous snapshot as it came, and no `bind`
+        // line changed since: HAProxy holds every address already, nothing to probe or scan.
+        let settled = self.haproxy_alive()
+            && self.lock_stats().refused_listeners.is_empty()
+            && previous.is_some_and(|previous| {
+                self.running
+                    .as_ref()
+                    .is_some_and(|running| running.checksum == previous.checksum)
+                    && !binds_changed(&previous.haproxy_config, &snapshot.haproxy_config)
+            });
+        if settled {
+            return snapshot.clone();
+        }
         let held = if !self.haproxy_alive() {
             BTreeSet::new()
         } else if let Some(running) = &self.running {
@@ -729,9 +757,28 @@ fn files(snapshot: &ConfigSnapshot) -> Files<'_> {
     }
 }
 
+/// Whether the `bind` lines differ between two configurations (looked for only in the
+/// sections that differ; a section added, removed or renamed counts with its lines).
+fn binds_changed(old: &str, new: &str) -> bool {
+    let Some(region) = diff::changed_region(old, new) else {
+        return true;
+    };
+    fn binds(text: &str) -> impl Iterator<Item = &str> {
+        text.lines()
+            .filter(|line| diff::words(line).next() == Some("bind"))
+            .map(str::trim)
+    }
+    !binds(&old[region.start..region.end_old]).eq(binds(&new[region.start..region.end_new]))
+}
+
 /// What any snapshot must be before HAProxy sees it (`config.proto`): well-formed, and
 /// asking nothing of HAProxy that `legate_proto::policy` refuses (code, files, control sockets).
-fn check_shape(snapshot: &ConfigSnapshot, allowed_dirs: &[PathBuf]) -> Result<(), Rejected> {
+/// `checked`: a snapshot that passed, to check only what differs from it.
+fn check_shape(
+    snapshot: &ConfigSnapshot,
+    allowed_dirs: &[PathBuf],
+    checked: Option<&ConfigSnapshot>,
+) -> Result<(), Rejected> {
     let mut names = BTreeSet::new();
     for map in &snapshot.maps {
         if !legate_proto::valid_file_name(&map.name) || map.name == CONFIG_FILE {
@@ -748,8 +795,33 @@ fn check_shape(snapshot: &ConfigSnapshot, allowed_dirs: &[PathBuf]) -> Result<()
         maps: snapshot.maps.iter().map(|m| m.name.as_str()).collect(),
         allowed_dirs,
     };
-    legate_proto::policy::check(&snapshot.haproxy_config, &policy)
-        .map_err(|violation| Rejected(format!("the configuration is refused: {violation}")))?;
+    // Only what differs from a configuration that passed with the same map files: the rest is
+    // the same text in the same sections.
+    let region = checked
+        .filter(|checked| {
+            checked
+                .maps
+                .iter()
+                .map(|m| &m.name)
+                .eq(snapshot.maps.iter().map(|m| &m.name))
+        })
+        .and_then(|checked| {
+            diff::changed_region(&checked.haproxy_config, &snapshot.haproxy_config)
+        });
+    let config = &snapshot.haproxy_config;
+    let verdict = match region {
+        Some(region) => {
+            let part = &config[region.start..region.end_new];
+            legate_proto::policy::check_part(part, "", 0, &policy)
+                .map(|_| ())
+                .map_err(|mut violation| {
+                    violation.line += config[..region.start].matches('\n').count();
+                    violation
+                })
+        }
+        None => legate_proto::policy::check(config, &policy),
+    };
+    verdict.map_err(|violation| Rejected(format!("the configuration is refused: {violation}")))?;
     let checksum = legate_proto::checksum(&snapshot.haproxy_config, &snapshot.maps);
     if checksum != snapshot.checksum {
         return Err(Rejected(format!(
@@ -784,4 +856,71 @@ pub fn write_atomic(path: &Path, content: &str) -> std::io::Result<()> {
     let tmp: PathBuf = path.with_file_name(format!(".{}.tmp", name.unwrap_or_default()));
     std::fs::write(&tmp, content)?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(config: String) -> ConfigSnapshot {
+        let maps = vec![legate_proto::v1::ConfigFile {
+            name: "hosts.map".to_owned(),
+            content: String::new(),
+        }];
+        ConfigSnapshot {
+            checksum: legate_proto::checksum(&config, &maps),
+            haproxy_config: config,
+            maps,
+            ..ConfigSnapshot::default()
+        }
+    }
+
+    /// Checked against a snapshot that passed, only the sections that differ are read, and a
+    /// refusal there names its line in the whole configuration.
+    #[test]
+    fn a_snapshot_is_checked_where_it_differs_from_one_that_passed() {
+        let mut config = String::from("defaults\n    mode http\n");
+        for b in 0..200 {
+            config.push_str(&format!(
+                "\nbackend b{b}\n    server s 10.0.0.1:{}\n",
+                1000 + b
+            ));
+        }
+        let good = snapshot(config.clone());
+        check_shape(&good, &[], None).unwrap();
+        let changed = snapshot(config.replace("10.0.0.1:1150", "10.0.0.2:1150"));
+        check_shape(&changed, &[], Some(&good)).unwrap();
+        let bad = snapshot(config.replace(
+            "    server s 10.0.0.1:1150\n",
+            "    server s 10.0.0.1:1150\n    errorfile 503 /etc/shadow\n",
+        ));
+        let line = config.lines().position(|l| l.contains(":1150")).unwrap() + 2;
+        let Err(Rejected(reason)) = check_shape(&bad, &[], Some(&good)) else {
+            panic!("accepted");
+        };
+        assert!(reason.contains(&format!("line {line}:")), "{reason}");
+        // Against a snapshot with other map files, the whole text is read.
+        let mut other = good.clone();
+        other.maps.clear();
+        let Err(Rejected(whole)) = check_shape(&bad, &[], Some(&other)) else {
+            panic!("accepted");
+        };
+        assert_eq!(whole, reason);
+        // A bad line in a part that did not change cannot hide behind a passed snapshot that
+        // did not have it: the region is computed from the texts, not trusted.
+        let frontend = snapshot(format!("frontend f\n    bind unix@/x\n{config}"));
+        assert!(check_shape(&frontend, &[], Some(&good)).is_err());
+    }
+
+    #[test]
+    fn bind_lines_are_looked_for_where_configurations_differ() {
+        let base =
+            "frontend f\n    bind :80\n\nlisten l\n    bind :3306\n    server s 10.0.0.1:1\n";
+        let server = base.replace("10.0.0.1:1", "10.0.0.2:1");
+        assert!(!binds_changed(base, &server));
+        assert!(binds_changed(base, &base.replace(":3306", ":3307")));
+        let added = format!("{base}\nlisten m\n    bind :5432\n");
+        assert!(binds_changed(base, &added));
+        assert!(binds_changed(&added, base));
+    }
 }

@@ -114,7 +114,293 @@ fn runtime(old: Files<'_>, new: Files<'_>, draining: &Draining) -> Result<Runtim
             );
         return Err(format!("the configuration changed beyond servers: {line}"));
     }
-    let hand_over = hand_over(&before, &after, old, new, draining)?;
+    runtime_of(&before, &after, old, new, draining)
+}
+
+/// The same plan as [`plan`], reading only the sections that differ: the usual case, a few
+/// servers changed in a large configuration, costs a comparison of the two texts and the
+/// parsing of those sections, not of the whole. Whenever its answer could differ from
+/// [`plan`]'s (anything but `backend`/`listen` sections changed, sections added, removed or
+/// renamed, more than one `defaults` section, map keys moving onto backends other keys leave,
+/// a reload needed), it is [`plan`]'s answer.
+pub fn plan_changed(old: Files<'_>, new: Files<'_>, draining: &Draining) -> Plan {
+    let Some(changed) = differing(old.config, new.config) else {
+        return plan(old, new, draining);
+    };
+    match changed.runtime(old, new, draining) {
+        Some(Ok(runtime)) => Plan::Runtime(runtime),
+        Some(Err(_)) | None => plan(old, new, draining),
+    }
+}
+
+/// The `backend` and `listen` sections that differ between two configurations, each with the
+/// `defaults` section in force there.
+#[derive(Debug)]
+struct Differing<'a> {
+    /// The configuration's only `defaults` section, if any.
+    defaults: &'a str,
+    /// `(old section, new section)`, in order.
+    pairs: Vec<(&'a str, &'a str)>,
+}
+
+/// Where `old` and `new` differ, as whole sections one for one: `None` when they differ in
+/// anything but the text of `backend`/`listen` sections under unchanged headers, or have more
+/// than one `defaults` section.
+fn differing<'a>(old: &'a str, new: &'a str) -> Option<Differing<'a>> {
+    let region = changed_region(old, new)?;
+    let before = split_sections(old.get(region.start..region.end_old)?);
+    let after = split_sections(new.get(region.start..region.end_new)?);
+    if before.len() != after.len() {
+        return None;
+    }
+    let mut pairs = Vec::new();
+    for (a, b) in before.into_iter().zip(after) {
+        if a == b {
+            continue;
+        }
+        let header = |s: &'a str| s.lines().find(|l| !l.trim().is_empty());
+        if header(a) != header(b)
+            || !matches!(
+                header(a).and_then(|h| words(h).next()),
+                Some("backend" | "listen")
+            )
+        {
+            return None;
+        }
+        pairs.push((a, b));
+    }
+    Some(Differing {
+        defaults: only_defaults(old)?,
+        pairs,
+    })
+}
+
+/// Where two configurations differ, widened to whole sections: `old[start..end_old]` became
+/// `new[start..end_new]`, and what comes before and after is the same in both, with each part
+/// starting at a section header (or at the start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    /// Where the first differing section starts in both.
+    pub start: usize,
+    /// Where the common rest starts in `old`.
+    pub end_old: usize,
+    /// Where the common rest starts in `new`.
+    pub end_new: usize,
+}
+
+/// The [`Region`] where `old` and `new` differ; `None` when the common rest does not start a
+/// line in `new`.
+pub fn changed_region(old: &str, new: &str) -> Option<Region> {
+    let (a, b) = (old.as_bytes(), new.as_bytes());
+    let prefix = common_prefix(a, b);
+    let suffix = common_suffix(a, b, a.len().min(b.len()) - prefix);
+    // Back from the first difference to the start of its section, forward from the last to
+    // the start of the next one (or the end): both lie in text the two share.
+    let start = section_start(old, prefix);
+    let end_old = next_section(old, a.len() - suffix);
+    let end_new = b.len() - (a.len() - end_old);
+    if end_new > 0 && end_new < b.len() && b[end_new - 1] != b'\n' {
+        return None;
+    }
+    Some(Region {
+        start,
+        end_old,
+        end_new,
+    })
+}
+
+/// How many bytes `a` and `b` share at their start, compared a block at a time.
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    const BLOCK: usize = 4096;
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + BLOCK <= n && a[i..i + BLOCK] == b[i..i + BLOCK] {
+        i += BLOCK;
+    }
+    i + a[i..n]
+        .iter()
+        .zip(&b[i..n])
+        .take_while(|(x, y)| x == y)
+        .count()
+}
+
+/// How many bytes `a` and `b` share at their end, at most `max`.
+fn common_suffix(a: &[u8], b: &[u8], max: usize) -> usize {
+    const BLOCK: usize = 4096;
+    let (la, lb) = (a.len(), b.len());
+    let mut i = 0;
+    while i + BLOCK <= max && a[la - i - BLOCK..la - i] == b[lb - i - BLOCK..lb - i] {
+        i += BLOCK;
+    }
+    i + a[..la - i]
+        .iter()
+        .rev()
+        .zip(b[..lb - i].iter().rev())
+        .take(max - i)
+        .take_while(|(x, y)| x == y)
+        .count()
+}
+
+/// Whether `line` starts a section.
+fn is_header(line: &str) -> bool {
+    words(line)
+        .next()
+        .is_some_and(|first| SECTIONS.contains(&first))
+}
+
+/// Where the line holding byte `at` of `config` starts.
+fn line_start(config: &str, at: usize) -> usize {
+    config.as_bytes()[..at]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1)
+}
+
+/// The line starting at `start`, without its new line.
+fn line_at(config: &str, start: usize) -> &str {
+    let rest = &config[start..];
+    rest.find('\n').map_or(rest, |end| &rest[..end])
+}
+
+/// The start of the header line of the section holding byte `at` of `config` (0 before any
+/// section).
+fn section_start(config: &str, at: usize) -> usize {
+    let mut start = line_start(config, at);
+    loop {
+        if is_header(line_at(config, start)) || start == 0 {
+            return start;
+        }
+        start = line_start(config, start - 1);
+    }
+}
+
+/// The start of the first section header line that starts at or after byte `at` of `config`
+/// (the end of `config` when none does).
+fn next_section(config: &str, at: usize) -> usize {
+    let mut start = line_start(config, at);
+    if start < at {
+        start += line_at(config, start).len() + 1;
+    }
+    while start < config.len() {
+        let line = line_at(config, start);
+        if is_header(line) {
+            return start;
+        }
+        start += line.len() + 1;
+    }
+    config.len()
+}
+
+/// `text` cut before each section header line.
+fn split_sections(text: &str) -> Vec<&str> {
+    let mut sections = Vec::new();
+    let mut start = 0;
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        if at > start && is_header(line) {
+            sections.push(&text[start..at]);
+            start = at;
+        }
+        at += line.len();
+    }
+    if at > start {
+        sections.push(&text[start..at]);
+    }
+    sections
+}
+
+/// The text of the only `defaults` section of `config` ("" when it has none); `None` when it
+/// has several (then which one applies where is left to [`plan`]).
+fn only_defaults(config: &str) -> Option<&str> {
+    let mut found = None;
+    for (at, _) in config.match_indices("defaults") {
+        let start = line_start(config, at);
+        let line = line_at(config, start);
+        if words(line).next() != Some("defaults") {
+            continue;
+        }
+        if found.is_some() {
+            return None;
+        }
+        let end = next_section(config, (start + line.len() + 1).min(config.len()));
+        found = Some(&config[start..end]);
+    }
+    Some(found.unwrap_or(""))
+}
+
+impl Differing<'_> {
+    /// [`runtime`] over the differing sections only; `None` where only [`plan`] can answer.
+    fn runtime(
+        &self,
+        old: Files<'_>,
+        new: Files<'_>,
+        draining: &Draining,
+    ) -> Option<Result<Runtime, String>> {
+        if maps_swap(old.maps, new.maps).unwrap_or(true) {
+            return None;
+        }
+        let texts: Vec<(String, String)> = self
+            .pairs
+            .iter()
+            .map(|(a, b)| {
+                (
+                    format!("{}{a}", self.defaults),
+                    format!("{}{b}", self.defaults),
+                )
+            })
+            .collect();
+        let mut before = Parsed::default();
+        let mut after = Parsed::default();
+        for (a, b) in &texts {
+            let (a, b) = (Parsed::new(a).ok()?, Parsed::new(b).ok()?);
+            if a.skeleton != b.skeleton {
+                return None;
+            }
+            before.servers.extend(a.servers);
+            before.fixed.extend(a.fixed);
+            after.servers.extend(b.servers);
+            after.fixed.extend(b.fixed);
+        }
+        Some(runtime_of(&before, &after, old, new, draining))
+    }
+}
+
+/// Whether a key of an exactly matched map moves onto a backend that another key leaves (the
+/// hand-over of [`hand_over`], which reads the whole configuration).
+fn maps_swap(old: &[ConfigFile], new: &[ConfigFile]) -> Result<bool, String> {
+    if old.len() == new.len() && old.iter().zip(new).all(|(a, b)| a.content == b.content) {
+        return Ok(false);
+    }
+    let mut old_values = BTreeMap::new();
+    for map in old {
+        for (key, value) in map_entries(&map.name, &map.content)? {
+            old_values.insert((map.name.as_str(), key), value);
+        }
+    }
+    let mut new_values = BTreeMap::new();
+    for map in new {
+        for (key, value) in map_entries(&map.name, &map.content)? {
+            new_values.insert((map.name.as_str(), key), value);
+        }
+    }
+    let left: BTreeSet<&str> = old_values
+        .iter()
+        .filter(|(key, value)| new_values.get(*key) != Some(*value))
+        .map(|(_, value)| *value)
+        .collect();
+    Ok(new_values.iter().any(|(key, value)| {
+        old_values.get(key).is_some_and(|was| was != value) && left.contains(value)
+    }))
+}
+
+fn runtime_of(
+    before: &Parsed<'_>,
+    after: &Parsed<'_>,
+    old: Files<'_>,
+    new: Files<'_>,
+    draining: &Draining,
+) -> Result<Runtime, String> {
+    let hand_over = hand_over(before, after, old, new, draining)?;
     let (first, last) = match &hand_over.maps {
         Some((first, last)) => (first.as_slice(), last.as_slice()),
         None => (old.maps, new.maps),
@@ -152,11 +438,11 @@ fn runtime(old: Files<'_>, new: Files<'_>, draining: &Draining) -> Result<Runtim
             },
             Some(was) => changed.extend(change_server(backend, name, was, server)?),
         }
-        check_dynamic(&after, backend)?;
+        check_dynamic(after, backend)?;
     }
     for (&(backend, name), server) in &before.servers {
         if !after.servers.contains_key(&(backend, name)) {
-            check_dynamic(&before, backend)?;
+            check_dynamic(before, backend)?;
             let maint = if moves.gained.contains(backend) {
                 &mut maint_early
             } else {
@@ -1244,5 +1530,275 @@ mod tests {
         assert_eq!(runtime.revived, [("app_a".to_owned(), "a2".to_owned())]);
         let moved = BASE.replace("10.0.0.2:8080", "10.0.0.7:8080");
         assert!(reload_reason(back(&moved)).contains("drains"));
+    }
+}
+
+#[cfg(test)]
+mod section_tests {
+    use super::*;
+
+    /// A small deterministic generator (xorshift), so that a failing case can be replayed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+
+        fn chance(&mut self, in_: usize) -> bool {
+            self.below(in_) == 0
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    struct Backend {
+        header: String,
+        lines: Vec<String>,
+        servers: Vec<(String, String)>,
+    }
+
+    #[derive(Debug, Clone)]
+    struct World {
+        defaults: Vec<String>,
+        two_defaults: bool,
+        backends: Vec<Backend>,
+        hosts: Vec<(String, String)>,
+        wildcards: Vec<(String, String)>,
+    }
+
+    impl World {
+        fn new(rng: &mut Rng) -> Self {
+            let mut world = World {
+                defaults: vec!["    mode http".to_owned()],
+                two_defaults: false,
+                backends: Vec::new(),
+                hosts: Vec::new(),
+                wildcards: Vec::new(),
+            };
+            if rng.chance(2) {
+                world
+                    .defaults
+                    .push("    default-server inter 2s observe layer4".to_owned());
+            }
+            for b in 0..2 + rng.below(6) {
+                let kind = if rng.chance(4) { "listen" } else { "backend" };
+                let mut backend = Backend {
+                    header: format!("{kind} b{b}"),
+                    lines: vec!["    balance leastconn".to_owned()],
+                    servers: Vec::new(),
+                };
+                for _ in 0..rng.below(4) {
+                    world.add_server(rng, &mut backend);
+                }
+                world.backends.push(backend);
+            }
+            for d in 0..rng.below(5) {
+                let b = rng.below(world.backends.len() + 2);
+                world.hosts.push((format!("d{d}.test"), format!("b{b}")));
+            }
+            world
+        }
+
+        fn add_server(&self, rng: &mut Rng, backend: &mut Backend) {
+            let n = rng.below(9);
+            let name = format!("s{n}");
+            if backend.servers.iter().any(|(s, _)| *s == name) {
+                return;
+            }
+            let check = if rng.chance(2) { " check" } else { "" };
+            let args = format!("10.0.0.{n}:80 weight {}{check}", rng.below(3) * 50);
+            backend.servers.push((name, args));
+        }
+
+        fn mutate(&mut self, rng: &mut Rng) {
+            for _ in 0..1 + rng.below(3) {
+                match rng.below(15) {
+                    14 if self.hosts.len() > 1 => {
+                        // Two domains swap backends (a restarted confgen numbering slots anew).
+                        let (a, b) = (rng.below(self.hosts.len()), rng.below(self.hosts.len()));
+                        let value = self.hosts[a].1.clone();
+                        self.hosts[a].1 = std::mem::replace(&mut self.hosts[b].1, value);
+                    }
+                    0..=5 => {
+                        let b = rng.below(self.backends.len());
+                        let mut backend = self.backends[b].clone();
+                        match rng.below(4) {
+                            0 => self.add_server(rng, &mut backend),
+                            1 if !backend.servers.is_empty() => {
+                                let s = rng.below(backend.servers.len());
+                                backend.servers.remove(s);
+                            }
+                            2 if !backend.servers.is_empty() => {
+                                let s = rng.below(backend.servers.len());
+                                backend.servers[s].1 = format!(
+                                    "10.0.1.{}:80 weight {}",
+                                    rng.below(4),
+                                    rng.below(3) * 50
+                                );
+                            }
+                            _ if !backend.servers.is_empty() => {
+                                let s = rng.below(backend.servers.len());
+                                backend.servers[s].1.push_str(" backup");
+                            }
+                            _ => {}
+                        }
+                        self.backends[b] = backend;
+                    }
+                    6 => {
+                        let b = rng.below(self.backends.len());
+                        self.backends[b].lines.push("    option httpchk".to_owned());
+                    }
+                    7 => {
+                        let b = rng.below(self.backends.len());
+                        self.backends[b].header.push_str(" from defaults");
+                    }
+                    8 => {
+                        let n = self.backends.len();
+                        self.backends.push(Backend {
+                            header: format!("backend b{n}"),
+                            lines: Vec::new(),
+                            servers: vec![("s1".to_owned(), "10.0.9.1:80".to_owned())],
+                        });
+                    }
+                    9 if self.backends.len() > 1 => {
+                        let b = rng.below(self.backends.len());
+                        self.backends.remove(b);
+                    }
+                    10 => self.two_defaults = !self.two_defaults,
+                    11 => self.defaults.push("    timeout connect 3s".to_owned()),
+                    12 => {
+                        let d = rng.below(6);
+                        let b = rng.below(self.backends.len());
+                        self.hosts
+                            .retain(|(domain, _)| *domain != format!("d{d}.test"));
+                        if rng.chance(3) {
+                            self.hosts.push((format!("d{d}.test"), format!("b{b}")));
+                        }
+                    }
+                    _ => {
+                        let b = rng.below(self.backends.len());
+                        self.wildcards
+                            .push((format!(".w{b}.test"), format!("b{b}")));
+                    }
+                }
+            }
+        }
+
+        fn config(&self) -> String {
+            let mut text = String::from("# generated\ndefaults\n");
+            for line in &self.defaults {
+                text.push_str(line);
+                text.push('\n');
+            }
+            text.push_str(
+                "\nfrontend http\n    bind :80\n    use_backend %[req.hdr(host),map(hosts.map)]\n    \
+                 use_backend %[req.hdr(host),map_end(wildcards.map)]\n",
+            );
+            for (i, backend) in self.backends.iter().enumerate() {
+                if self.two_defaults && i == self.backends.len() / 2 {
+                    text.push_str("\ndefaults\n    mode tcp\n");
+                }
+                text.push('\n');
+                text.push_str(&backend.header);
+                text.push('\n');
+                for line in &backend.lines {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+                for (name, args) in &backend.servers {
+                    text.push_str(&format!("    server {name} {args}\n"));
+                }
+            }
+            text
+        }
+
+        fn maps(&self) -> Vec<ConfigFile> {
+            let lines = |entries: &[(String, String)]| -> String {
+                entries.iter().map(|(k, v)| format!("{k} {v}\n")).collect()
+            };
+            vec![
+                ConfigFile {
+                    name: "hosts.map".to_owned(),
+                    content: lines(&self.hosts),
+                },
+                ConfigFile {
+                    name: "wildcards.map".to_owned(),
+                    content: lines(&self.wildcards),
+                },
+            ]
+        }
+    }
+
+    /// The section-level plan is the text-level plan, whatever changed: servers, section lines,
+    /// headers, sections added or removed, `defaults`, map entries, servers draining.
+    #[test]
+    fn the_section_level_plan_equals_the_text_level_plan() {
+        let mut runtime = 0;
+        for seed in 1..3000u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let old = World::new(&mut rng);
+            let mut new = old.clone();
+            new.mutate(&mut rng);
+            let (old_config, new_config) = (old.config(), new.config());
+            let (old_maps, new_maps) = (old.maps(), new.maps());
+            let mut draining = Draining::new();
+            if rng.chance(3) {
+                draining.insert(
+                    ("b0".to_owned(), "s1".to_owned()),
+                    "10.0.0.1:80 weight 50".to_owned(),
+                );
+            }
+            let files = |config, maps| Files { config, maps };
+            let text = plan(
+                files(&old_config, &old_maps),
+                files(&new_config, &new_maps),
+                &draining,
+            );
+            let sections = plan_changed(
+                files(&old_config, &old_maps),
+                files(&new_config, &new_maps),
+                &draining,
+            );
+            assert_eq!(
+                sections, text,
+                "seed {seed}\n--- old\n{old_config}\n--- new\n{new_config}"
+            );
+            if matches!(text, Plan::Runtime(_)) {
+                runtime += 1;
+            }
+        }
+        // Both paths were exercised: runtime plans and reloads.
+        assert!(runtime > 500 && runtime < 2500, "{runtime} runtime plans");
+    }
+
+    #[test]
+    fn only_the_differing_sections_are_read() {
+        let mut config = String::from("defaults\n    mode http\n\nfrontend f\n    bind :80\n");
+        for b in 0..500 {
+            config.push_str(&format!(
+                "\nbackend b{b}\n    server s 10.0.0.1:{}\n",
+                1000 + b
+            ));
+        }
+        let new = config.replace("10.0.0.1:1250\n", "10.0.0.2:1250\n");
+        let found = differing(&config, &new).expect("sections one for one");
+        assert_eq!(
+            found.pairs,
+            [(
+                "backend b250\n    server s 10.0.0.1:1250\n\n",
+                "backend b250\n    server s 10.0.0.2:1250\n\n"
+            )]
+        );
+        assert_eq!(found.defaults, "defaults\n    mode http\n\n");
+        // A new section, a changed frontend, two defaults: left to the text-level plan.
+        let added = format!("{config}\nbackend extra\n");
+        assert!(differing(&config, &added).is_none());
+        let frontend = config.replace("bind :80", "bind :81");
+        assert!(differing(&config, &frontend).is_none());
+        let two = format!("{config}\ndefaults\n");
+        assert!(differing(&two, &two.replace("10.0.0.1:1250", "10.0.0.3:1250")).is_none());
     }
 }

@@ -66,10 +66,14 @@ async fn haproxy_pids(supervised: &Supervised) -> Result<Vec<u32>> {
 }
 
 /// Resident memory (KiB) and CPU ticks of a group of processes, summed.
+/// RSS (KiB) and CPU ticks of `pids` together; a process that has exited meanwhile (an old
+/// HAProxy worker done draining) counts for nothing.
 fn usage(pids: &[u32]) -> Result<(u64, u64)> {
-    pids.iter().try_fold((0, 0), |(rss, ticks), &pid| {
-        Ok((rss + rss_kib(pid)?, ticks + cpu_ticks(pid)?))
-    })
+    pids.iter()
+        .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .try_fold((0, 0), |(rss, ticks), &pid| {
+            Ok((rss + rss_kib(pid)?, ticks + cpu_ticks(pid)?))
+        })
 }
 
 fn mib(kib: u64) -> f64 {
