@@ -206,6 +206,10 @@ pub fn parse_wait(s: &str) -> Result<Wait, String> {
     Ok(wait)
 }
 
+/// How long the registry must stay unchanged before a tight backend pool grows (a reload):
+/// not in a burst of changes, where the reload would hold up new domains.
+const POOL_QUIET: Duration = Duration::from_secs(1);
+
 /// Errors that stop confgen.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -346,16 +350,34 @@ impl Generator {
         let mut pending: Option<(Instant, Instant)> = None;
         let mut rendered: Option<Instant> = None;
         let models = self.models.clone();
+        // When to grow a tight pool: after a quiet moment ([`POOL_QUIET`] without a change).
+        let mut grow_at: Option<Instant> = None;
         loop {
             let deadline = pending.map(|(_, at)| at);
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                () = runtime::sleep_until(grow_at) => {
+                    grow_at = None;
+                    if self.routes.grow() {
+                        info!(
+                            slots = self.routes.slot_count(),
+                            "backend pool grown ahead of need, at a quiet moment (a reload)"
+                        );
+                        metrics::counter!("legate_confgen_pool_growths_total", "when" => "quiet")
+                            .increment(1);
+                        self.render().await;
+                        rendered = Some(Instant::now());
+                    }
+                }
                 () = models.wanted.notified() => {
                     self.render().await;
                     rendered = Some(Instant::now());
                 }
                 batch = batches.recv() => {
                     let Some(batch) = batch else { return };
+                    if grow_at.is_some() {
+                        grow_at = Some(Instant::now() + POOL_QUIET);
+                    }
                     self.apply(batch);
                     while let Ok(batch) = batches.try_recv() {
                         self.apply(batch);
@@ -376,6 +398,11 @@ impl Generator {
                     self.render().await;
                     rendered = Some(Instant::now());
                 }
+            }
+            if !self.routes.pool_tight() {
+                grow_at = None;
+            } else if grow_at.is_none() {
+                grow_at = Some(Instant::now() + POOL_QUIET);
             }
         }
     }
@@ -426,7 +453,15 @@ impl Generator {
                 false
             });
         }
-        self.routes.update(&mut self.registry);
+        if self.routes.update(&mut self.registry) && self.routes.grow() {
+            // Backends come or go: HAProxy reloads for this render anyway.
+            info!(
+                slots = self.routes.slot_count(),
+                "backend pool grown ahead of need, with a reload that was coming anyway"
+            );
+            metrics::counter!("legate_confgen_pool_growths_total", "when" => "with_reload")
+                .increment(1);
+        }
         let mut view = View::of(&self.routes);
         let mut result = self.renderer.render(&view, &self.settings);
         let mut failures = Vec::new();

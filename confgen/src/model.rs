@@ -482,6 +482,10 @@ pub fn slot_backend(slot: u32) -> String {
     format!("slot_{slot}")
 }
 
+/// Taken over total beyond which the pool is tight ([`Routes::pool_tight`]): 80 %. A fresh pool
+/// (a quarter more than its apps) is just at it.
+const TIGHT: (u64, u64) = (4, 5);
+
 /// Pool size for `apps` pooled apps: a quarter more, at least 32 more, in steps of 32.
 fn pool_size(apps: u32) -> u32 {
     (apps + (apps / 4).max(32)).div_ceil(32) * 32
@@ -596,17 +600,22 @@ impl Routes {
         }
     }
 
-    /// Applies what changed in `registry` since the last update.
-    pub fn update(&mut self, registry: &mut Registry) {
+    /// Applies what changed in `registry` since the last update. Returns whether backends came
+    /// or went (a service port, an app with a backend of its own, the pool's size): then the
+    /// configuration changes beyond servers and map entries, and HAProxy reloads anyway.
+    pub fn update(&mut self, registry: &mut Registry) -> bool {
         let changes = registry.take_changes();
         self.revision = registry.revision();
-        self.update_apps(registry, &changes.apps);
+        let pool_before = self.slots.total;
+        let mut sections = self.update_apps(registry, &changes.apps);
+        sections |= self.slots.total != pool_before;
         let services = Arc::make_mut(&mut self.services);
         for &port in &changes.ports {
             let service = (!self.reserved_ports.contains(&port))
                 .then(|| registry.service(port))
                 .flatten();
-            keep_or_replace(services, port, service);
+            let before = services.contains_key(&port);
+            sections |= keep_or_replace(services, port, service).is_some() != before;
         }
         if changes.hosts {
             self.hosts = Arc::new(registry.hosts());
@@ -617,9 +626,12 @@ impl Routes {
                 None => self.skipped.remove(&key),
             };
         }
+        sections
     }
 
-    fn update_apps(&mut self, registry: &Registry, domains: &BTreeSet<String>) {
+    /// Returns whether an app's own backend (not a pooled one) came, went or was renamed.
+    fn update_apps(&mut self, registry: &Registry, domains: &BTreeSet<String>) -> bool {
+        let mut sections = false;
         let apps = Arc::make_mut(&mut self.apps);
         let mut built: Vec<(String, Option<v1::App>)> = Vec::with_capacity(domains.len());
         for domain in domains {
@@ -660,6 +672,9 @@ impl Routes {
             }
         }
         for (domain, app) in built {
+            let own =
+                |app: Option<&v1::App>| app.filter(|a| a.slot == 0).map(|a| a.backend.clone());
+            let own_before = own(apps.get(&domain).map(|a| &**a));
             if let Some(old) = apps.get(&domain)
                 && old.slot > 0
                 && let Some(entry) = pool.get_mut(old.slot as usize - 1)
@@ -677,17 +692,42 @@ impl Routes {
                 app
             });
             let kept = keep_or_replace(apps, domain, app);
+            sections |= own(kept.as_deref()) != own_before;
             if let Some(app) = kept.filter(|app| app.slot > 0)
                 && let Some(entry) = pool.get_mut(app.slot as usize - 1)
             {
                 *entry = Some(app);
             }
         }
+        sections
     }
 
     /// Size of the pool.
     pub fn slot_count(&self) -> u32 {
         self.slots.total
+    }
+
+    /// Whether more than [`TIGHT`] of the pool is taken: it should grow before a new domain
+    /// finds it full, which would put a reload in that domain's path.
+    pub fn pool_tight(&self) -> bool {
+        let taken = self.slots.taken.len() as u64;
+        taken * TIGHT.1 > u64::from(self.slots.total) * TIGHT.0
+    }
+
+    /// Grows a tight pool: new free slots at the end, every app keeps its own. Returns whether
+    /// it grew.
+    pub fn grow(&mut self) -> bool {
+        if !self.pool_tight() {
+            return false;
+        }
+        let taken = u32::try_from(self.slots.taken.len()).unwrap_or(u32::MAX);
+        // Room for a quarter more apps than a fresh pool's: about 64 % taken afterwards, far
+        // from both the next growth and a compaction (over twice a fresh pool's size).
+        let total = pool_size(taken.saturating_add(taken / 4)).max(self.slots.total + 32);
+        self.slots.free.extend(self.slots.total + 1..=total);
+        self.slots.total = total;
+        Arc::make_mut(&mut self.pool).resize(total as usize, None);
+        true
     }
 
     /// The keys skipped, with their reasons, in key order.

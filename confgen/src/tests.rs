@@ -851,3 +851,57 @@ fn a_changed_app_renders_its_block_alone() {
             .contains("backend slot_8\n    mode http\n    balance leastconn\n    server ")
     );
 }
+
+#[test]
+fn a_tight_pool_grows_ahead_and_every_app_keeps_its_slot() {
+    let mut registry = registry("");
+    let mut routes = Routes::new(Vec::new());
+    let put = |registry: &mut Registry, n: u32| {
+        registry.put(
+            app(&format!("a{n:03}.example.com"), n, "10.0.0.1:80"),
+            b"",
+            1,
+        );
+    };
+    for n in 0..100 {
+        put(&mut registry, n);
+    }
+    assert!(
+        routes.update(&mut registry),
+        "the first pool is new backends"
+    );
+    assert_eq!(routes.slot_count(), 160);
+    // New plain domains take free slots: no backend comes or goes.
+    let mut n = 100;
+    while !routes.pool_tight() {
+        put(&mut registry, n);
+        assert!(
+            !routes.update(&mut registry),
+            "domain {n} needed no new backend"
+        );
+        n += 1;
+    }
+    assert_eq!(n, 129, "tight beyond 80 % of 160");
+    let before: Vec<(String, u32)> = routes
+        .apps
+        .values()
+        .map(|app| (app.domain.clone(), app.slot))
+        .collect();
+    assert!(routes.grow());
+    assert!(!routes.grow(), "no longer tight");
+    assert_eq!(routes.slot_count(), 224, "about 64 % taken afterwards");
+    let after: Vec<(String, u32)> = routes
+        .apps
+        .values()
+        .map(|app| (app.domain.clone(), app.slot))
+        .collect();
+    assert_eq!(before, after);
+    let rendered = Renderer::new(DEFAULT_TEMPLATE)
+        .unwrap()
+        .render(&View::of(&routes), &settings())
+        .unwrap();
+    assert!(rendered.config.contains("\nbackend slot_224\n"));
+    // A service port is a backend of its own: its arrival reloads HAProxy anyway.
+    registry.put(service("db", 3306, 1, "10.0.0.2:3306"), b"", 2);
+    assert!(routes.update(&mut registry));
+}

@@ -111,7 +111,7 @@ async fn traffic_is_counted_per_domain_across_slot_changes_and_reloads() {
         format!("/apps/{domain}/{}/{}", container_id(n), backend.addr())
     };
     kv.put(key("a.test", 1, &a), "", None).await.unwrap();
-    // b.test asks for an active check; a.test does not: HAProxy does not probe it.
+    // b.test asks for an active check; the others do not: HAProxy does not probe them.
     kv.put(key("b.test", 2, &b), r#"{"check":"tcp"}"#, None)
         .await
         .unwrap();
@@ -233,7 +233,7 @@ async fn traffic_is_counted_per_domain_across_slot_changes_and_reloads() {
     let unchecked = routes
         .routes
         .iter()
-        .find(|r| r.domains == ["a.test"])
+        .find(|r| r.domains == ["c.test"])
         .unwrap_or_else(|| panic!("{routes:#?}"));
     assert_eq!(unchecked.servers[0].state, "no check", "{unchecked:#?}");
     assert!(
