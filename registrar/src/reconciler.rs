@@ -373,6 +373,7 @@ impl<D: Containers, S: Keys> Reconciler<D, S> {
                 return Ok(());
             };
             let plan = reconcile::plan(&wanted.keys, &known.keys_of(id), lease);
+            let writing = Instant::now();
             if !plan.is_empty() {
                 self.store.apply(&plan, lease).await?;
                 legate_proto::throttled!(
@@ -386,6 +387,7 @@ impl<D: Containers, S: Keys> Reconciler<D, S> {
             debug!(
                 id = short(id),
                 inspect_us = inspected.as_micros() as u64,
+                write_us = writing.elapsed().as_micros() as u64,
                 total_us = began.elapsed().as_micros() as u64,
                 "container reconciled"
             );

@@ -11,7 +11,7 @@
 //! line or map entry that is not safe, or not understood, simply takes the reload path, where
 //! `haproxy -c` judges it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr};
 
 use legate_proto::v1::ConfigFile;
@@ -114,7 +114,8 @@ fn runtime(old: Files<'_>, new: Files<'_>, draining: &Draining) -> Result<Runtim
             );
         return Err(format!("the configuration changed beyond servers: {line}"));
     }
-    runtime_of(&before, &after, old, new, draining)
+    let maps = MapsDiff::new(old.maps, new.maps, new.config)?;
+    runtime_of(&before, &after, &maps, old, new, draining)
 }
 
 /// The same plan as [`plan`], reading only the sections that differ: the usual case, a few
@@ -336,7 +337,8 @@ impl Differing<'_> {
         new: Files<'_>,
         draining: &Draining,
     ) -> Option<Result<Runtime, String>> {
-        if maps_swap(old.maps, new.maps).unwrap_or(true) {
+        let maps = MapsDiff::new(old.maps, new.maps, new.config).ok()?;
+        if maps.swaps() {
             return None;
         }
         let texts: Vec<(String, String)> = self
@@ -361,52 +363,117 @@ impl Differing<'_> {
             after.servers.extend(b.servers);
             after.fixed.extend(b.fixed);
         }
-        Some(runtime_of(&before, &after, old, new, draining))
+        Some(runtime_of(&before, &after, &maps, old, new, draining))
     }
 }
 
-/// Whether a key of an exactly matched map moves onto a backend that another key leaves (the
-/// hand-over of [`hand_over`], which reads the whole configuration).
-fn maps_swap(old: &[ConfigFile], new: &[ConfigFile]) -> Result<bool, String> {
-    if old.len() == new.len() && old.iter().zip(new).all(|(a, b)| a.content == b.content) {
-        return Ok(false);
+/// The map files of two snapshots, each map that changed parsed once per plan (a map of 10,000
+/// domains costs one pass, not one per question asked of it).
+#[derive(Debug, Default)]
+struct MapsDiff<'a> {
+    changed: Vec<MapPair<'a>>,
+}
+
+/// One map file whose content changed.
+#[derive(Debug)]
+struct MapPair<'a> {
+    name: &'a str,
+    /// Whether the configuration uses it only through exact matches (see [`exact_only`]).
+    exact: bool,
+    before: Vec<(&'a str, &'a str)>,
+    after: Vec<(&'a str, &'a str)>,
+    /// Every key whose value differs, `(key, old value, new value)`: removed keys in the old
+    /// file's order, then added and changed ones in the new file's order.
+    keys: Vec<(&'a str, Option<&'a str>, Option<&'a str>)>,
+}
+
+impl<'a> MapsDiff<'a> {
+    /// `config`: the new configuration, which uses the new maps.
+    fn new(old: &'a [ConfigFile], new: &'a [ConfigFile], config: &str) -> Result<Self, String> {
+        if !old.iter().map(|m| &m.name).eq(new.iter().map(|m| &m.name)) {
+            return Err("the set of map files changed".to_owned());
+        }
+        let mut changed = Vec::new();
+        for (was, now) in old.iter().zip(new) {
+            if was.content == now.content {
+                continue;
+            }
+            let before = map_entries(&was.name, &was.content)?;
+            let after = map_entries(&now.name, &now.content)?;
+            let old_values: HashMap<&str, &str> = before.iter().copied().collect();
+            let new_values: HashMap<&str, &str> = after.iter().copied().collect();
+            let removed = before
+                .iter()
+                .filter(|(key, _)| !new_values.contains_key(key))
+                .map(|&(key, value)| (key, Some(value), None));
+            let differ = after
+                .iter()
+                .filter(|(key, value)| old_values.get(key) != Some(value))
+                .map(|&(key, value)| (key, old_values.get(key).copied(), Some(value)));
+            let keys = removed.chain(differ).collect();
+            changed.push(MapPair {
+                name: &now.name,
+                exact: exact_only(config, &now.name),
+                before,
+                after,
+                keys,
+            });
+        }
+        Ok(Self { changed })
     }
-    let mut old_values = BTreeMap::new();
-    for map in old {
-        for (key, value) in map_entries(&map.name, &map.content)? {
-            old_values.insert((map.name.as_str(), key), value);
+
+    /// Every `(map, key, old value, new value)` that differs.
+    fn keys(&self) -> impl Iterator<Item = (&'a str, &'a str, Option<&'a str>, Option<&'a str>)> {
+        self.changed.iter().flat_map(|pair| {
+            pair.keys
+                .iter()
+                .map(|&(key, old, new)| (pair.name, key, old, new))
+        })
+    }
+
+    /// The backends that a key leaves: pointed at before by a key that no longer points there.
+    fn left(&self) -> BTreeSet<&'a str> {
+        self.keys().filter_map(|(_, _, old, _)| old).collect()
+    }
+
+    /// Whether a key of an exactly matched map moves onto a backend that another key leaves
+    /// (the hand-over of [`hand_over`], which reads the whole configuration).
+    fn swaps(&self) -> bool {
+        let left = self.left();
+        self.keys()
+            .any(|(_, _, old, new)| old.is_some() && new.is_some_and(|new| left.contains(new)))
+    }
+
+    /// How the keys move between backends (map values): `gained`, the backends that some
+    /// `(map, key)` points to in the new maps and not in the old; `lost`, those that some key
+    /// points to in the old maps and not in the new.
+    fn moves(&self) -> Moves<'a> {
+        Moves {
+            gained: self.keys().filter_map(|(_, _, _, new)| new).collect(),
+            lost: self.left(),
         }
     }
-    let mut new_values = BTreeMap::new();
-    for map in new {
-        for (key, value) in map_entries(&map.name, &map.content)? {
-            new_values.insert((map.name.as_str(), key), value);
-        }
-    }
-    let left: BTreeSet<&str> = old_values
-        .iter()
-        .filter(|(key, value)| new_values.get(*key) != Some(*value))
-        .map(|(_, value)| *value)
-        .collect();
-    Ok(new_values.iter().any(|(key, value)| {
-        old_values.get(key).is_some_and(|was| was != value) && left.contains(value)
-    }))
 }
 
 fn runtime_of(
     before: &Parsed<'_>,
     after: &Parsed<'_>,
+    maps: &MapsDiff<'_>,
     old: Files<'_>,
     new: Files<'_>,
     draining: &Draining,
 ) -> Result<Runtime, String> {
-    let hand_over = hand_over(before, after, old, new, draining)?;
-    let (first, last) = match &hand_over.maps {
-        Some((first, last)) => (first.as_slice(), last.as_slice()),
-        None => (old.maps, new.maps),
+    let hand_over = hand_over(before, after, maps, old, new, draining)?;
+    let handed;
+    let maps = match &hand_over.maps {
+        Some((first, last)) => {
+            handed = MapsDiff::new(first, last, new.config)?;
+            &handed
+        }
+        None => maps,
     };
-    let maps = map_commands(first, last, new.config)?;
-    let moves = moves(first, last)?;
+    let moves = maps.moves();
+    let maps = map_commands(maps)?;
     // Servers made ready and put into maintenance, each in the backend's phase (see below).
     let (mut ready_early, mut ready_late) = (Vec::new(), Vec::new());
     let (mut maint_early, mut maint_late) = (Vec::new(), Vec::new());
@@ -502,64 +569,37 @@ struct HandOver {
 fn hand_over(
     before: &Parsed<'_>,
     after: &Parsed<'_>,
+    maps: &MapsDiff<'_>,
     old: Files<'_>,
     new: Files<'_>,
     draining: &Draining,
 ) -> Result<HandOver, String> {
-    let unchanged = old.maps.len() == new.maps.len()
-        && old
-            .maps
-            .iter()
-            .zip(new.maps)
-            .all(|(a, b)| a.content == b.content);
-    if unchanged
-        || !old
-            .maps
-            .iter()
-            .map(|m| &m.name)
-            .eq(new.maps.iter().map(|m| &m.name))
-    {
-        return Ok(HandOver::default());
-    }
-    let mut old_values = BTreeMap::new();
-    let mut referenced = BTreeSet::new();
-    for map in old.maps {
-        for (key, value) in map_entries(&map.name, &map.content)? {
-            old_values.insert((map.name.as_str(), key), value);
-            referenced.insert(value);
-        }
-    }
-    let mut new_values = BTreeMap::new();
-    for map in new.maps {
-        for (key, value) in map_entries(&map.name, &map.content)? {
-            new_values.insert((map.name.as_str(), key), value);
-            referenced.insert(value);
-        }
-    }
-    // Backends that a key leaves: pointed at before by a key that no longer points there.
-    let left: BTreeSet<&str> = old_values
+    let left = maps.left();
+    let mut handed: Vec<((&str, &str), &str)> = maps
+        .changed
         .iter()
-        .filter(|(key, value)| new_values.get(*key) != Some(*value))
-        .map(|(_, value)| *value)
-        .collect();
-    let exact: BTreeSet<&str> = new
-        .maps
-        .iter()
-        .filter(|m| exact_only(new.config, &m.name))
-        .map(|m| m.name.as_str())
-        .collect();
-    let handed: Vec<((&str, &str), &str)> = new_values
-        .iter()
-        .filter(|((map, _), _)| exact.contains(map))
-        .filter(|(key, value)| {
-            old_values.get(*key).is_some_and(|was| was != *value)
-                && left.contains(**value)
-                && servers_of(after, value).next().is_some()
+        .filter(|pair| pair.exact)
+        .flat_map(|pair| {
+            pair.keys.iter().filter_map(|&(key, old, new)| {
+                let new = new.filter(|new| old.is_some() && left.contains(new))?;
+                servers_of(after, new)
+                    .next()
+                    .map(|_| ((pair.name, key), new))
+            })
         })
-        .map(|(key, value)| (*key, *value))
         .collect();
+    handed.sort_unstable();
     if handed.is_empty() {
         return Ok(HandOver::default());
+    }
+    // Every backend a key points to, before or after, in any map: not free to serve as a twin.
+    let mut referenced = BTreeSet::new();
+    for map in old.maps.iter().chain(new.maps) {
+        referenced.extend(
+            map_entries(&map.name, &map.content)?
+                .into_iter()
+                .map(|(_, v)| v),
+        );
     }
     let bodies = bodies(new.config);
     let mut busy: BTreeSet<&str> = referenced;
@@ -680,34 +720,11 @@ fn bodies(config: &str) -> BTreeMap<&str, (usize, Vec<&str>)> {
     bodies
 }
 
-/// How the maps' keys move between backends (map values): `gained`, the backends that some
-/// `(map, key)` points to in the new maps and not in the old; `lost`, those that some key
-/// points to in the old maps and not in the new.
+/// How the maps' keys move between backends: see [`MapsDiff::moves`].
 #[derive(Debug, Default)]
 struct Moves<'a> {
     gained: BTreeSet<&'a str>,
     lost: BTreeSet<&'a str>,
-}
-
-fn moves<'a>(old: &'a [ConfigFile], new: &'a [ConfigFile]) -> Result<Moves<'a>, String> {
-    if old.len() == new.len() && old.iter().zip(new).all(|(a, b)| a.content == b.content) {
-        return Ok(Moves::default());
-    }
-    let pointers =
-        |maps: &'a [ConfigFile]| -> Result<BTreeSet<(&'a str, &'a str, &'a str)>, String> {
-            let mut pointers = BTreeSet::new();
-            for map in maps {
-                for (key, value) in map_entries(&map.name, &map.content)? {
-                    pointers.insert((value, map.name.as_str(), key));
-                }
-            }
-            Ok(pointers)
-        };
-    let (before, after) = (pointers(old)?, pointers(new)?);
-    Ok(Moves {
-        gained: after.difference(&before).map(|p| p.0).collect(),
-        lost: before.difference(&after).map(|p| p.0).collect(),
-    })
 }
 
 fn check_dynamic(parsed: &Parsed<'_>, backend: &str) -> Result<(), String> {
@@ -842,22 +859,11 @@ fn split_address(address: &str) -> Option<(IpAddr, u16)> {
     Some((ip, port))
 }
 
-/// Commands that turn each old map into the new one, if the runtime API can. `config` is the
-/// configuration that uses them.
-fn map_commands(
-    old: &[ConfigFile],
-    new: &[ConfigFile],
-    config: &str,
-) -> Result<Vec<Command>, String> {
-    if !old.iter().map(|m| &m.name).eq(new.iter().map(|m| &m.name)) {
-        return Err("the set of map files changed".to_owned());
-    }
+/// Commands that turn each old map into the new one, if the runtime API can.
+fn map_commands(maps: &MapsDiff<'_>) -> Result<Vec<Command>, String> {
     let mut commands = Vec::new();
-    for (was, now) in old.iter().zip(new) {
-        if was.content != now.content {
-            let ordered = !exact_only(config, &now.name);
-            commands.extend(map_diff(&now.name, &was.content, &now.content, ordered)?);
-        }
+    for pair in &maps.changed {
+        commands.extend(map_diff(pair)?);
     }
     Ok(commands)
 }
@@ -884,46 +890,46 @@ fn exact_only(config: &str, name: &str) -> bool {
 /// first entry that matches, in file order, and `add map` appends: for an `ordered` map the
 /// runtime API is used only when the new file's order is the old one minus removed keys, plus
 /// added keys at the end. Exact matches look keys up in a tree: any order will do.
-fn map_diff(name: &str, old: &str, new: &str, ordered: bool) -> Result<Vec<Command>, String> {
+fn map_diff(pair: &MapPair<'_>) -> Result<Vec<Command>, String> {
+    let name = pair.name;
     if !cli_safe(name) {
         return Err(format!("map name '{}' is not safe", name.escape_default()));
     }
-    let before = map_entries(name, old)?;
-    let after = map_entries(name, new)?;
-    let before_values: HashMap<&str, &str> = before.iter().copied().collect();
-    let after_values: HashMap<&str, &str> = after.iter().copied().collect();
-    let kept = before
-        .iter()
-        .map(|(key, _)| *key)
-        .filter(|key| after_values.contains_key(key));
-    let added = after
-        .iter()
-        .map(|(key, _)| *key)
-        .filter(|key| !before_values.contains_key(key));
-    if ordered && !kept.chain(added).eq(after.iter().map(|(key, _)| *key)) {
-        return Err(format!(
-            "map {name}: entries were inserted before existing ones or reordered"
-        ));
-    }
-    let mut commands = Vec::new();
-    for (key, _) in &before {
-        if !after_values.contains_key(key) {
-            commands.push(Command::quiet(format!("del map {name} {key}")));
+    if !pair.exact {
+        let removed: HashSet<&str> = (pair.keys.iter())
+            .filter(|(_, _, new)| new.is_none())
+            .map(|(key, _, _)| *key)
+            .collect();
+        let added: HashSet<&str> = (pair.keys.iter())
+            .filter(|(_, old, _)| old.is_none())
+            .map(|(key, _, _)| *key)
+            .collect();
+        let kept = (pair.before.iter())
+            .map(|(key, _)| *key)
+            .filter(|key| !removed.contains(key));
+        let added = (pair.after.iter())
+            .map(|(key, _)| *key)
+            .filter(|key| added.contains(key));
+        if !kept.chain(added).eq(pair.after.iter().map(|(key, _)| *key)) {
+            return Err(format!(
+                "map {name}: entries were inserted before existing ones or reordered"
+            ));
         }
     }
-    for (key, value) in &after {
-        match before_values.get(key) {
-            Some(was) if was == value => {}
-            Some(_) => commands.push(Command::quiet(format!("set map {name} {key} {value}"))),
-            None => commands.push(Command::quiet(format!("add map {name} {key} {value}"))),
-        }
-    }
-    Ok(commands)
+    Ok((pair.keys.iter())
+        .map(|&(key, old, new)| {
+            Command::quiet(match (old, new) {
+                (_, None) => format!("del map {name} {key}"),
+                (Some(_), Some(value)) => format!("set map {name} {key} {value}"),
+                (None, Some(value)) => format!("add map {name} {key} {value}"),
+            })
+        })
+        .collect())
 }
 
 fn map_entries<'a>(name: &str, content: &'a str) -> Result<Vec<(&'a str, &'a str)>, String> {
     let mut entries = Vec::new();
-    let mut seen = BTreeSet::new();
+    let mut seen = HashSet::new();
     for line in content.lines() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {

@@ -38,7 +38,8 @@
 //!
 //! churn: `wrk` through the whole ambassador (keep-alive and `Connection: close` at once) while
 //! `--changes` server changes and `--reloads` new service ports go through etcd one at a time:
-//! requests, socket errors, non-2xx, reloads and runtime applies.
+//! requests, socket errors, non-2xx, reloads and runtime applies; `--apps N` first writes N
+//! other apps × 3 servers, so that the churn runs at that scale.
 //!
 //! burst: N containers, each a new domain, started `--parallel` at a time: time from the last
 //! start until all are routed, and the reloads it took.
@@ -94,7 +95,7 @@ async fn main() -> Result<()> {
     let mut parallel = 16usize;
     let mut puts = 200usize;
     let mut renders = 50usize;
-    let mut apps = 10_000usize;
+    let mut apps: Option<usize> = None;
     let mut services = 500usize;
     let mut changes = 1000usize;
     let mut reloads = 50usize;
@@ -108,7 +109,7 @@ async fn main() -> Result<()> {
         match arg.as_str() {
             "--puts" => puts = args.next().context("--puts N")?.parse()?,
             "--renders" => renders = args.next().context("--renders N")?.parse()?,
-            "--apps" => apps = args.next().context("--apps N")?.parse()?,
+            "--apps" => apps = Some(args.next().context("--apps N")?.parse()?),
             "--services" => services = args.next().context("--services N")?.parse()?,
             "--containers" => containers = args.next().context("--containers N")?.parse()?,
             "--idle-secs" => idle_secs = Some(args.next().context("--idle-secs S")?.parse()?),
@@ -130,13 +131,19 @@ async fn main() -> Result<()> {
             let idle = Duration::from_secs(idle_secs.unwrap_or(30));
             registrar(containers, idle, foreign_keys).await
         }
-        "confgen" => confgen(puts, renders, apps, services).await,
+        "confgen" => confgen(puts, renders, apps.unwrap_or(10_000), services).await,
         "supervisor" => supervisor(changes, reloads).await,
         "convergence" => pipeline::convergence(count.unwrap_or(100), tls).await,
         "docker" => pipeline::docker(count.unwrap_or(50)).await,
-        "churn" => scenarios::churn(changes, reloads, Duration::from_secs(secs)).await,
+        "churn" => {
+            let load_for = Duration::from_secs(secs);
+            scenarios::churn(changes, reloads, load_for, apps.unwrap_or(0)).await
+        }
         "burst" => scenarios::burst(count.unwrap_or(500), parallel).await,
-        "scale" => scenarios::scale(apps, services, count.unwrap_or(100), bulk).await,
+        "scale" => {
+            let apps = apps.unwrap_or(10_000);
+            scenarios::scale(apps, services, count.unwrap_or(100), bulk).await
+        }
         "faults" => faults::faults().await,
         "soak" => soak::soak(minutes, rate).await,
         "idle" => {
@@ -149,7 +156,7 @@ async fn main() -> Result<()> {
              bench supervisor [--changes N] [--reloads N]\n       \
              bench convergence [--count N] [--tls]\n       \
              bench docker [--count N]\n       \
-             bench churn [--changes N] [--reloads N] [--secs S]\n       \
+             bench churn [--changes N] [--reloads N] [--secs S] [--apps N]\n       \
              bench burst [--count N] [--parallel N]\n       \
              bench scale [--apps N] [--services N] [--count N] [--bulk N]\n       \
              bench idle [--count N] [--idle-secs S]\n       \
@@ -392,7 +399,7 @@ async fn start_confgen(
             "--http-port",
             &http,
         ],
-        &[("LEGATE_LOG", "warn")],
+        &[("LEGATE_LOG", "info")],
     )?;
     let channel = confgen.channel()?;
     // Subscribe as soon as the API answers, before the first snapshot exists.
@@ -457,7 +464,7 @@ async fn put_latencies(
 
 /// A large registry: `apps` apps × 3 servers and one service × 2 servers per port of `ports`,
 /// all at addresses in 127.0.0.0/8 where nothing listens.
-fn registry(apps: usize, ports: &[u16]) -> Vec<(String, String)> {
+pub(crate) fn registry(apps: usize, ports: &[u16]) -> Vec<(String, String)> {
     let mut ops = Vec::new();
     for a in 0..apps {
         for s in 0..3 {

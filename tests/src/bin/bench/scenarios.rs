@@ -43,8 +43,9 @@ async fn applied(client: &mut Client, version: i64, started: Instant) -> Result<
         }
         if started.elapsed() > LIMIT {
             bail!(
-                "version {version} not applied after {LIMIT:?}: {}",
-                status.last_error
+                "version {version} not applied after {LIMIT:?}: {}\nlast result: {:?}",
+                status.last_error,
+                status.last_result
             );
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -82,10 +83,19 @@ fn mib(kib: u64) -> f64 {
 
 /// Server changes and reloads through the whole ambassador (etcd → confgen → supervisor →
 /// HAProxy) while `wrk` sends keep-alive and `Connection: close` requests to the app changed.
-pub(crate) async fn churn(changes: usize, reloads: usize, load_for: Duration) -> Result<()> {
+pub(crate) async fn churn(
+    changes: usize,
+    reloads: usize,
+    load_for: Duration,
+    apps: usize,
+) -> Result<()> {
     let ambassador = Ambassador::start(LOCALHOST).await?;
     let http = ambassador.http();
     let mut kv = ambassador.etcd.client().await?;
+    if apps > 0 {
+        println!("writing {apps} other apps x 3 servers...");
+        legate_tests::etcd::put_all(&mut kv, &registry(apps, &[])).await?;
+    }
     let mut client = supervisor_client(&ambassador.supervisor).await?;
     let mut stable = Vec::new();
     let mut written = 0;
@@ -160,7 +170,7 @@ pub(crate) async fn churn(changes: usize, reloads: usize, load_for: Duration) ->
 
     println!();
     println!(
-        "churn: {} server changes and {} new service ports through etcd, confgen, supervisor and HAProxy, one at a time, under wrk for {load_for:?}",
+        "churn: {} server changes and {} new service ports through etcd, confgen, supervisor and HAProxy, one at a time, under wrk for {load_for:?}, beside {apps} other apps x 3 servers",
         server_changes.len(),
         new_ports.len()
     );
@@ -394,9 +404,13 @@ pub(crate) async fn scale(apps: usize, services: usize, samples: usize, bulk: us
         Ok(Some(supervisor_client(&supervisor).await?))
     })
     .await?;
-    let first_apply = applied(&mut client, written, started)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}\n{}", supervisor.log()))?;
+    let first_apply = applied(&mut client, written, started).await.map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\nsupervisor:\n{}\nconfgen:\n{}",
+            supervisor.log(),
+            confgen.log()
+        )
+    })?;
     let haproxy = haproxy_pids(&supervised).await?;
     let haproxy_rss = usage(&haproxy)?.0;
     let haproxy_fds: usize = haproxy.iter().map(|pid| open_fds(*pid)).sum();
