@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr};
 
 use legate_proto::v1::ConfigFile;
+use memchr::memmem;
 
 /// A configuration as files: the text after `global` and its maps.
 #[derive(Debug, Clone, Copy)]
@@ -314,7 +315,7 @@ fn split_sections(text: &str) -> Vec<&str> {
 /// has several (then which one applies where is left to [`plan`]).
 fn only_defaults(config: &str) -> Option<&str> {
     let mut found = None;
-    for (at, _) in config.match_indices("defaults") {
+    for at in memmem::find_iter(config.as_bytes(), "defaults") {
         let start = line_start(config, at);
         let line = line_at(config, start);
         if words(line).next() != Some("defaults") {
@@ -873,7 +874,7 @@ fn map_commands(maps: &MapsDiff<'_>) -> Result<Vec<Command>, String> {
 /// matter; and uses it at all.
 fn exact_only(config: &str, name: &str) -> bool {
     let mut used = false;
-    for (at, _) in config.match_indices(name) {
+    for at in memmem::find_iter(config.as_bytes(), name) {
         let before = &config[..at];
         let after = &config[at + name.len()..];
         if !(before.ends_with("map(") || before.ends_with("map_str("))
