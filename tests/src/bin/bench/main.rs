@@ -404,7 +404,7 @@ async fn start_confgen(
             "--http-port",
             &http,
         ],
-        &[("LEGATE_LOG", "info")],
+        &[("LEGATE_LOG", "warn")],
     )?;
     let channel = confgen.channel()?;
     // Subscribe as soon as the API answers, before the first snapshot exists.
