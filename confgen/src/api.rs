@@ -26,7 +26,7 @@ pub type Snapshots = watch::Receiver<Option<Arc<v1::ConfigSnapshot>>>;
 /// Longest message kept from a node's report.
 const MAX_REPORT_MESSAGE: usize = 4096;
 
-/// Longest checksum kept from a node (a `sha256:` checksum has 71 characters).
+/// Longest checksum kept from a node (a `sha256s:` checksum has 72 characters).
 const MAX_CHECKSUM: usize = 80;
 
 /// What confgen knows beyond the snapshot, for `Confgen.Status`. Nothing a client sends grows
@@ -261,23 +261,43 @@ struct Subscription {
     shutdown: CancellationToken,
     /// Set when the subscriber wants the model: it counts in the demand while it lasts.
     models: Option<Arc<ModelDemand>>,
+    /// Whether the subscriber asked for deltas (`WatchRequest.deltas`).
+    deltas: bool,
+    /// The last snapshot sent, which the next message of a delta stream is the change from.
+    sent: Option<Arc<v1::ConfigSnapshot>>,
 }
 
 impl Subscription {
-    /// The message for `snapshot`: a copy, since the stream owns what it sends, without the
-    /// model if the subscriber asked so (the largest part by far, and copied field by field).
-    fn copy(&self, snapshot: &v1::ConfigSnapshot) -> v1::ConfigSnapshot {
+    /// The message for `snapshot`: on a delta stream, the change from the last snapshot sent
+    /// (the first whole); else a whole copy with the earlier scheme's checksum, which an earlier
+    /// supervisor checks. Without the model if the subscriber asked so (the largest part by far).
+    fn message(&mut self, snapshot: &Arc<v1::ConfigSnapshot>) -> v1::ConfigSnapshot {
+        let mut message = match &self.sent {
+            Some(base) if self.deltas => legate_proto::snapshot::delta(base, snapshot),
+            _ => v1::ConfigSnapshot {
+                version: snapshot.version,
+                checksum: if self.deltas {
+                    snapshot.checksum.clone()
+                } else {
+                    legate_proto::snapshot::legacy_checksum(
+                        &snapshot.haproxy_config,
+                        &snapshot.maps,
+                    )
+                },
+                haproxy_config: snapshot.haproxy_config.clone(),
+                maps: snapshot.maps.clone(),
+                model: None,
+                generator: snapshot.generator.clone(),
+                delta: None,
+            },
+        };
         if self.models.is_some() {
-            return snapshot.clone();
+            message.model.clone_from(&snapshot.model);
         }
-        v1::ConfigSnapshot {
-            version: snapshot.version,
-            checksum: snapshot.checksum.clone(),
-            haproxy_config: snapshot.haproxy_config.clone(),
-            maps: snapshot.maps.clone(),
-            model: None,
-            generator: snapshot.generator.clone(),
+        if self.deltas {
+            self.sent = Some(snapshot.clone());
         }
+        message
     }
 }
 
@@ -326,6 +346,8 @@ impl v1::confgen_server::Confgen for Api {
             status: self.status.clone(),
             node_id,
             shutdown: self.shutdown.clone(),
+            deltas: request.deltas,
+            sent: None,
         };
         let stream = futures_util::stream::unfold(subscription, |mut sub| async move {
             loop {
@@ -339,7 +361,7 @@ impl v1::confgen_server::Confgen for Api {
                     // One that wants the model waits for a snapshot with it, which confgen
                     // renders at once when asked.
                     Some(models) if snapshot.model.is_none() => models.wanted.notify_one(),
-                    _ => return Some((Ok(sub.copy(&snapshot)), sub)),
+                    _ => return Some((Ok(sub.message(&snapshot)), sub)),
                 }
             }
         });

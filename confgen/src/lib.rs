@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use legate_proto::registry::{KeyKind, Schema};
 use legate_proto::runtime::{self, CommonArgs, EtcdArgs, EtcdError, RuntimeError};
+use legate_proto::snapshot::Digest;
 use legate_proto::transport::{GrpcServer, Listen, ServerArgs};
 use legate_proto::v1;
 use tokio::sync::{mpsc, watch};
@@ -300,6 +301,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         renderer,
         settings,
         snapshots: snapshot_tx,
+        digest: None,
         models,
         status,
         output: config.output.clone(),
@@ -329,6 +331,9 @@ struct Generator {
     renderer: Renderer,
     settings: Settings,
     snapshots: watch::Sender<Option<Arc<v1::ConfigSnapshot>>>,
+    /// What the current snapshot's checksum was computed from, so that the next one costs
+    /// the sections that change.
+    digest: Option<Digest>,
     /// Whether snapshots carry the model.
     models: Arc<ModelDemand>,
     status: Arc<Status>,
@@ -515,13 +520,19 @@ impl Generator {
                 return;
             }
         };
-        let (same, with_model) = self
-            .snapshots
-            .borrow()
-            .as_ref()
-            .map_or((false, false), |s| {
-                (s.checksum == rendered.checksum, s.model.is_some())
-            });
+        // The checksum costs the sections that changed since the current snapshot.
+        let current = self.snapshots.borrow().clone();
+        let digest = match (&current, &self.digest) {
+            (Some(current), Some(digest)) => digest.next(
+                (&current.haproxy_config, &current.maps),
+                (&rendered.config, &rendered.maps),
+            ),
+            _ => Digest::of(&rendered.config, &rendered.maps),
+        };
+        let (same, with_model) = current.as_ref().map_or((false, false), |s| {
+            (s.checksum == digest.checksum(), s.model.is_some())
+        });
+        drop(current);
         if same && (with_model || !keep_model) {
             metrics::counter!("legate_confgen_renders_total", "result" => "unchanged").increment(1);
             return;
@@ -542,12 +553,14 @@ impl Generator {
         drop(view);
         let snapshot = v1::ConfigSnapshot {
             version,
-            checksum: rendered.checksum,
+            checksum: digest.checksum().to_owned(),
             haproxy_config: rendered.config,
             maps: rendered.maps,
             model,
             generator: self.settings.generator.clone(),
+            delta: None,
         };
+        self.digest = Some(digest);
         if same {
             // The same configuration again, now with the model a subscriber asked for.
             debug!(

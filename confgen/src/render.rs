@@ -234,15 +234,13 @@ pub struct Rendered {
     pub config: String,
     /// The map files it refers to, ordered by name.
     pub maps: Vec<v1::ConfigFile>,
-    /// `legate_proto::checksum` of both.
-    pub checksum: String,
     /// The configuration in chunks, in order.
     pub chunks: Vec<Chunk>,
 }
 
 impl PartialEq for Rendered {
     fn eq(&self, other: &Self) -> bool {
-        self.config == other.config && self.maps == other.maps && self.checksum == other.checksum
+        self.config == other.config && self.maps == other.maps
     }
 }
 
@@ -581,11 +579,9 @@ impl Renderer {
             allowed_dirs: &settings.allowed_file_dirs,
         };
         self.check(&chunks, &config, &policy)?;
-        let checksum = legate_proto::checksum(&config, &maps);
         Ok(Rendered {
             config,
             maps,
-            checksum,
             chunks,
         })
     }

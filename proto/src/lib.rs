@@ -3,8 +3,9 @@
 //! - [`v1`]: the `legate.v1` gRPC API (messages, clients and servers) generated from `proto/`.
 //! - [`registry`]: the etcd key schema and its JSON values, with the validation every
 //!   registration goes through before it is written to etcd or read into a configuration.
-//! - [`checksum`], [`valid_file_name`], [`policy`]: the rules of a `ConfigSnapshot`; the last
-//!   says what a configuration may not ask of HAProxy (code, files, control sockets).
+//! - [`snapshot`], [`valid_file_name`], [`policy`]: the rules of a `ConfigSnapshot`: its
+//!   checksum and deltas, its file names, and what a configuration may not ask of HAProxy
+//!   (code, files, control sockets).
 //! - [`runtime`] (feature `runtime`): what every service binary shares: tracing, Prometheus
 //!   metrics, the gRPC health service and shutdown on signals; [`web`]: the HTTP listener of
 //!   `--metrics-listen`.
@@ -13,6 +14,7 @@ pub mod policy;
 pub mod registry;
 #[cfg(feature = "runtime")]
 pub mod runtime;
+pub mod snapshot;
 #[cfg(feature = "runtime")]
 pub mod transport;
 #[cfg(feature = "runtime")]
@@ -24,30 +26,7 @@ pub mod v1 {
     tonic::include_proto!("legate.v1");
 }
 
-/// The checksum of a configuration, as in `ConfigSnapshot.checksum`: `"sha256:"` and the
-/// lower-case hex SHA-256 over `haproxy_config`, then each map's name and content, in order,
-/// each part preceded by its length in bytes as a big-endian u64 (so no two different
-/// configurations hash the same parts).
-pub fn checksum(haproxy_config: &str, maps: &[v1::ConfigFile]) -> String {
-    use sha2::Digest;
-    use std::fmt::Write;
-    let mut hasher = sha2::Sha256::new();
-    let mut part = |bytes: &[u8]| {
-        hasher.update((bytes.len() as u64).to_be_bytes());
-        hasher.update(bytes);
-    };
-    part(haproxy_config.as_bytes());
-    for map in maps {
-        part(map.name.as_bytes());
-        part(map.content.as_bytes());
-    }
-    let mut hex = String::with_capacity(7 + 64);
-    hex.push_str("sha256:");
-    for byte in hasher.finalize() {
-        let _ = write!(hex, "{byte:02x}");
-    }
-    hex
-}
+pub use snapshot::checksum;
 
 /// `at` in milliseconds since the Unix epoch, as the API's `*_unix_ms` fields carry it.
 pub fn unix_ms(at: std::time::SystemTime) -> i64 {
@@ -55,9 +34,10 @@ pub fn unix_ms(at: std::time::SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// A checksum as status displays show it: `sha256:` and the first 12 hex digits.
+/// A checksum as status displays show it: its scheme (`sha256s:`) and the first 12 hex digits.
 pub fn short_checksum(checksum: &str) -> &str {
-    checksum.get(..19).unwrap_or(checksum)
+    let scheme = checksum.find(':').map_or(0, |colon| colon + 1);
+    checksum.get(..scheme + 12).unwrap_or(checksum)
 }
 
 /// A container id as Docker shows it: its first 12 characters.
@@ -118,18 +98,31 @@ mod checksum_tests {
     }
 
     #[test]
-    fn checksum_is_sha256_of_length_prefixed_parts() {
+    fn legacy_checksum_is_sha256_of_length_prefixed_parts() {
+        use snapshot::legacy_checksum;
         // Reference computed independently: printf of the length-prefixed parts | sha256sum.
         assert_eq!(
-            checksum("", &[]),
+            legacy_checksum("", &[]),
             "sha256:af5570f5a1810b7af78caf4bc70a660f0df51e42baf91d4de5b2328de0e83dfc"
         );
-        let a = checksum("defaults\n", &[file("hosts.map", "a b\n")]);
+        let a = legacy_checksum("defaults\n", &[file("hosts.map", "a b\n")]);
         assert!(a.starts_with("sha256:") && a.len() == 71, "{a}");
         // Moving bytes between parts changes the checksum.
-        assert_ne!(a, checksum("defaults\nhosts.map", &[file("", "a b\n")]));
-        assert_ne!(a, checksum("defaults\n", &[file("hosts.ma", "pa b\n")]));
-        assert_eq!(a, checksum("defaults\n", &[file("hosts.map", "a b\n")]));
+        assert_ne!(
+            a,
+            legacy_checksum("defaults\nhosts.map", &[file("", "a b\n")])
+        );
+        assert_ne!(
+            a,
+            legacy_checksum("defaults\n", &[file("hosts.ma", "pa b\n")])
+        );
+        assert_eq!(
+            a,
+            legacy_checksum("defaults\n", &[file("hosts.map", "a b\n")])
+        );
+        assert_eq!(short_checksum(&a), &a[..19]);
+        let b = checksum("defaults\n", &[file("hosts.map", "a b\n")]);
+        assert_eq!(short_checksum(&b), &b[..20]);
     }
 
     #[test]

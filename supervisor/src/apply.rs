@@ -33,6 +33,16 @@ use crate::{CONFIG_FILE, Settings};
 /// A snapshot to apply and where to send the result (`Supervisor.Apply`).
 pub type Request = (Arc<ConfigSnapshot>, oneshot::Sender<ApplyResult>);
 
+/// Where a snapshot comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `Supervisor.Apply`: its checksum is checked here.
+    Request,
+    /// Confgen's stream: the subscriber checked the checksum when it rebuilt the snapshot
+    /// (`legate_proto::snapshot::rebuild`).
+    Confgen,
+}
+
 /// Counters and the last outcome, shared with `Supervisor.Status`.
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
@@ -172,13 +182,13 @@ impl Applier {
                 biased;
                 () = shutdown.cancelled() => break,
                 Some((snapshot, reply)) = requests.recv() => {
-                    let result = self.apply(snapshot).await;
+                    let result = self.apply(snapshot, Source::Request).await;
                     let _ = reply.send(result);
                 }
                 Ok(()) = snapshots.changed() => {
                     let latest = snapshots.borrow_and_update().clone();
                     if let Some(snapshot) = latest {
-                        let result = self.apply(snapshot).await;
+                        let result = self.apply(snapshot, Source::Confgen).await;
                         reports.send_replace(Some(result));
                     }
                 }
@@ -209,9 +219,9 @@ impl Applier {
     }
 
     /// Applies one snapshot and records the outcome.
-    pub async fn apply(&mut self, snapshot: Arc<ConfigSnapshot>) -> ApplyResult {
+    pub async fn apply(&mut self, snapshot: Arc<ConfigSnapshot>, source: Source) -> ApplyResult {
         let started = Instant::now();
-        let (outcome, mut message) = match self.apply_inner(&snapshot).await {
+        let (outcome, mut message) = match self.apply_inner(&snapshot, source).await {
             Ok((outcome, message)) => (outcome, message),
             Err(Rejected(message)) => (ApplyOutcome::Rejected, message),
         };
@@ -271,6 +281,7 @@ impl Applier {
     async fn apply_inner(
         &mut self,
         snapshot: &Arc<ConfigSnapshot>,
+        source: Source,
     ) -> Result<(ApplyOutcome, String), Rejected> {
         let previous = self.checked.clone();
         check_shape(
@@ -278,6 +289,19 @@ impl Applier {
             &self.settings.allowed_file_dirs,
             previous.as_deref(),
         )?;
+        if source == Source::Request
+            && !legate_proto::snapshot::verify(
+                &snapshot.checksum,
+                &snapshot.haproxy_config,
+                &snapshot.maps,
+            )
+        {
+            return Err(Rejected(format!(
+                "checksum {} does not match the content ({})",
+                snapshot.checksum.escape_default(),
+                legate_proto::checksum(&snapshot.haproxy_config, &snapshot.maps)
+            )));
+        }
         self.checked = Some(snapshot.clone());
         let snapshot = &self.without_unbindable(snapshot, previous.as_deref());
         if !self.haproxy_alive() {
@@ -691,9 +715,12 @@ impl Applier {
         maps.sort_by(|a, b| a.name.cmp(&b.name));
         let checksum = legate_proto::checksum(&config, &maps);
         let record = std::fs::read_to_string(self.paths.running()).unwrap_or_default();
+        // Written by this version or an earlier one (other checksum scheme).
         let recorded = record
             .split_once(' ')
-            .filter(|(_, sum)| sum.trim() == checksum)
+            .filter(|(_, sum)| {
+                sum.trim() == checksum || legate_proto::snapshot::verify(sum.trim(), &config, &maps)
+            })
             .and_then(|(version, _)| version.parse::<u64>().ok());
         let snapshot = ConfigSnapshot {
             version: recorded.unwrap_or(0),
@@ -702,6 +729,7 @@ impl Applier {
             maps,
             model: None,
             generator: "live files".to_owned(),
+            delta: None,
         };
         if let Some(version) = recorded {
             let mut stats = self.lock_stats();
@@ -821,15 +849,7 @@ fn check_shape(
         }
         None => legate_proto::policy::check(config, &policy),
     };
-    verdict.map_err(|violation| Rejected(format!("the configuration is refused: {violation}")))?;
-    let checksum = legate_proto::checksum(&snapshot.haproxy_config, &snapshot.maps);
-    if checksum != snapshot.checksum {
-        return Err(Rejected(format!(
-            "checksum {} does not match the content ({checksum})",
-            snapshot.checksum.escape_default()
-        )));
-    }
-    Ok(())
+    verdict.map_err(|violation| Rejected(format!("the configuration is refused: {violation}")))
 }
 
 /// Writes the snapshot's maps, then its configuration, into `dir`, each atomically, and

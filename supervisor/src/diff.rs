@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr};
 
+use legate_proto::snapshot::{common_prefix, common_suffix};
 use legate_proto::v1::ConfigFile;
 use memchr::memmem;
 
@@ -209,38 +210,6 @@ pub fn changed_region(old: &str, new: &str) -> Option<Region> {
         end_old,
         end_new,
     })
-}
-
-/// How many bytes `a` and `b` share at their start, compared a block at a time.
-fn common_prefix(a: &[u8], b: &[u8]) -> usize {
-    const BLOCK: usize = 4096;
-    let n = a.len().min(b.len());
-    let mut i = 0;
-    while i + BLOCK <= n && a[i..i + BLOCK] == b[i..i + BLOCK] {
-        i += BLOCK;
-    }
-    i + a[i..n]
-        .iter()
-        .zip(&b[i..n])
-        .take_while(|(x, y)| x == y)
-        .count()
-}
-
-/// How many bytes `a` and `b` share at their end, at most `max`.
-fn common_suffix(a: &[u8], b: &[u8], max: usize) -> usize {
-    const BLOCK: usize = 4096;
-    let (la, lb) = (a.len(), b.len());
-    let mut i = 0;
-    while i + BLOCK <= max && a[la - i - BLOCK..la - i] == b[lb - i - BLOCK..lb - i] {
-        i += BLOCK;
-    }
-    i + a[..la - i]
-        .iter()
-        .rev()
-        .zip(b[..lb - i].iter().rev())
-        .take(max - i)
-        .take_while(|(x, y)| x == y)
-        .count()
 }
 
 /// Whether `line` starts a section.

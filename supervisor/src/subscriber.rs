@@ -2,12 +2,17 @@
 //! `watch` channel (latest wins, so snapshots that arrive during an apply are coalesced), and
 //! each outcome goes back through `Confgen.Report`.
 //!
+//! The stream asks for deltas: each snapshot after the first comes as the change from the one
+//! before, and is rebuilt here and checked against its checksum (`legate_proto::snapshot`); one
+//! that does not rebuild ends the stream, and the next begins with a whole snapshot.
+//!
 //! Both reconnect with backoff. A reconnect replays confgen's current snapshot; if it is what
 //! runs, applying it is a no-op (UNCHANGED).
 
 use std::sync::{Arc, Mutex};
 
 use legate_proto::runtime;
+use legate_proto::snapshot::{self, Digest};
 use legate_proto::v1::confgen_client::ConfgenClient;
 use legate_proto::v1::{ApplyReport, ApplyResult, ConfigSnapshot, WatchRequest};
 use tokio::sync::watch;
@@ -49,6 +54,7 @@ impl Subscriber {
                 node_id: self.node_id.clone(),
                 have_checksum,
                 omit_model: true,
+                deltas: true,
             };
             let mut client = self.client();
             let error = tokio::select! {
@@ -58,12 +64,32 @@ impl Subscriber {
                     Ok(response) => {
                         info!("subscribed to confgen");
                         let mut stream = response.into_inner();
+                        // The previous snapshot of this stream, which the next one may be a
+                        // delta of.
+                        let mut base: Option<(Arc<ConfigSnapshot>, Digest)> = None;
                         loop {
                             tokio::select! {
                                 () = shutdown.cancelled() => return,
                                 message = stream.message() => match message {
-                                    Ok(Some(snapshot)) => {
-                                        snapshots.send_replace(Some(Arc::new(snapshot)));
+                                    Ok(Some(message)) => {
+                                        let base_ref = base.as_ref().map(|(s, d)| (&**s, d));
+                                        match snapshot::rebuild(base_ref, message) {
+                                            Ok((snapshot, digest)) => {
+                                                let snapshot = Arc::new(snapshot);
+                                                snapshots.send_replace(Some(snapshot.clone()));
+                                                base = Some((snapshot, digest));
+                                            }
+                                            Err(e) => {
+                                                metrics::counter!(
+                                                    "legate_supervisor_snapshots_refused_total"
+                                                )
+                                                .increment(1);
+                                                break format!(
+                                                    "a snapshot from confgen does not rebuild, \
+                                                     subscribing again for a whole one: {e}"
+                                                );
+                                            }
+                                        }
                                     }
                                     Ok(None) => break "confgen ended the stream".to_owned(),
                                     Err(status) => break status.to_string(),

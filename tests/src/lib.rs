@@ -7,6 +7,8 @@
 //! - [`backend::Backend`]: a fast HTTP backend for load tests, in-process or as the
 //!   `legate-backend` binary;
 //! - [`service::Service`]: legate's own binaries run as processes;
+//! - [`confgen::Snapshots`]: a `Confgen.Watch` subscriber that rebuilds deltas as the
+//!   supervisor does;
 //! - [`proxy::Proxy`]: a TCP proxy whose connections a test cuts, to lose a stream on purpose;
 //! - [`supervisor::Supervised`]: a supervisor's directories, and the HAProxy it leaves behind
 //!   killed at the end;
@@ -20,6 +22,7 @@
 
 pub mod ambassador;
 pub mod backend;
+pub mod confgen;
 pub mod docker;
 pub mod etcd;
 pub mod haproxy;

@@ -164,6 +164,7 @@ pub fn snapshot(config: String, maps: &[(&str, &str)]) -> v1::ConfigSnapshot {
         maps,
         model: None,
         generator: "test".to_owned(),
+        delta: None,
     }
 }
 

@@ -12,15 +12,16 @@ use etcd_client::{Client, Txn, TxnOp};
 use legate_confgen::model::{Registry, Slots};
 use legate_confgen::render::{DEFAULT_TEMPLATE, Renderer, Settings, View};
 use legate_proto::registry::{Prefix, Schema};
+use legate_proto::snapshot;
 use legate_proto::v1;
 use legate_proto::v1::confgen_client::ConfgenClient;
 use legate_tests::backend::Backend;
+use legate_tests::confgen::Snapshots;
 use legate_tests::etcd::{self, Etcd};
 use legate_tests::haproxy::{self, Haproxy};
 use legate_tests::proxy::{Proxy, Upstream};
 use legate_tests::service::Service;
 use legate_tests::{WAIT, free_port, http_get, load, wait_for};
-use tonic::Streaming;
 use tonic::transport::Channel;
 
 fn id(n: u32) -> String {
@@ -47,30 +48,20 @@ async fn client(confgen: &Service) -> ConfgenClient<Channel> {
     ConfgenClient::new(channel).max_decoding_message_size(64 << 20)
 }
 
-async fn subscribe(confgen: &Service, node: &str) -> Streaming<v1::ConfigSnapshot> {
+async fn subscribe(confgen: &Service, node: &str) -> Snapshots {
     subscribe_with(confgen, node, false).await
 }
 
-async fn subscribe_with(
-    confgen: &Service,
-    node: &str,
-    omit_model: bool,
-) -> Streaming<v1::ConfigSnapshot> {
-    client(confgen)
-        .await
-        .watch(v1::WatchRequest {
-            node_id: node.to_owned(),
-            have_checksum: String::new(),
-            omit_model,
-        })
+async fn subscribe_with(confgen: &Service, node: &str, omit_model: bool) -> Snapshots {
+    let channel = confgen.connect().await.unwrap();
+    Snapshots::subscribe(channel, node, omit_model)
         .await
         .unwrap()
-        .into_inner()
 }
 
 /// Reads snapshots until one satisfies `done`; checks that versions never go back.
 async fn until(
-    stream: &mut Streaming<v1::ConfigSnapshot>,
+    stream: &mut Snapshots,
     what: &str,
     done: impl Fn(&v1::ConfigSnapshot) -> bool,
 ) -> v1::ConfigSnapshot {
@@ -528,6 +519,71 @@ async fn renders_a_thousand_keys_that_haproxy_accepts() {
         .map(|m| (m.name.as_str(), m.content.as_str()))
         .collect();
     haproxy::check_with(&snapshot.haproxy_config, &maps).unwrap();
+}
+
+/// A delta stream (the supervisor's) rebuilds every snapshot that a whole stream gets, each
+/// message after the first a delta; a subscriber that does not ask for deltas (a supervisor of
+/// an earlier version) gets whole snapshots with the earlier scheme's checksum.
+#[tokio::test]
+async fn a_delta_stream_rebuilds_what_a_whole_stream_gets() {
+    let etcd = Etcd::start().await.unwrap();
+    let mut kv = etcd.client().await.unwrap();
+    let confgen = start_confgen(&etcd.endpoint(), &[]).await;
+    let mut deltas = subscribe_with(&confgen, "node-a", true).await;
+    let mut whole = client(&confgen)
+        .await
+        .watch(v1::WatchRequest {
+            node_id: "node-b".to_owned(),
+            omit_model: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    until(&mut deltas, "the empty registry", |_| true).await;
+    for n in 1..=5 {
+        let domain = format!("app{n}.example.com");
+        kv.put(app_key(&domain, n, &format!("10.0.0.{n}:80")), "", None)
+            .await
+            .unwrap();
+        let rebuilt = until(&mut deltas, &domain, |s| {
+            s.maps.iter().any(|m| m.content.contains(&domain))
+        })
+        .await;
+        let sent = loop {
+            let sent = whole.message().await.unwrap().unwrap();
+            if sent.version >= rebuilt.version {
+                break sent;
+            }
+        };
+        assert!(sent.delta.is_none());
+        assert!(
+            sent.checksum.starts_with(snapshot::LEGACY_SCHEME),
+            "{}",
+            sent.checksum
+        );
+        assert!(snapshot::verify(
+            &sent.checksum,
+            &sent.haproxy_config,
+            &sent.maps
+        ));
+        assert_eq!(
+            (&sent.version, &sent.haproxy_config, &sent.maps),
+            (&rebuilt.version, &rebuilt.haproxy_config, &rebuilt.maps)
+        );
+        assert_eq!(
+            rebuilt.checksum,
+            snapshot::checksum(&rebuilt.haproxy_config, &rebuilt.maps)
+        );
+    }
+    assert!(deltas.deltas >= 5, "{} deltas", deltas.deltas);
+    let status = client(&confgen)
+        .await
+        .status(v1::ConfgenStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.checksum, deltas.last().unwrap().checksum);
 }
 
 #[tokio::test]

@@ -75,15 +75,14 @@ use anyhow::{Context, Result, bail};
 use etcd_client::{EventType, WatchOptions};
 use legate_proto::v1;
 use legate_proto::v1::ApplyOutcome;
-use legate_proto::v1::confgen_client::ConfgenClient;
 use legate_proto::v1::supervisor_client::SupervisorClient;
 use legate_tests::backend::Backend;
+use legate_tests::confgen::Snapshots;
 use legate_tests::docker::{self, Container};
 use legate_tests::etcd::Etcd;
 use legate_tests::load;
 use legate_tests::service::Service;
 use legate_tests::supervisor::{Supervised, config, with_comment};
-use tonic::Streaming;
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -389,10 +388,7 @@ fn container_id(n: usize) -> String {
 }
 
 /// Starts confgen on `etcd` with its listeners on `bind` and one Watch subscriber.
-async fn start_confgen(
-    etcd: &Etcd,
-    bind: std::net::IpAddr,
-) -> Result<(Service, Streaming<v1::ConfigSnapshot>)> {
+async fn start_confgen(etcd: &Etcd, bind: std::net::IpAddr) -> Result<(Service, Snapshots)> {
     let (bind, http) = (bind.to_string(), legate_tests::free_port()?.to_string());
     let mut confgen = Service::start(
         "legate-confgen",
@@ -410,16 +406,8 @@ async fn start_confgen(
     // Subscribe as soon as the API answers, before the first snapshot exists.
     let stream = legate_tests::wait_for("the Confgen API", legate_tests::WAIT, || {
         let channel = channel.clone();
-        async move {
-            let mut client = ConfgenClient::new(channel).max_decoding_message_size(256 << 20);
-            let request = v1::WatchRequest {
-                node_id: "bench".to_owned(),
-                have_checksum: String::new(),
-                // As the supervisor subscribes.
-                omit_model: true,
-            };
-            Ok(Some(client.watch(request).await?.into_inner()))
-        }
+        // As the supervisor subscribes: no model, deltas.
+        async move { Ok(Some(Snapshots::subscribe(channel, "bench", true).await?)) }
     })
     .await?;
     confgen.wait_serving().await?;
@@ -428,7 +416,7 @@ async fn start_confgen(
 
 /// Reads snapshots until one has at least `version`; returns when it arrived.
 async fn snapshot_at(
-    stream: &mut Streaming<v1::ConfigSnapshot>,
+    stream: &mut Snapshots,
     version: u64,
 ) -> Result<(Instant, v1::ConfigSnapshot)> {
     loop {
@@ -445,7 +433,7 @@ async fn snapshot_at(
 /// Latency of `count` puts, one at a time, each to a new app key.
 async fn put_latencies(
     client: &mut etcd_client::Client,
-    stream: &mut Streaming<v1::ConfigSnapshot>,
+    stream: &mut Snapshots,
     count: usize,
     tag: &str,
 ) -> Result<(Vec<Duration>, Vec<Duration>)> {

@@ -1,0 +1,373 @@
+//! What every party to a `ConfigSnapshot` computes alike: its checksum, from scratch or updated
+//! where the text changed ([`Digest`]), and the deltas that carry a snapshot as the change from
+//! the previous one of a `Confgen.Watch` stream ([`delta`], [`rebuild`]). `config.proto` says
+//! what each field means; this module is its one implementation.
+
+use sha2::{Digest as _, Sha256};
+
+use crate::v1::{ConfigFile, ConfigSnapshot, MapDelta, SnapshotDelta, TextDelta};
+
+/// The prefix of a checksum in the scheme confgen and supervisors compute.
+pub const SCHEME: &str = "sha256s:";
+/// The prefix of a checksum in the scheme of earlier versions.
+pub const LEGACY_SCHEME: &str = "sha256:";
+
+type Hash = [u8; 32];
+
+/// The checksum of a configuration: `"sha256s:"` and the hex SHA-256 over its parts' hashes
+/// and its maps (`config.proto`).
+pub fn checksum(haproxy_config: &str, maps: &[ConfigFile]) -> String {
+    Digest::of(haproxy_config, maps).checksum().to_owned()
+}
+
+/// The checksum in the scheme of earlier versions: `"sha256:"` and the hex SHA-256 over
+/// `haproxy_config`, then each map's name and content, each preceded by its length in bytes as
+/// a big-endian u64 (so no two different configurations hash the same parts).
+pub fn legacy_checksum(haproxy_config: &str, maps: &[ConfigFile]) -> String {
+    let mut hasher = Sha256::new();
+    let mut part = |bytes: &[u8]| {
+        hasher.update((bytes.len() as u64).to_be_bytes());
+        hasher.update(bytes);
+    };
+    part(haproxy_config.as_bytes());
+    for map in maps {
+        part(map.name.as_bytes());
+        part(map.content.as_bytes());
+    }
+    hex(LEGACY_SCHEME, &hasher.finalize().into())
+}
+
+/// Whether `checksum`, in either scheme, is the checksum of `haproxy_config` and `maps`.
+pub fn verify(checksum: &str, haproxy_config: &str, maps: &[ConfigFile]) -> bool {
+    if checksum.starts_with(SCHEME) {
+        Digest::of(haproxy_config, maps).checksum() == checksum
+    } else {
+        legacy_checksum(haproxy_config, maps) == checksum
+    }
+}
+
+fn hex(scheme: &str, hash: &Hash) -> String {
+    use std::fmt::Write;
+    let mut hex = String::with_capacity(scheme.len() + 64);
+    hex.push_str(scheme);
+    for byte in hash {
+        let _ = write!(hex, "{byte:02x}");
+    }
+    hex
+}
+
+/// A configuration's checksum with the hashes it was computed from, so that the checksum of
+/// the next configuration costs the parts that changed: [`Digest::next`].
+#[derive(Debug, Clone, Default)]
+pub struct Digest {
+    /// Where each part of the configuration starts (the first at 0), and its SHA-256.
+    parts: Vec<(usize, Hash)>,
+    /// Length of the configuration.
+    len: usize,
+    /// Each map's name and the SHA-256 of its content, in order.
+    maps: Vec<(String, Hash)>,
+    checksum: String,
+}
+
+impl Digest {
+    /// Hashes `haproxy_config` and `maps` whole.
+    pub fn of(haproxy_config: &str, maps: &[ConfigFile]) -> Self {
+        let mut parts = Vec::new();
+        split(haproxy_config, 0, haproxy_config.len(), &mut parts);
+        let maps = maps
+            .iter()
+            .map(|m| (m.name.clone(), sha256(m.content.as_bytes())))
+            .collect();
+        Self::finish(parts, haproxy_config.len(), maps)
+    }
+
+    /// The digest of `(config, maps)` when `self` is the digest of `(old_config, old_maps)`:
+    /// only the parts of the text between the two texts' common start and common end are
+    /// hashed again, and only the maps whose content differs.
+    pub fn next(
+        &self,
+        (old_config, old_maps): (&str, &[ConfigFile]),
+        (config, maps): (&str, &[ConfigFile]),
+    ) -> Self {
+        debug_assert_eq!(self.len, old_config.len(), "a digest of another text");
+        let (old, new) = (old_config.as_bytes(), config.as_bytes());
+        let prefix = common_prefix(old, new);
+        let suffix = common_suffix(old, new, old.len().min(new.len()) - prefix);
+        // A part is the same in both when it and the bytes on each side of its bounds (which
+        // decide the bounds) lie in the common start, or in the common end. Part i ends where
+        // part i + 1 starts: the parts kept at the front are those before the last one that
+        // starts in the common start.
+        let front = self
+            .parts
+            .partition_point(|&(start, _)| start < prefix)
+            .saturating_sub(1);
+        let back = self
+            .parts
+            .partition_point(|&(start, _)| start <= old.len() - suffix);
+        let from = if front == 0 { 0 } else { self.parts[front].0 };
+        let to = self
+            .parts
+            .get(back)
+            .map_or(new.len(), |p| p.0 + new.len() - old.len());
+        let mut parts = Vec::with_capacity(self.parts.len() + 8);
+        parts.extend_from_slice(&self.parts[..front]);
+        split(config, from, to, &mut parts);
+        parts.extend(
+            self.parts[back..]
+                .iter()
+                .map(|&(start, hash)| (start + new.len() - old.len(), hash)),
+        );
+        let maps = maps
+            .iter()
+            .map(|map| {
+                let kept = old_maps
+                    .binary_search_by(|old| old.name.cmp(&map.name))
+                    .ok()
+                    .filter(|&i| old_maps[i].content == map.content)
+                    .and_then(|i| self.maps.get(i).filter(|(name, _)| *name == map.name));
+                match kept {
+                    Some((_, hash)) => (map.name.clone(), *hash),
+                    None => (map.name.clone(), sha256(map.content.as_bytes())),
+                }
+            })
+            .collect();
+        Self::finish(parts, config.len(), maps)
+    }
+
+    fn finish(parts: Vec<(usize, Hash)>, len: usize, maps: Vec<(String, Hash)>) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update((parts.len() as u64).to_be_bytes());
+        for (_, hash) in &parts {
+            hasher.update(hash);
+        }
+        for (name, hash) in &maps {
+            hasher.update((name.len() as u64).to_be_bytes());
+            hasher.update(name.as_bytes());
+            hasher.update(hash);
+        }
+        let checksum = hex(SCHEME, &hasher.finalize().into());
+        Self {
+            parts,
+            len,
+            maps,
+            checksum,
+        }
+    }
+
+    /// The checksum (`"sha256s:"` scheme).
+    pub fn checksum(&self) -> &str {
+        &self.checksum
+    }
+}
+
+fn sha256(bytes: &[u8]) -> Hash {
+    Sha256::digest(bytes).into()
+}
+
+/// Appends the parts of `text[from..to]` with their hashes; `from` starts a part (or the text)
+/// and `to` starts one (or ends the text).
+fn split(text: &str, from: usize, to: usize, parts: &mut Vec<(usize, Hash)>) {
+    let bytes = text.as_bytes();
+    let mut start = from;
+    if from < to {
+        for newline in memchr::memchr_iter(b'\n', &bytes[from..to - 1]) {
+            let next = from + newline + 1;
+            if bytes[next].is_ascii_alphabetic() {
+                parts.push((start, sha256(&bytes[start..next])));
+                start = next;
+            }
+        }
+        parts.push((start, sha256(&bytes[start..to])));
+    }
+}
+
+/// How many bytes `a` and `b` share at their start, compared a block at a time.
+pub fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    const BLOCK: usize = 4096;
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + BLOCK <= n && a[i..i + BLOCK] == b[i..i + BLOCK] {
+        i += BLOCK;
+    }
+    i + a[i..n]
+        .iter()
+        .zip(&b[i..n])
+        .take_while(|(x, y)| x == y)
+        .count()
+}
+
+/// How many bytes `a` and `b` share at their end, at most `max`.
+pub fn common_suffix(a: &[u8], b: &[u8], max: usize) -> usize {
+    const BLOCK: usize = 4096;
+    let (la, lb) = (a.len(), b.len());
+    let mut i = 0;
+    while i + BLOCK <= max && a[la - i - BLOCK..la - i] == b[lb - i - BLOCK..lb - i] {
+        i += BLOCK;
+    }
+    i + a[..la - i]
+        .iter()
+        .rev()
+        .zip(b[..lb - i].iter().rev())
+        .take(max - i)
+        .take_while(|(x, y)| x == y)
+        .count()
+}
+
+/// `text` as the change from `base`: their common start and end kept, the middle inserted.
+pub fn text_delta(base: &str, text: &str) -> TextDelta {
+    let (a, b) = (base.as_bytes(), text.as_bytes());
+    let mut prefix = common_prefix(a, b);
+    while !(base.is_char_boundary(prefix) && text.is_char_boundary(prefix)) {
+        prefix -= 1;
+    }
+    let mut suffix = common_suffix(a, b, a.len().min(b.len()) - prefix);
+    while !(base.is_char_boundary(a.len() - suffix) && text.is_char_boundary(b.len() - suffix)) {
+        suffix -= 1;
+    }
+    TextDelta {
+        keep_prefix: prefix as u64,
+        keep_suffix: suffix as u64,
+        insert: text[prefix..b.len() - suffix].to_owned(),
+    }
+}
+
+/// Why a delta cannot be applied to the receiver's base.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeltaError {
+    /// A delta arrived before any whole snapshot.
+    #[error("a delta without a base snapshot")]
+    NoBase,
+    /// The delta is against another snapshot than the receiver's base.
+    #[error("a delta against {expected}, but the base is {base}")]
+    OtherBase { expected: String, base: String },
+    /// The kept prefix and suffix do not fit the base.
+    #[error("{what}: keeps {prefix} + {suffix} bytes of a {len}-byte base, or cuts a character")]
+    Range {
+        what: String,
+        prefix: u64,
+        suffix: u64,
+        len: usize,
+    },
+    /// The rebuilt configuration does not have the snapshot's checksum.
+    #[error("the rebuilt configuration is {rebuilt}, not {stated}")]
+    Checksum { stated: String, rebuilt: String },
+    /// Map names out of order or repeated.
+    #[error("map '{0}' out of order or repeated")]
+    MapOrder(String),
+}
+
+/// Applies `delta` to `base`.
+pub fn apply_text(what: &str, base: &str, delta: &TextDelta) -> Result<String, DeltaError> {
+    let range = || DeltaError::Range {
+        what: what.to_owned(),
+        prefix: delta.keep_prefix,
+        suffix: delta.keep_suffix,
+        len: base.len(),
+    };
+    let prefix = usize::try_from(delta.keep_prefix).map_err(|_| range())?;
+    let suffix = usize::try_from(delta.keep_suffix).map_err(|_| range())?;
+    let tail = base.len().checked_sub(suffix).ok_or_else(range)?;
+    if prefix > tail || !base.is_char_boundary(prefix) || !base.is_char_boundary(tail) {
+        return Err(range());
+    }
+    let mut text = String::with_capacity(prefix + delta.insert.len() + suffix);
+    text.push_str(&base[..prefix]);
+    text.push_str(&delta.insert);
+    text.push_str(&base[tail..]);
+    Ok(text)
+}
+
+/// `snapshot` as a message of a delta stream whose previous message was `base`: its
+/// configuration and maps replaced by the change from `base`'s, without its model.
+pub fn delta(base: &ConfigSnapshot, snapshot: &ConfigSnapshot) -> ConfigSnapshot {
+    let maps = snapshot
+        .maps
+        .iter()
+        .map(|map| {
+            let old = base
+                .maps
+                .binary_search_by(|old| old.name.cmp(&map.name))
+                .map_or("", |i| base.maps[i].content.as_str());
+            MapDelta {
+                name: map.name.clone(),
+                content: Some(text_delta(old, &map.content)),
+            }
+        })
+        .collect();
+    ConfigSnapshot {
+        version: snapshot.version,
+        checksum: snapshot.checksum.clone(),
+        haproxy_config: String::new(),
+        maps: Vec::new(),
+        model: None,
+        generator: snapshot.generator.clone(),
+        delta: Some(SnapshotDelta {
+            base_checksum: base.checksum.clone(),
+            config: Some(text_delta(&base.haproxy_config, &snapshot.haproxy_config)),
+            maps,
+        }),
+    }
+}
+
+/// The whole snapshot that `message` of a delta stream stands for, checked against its
+/// checksum, with its digest; `base` is the previous snapshot of the stream and its digest
+/// (`None` before the first). A whole message is checked in full, in either scheme.
+pub fn rebuild(
+    base: Option<(&ConfigSnapshot, &Digest)>,
+    mut message: ConfigSnapshot,
+) -> Result<(ConfigSnapshot, Digest), DeltaError> {
+    let digest = match message.delta.take() {
+        None => {
+            let digest = Digest::of(&message.haproxy_config, &message.maps);
+            // From a confgen of an earlier version.
+            if message.checksum.starts_with(LEGACY_SCHEME)
+                && legacy_checksum(&message.haproxy_config, &message.maps) == message.checksum
+            {
+                return Ok((message, digest));
+            }
+            digest
+        }
+        Some(delta) => {
+            let (base, base_digest) = base.ok_or(DeltaError::NoBase)?;
+            if delta.base_checksum != base.checksum {
+                return Err(DeltaError::OtherBase {
+                    expected: delta.base_checksum,
+                    base: base.checksum.clone(),
+                });
+            }
+            let config = delta.config.unwrap_or_default();
+            message.haproxy_config =
+                apply_text("the configuration", &base.haproxy_config, &config)?;
+            let mut maps: Vec<ConfigFile> = Vec::with_capacity(delta.maps.len());
+            for map in delta.maps {
+                if maps.last().is_some_and(|last| last.name >= map.name) {
+                    return Err(DeltaError::MapOrder(map.name));
+                }
+                let old = base
+                    .maps
+                    .binary_search_by(|old| old.name.cmp(&map.name))
+                    .map_or("", |i| base.maps[i].content.as_str());
+                let content = apply_text(&map.name, old, &map.content.unwrap_or_default())?;
+                maps.push(ConfigFile {
+                    name: map.name,
+                    content,
+                });
+            }
+            message.maps = maps;
+            base_digest.next(
+                (&base.haproxy_config, &base.maps),
+                (&message.haproxy_config, &message.maps),
+            )
+        }
+    };
+    if digest.checksum() != message.checksum {
+        return Err(DeltaError::Checksum {
+            stated: message.checksum,
+            rebuilt: digest.checksum().to_owned(),
+        });
+    }
+    Ok((message, digest))
+}
+
+#[cfg(test)]
+mod tests;
