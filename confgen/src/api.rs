@@ -272,8 +272,14 @@ impl Subscription {
     /// (the first whole); else a whole copy with the earlier scheme's checksum, which an earlier
     /// supervisor checks. Without the model if the subscriber asked so (the largest part by far).
     fn message(&mut self, snapshot: &Arc<v1::ConfigSnapshot>) -> v1::ConfigSnapshot {
-        let mut message = match &self.sent {
-            Some(base) if self.deltas => legate_proto::snapshot::delta(base, snapshot),
+        // The change from the snapshot before, which the generator made once for all.
+        let made = self.sent.as_ref().filter(|_| self.deltas).and_then(|base| {
+            let delta = snapshot.delta.as_ref()?;
+            (delta.base_checksum == base.checksum).then_some(delta)
+        });
+        let mut message = match (&self.sent, made) {
+            (_, Some(delta)) => legate_proto::snapshot::message(snapshot, delta.clone()),
+            (Some(base), None) if self.deltas => legate_proto::snapshot::delta(base, snapshot),
             _ => v1::ConfigSnapshot {
                 version: snapshot.version,
                 checksum: if self.deltas {

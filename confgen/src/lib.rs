@@ -57,6 +57,12 @@ pub struct Config {
     /// a lone `min` means `min:4×min`).
     #[arg(long, env = "LEGATE_WAIT", default_value = "2ms:100ms", value_parser = parse_wait)]
     pub wait: Wait,
+    /// Free pooled backends a fresh pool has, in percent of its apps (at least 32): new domains
+    /// beyond them wait for a reload that grows the pool. Each free backend costs HAProxy
+    /// memory; raise it where bursts of new domains are expected (`docs/configuration.md`).
+    #[arg(long, env = "LEGATE_POOL_HEADROOM", default_value_t = model::DEFAULT_HEADROOM,
+          value_parser = clap::value_parser!(u32).range(0..=400))]
+    pub pool_headroom: u32,
     /// Port of the HTTP frontend of the built-in template.
     #[arg(long, env = "LEGATE_HTTP_PORT", default_value_t = 80,
           value_parser = clap::value_parser!(u16).range(1..))]
@@ -297,11 +303,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     tracker.close();
     let generator = Generator {
         registry,
-        routes: Routes::new(vec![config.http_port]),
+        routes: Routes::new(vec![config.http_port], config.pool_headroom),
         renderer,
         settings,
         snapshots: snapshot_tx,
-        digest: None,
+        published: None,
         models,
         status,
         output: config.output.clone(),
@@ -322,6 +328,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     outcome
 }
 
+/// What the current snapshot's checksum was computed from, and the chunks of its text: the
+/// next snapshot's checksum and delta cost the sections that change.
+#[derive(Debug)]
+struct Published {
+    digest: Digest,
+    chunks: Vec<render::Chunk>,
+}
+
 /// Owns the registry and turns its batches into snapshots.
 struct Generator {
     registry: Registry,
@@ -331,9 +345,8 @@ struct Generator {
     renderer: Renderer,
     settings: Settings,
     snapshots: watch::Sender<Option<Arc<v1::ConfigSnapshot>>>,
-    /// What the current snapshot's checksum was computed from, so that the next one costs
-    /// the sections that change.
-    digest: Option<Digest>,
+    /// What the current snapshot was made of.
+    published: Option<Published>,
     /// Whether snapshots carry the model.
     models: Arc<ModelDemand>,
     status: Arc<Status>,
@@ -520,26 +533,49 @@ impl Generator {
                 return;
             }
         };
-        // The checksum costs the sections that changed since the current snapshot.
+        // The checksum costs the sections that changed since the current snapshot, found from
+        // the chunks the two renders share.
         let current = self.snapshots.borrow().clone();
-        let digest = match (&current, &self.digest) {
-            (Some(current), Some(digest)) => digest.next(
-                (&current.haproxy_config, &current.maps),
-                (&rendered.config, &rendered.maps),
-            ),
-            _ => Digest::of(&rendered.config, &rendered.maps),
+        let (digest, span) = match (&current, &self.published) {
+            (Some(current), Some(published)) => {
+                let span = render::shared_span(&published.chunks, &rendered.chunks);
+                let files = (rendered.config.as_str(), rendered.maps.as_slice());
+                let digest = published.digest.next_within(&current.maps, files, span);
+                (digest, Some(span))
+            }
+            _ => (Digest::of(&rendered.config, &rendered.maps), None),
         };
         let (same, with_model) = current.as_ref().map_or((false, false), |s| {
             (s.checksum == digest.checksum(), s.model.is_some())
         });
-        drop(current);
         if same && (with_model || !keep_model) {
             metrics::counter!("legate_confgen_renders_total", "result" => "unchanged").increment(1);
             return;
         }
         let version = u64::try_from(self.registry.revision()).unwrap_or_default();
+        let mut snapshot = v1::ConfigSnapshot {
+            version,
+            checksum: digest.checksum().to_owned(),
+            haproxy_config: rendered.config,
+            maps: rendered.maps,
+            model: None,
+            generator: self.settings.generator.clone(),
+            delta: None,
+        };
+        // The change from the current snapshot, for every stream that was sent it.
+        if let (Some(current), Some(span)) = (&current, span) {
+            snapshot.delta = Some(legate_proto::snapshot::delta_within(
+                current, &snapshot, span,
+            ));
+        }
+        // Before the new model is built: two models of a large registry are never held at once.
+        drop(current);
+        self.published = Some(Published {
+            digest,
+            chunks: rendered.chunks,
+        });
         let (apps, services) = (view.apps().count(), view.services().count());
-        let model = keep_model.then(|| {
+        snapshot.model = keep_model.then(|| {
             let mut model = self.routes.model();
             model
                 .apps
@@ -551,16 +587,6 @@ impl Generator {
             model
         });
         drop(view);
-        let snapshot = v1::ConfigSnapshot {
-            version,
-            checksum: digest.checksum().to_owned(),
-            haproxy_config: rendered.config,
-            maps: rendered.maps,
-            model,
-            generator: self.settings.generator.clone(),
-            delta: None,
-        };
-        self.digest = Some(digest);
         if same {
             // The same configuration again, now with the model a subscriber asked for.
             debug!(

@@ -470,11 +470,19 @@ fn build_service<'a>(
 /// when the apps shrank to far below it. A fresh pool numbers the apps in domain order, so a
 /// new confgen renders the same registry identically; a long-running one may differ from it in
 /// which slot serves which domain.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct Slots {
     taken: HashMap<String, u32>,
     free: BTreeSet<u32>,
     total: u32,
+    /// Free slots a fresh pool has, in percent of its apps ([`DEFAULT_HEADROOM`]).
+    headroom: u32,
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Self::with_headroom(DEFAULT_HEADROOM)
+    }
 }
 
 /// The backend name of pool slot `slot`.
@@ -483,15 +491,35 @@ pub fn slot_backend(slot: u32) -> String {
 }
 
 /// Taken over total beyond which the pool is tight ([`Routes::pool_tight`]): 80 %. A fresh pool
-/// (a quarter more than its apps) is just at it.
+/// with the default headroom (a quarter more than its apps) is just at it.
 const TIGHT: (u64, u64) = (4, 5);
 
-/// Pool size for `apps` pooled apps: a quarter more, at least 32 more, in steps of 32.
-fn pool_size(apps: u32) -> u32 {
-    (apps + (apps / 4).max(32)).div_ceil(32) * 32
+/// Free slots of a fresh pool, in percent of its apps, unless `--pool-headroom` says otherwise.
+pub const DEFAULT_HEADROOM: u32 = 25;
+
+/// `apps` and `percent` % more.
+fn plus(apps: u32, percent: u32) -> u32 {
+    let more = u64::from(apps) * u64::from(percent) / 100;
+    apps.saturating_add(u32::try_from(more).unwrap_or(u32::MAX))
 }
 
 impl Slots {
+    /// An empty pool whose fresh size is `headroom` % more than its apps.
+    pub fn with_headroom(headroom: u32) -> Self {
+        Self {
+            taken: HashMap::new(),
+            free: BTreeSet::new(),
+            total: 0,
+            headroom,
+        }
+    }
+
+    /// Pool size for `apps` pooled apps: the headroom more, at least 32 more, in steps of 32.
+    fn pool_size(&self, apps: u32) -> u32 {
+        let more = plus(apps, self.headroom).max(apps.saturating_add(32));
+        more.div_ceil(32).saturating_mul(32)
+    }
+
     /// Gives each plain app of `model` its slot (and backend name), and the model the pool size:
     /// the whole model at once, as [`Routes`] does change by change.
     pub fn assign(&mut self, model: &mut Model) {
@@ -533,15 +561,15 @@ impl Slots {
     /// numbers them afresh), one without enough free slots grows.
     fn fit(&mut self, needed: usize, new: usize) -> bool {
         let needed = u32::try_from(needed).unwrap_or(u32::MAX);
-        let compacted = self.total > 2 * pool_size(needed);
+        let compacted = self.total > 2 * self.pool_size(needed);
         let new = if compacted {
-            *self = Self::default();
+            *self = Self::with_headroom(self.headroom);
             needed as usize
         } else {
             new
         };
         if new > self.free.len() {
-            let total = pool_size(needed);
+            let total = self.pool_size(needed);
             self.free.extend(self.total + 1..=total);
             self.total = total;
         }
@@ -592,10 +620,12 @@ pub struct Routes {
 }
 
 impl Routes {
-    /// An empty model; service ports in `reserved_ports` are never routed.
-    pub fn new(reserved_ports: Vec<u16>) -> Self {
+    /// An empty model; service ports in `reserved_ports` are never routed; the pool of a
+    /// fresh model is `headroom` % larger than its apps need.
+    pub fn new(reserved_ports: Vec<u16>, headroom: u32) -> Self {
         Self {
             reserved_ports,
+            slots: Slots::with_headroom(headroom),
             ..Self::default()
         }
     }
@@ -721,9 +751,13 @@ impl Routes {
             return false;
         }
         let taken = u32::try_from(self.slots.taken.len()).unwrap_or(u32::MAX);
-        // Room for a quarter more apps than a fresh pool's: about 64 % taken afterwards, far
-        // from both the next growth and a compaction (over twice a fresh pool's size).
-        let total = pool_size(taken.saturating_add(taken / 4)).max(self.slots.total + 32);
+        // Room for the headroom more apps than a fresh pool's: with the default, about 64 %
+        // taken afterwards, far from both the next growth and a compaction (over twice a fresh
+        // pool's size).
+        let slots = &self.slots;
+        let total = slots
+            .pool_size(plus(taken, slots.headroom))
+            .max(slots.total + 32);
         self.slots.free.extend(self.slots.total + 1..=total);
         self.slots.total = total;
         Arc::make_mut(&mut self.pool).resize(total as usize, None);

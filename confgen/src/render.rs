@@ -29,6 +29,7 @@ use handlebars::{
     BlockContext, Context as HbContext, Handlebars, Helper, HelperDef, HelperResult, Output, Path,
     RenderContext, Renderable, StringOutput, Template, to_json,
 };
+use legate_proto::snapshot::Span;
 use legate_proto::v1;
 use serde::Serialize;
 
@@ -667,6 +668,24 @@ impl Renderer {
         }
         self.map_lines = lines;
         model::maps_from(hosts, wildcards)
+    }
+}
+
+/// What two renders' texts share at their start and at their end, from their chunks: the same
+/// text (the same kept block, or equal template text) at the same place from either end.
+pub fn shared_span(old: &[Chunk], new: &[Chunk]) -> Span {
+    let same = |(a, b): &(&Chunk, &Chunk)| Arc::ptr_eq(&a.text, &b.text) || a.text == b.text;
+    let front = old.iter().zip(new).take_while(same).count();
+    let back = old[front..]
+        .iter()
+        .rev()
+        .zip(new[front..].iter().rev())
+        .take_while(same)
+        .count();
+    let length = |chunks: &[Chunk]| chunks.iter().map(|c| c.text.len()).sum();
+    Span {
+        prefix: length(&new[..front]),
+        suffix: length(&new[new.len() - back..]),
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use legate_proto::registry::{Prefix, Schema};
 use legate_proto::v1;
 
-use crate::model::{self, HOSTS_MAP, Registry, Routes, Slots, WILDCARDS_MAP};
+use crate::model::{self, DEFAULT_HEADROOM, HOSTS_MAP, Registry, Routes, Slots, WILDCARDS_MAP};
 use crate::render::{ChunkKey, DEFAULT_TEMPLATE, Item, RenderError, Renderer, Settings, View};
 use crate::{BindAddresses, Wait, parse_wait};
 
@@ -754,7 +754,7 @@ proptest::proptest! {
         batches in proptest::collection::vec(proptest::collection::vec(op(), 1..6), 1..16)
     ) {
         let mut registry = registry("");
-        let mut routes = Routes::new(vec![8080]);
+        let mut routes = Routes::new(vec![8080], DEFAULT_HEADROOM);
         let mut slots = Slots::default();
         let mut renderers = [
             Renderer::new(DEFAULT_TEMPLATE).unwrap(),
@@ -762,6 +762,7 @@ proptest::proptest! {
         ];
         let mut keys: Vec<Vec<u8>> = Vec::new();
         let mut revision = 1;
+        let mut last: [Option<crate::render::Rendered>; 2] = [None, None];
         for batch in batches {
             for op in batch {
                 revision += 1;
@@ -799,7 +800,9 @@ proptest::proptest! {
             let mut whole = registry.model(&[8080]);
             slots.assign(&mut whole);
             proptest::prop_assert_eq!(&routes.model(), &whole);
-            for (renderer, template) in renderers.iter_mut().zip([DEFAULT_TEMPLATE, TRICKY]) {
+            for ((renderer, template), last) in
+                renderers.iter_mut().zip([DEFAULT_TEMPLATE, TRICKY]).zip(&mut last)
+            {
                 let incremental = renderer.render(&View::of(&routes), &settings()).unwrap();
                 let fresh = Renderer::new(template)
                     .unwrap()
@@ -807,6 +810,18 @@ proptest::proptest! {
                     .unwrap();
                 proptest::prop_assert_eq!(&incremental.config, &fresh.config);
                 proptest::prop_assert_eq!(&incremental.maps, &fresh.maps);
+                // What the chunks say two renders share, they share.
+                if let Some(last) = last.as_ref() {
+                    let span = crate::render::shared_span(&last.chunks, &incremental.chunks);
+                    let (old, new) = (last.config.as_bytes(), incremental.config.as_bytes());
+                    proptest::prop_assert!(span.prefix + span.suffix <= old.len().min(new.len()));
+                    proptest::prop_assert_eq!(&old[..span.prefix], &new[..span.prefix]);
+                    proptest::prop_assert_eq!(
+                        &old[old.len() - span.suffix..],
+                        &new[new.len() - span.suffix..]
+                    );
+                }
+                *last = Some(incremental);
             }
         }
     }
@@ -815,7 +830,7 @@ proptest::proptest! {
 #[test]
 fn a_changed_app_renders_its_block_alone() {
     let mut registry = registry("");
-    let mut routes = Routes::new(Vec::new());
+    let mut routes = Routes::new(Vec::new(), DEFAULT_HEADROOM);
     for n in 0..50 {
         registry.put(
             app(&format!("a{n:02}.example.com"), n, "10.0.0.1:80"),
@@ -851,7 +866,7 @@ fn a_changed_app_renders_its_block_alone() {
 #[test]
 fn a_tight_pool_grows_ahead_and_every_app_keeps_its_slot() {
     let mut registry = registry("");
-    let mut routes = Routes::new(Vec::new());
+    let mut routes = Routes::new(Vec::new(), DEFAULT_HEADROOM);
     let put = |registry: &mut Registry, n: u32| {
         registry.put(
             app(&format!("a{n:03}.example.com"), n, "10.0.0.1:80"),

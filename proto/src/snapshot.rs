@@ -93,6 +93,25 @@ impl Digest {
         let (old, new) = (old_config.as_bytes(), config.as_bytes());
         let prefix = common_prefix(old, new);
         let suffix = common_suffix(old, new, old.len().min(new.len()) - prefix);
+        self.next_within(old_maps, (config, maps), Span { prefix, suffix })
+    }
+
+    /// [`Digest::next`] when the caller knows a span the two texts share: the configuration
+    /// is the old one's first `span.prefix` bytes and last `span.suffix` bytes with something
+    /// else between (what a delta says, or what a renderer knows from the pieces it reused).
+    /// Shorter spans than the longest only cost more hashing. The old maps are compared.
+    pub fn next_within(
+        &self,
+        old_maps: &[ConfigFile],
+        (config, maps): (&str, &[ConfigFile]),
+        Span { prefix, suffix }: Span,
+    ) -> Self {
+        let new = config.as_bytes();
+        let old_len = self.len;
+        assert!(
+            prefix + suffix <= old_len.min(new.len()),
+            "a span longer than a text"
+        );
         // A part is the same in both when it and the bytes on each side of its bounds (which
         // decide the bounds) lie in the common start, or in the common end. Part i ends where
         // part i + 1 starts: the parts kept at the front are those before the last one that
@@ -103,19 +122,19 @@ impl Digest {
             .saturating_sub(1);
         let back = self
             .parts
-            .partition_point(|&(start, _)| start <= old.len() - suffix);
+            .partition_point(|&(start, _)| start <= old_len - suffix);
         let from = if front == 0 { 0 } else { self.parts[front].0 };
         let to = self
             .parts
             .get(back)
-            .map_or(new.len(), |p| p.0 + new.len() - old.len());
+            .map_or(new.len(), |p| p.0 + new.len() - old_len);
         let mut parts = Vec::with_capacity(self.parts.len() + 8);
         parts.extend_from_slice(&self.parts[..front]);
         split(config, from, to, &mut parts);
         parts.extend(
             self.parts[back..]
                 .iter()
-                .map(|&(start, hash)| (start + new.len() - old.len(), hash)),
+                .map(|&(start, hash)| (start + new.len() - old_len, hash)),
         );
         let maps = maps
             .iter()
@@ -213,6 +232,14 @@ pub fn common_suffix(a: &[u8], b: &[u8], max: usize) -> usize {
         .count()
 }
 
+/// What two texts share: the first `prefix` bytes and the last `suffix` bytes of each are the
+/// same, and `prefix + suffix` is at most the shorter length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Span {
+    pub prefix: usize,
+    pub suffix: usize,
+}
+
 /// `text` as the change from `base`: their common start and end kept, the middle inserted.
 pub fn text_delta(base: &str, text: &str) -> TextDelta {
     let (a, b) = (base.as_bytes(), text.as_bytes());
@@ -224,10 +251,16 @@ pub fn text_delta(base: &str, text: &str) -> TextDelta {
     while !(base.is_char_boundary(a.len() - suffix) && text.is_char_boundary(b.len() - suffix)) {
         suffix -= 1;
     }
+    text_delta_within(text, Span { prefix, suffix })
+}
+
+/// `text` as the change from a base it shares `span` with, which falls on character boundaries
+/// of both.
+pub fn text_delta_within(text: &str, span: Span) -> TextDelta {
     TextDelta {
-        keep_prefix: prefix as u64,
-        keep_suffix: suffix as u64,
-        insert: text[prefix..b.len() - suffix].to_owned(),
+        keep_prefix: span.prefix as u64,
+        keep_suffix: span.suffix as u64,
+        insert: text[span.prefix..text.len() - span.suffix].to_owned(),
     }
 }
 
@@ -280,6 +313,37 @@ pub fn apply_text(what: &str, base: &str, delta: &TextDelta) -> Result<String, D
 /// `snapshot` as a message of a delta stream whose previous message was `base`: its
 /// configuration and maps replaced by the change from `base`'s, without its model.
 pub fn delta(base: &ConfigSnapshot, snapshot: &ConfigSnapshot) -> ConfigSnapshot {
+    let config = text_delta(&base.haproxy_config, &snapshot.haproxy_config);
+    message(snapshot, snapshot_delta(base, snapshot, config))
+}
+
+/// The change from `base` to `snapshot` when their configurations share `span` (on character
+/// boundaries): computed once by a generator that knows it, for every stream whose previous
+/// message was `base`.
+pub fn delta_within(base: &ConfigSnapshot, snapshot: &ConfigSnapshot, span: Span) -> SnapshotDelta {
+    let config = text_delta_within(&snapshot.haproxy_config, span);
+    snapshot_delta(base, snapshot, config)
+}
+
+/// `snapshot` as a message carrying `delta` instead of its configuration and maps, without its
+/// model.
+pub fn message(snapshot: &ConfigSnapshot, delta: SnapshotDelta) -> ConfigSnapshot {
+    ConfigSnapshot {
+        version: snapshot.version,
+        checksum: snapshot.checksum.clone(),
+        haproxy_config: String::new(),
+        maps: Vec::new(),
+        model: None,
+        generator: snapshot.generator.clone(),
+        delta: Some(delta),
+    }
+}
+
+fn snapshot_delta(
+    base: &ConfigSnapshot,
+    snapshot: &ConfigSnapshot,
+    config: TextDelta,
+) -> SnapshotDelta {
     let maps = snapshot
         .maps
         .iter()
@@ -294,18 +358,10 @@ pub fn delta(base: &ConfigSnapshot, snapshot: &ConfigSnapshot) -> ConfigSnapshot
             }
         })
         .collect();
-    ConfigSnapshot {
-        version: snapshot.version,
-        checksum: snapshot.checksum.clone(),
-        haproxy_config: String::new(),
-        maps: Vec::new(),
-        model: None,
-        generator: snapshot.generator.clone(),
-        delta: Some(SnapshotDelta {
-            base_checksum: base.checksum.clone(),
-            config: Some(text_delta(&base.haproxy_config, &snapshot.haproxy_config)),
-            maps,
-        }),
+    SnapshotDelta {
+        base_checksum: base.checksum.clone(),
+        config: Some(config),
+        maps,
     }
 }
 
@@ -338,6 +394,11 @@ pub fn rebuild(
             let config = delta.config.unwrap_or_default();
             message.haproxy_config =
                 apply_text("the configuration", &base.haproxy_config, &config)?;
+            // What the delta kept is the same in both: only the rest is hashed again.
+            let span = Span {
+                prefix: config.keep_prefix as usize,
+                suffix: config.keep_suffix as usize,
+            };
             let mut maps: Vec<ConfigFile> = Vec::with_capacity(delta.maps.len());
             for map in delta.maps {
                 if maps.last().is_some_and(|last| last.name >= map.name) {
@@ -354,10 +415,7 @@ pub fn rebuild(
                 });
             }
             message.maps = maps;
-            base_digest.next(
-                (&base.haproxy_config, &base.maps),
-                (&message.haproxy_config, &message.maps),
-            )
+            base_digest.next_within(&base.maps, (&message.haproxy_config, &message.maps), span)
         }
     };
     if digest.checksum() != message.checksum {

@@ -141,3 +141,128 @@ impl Subscriber {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use futures_util::{Stream, StreamExt, stream};
+    use legate_proto::v1::confgen_server::{Confgen, ConfgenServer};
+    use legate_proto::v1::{self, ConfigFile};
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+
+    /// A confgen that answers each Watch with the next list of messages, then keeps the stream
+    /// open.
+    struct Fake {
+        watches: Arc<AtomicUsize>,
+        script: Mutex<VecDeque<Vec<ConfigSnapshot>>>,
+    }
+
+    #[tonic::async_trait]
+    impl Confgen for Fake {
+        type WatchStream = Pin<Box<dyn Stream<Item = Result<ConfigSnapshot, Status>> + Send>>;
+
+        async fn watch(
+            &self,
+            request: Request<WatchRequest>,
+        ) -> Result<Response<Self::WatchStream>, Status> {
+            assert!(request.get_ref().deltas, "the supervisor asks for deltas");
+            self.watches.fetch_add(1, Ordering::SeqCst);
+            let messages = self.script.lock().unwrap().pop_front().unwrap_or_default();
+            let messages = stream::iter(messages.into_iter().map(Ok)).chain(stream::pending());
+            Ok(Response::new(Box::pin(messages)))
+        }
+
+        async fn report(
+            &self,
+            _: Request<ApplyReport>,
+        ) -> Result<Response<v1::ReportResponse>, Status> {
+            Ok(Response::new(v1::ReportResponse {}))
+        }
+
+        async fn status(
+            &self,
+            _: Request<v1::ConfgenStatusRequest>,
+        ) -> Result<Response<v1::ConfgenStatus>, Status> {
+            Err(Status::unimplemented("not in this fake"))
+        }
+    }
+
+    fn whole(version: u64, config: &str) -> ConfigSnapshot {
+        let maps = vec![ConfigFile {
+            name: "hosts.map".to_owned(),
+            content: format!("a.example slot_{version}\n"),
+        }];
+        ConfigSnapshot {
+            version,
+            checksum: legate_proto::checksum(config, &maps),
+            haproxy_config: config.to_owned(),
+            maps,
+            ..ConfigSnapshot::default()
+        }
+    }
+
+    /// A delta that does not fit the subscriber's base ends the stream; the next one starts
+    /// whole, and the deltas that follow it are rebuilt.
+    #[tokio::test]
+    async fn a_delta_that_does_not_rebuild_is_dropped_and_the_stream_starts_again_whole() {
+        let one = whole(1, "defaults\nbackend a\n    server s 10.0.0.1:80\n");
+        let two = whole(2, "defaults\nbackend a\n    server s 10.0.0.2:80\n");
+        let three = whole(3, "defaults\nbackend a\n    server s 10.0.0.3:80\n");
+        let other = whole(9, "defaults\n");
+        let script = VecDeque::from([
+            // A delta against a snapshot this subscriber never got.
+            vec![one.clone(), snapshot::delta(&other, &two)],
+            vec![two.clone(), snapshot::delta(&two, &three)],
+        ]);
+        let watches = Arc::new(AtomicUsize::new(0));
+        let fake = Fake {
+            watches: watches.clone(),
+            script: Mutex::new(script),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tonic::transport::Server::builder()
+            .add_service(ConfgenServer::new(fake))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                shutdown.clone().cancelled_owned(),
+            );
+        let server = tokio::spawn(server);
+        let channel = Channel::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect_lazy();
+        let subscriber = Subscriber {
+            channel,
+            node_id: "node-a".to_owned(),
+            stats: Arc::default(),
+        };
+        let (tx, mut rx) = watch::channel(None);
+        let watching = tokio::spawn(subscriber.watch(tx, shutdown.clone()));
+        let mut seen = Vec::new();
+        while seen.last() != Some(&3) {
+            tokio::time::timeout(Duration::from_secs(30), rx.changed())
+                .await
+                .expect("no snapshot within 30 s")
+                .unwrap();
+            let snapshot = rx.borrow_and_update().clone().unwrap();
+            let expected = [&one, &two, &three][snapshot.version as usize - 1];
+            assert_eq!(
+                (&snapshot.haproxy_config, &snapshot.maps, &snapshot.checksum),
+                (&expected.haproxy_config, &expected.maps, &expected.checksum)
+            );
+            seen.push(snapshot.version);
+        }
+        assert!(!seen.contains(&9));
+        assert_eq!(watches.load(Ordering::SeqCst), 2, "subscribed again once");
+        shutdown.cancel();
+        watching.await.unwrap();
+        server.await.unwrap().unwrap();
+    }
+}

@@ -103,6 +103,18 @@ proptest! {
             prop_assert_eq!(&updated.parts, &fresh.parts);
             let delta = text_delta(&config, &next);
             prop_assert_eq!(apply_text("t", &config, &delta).unwrap(), next.clone());
+            // Rebuilt from a delta, with the digest updated from what the delta kept.
+            let whole = |config: &str, maps: &[ConfigFile]| ConfigSnapshot {
+                checksum: checksum(config, maps),
+                haproxy_config: config.to_owned(),
+                maps: maps.to_vec(),
+                ..ConfigSnapshot::default()
+            };
+            let (base, new) = (whole(&config, &maps), whole(&next, &next_maps));
+            let (rebuilt, rebuilt_digest) =
+                rebuild(Some((&base, &digest)), super::delta(&base, &new)).unwrap();
+            prop_assert_eq!(&rebuilt, &new);
+            prop_assert_eq!(&rebuilt_digest.parts, &fresh.parts);
             (config, maps, digest) = (next, next_maps, updated);
         }
     }

@@ -7,7 +7,7 @@
 //! `cargo run --release -p legate-tests --bin bench -- docker [--count N]`
 //! `cargo run --release -p legate-tests --bin bench -- churn [--changes N] [--reloads N] [--secs S]`
 //! `cargo run --release -p legate-tests --bin bench -- burst [--count N] [--parallel N]`
-//! `cargo run --release -p legate-tests --bin bench -- scale [--apps N] [--services N]`
+//! `cargo run --release -p legate-tests --bin bench -- scale [--apps N] [--services N] [--pool-headroom N]`
 //! `cargo run --release -p legate-tests --bin bench -- idle [--count N] [--idle-secs S]`
 //! `cargo run --release -p legate-tests --bin bench -- faults`
 //! `cargo run --release -p legate-tests --bin bench -- soak [--minutes N] [--rate R]`
@@ -48,6 +48,7 @@
 //! render, the supervisor's first apply, HAProxy's RSS and open files; `--count` server changes
 //! and new domains one at a time (p50, p99, CPU per change, reloads); a bulk load of `--bulk`
 //! keys (default 15,000) until HAProxy runs the last; the RSS of every process.
+//! `--pool-headroom N`: confgen's `--pool-headroom` (free pooled backends, % of the apps).
 //!
 //! idle: RSS and CPU of every process of the ambassador with N registered containers, over
 //! `--idle-secs` (default 5 minutes).
@@ -104,6 +105,7 @@ async fn main() -> Result<()> {
     let mut minutes = 120u64;
     let mut rate = 20u32;
     let mut bulk = 15_000usize;
+    let mut pool_headroom = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--puts" => puts = args.next().context("--puts N")?.parse()?,
@@ -122,6 +124,9 @@ async fn main() -> Result<()> {
             "--minutes" => minutes = args.next().context("--minutes N")?.parse()?,
             "--rate" => rate = args.next().context("--rate R")?.parse()?,
             "--bulk" => bulk = args.next().context("--bulk N")?.parse()?,
+            "--pool-headroom" => {
+                pool_headroom = Some(args.next().context("--pool-headroom N")?.parse()?);
+            }
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -146,7 +151,8 @@ async fn main() -> Result<()> {
         "burst" => scenarios::burst(count.unwrap_or(500), parallel).await,
         "scale" => {
             let apps = apps.unwrap_or(10_000);
-            scenarios::scale(apps, services, count.unwrap_or(100), bulk).await
+            let count = count.unwrap_or(100);
+            scenarios::scale(apps, services, count, bulk, pool_headroom).await
         }
         "faults" => faults::faults().await,
         "soak" => soak::soak(minutes, rate).await,
@@ -162,7 +168,7 @@ async fn main() -> Result<()> {
              bench docker [--count N]\n       \
              bench churn [--changes N] [--reloads N] [--secs S] [--apps N]\n       \
              bench burst [--count N] [--parallel N]\n       \
-             bench scale [--apps N] [--services N] [--count N] [--bulk N]\n       \
+             bench scale [--apps N] [--services N] [--count N] [--bulk N] [--pool-headroom N]\n       \
              bench idle [--count N] [--idle-secs S]\n       \
              bench faults\n       \
              bench soak [--minutes N] [--rate R]"
@@ -387,8 +393,13 @@ fn container_id(n: usize) -> String {
     format!("{:08x}{n:056x}", (n as u32).wrapping_mul(2_654_435_761))
 }
 
-/// Starts confgen on `etcd` with its listeners on `bind` and one Watch subscriber.
-async fn start_confgen(etcd: &Etcd, bind: std::net::IpAddr) -> Result<(Service, Snapshots)> {
+/// Starts confgen on `etcd` with its listeners on `bind`, `env` besides its log level, and one
+/// Watch subscriber.
+async fn start_confgen(
+    etcd: &Etcd,
+    bind: std::net::IpAddr,
+    env: &[(&str, &str)],
+) -> Result<(Service, Snapshots)> {
     let (bind, http) = (bind.to_string(), legate_tests::free_port()?.to_string());
     let mut confgen = Service::start(
         "legate-confgen",
@@ -400,7 +411,7 @@ async fn start_confgen(etcd: &Etcd, bind: std::net::IpAddr) -> Result<(Service, 
             "--http-port",
             &http,
         ],
-        &[("LEGATE_LOG", "warn")],
+        &[&[("LEGATE_LOG", "warn")], env].concat(),
     )?;
     let channel = confgen.channel()?;
     // Subscribe as soon as the API answers, before the first snapshot exists.
@@ -494,7 +505,7 @@ pub(crate) fn registry(apps: usize, ports: &[u16]) -> Vec<(String, String)> {
 async fn confgen(puts: usize, renders: usize, apps: usize, services: usize) -> Result<()> {
     let etcd = Etcd::start().await?;
     let mut client = etcd.client().await?;
-    let (confgen, mut stream) = start_confgen(&etcd, pipeline::LOCALHOST).await?;
+    let (confgen, mut stream) = start_confgen(&etcd, pipeline::LOCALHOST, &[]).await?;
     snapshot_at(&mut stream, 0).await?;
     let (mut small_issued, mut small_returned) =
         put_latencies(&mut client, &mut stream, puts, "small").await?;
@@ -518,7 +529,7 @@ async fn confgen(puts: usize, renders: usize, apps: usize, services: usize) -> R
         .revision();
 
     let started = Instant::now();
-    let (confgen, mut stream) = start_confgen(&etcd, pipeline::LOCALHOST).await?;
+    let (confgen, mut stream) = start_confgen(&etcd, pipeline::LOCALHOST, &[]).await?;
     let (at, snapshot) = snapshot_at(&mut stream, revision as u64).await?;
     let sync = at - started;
     // Counted in the configuration, since the subscriber gets no model.

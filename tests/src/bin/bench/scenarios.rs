@@ -378,7 +378,13 @@ pub(crate) async fn burst(count: usize, parallel: usize) -> Result<()> {
 /// and lost, a new domain), each from its etcd put until HAProxy runs it, with the CPU confgen
 /// and the supervisor spent per change and the reloads; then `bulk` keys written as fast as
 /// etcd takes them, until HAProxy runs the last.
-pub(crate) async fn scale(apps: usize, services: usize, samples: usize, bulk: usize) -> Result<()> {
+pub(crate) async fn scale(
+    apps: usize,
+    services: usize,
+    samples: usize,
+    bulk: usize,
+    pool_headroom: Option<u32>,
+) -> Result<()> {
     let etcd = Etcd::start().await?;
     let mut kv = etcd.client().await?;
     // Service ports below the ephemeral range, on a loopback address of their own: nothing else
@@ -391,7 +397,12 @@ pub(crate) async fn scale(apps: usize, services: usize, samples: usize, bulk: us
     let written = revision(kv.get("x", None).await?.header())?;
 
     let started = Instant::now();
-    let (confgen, mut stream) = super::start_confgen(&etcd, bind).await?;
+    let headroom = pool_headroom.map(|h| h.to_string());
+    let env: Vec<(&str, &str)> = headroom
+        .iter()
+        .map(|h| ("LEGATE_POOL_HEADROOM", h.as_str()))
+        .collect();
+    let (confgen, mut stream) = super::start_confgen(&etcd, bind, &env).await?;
     let (at, snapshot) = snapshot_at(&mut stream, u64::try_from(written)?).await?;
     let sync = at - started;
     let confgen_rss = usage(&[confgen.pid()])?.0;
