@@ -617,6 +617,9 @@ pub struct Routes {
     skipped: BTreeMap<Vec<u8>, String>,
     slots: Slots,
     revision: i64,
+    /// Changes to what the map files say: a domain that comes or goes, a backend or wildcard
+    /// that changes.
+    maps_generation: u64,
 }
 
 impl Routes {
@@ -704,7 +707,9 @@ impl Routes {
         for (domain, app) in built {
             let own =
                 |app: Option<&v1::App>| app.filter(|a| a.slot == 0).map(|a| a.backend.clone());
+            let mapped = |app: Option<&v1::App>| app.map(|a| (a.wildcard, a.backend.clone()));
             let own_before = own(apps.get(&domain).map(|a| &**a));
+            let mapped_before = mapped(apps.get(&domain).map(|a| &**a));
             if let Some(old) = apps.get(&domain)
                 && old.slot > 0
                 && let Some(entry) = pool.get_mut(old.slot as usize - 1)
@@ -723,6 +728,9 @@ impl Routes {
             });
             let kept = keep_or_replace(apps, domain, app);
             sections |= own(kept.as_deref()) != own_before;
+            if mapped(kept.as_deref()) != mapped_before {
+                self.maps_generation += 1;
+            }
             if let Some(app) = kept.filter(|app| app.slot > 0)
                 && let Some(entry) = pool.get_mut(app.slot as usize - 1)
             {
@@ -730,6 +738,11 @@ impl Routes {
             }
         }
         sections
+    }
+
+    /// Changes so far to what the map files say.
+    pub fn maps_generation(&self) -> u64 {
+        self.maps_generation
     }
 
     /// Size of the pool.

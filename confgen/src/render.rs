@@ -142,6 +142,9 @@ pub struct View {
     pub hosts: Arc<Vec<v1::Host>>,
     /// Items left out (their block failed to render).
     pub excluded: BTreeSet<Item>,
+    /// Changes so far to what the map files say (a domain, its backend, whether a wildcard),
+    /// when the model counts them ([`Routes`]): the same count, the same maps.
+    pub maps_generation: Option<u64>,
 }
 
 impl View {
@@ -153,6 +156,7 @@ impl View {
             pool: routes.pool.clone(),
             hosts: routes.hosts.clone(),
             excluded: BTreeSet::new(),
+            maps_generation: Some(routes.maps_generation()),
         }
     }
 
@@ -181,6 +185,7 @@ impl View {
             pool: Arc::new(pool),
             hosts: Arc::new(model.hosts.clone()),
             excluded: BTreeSet::new(),
+            maps_generation: None,
         }
     }
 
@@ -216,16 +221,16 @@ pub struct Chunk {
 
 /// What a [`Chunk`] is, in output order: the template text before helper invocation `n`
 /// (`Text(n)`; the last one follows every invocation) and each item of invocation `n`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkKey {
     /// Template text before invocation `n`.
     Text(u32),
     /// An app's block in invocation `n`.
-    App(u32, Arc<v1::App>),
+    App(u32),
     /// A pooled backend's block in invocation `n`.
     Slot(u32, u32),
-    /// A service's block in invocation `n`.
-    Service(u32, Arc<v1::Service>),
+    /// A service's block in invocation `n`, by port.
+    Service(u32, u16),
 }
 
 /// A rendered configuration.
@@ -257,8 +262,9 @@ pub struct Renderer {
     /// The policy's verdict on each chunk of the last render, by the address of the chunk's
     /// text (kept alive in the entry, so that the address is not reused meanwhile).
     checked: AddressMap<usize, Checked>,
-    /// The hosts map line of each app of the last render, by the app's address.
-    map_lines: AddressMap<usize, (Arc<v1::App>, String)>,
+    /// The maps of the last render, with the view's maps generation and exclusions they were
+    /// made for.
+    maps: Option<(u64, BTreeSet<Item>, Vec<v1::ConfigFile>)>,
 }
 
 /// The policy's verdict on one chunk.
@@ -459,7 +465,7 @@ impl Renderer {
             last_len: 0,
             state: Arc::default(),
             checked: AddressMap::default(),
-            map_lines: AddressMap::default(),
+            maps: None,
         })
     }
 
@@ -538,10 +544,9 @@ impl Renderer {
         let (invocations, mut failures) = {
             let mut state = self.state();
             let render = state.render;
+            // An invoked block let go of the items it did not use itself.
             for block in state.blocks.values_mut() {
-                if block.invoked == render {
-                    block.items.retain(|_, kept| kept.used == render);
-                } else {
+                if block.invoked != render {
                     block.items.clear();
                 }
             }
@@ -640,34 +645,38 @@ impl Renderer {
         Ok(())
     }
 
-    /// The map files routing host names to backends, ordered by name; each app's line of the
-    /// hosts map is kept while the app stays the same.
+    /// The map files routing host names to backends, ordered by name: those of the last
+    /// render while no domain, backend or exclusion changed since (a server change leaves them).
     fn maps(&mut self, view: &View) -> Vec<v1::ConfigFile> {
+        if let (Some(generation), Some((made_for, excluded, maps))) =
+            (view.maps_generation, &self.maps)
+            && generation == *made_for
+            && view.excluded == *excluded
+        {
+            return maps.clone();
+        }
         let mut hosts = String::with_capacity(
-            self.map_lines
-                .values()
-                .map(|(_, line)| line.len())
-                .sum::<usize>()
+            self.maps
+                .as_ref()
+                .and_then(|(_, _, maps)| maps.iter().map(|m| m.content.len()).max())
+                .unwrap_or(0)
                 + 64,
         );
         let mut wildcards: Vec<(&str, &str)> = Vec::new();
-        let mut lines =
-            AddressMap::with_capacity_and_hasher(self.map_lines.len(), Default::default());
         for app in view.apps() {
             if app.wildcard {
                 wildcards.push((&app.domain[1..], &app.backend));
-                continue;
+            } else {
+                for piece in [&app.domain, " ", &app.backend, "\n"] {
+                    hosts.push_str(piece);
+                }
             }
-            let key = Arc::as_ptr(app) as usize;
-            let entry = match self.map_lines.remove(&key) {
-                Some(entry) => entry,
-                None => (app.clone(), format!("{} {}\n", app.domain, app.backend)),
-            };
-            hosts.push_str(&entry.1);
-            lines.insert(key, entry);
         }
-        self.map_lines = lines;
-        model::maps_from(hosts, wildcards)
+        let maps = model::maps_from(hosts, wildcards);
+        self.maps = view
+            .maps_generation
+            .map(|generation| (generation, view.excluded.clone(), maps.clone()));
+        maps
     }
 }
 
@@ -766,15 +775,16 @@ impl Sections {
     }
 
     /// The items of this helper, each with its chunk key and its cache key (its address; a
-    /// slot's number and its app's address).
-    fn items(&self, ordinal: u32) -> Vec<(Subject, ChunkKey, (usize, usize))> {
+    /// slot's number and its app's address), borrowed from the view: an item whose block is
+    /// kept costs no reference count.
+    fn items(&self, ordinal: u32) -> Vec<(Subject<'_>, ChunkKey, (usize, usize))> {
         let mut items = Vec::new();
         match self.section {
             Section::Apps => {
                 for app in self.view.apps() {
                     items.push((
-                        Subject::App(app.clone()),
-                        ChunkKey::App(ordinal, app.clone()),
+                        Subject::App(app),
+                        ChunkKey::App(ordinal),
                         (Arc::as_ptr(app) as usize, 0),
                     ));
                 }
@@ -782,8 +792,8 @@ impl Sections {
             Section::Services => {
                 for service in self.view.services() {
                     items.push((
-                        Subject::Service(service.clone()),
-                        ChunkKey::Service(ordinal, service.clone()),
+                        Subject::Service(service),
+                        ChunkKey::Service(ordinal, service.port as u16),
                         (Arc::as_ptr(service) as usize, 0),
                     ));
                 }
@@ -793,7 +803,7 @@ impl Sections {
                     let slot = u32::try_from(i + 1).unwrap_or(u32::MAX);
                     let app = app.as_ref().filter(|app| !self.view.app_excluded(app));
                     items.push((
-                        Subject::Slot(slot, app.cloned()),
+                        Subject::Slot(slot, app),
                         ChunkKey::Slot(ordinal, slot),
                         (i + 1, app.map_or(0, |app| Arc::as_ptr(app) as usize)),
                     ));
@@ -805,17 +815,17 @@ impl Sections {
 }
 
 /// An item a helper renders.
-enum Subject {
-    App(Arc<v1::App>),
-    Service(Arc<v1::Service>),
-    Slot(u32, Option<Arc<v1::App>>),
+enum Subject<'a> {
+    App(&'a Arc<v1::App>),
+    Service(&'a Arc<v1::Service>),
+    Slot(u32, Option<&'a Arc<v1::App>>),
 }
 
-impl Subject {
+impl Subject<'_> {
     fn json(&self) -> handlebars::JsonValue {
         match self {
-            Subject::App(app) => to_json(&**app),
-            Subject::Service(service) => to_json(&**service),
+            Subject::App(app) => to_json(&***app),
+            Subject::Service(service) => to_json(&***service),
             Subject::Slot(slot, app) => to_json(Slot {
                 slot: *slot,
                 backend: model::slot_backend(*slot),
@@ -837,8 +847,8 @@ impl Subject {
 
     fn holder(&self) -> Option<Holder> {
         match self {
-            Subject::App(app) | Subject::Slot(_, Some(app)) => Some(Holder::App(app.clone())),
-            Subject::Service(service) => Some(Holder::Service(service.clone())),
+            Subject::App(app) | Subject::Slot(_, Some(app)) => Some(Holder::App(Arc::clone(app))),
+            Subject::Service(service) => Some(Holder::Service(Arc::clone(service))),
             Subject::Slot(_, None) => None,
         }
     }
@@ -900,6 +910,9 @@ impl HelperDef for Sections {
         };
         let mut chunks = Vec::with_capacity(len);
         let mut failures = Vec::new();
+        // Kept outputs used (or made) by this invocation: when they are all there is, none
+        // is stale.
+        let mut used = 0;
         let mut block = BlockContext::new();
         block.set_local_var(OWN_BLOCK, to_json(true));
         rc.push_block(block);
@@ -912,6 +925,7 @@ impl HelperDef for Sections {
                 .filter(|kept| keep && kept.position == position && kept.generation == generation);
             if let Some(kept) = kept {
                 kept.used = render;
+                used += 1;
                 match &kept.output {
                     Ok(text) if text.is_empty() => {}
                     Ok(text) => chunks.push(Chunk {
@@ -979,6 +993,7 @@ impl HelperDef for Sections {
                 }
             }
             if keep {
+                used += 1;
                 kept_items.insert(
                     key,
                     Kept {
@@ -990,6 +1005,9 @@ impl HelperDef for Sections {
                     },
                 );
             }
+        }
+        if kept_items.len() != used {
+            kept_items.retain(|_, kept| kept.used == render);
         }
         let mut state = self.lock();
         state.failures.append(&mut failures);

@@ -284,11 +284,12 @@ impl Applier {
         source: Source,
     ) -> Result<(ApplyOutcome, String), Rejected> {
         let previous = self.checked.clone();
-        check_shape(
-            snapshot,
-            &self.settings.allowed_file_dirs,
-            previous.as_deref(),
-        )?;
+        // Where this snapshot differs from the last one that passed: found once, for each step
+        // that reads only there.
+        let since = previous
+            .as_deref()
+            .map(|previous| Since::of(previous, snapshot));
+        check_shape(snapshot, &self.settings.allowed_file_dirs, since.as_ref())?;
         if source == Source::Request
             && !legate_proto::snapshot::verify(
                 &snapshot.checksum,
@@ -303,7 +304,19 @@ impl Applier {
             )));
         }
         self.checked = Some(snapshot.clone());
-        let snapshot = &self.without_unbindable(snapshot, previous.as_deref());
+        let applied = &self.without_unbindable(snapshot, since.as_ref());
+        // The region found above holds when HAProxy runs the last snapshot that passed, and
+        // this one applies as it came.
+        let region = since
+            .filter(|since| {
+                Arc::ptr_eq(applied, snapshot)
+                    && self
+                        .running
+                        .as_deref()
+                        .is_some_and(|running| std::ptr::eq(running, since.previous))
+            })
+            .map(|since| since.region);
+        let snapshot = applied;
         if !self.haproxy_alive() {
             return self.reload(snapshot, "haproxy is not running").await;
         }
@@ -313,7 +326,12 @@ impl Applier {
         if running.checksum == snapshot.checksum {
             return Ok((ApplyOutcome::Unchanged, String::new()));
         }
-        let plan = diff::plan_changed(files(&running), files(snapshot), &self.draining);
+        let plan = match region {
+            Some(region) => {
+                diff::plan_within(files(&running), files(snapshot), &self.draining, region)
+            }
+            None => diff::plan_changed(files(&running), files(snapshot), &self.draining),
+        };
         let reason = match plan {
             Plan::Reload(reason) => reason,
             Plan::Runtime(work) => {
@@ -337,21 +355,21 @@ impl Applier {
     /// `snapshot` without the sections that would listen on an address that cannot be bound
     /// (see [`listeners`]): the same snapshot when there is none, else a copy with the rest of
     /// the configuration and its own checksum. Records the refusals for the status.
-    /// `previous`: the snapshot before this one, which passed [`check_shape`].
+    /// `since`: how it differs from the snapshot before, which passed [`check_shape`].
     fn without_unbindable(
         &mut self,
         snapshot: &Arc<ConfigSnapshot>,
-        previous: Option<&ConfigSnapshot>,
+        since: Option<&Since<'_>>,
     ) -> Arc<ConfigSnapshot> {
         // Nothing was refused, HAProxy runs the previous snapshot as it came, and no `bind`
         // line changed since: HAProxy holds every address already, nothing to probe or scan.
         let settled = self.haproxy_alive()
             && self.lock_stats().refused_listeners.is_empty()
-            && previous.is_some_and(|previous| {
+            && since.is_some_and(|since| {
                 self.running
                     .as_ref()
-                    .is_some_and(|running| running.checksum == previous.checksum)
-                    && !binds_changed(&previous.haproxy_config, &snapshot.haproxy_config)
+                    .is_some_and(|running| running.checksum == since.previous.checksum)
+                    && !since.binds_changed(&snapshot.haproxy_config)
             });
         if settled {
             return snapshot.clone();
@@ -785,27 +803,46 @@ fn files(snapshot: &ConfigSnapshot) -> Files<'_> {
     }
 }
 
-/// Whether the `bind` lines differ between two configurations (looked for only in the
-/// sections that differ; a section added, removed or renamed counts with its lines).
-fn binds_changed(old: &str, new: &str) -> bool {
-    let Some(region) = diff::changed_region(old, new) else {
-        return true;
-    };
-    fn binds(text: &str) -> impl Iterator<Item = &str> {
-        text.lines()
-            .filter(|line| diff::words(line).next() == Some("bind"))
-            .map(str::trim)
+/// How a snapshot differs from the one before it that passed [`check_shape`].
+#[derive(Debug, Clone, Copy)]
+struct Since<'a> {
+    previous: &'a ConfigSnapshot,
+    /// [`diff::changed_region`] of the two configurations.
+    region: Option<diff::Region>,
+}
+
+impl<'a> Since<'a> {
+    fn of(previous: &'a ConfigSnapshot, snapshot: &ConfigSnapshot) -> Self {
+        Self {
+            previous,
+            region: diff::changed_region(&previous.haproxy_config, &snapshot.haproxy_config),
+        }
     }
-    !binds(&old[region.start..region.end_old]).eq(binds(&new[region.start..region.end_new]))
+
+    /// Whether the `bind` lines differ between the previous configuration and `new` (looked for
+    /// only in the sections that differ; a section added, removed or renamed counts with its
+    /// lines).
+    fn binds_changed(&self, new: &str) -> bool {
+        let Some(region) = self.region else {
+            return true;
+        };
+        fn binds(text: &str) -> impl Iterator<Item = &str> {
+            text.lines()
+                .filter(|line| diff::words(line).next() == Some("bind"))
+                .map(str::trim)
+        }
+        let old = &self.previous.haproxy_config;
+        !binds(&old[region.start..region.end_old]).eq(binds(&new[region.start..region.end_new]))
+    }
 }
 
 /// What any snapshot must be before HAProxy sees it (`config.proto`): well-formed, and
 /// asking nothing of HAProxy that `legate_proto::policy` refuses (code, files, control sockets).
-/// `checked`: a snapshot that passed, to check only what differs from it.
+/// `since`: how it differs from a snapshot that passed, to check only what differs from it.
 fn check_shape(
     snapshot: &ConfigSnapshot,
     allowed_dirs: &[PathBuf],
-    checked: Option<&ConfigSnapshot>,
+    since: Option<&Since<'_>>,
 ) -> Result<(), Rejected> {
     let mut names = BTreeSet::new();
     for map in &snapshot.maps {
@@ -825,17 +862,16 @@ fn check_shape(
     };
     // Only what differs from a configuration that passed with the same map files: the rest is
     // the same text in the same sections.
-    let region = checked
-        .filter(|checked| {
-            checked
+    let region = since
+        .filter(|since| {
+            since
+                .previous
                 .maps
                 .iter()
                 .map(|m| &m.name)
                 .eq(snapshot.maps.iter().map(|m| &m.name))
         })
-        .and_then(|checked| {
-            diff::changed_region(&checked.haproxy_config, &snapshot.haproxy_config)
-        });
+        .and_then(|since| since.region);
     let config = &snapshot.haproxy_config;
     let verdict = match region {
         Some(region) => {
@@ -909,27 +945,32 @@ mod tests {
         let good = snapshot(config.clone());
         check_shape(&good, &[], None).unwrap();
         let changed = snapshot(config.replace("10.0.0.1:1150", "10.0.0.2:1150"));
-        check_shape(&changed, &[], Some(&good)).unwrap();
+        check_shape(&changed, &[], Some(&Since::of(&good, &changed))).unwrap();
         let bad = snapshot(config.replace(
             "    server s 10.0.0.1:1150\n",
             "    server s 10.0.0.1:1150\n    errorfile 503 /etc/shadow\n",
         ));
         let line = config.lines().position(|l| l.contains(":1150")).unwrap() + 2;
-        let Err(Rejected(reason)) = check_shape(&bad, &[], Some(&good)) else {
+        let Err(Rejected(reason)) = check_shape(&bad, &[], Some(&Since::of(&good, &bad))) else {
             panic!("accepted");
         };
         assert!(reason.contains(&format!("line {line}:")), "{reason}");
         // Against a snapshot with other map files, the whole text is read.
         let mut other = good.clone();
         other.maps.clear();
-        let Err(Rejected(whole)) = check_shape(&bad, &[], Some(&other)) else {
+        let Err(Rejected(whole)) = check_shape(&bad, &[], Some(&Since::of(&other, &bad))) else {
             panic!("accepted");
         };
         assert_eq!(whole, reason);
         // A bad line in a part that did not change cannot hide behind a passed snapshot that
         // did not have it: the region is computed from the texts, not trusted.
         let frontend = snapshot(format!("frontend f\n    bind unix@/x\n{config}"));
-        assert!(check_shape(&frontend, &[], Some(&good)).is_err());
+        assert!(check_shape(&frontend, &[], Some(&Since::of(&good, &frontend))).is_err());
+    }
+
+    fn binds_changed(old: &str, new: &str) -> bool {
+        let previous = snapshot(old.to_owned());
+        Since::of(&previous, &snapshot(new.to_owned())).binds_changed(new)
     }
 
     #[test]

@@ -127,7 +127,18 @@ fn runtime(old: Files<'_>, new: Files<'_>, draining: &Draining) -> Result<Runtim
 /// renamed, more than one `defaults` section, map keys moving onto backends other keys leave,
 /// a reload needed), it is [`plan`]'s answer.
 pub fn plan_changed(old: Files<'_>, new: Files<'_>, draining: &Draining) -> Plan {
-    let Some(changed) = differing(old.config, new.config) else {
+    plan_within(old, new, draining, changed_region(old.config, new.config))
+}
+
+/// [`plan_changed`] with the [`Region`] where the configurations differ already found
+/// ([`changed_region`] of the two).
+pub fn plan_within(
+    old: Files<'_>,
+    new: Files<'_>,
+    draining: &Draining,
+    region: Option<Region>,
+) -> Plan {
+    let Some(changed) = differing(old.config, new.config, region) else {
         return plan(old, new, draining);
     };
     match changed.runtime(old, new, draining) {
@@ -149,8 +160,8 @@ struct Differing<'a> {
 /// Where `old` and `new` differ, as whole sections one for one: `None` when they differ in
 /// anything but the text of `backend`/`listen` sections under unchanged headers, or have more
 /// than one `defaults` section.
-fn differing<'a>(old: &'a str, new: &'a str) -> Option<Differing<'a>> {
-    let region = changed_region(old, new)?;
+fn differing<'a>(old: &'a str, new: &'a str, region: Option<Region>) -> Option<Differing<'a>> {
+    let region = region?;
     let before = split_sections(old.get(region.start..region.end_old)?);
     let after = split_sections(new.get(region.start..region.end_new)?);
     if before.len() != after.len() {
@@ -1760,7 +1771,8 @@ mod section_tests {
             ));
         }
         let new = config.replace("10.0.0.1:1250\n", "10.0.0.2:1250\n");
-        let found = differing(&config, &new).expect("sections one for one");
+        let found =
+            differing(&config, &new, changed_region(&config, &new)).expect("sections one for one");
         assert_eq!(
             found.pairs,
             [(
@@ -1771,10 +1783,11 @@ mod section_tests {
         assert_eq!(found.defaults, "defaults\n    mode http\n\n");
         // A new section, a changed frontend, two defaults: left to the text-level plan.
         let added = format!("{config}\nbackend extra\n");
-        assert!(differing(&config, &added).is_none());
+        assert!(differing(&config, &added, changed_region(&config, &added)).is_none());
         let frontend = config.replace("bind :80", "bind :81");
-        assert!(differing(&config, &frontend).is_none());
+        assert!(differing(&config, &frontend, changed_region(&config, &frontend)).is_none());
         let two = format!("{config}\ndefaults\n");
-        assert!(differing(&two, &two.replace("10.0.0.1:1250", "10.0.0.3:1250")).is_none());
+        let moved = two.replace("10.0.0.1:1250", "10.0.0.3:1250");
+        assert!(differing(&two, &moved, changed_region(&two, &moved)).is_none());
     }
 }
