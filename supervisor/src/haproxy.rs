@@ -433,6 +433,12 @@ pub struct Worker {
 }
 
 impl Procs {
+    /// The master's pid, then the workers'.
+    pub fn pids(&self) -> Vec<u32> {
+        let workers = self.workers.iter().map(|w| w.pid);
+        self.master.iter().map(|m| m.pid).chain(workers).collect()
+    }
+
     /// Parses HAProxy 2.6's `show proc`.
     pub fn parse(text: &str) -> Self {
         let mut procs = Self::default();

@@ -8,9 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+use legate_supervisor::haproxy::Procs;
 use tempfile::TempDir;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 
 use crate::process::ChildGuard;
 use crate::{WAIT, wait_for};
@@ -71,19 +70,6 @@ pub fn check_with(config: &str, files: &[(&str, &str)]) -> Result<()> {
         bail!("haproxy -c warns about the configuration:\n{output}");
     }
     Ok(())
-}
-
-/// One process listed by the master's `show proc`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Proc {
-    /// Process id.
-    pub pid: u32,
-    /// `master` or `worker`.
-    pub kind: String,
-    /// Reload count (of the master) or the reload generation of a worker.
-    pub reloads: u32,
-    /// Whether it is listed under "old workers".
-    pub old: bool,
 }
 
 /// A running HAProxy master and its workers; killed with its process group on drop.
@@ -150,8 +136,8 @@ impl Haproxy {
             let (master, admin) = (master.clone(), admin.clone());
             async move {
                 running?;
-                let procs = parse_show_proc(&cli(&master, "show proc").await?);
-                if !procs.iter().any(|p| p.kind == "worker" && !p.old) {
+                let procs = Procs::parse(&cli(&master, "show proc").await?);
+                if !procs.workers.iter().any(|w| !w.old) {
                     return Ok(None);
                 }
                 cli(&admin, "show info").await?;
@@ -186,9 +172,9 @@ impl Haproxy {
         cli(&self.admin_socket(), command).await
     }
 
-    /// The processes the master lists.
-    pub async fn procs(&self) -> Result<Vec<Proc>> {
-        Ok(parse_show_proc(&self.master("show proc").await?))
+    /// The processes the master lists, parsed by the supervisor's own parser.
+    pub async fn procs(&self) -> Result<Procs> {
+        Ok(Procs::parse(&self.master("show proc").await?))
     }
 
     /// Replaces the configuration after `global`, reloads through the master CLI and waits
@@ -203,20 +189,18 @@ impl Haproxy {
         self.master("reload").await?;
         wait_for("the master to confirm the reload", WAIT, || async {
             let procs = self.procs().await?;
-            let master = procs.iter().find(|p| p.kind == "master");
-            let reloaded = master.is_some_and(|m| m.reloads > before);
-            let worker = procs.iter().any(|p| p.kind == "worker" && !p.old);
+            let reloaded = procs.master.is_some_and(|m| m.reloads > before);
+            let worker = procs.workers.iter().any(|w| !w.old);
             Ok((reloaded && worker).then_some(()))
         })
         .await
     }
 
-    async fn master_reloads(&self) -> Result<u32> {
+    async fn master_reloads(&self) -> Result<u64> {
         self.procs()
             .await?
-            .into_iter()
-            .find(|p| p.kind == "master")
-            .map(|p| p.reloads)
+            .master
+            .map(|m| m.reloads)
             .context("show proc lists no master")
     }
 
@@ -231,68 +215,7 @@ impl Haproxy {
     }
 }
 
-/// One command on an HAProxy CLI socket (master or admin); the socket closes after answering.
+/// One command on an HAProxy CLI socket (master or admin), through the supervisor's own client.
 pub async fn cli(socket: &Path, command: &str) -> Result<String> {
-    let exchange = async {
-        let mut stream = UnixStream::connect(socket).await?;
-        stream.write_all(format!("{command}\n").as_bytes()).await?;
-        // The master CLI answers, then waits for more until it sees the end of input.
-        stream.shutdown().await?;
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).await?;
-        anyhow::Ok(answer)
-    };
-    tokio::time::timeout(WAIT, exchange)
-        .await
-        .with_context(|| format!("'{command}' on {} timed out", socket.display()))?
-        .with_context(|| format!("'{command}' on {}", socket.display()))
-}
-
-/// Parses the master's `show proc`.
-pub fn parse_show_proc(text: &str) -> Vec<Proc> {
-    let mut old = false;
-    let mut procs = Vec::new();
-    for line in text.lines() {
-        if line.starts_with('#') {
-            old = line.contains("old workers");
-            continue;
-        }
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let [pid, kind, reloads, ..] = fields.as_slice() else {
-            continue;
-        };
-        let (Ok(pid), Ok(reloads)) = (pid.parse(), reloads.parse()) else {
-            continue;
-        };
-        procs.push(Proc {
-            pid,
-            kind: (*kind).to_owned(),
-            reloads,
-            old,
-        });
-    }
-    procs
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn show_proc_of_2_6_is_parsed() {
-        let text = "#<PID>          <type>          <reloads>       <uptime>        <version>\n\
-                    1000            master          2 [failed: 0]   0d00h00m05s     2.6.12-1+deb12u4\n\
-                    # workers\n\
-                    1003            worker          0               0d00h00m01s     2.6.12-1+deb12u4\n\
-                    # old workers\n\
-                    1002            worker          1               0d00h00m03s     2.6.12-1+deb12u4\n\
-                    # programs\n\n";
-        let procs = parse_show_proc(text);
-        assert_eq!(procs.len(), 3);
-        assert_eq!(procs[0].kind, "master");
-        assert_eq!(procs[0].reloads, 2);
-        assert!(!procs[1].old);
-        assert_eq!(procs[2].pid, 1002);
-        assert!(procs[2].old);
-    }
+    Ok(legate_supervisor::haproxy::cli(socket, command).await?)
 }

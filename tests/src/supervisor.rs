@@ -12,6 +12,7 @@ use nix::unistd::Pid;
 use tempfile::TempDir;
 
 use legate_proto::v1;
+use legate_supervisor::haproxy::Procs;
 
 use crate::haproxy;
 use crate::service::Service;
@@ -88,11 +89,11 @@ impl Supervised {
 
     /// The master's `show proc`. The master CLI refuses connections for a moment while the
     /// master re-executes itself during a reload: asked again until it answers (within `WAIT`).
-    pub async fn show_proc(&self) -> Result<Vec<haproxy::Proc>> {
+    pub async fn show_proc(&self) -> Result<Procs> {
         let started = std::time::Instant::now();
         loop {
             match self.master("show proc").await {
-                Ok(text) => return Ok(haproxy::parse_show_proc(&text)),
+                Ok(text) => return Ok(Procs::parse(&text)),
                 Err(e) if started.elapsed() > crate::WAIT => return Err(e),
                 Err(_) => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
             }
@@ -100,12 +101,11 @@ impl Supervised {
     }
 
     /// The master's reload counter.
-    pub async fn reloads(&self) -> Result<u32> {
+    pub async fn reloads(&self) -> Result<u64> {
         self.show_proc()
             .await?
-            .iter()
-            .find(|p| p.kind == "master")
-            .map(|p| p.reloads)
+            .master
+            .map(|m| m.reloads)
             .context("show proc lists no master")
     }
 }

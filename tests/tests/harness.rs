@@ -76,12 +76,8 @@ async fn haproxy_runs_master_worker_answers_reloads_and_is_cleaned_up() {
     );
 
     let procs = haproxy.procs().await.unwrap();
-    assert!(
-        procs
-            .iter()
-            .any(|p| p.kind == "master" && p.pid == haproxy.pid())
-    );
-    let worker = procs.iter().find(|p| p.kind == "worker").unwrap().pid;
+    assert_eq!(procs.master.map(|m| m.pid), Some(haproxy.pid()));
+    let worker = procs.workers.first().unwrap().pid;
     let info = haproxy.admin("show info").await.unwrap();
     assert!(
         info.contains("Version: 2."),
@@ -94,7 +90,7 @@ async fn haproxy_runs_master_worker_answers_reloads_and_is_cleaned_up() {
         (200, "two".to_owned())
     );
     let procs = haproxy.procs().await.unwrap();
-    let current = procs.iter().find(|p| p.kind == "worker" && !p.old).unwrap();
+    let current = procs.workers.iter().find(|w| !w.old).unwrap();
     assert_ne!(current.pid, worker, "a new worker serves after the reload");
 
     let (master, dir) = (haproxy.pid(), haproxy.dir().to_owned());

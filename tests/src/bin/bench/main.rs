@@ -1,66 +1,8 @@
-//! `bench`: legate's benchmarks against real etcd, Docker and HAProxy on this host.
-//!
-//! `cargo run --release -p legate-tests --bin bench -- registrar [--containers N] [--idle-secs S] [--foreign-keys N]`
-//! `cargo run --release -p legate-tests --bin bench -- confgen [--puts N] [--renders N] [--apps N] [--services N]`
-//! `cargo run --release -p legate-tests --bin bench -- supervisor [--changes N] [--reloads N]`
-//! `cargo run --release -p legate-tests --bin bench -- convergence [--count N] [--tls]`
-//! `cargo run --release -p legate-tests --bin bench -- docker [--count N]`
-//! `cargo run --release -p legate-tests --bin bench -- churn [--changes N] [--reloads N] [--secs S]`
-//! `cargo run --release -p legate-tests --bin bench -- burst [--count N] [--parallel N]`
-//! `cargo run --release -p legate-tests --bin bench -- scale [--apps N] [--services N] [--pool-headroom N]`
-//! `cargo run --release -p legate-tests --bin bench -- idle [--count N] [--idle-secs S]`
-//! `cargo run --release -p legate-tests --bin bench -- faults`
-//! `cargo run --release -p legate-tests --bin bench -- soak [--minutes N] [--rate R]`
-//!
-//! registrar: Docker start → key visible in etcd and stop → key deleted, for N containers
-//! started and stopped one by one (p50/p99/max), then the registrar's RSS and CPU while idle
-//! with N registered containers. Every container is created by the benchmark and removed at
-//! the end; traffic stays on loopback.
-//!
-//! confgen: etcd put → snapshot delivered to a Watch subscriber, for N puts one at a time at
-//! the default `--wait` (p50/p99/max); then a registry of `--apps` apps × 3 servers plus
-//! `--services` services × 2 servers, read and rendered by a confgen started on it: time from
-//! start to the first complete snapshot, confgen's RSS, and put → snapshot at that size.
-//!
-//! supervisor: `Supervisor.Apply` latency per path against a real HAProxy, without load
-//! (runtime: a server added or removed; reload: a change beyond servers), then the same churn
-//! (`--changes` runtime applies and `--reloads` reloads) under `wrk` on loopback, keep-alive and
-//! `Connection: close` at once: requests served, socket errors and non-2xx responses.
-//!
-//! convergence: etcd put → first request routed through HAProxy by the whole ambassador (confgen,
-//! supervisor), for N new servers of existing apps, N new domains and N new service ports, one at
-//! a time, beside the limits measured in the same run (etcd put → watch event, one runtime-API
-//! command, one HAProxy reload) and the ratio of the two. `--tls`: with every wire between
-//! hosts secured (etcd TLS with client certificates, confgen → supervisor over mutual TLS).
-//!
-//! docker: `docker run` → routed and `docker stop` → no longer routed through registrar, etcd,
-//! confgen, supervisor and HAProxy, for N containers one at a time.
-//!
-//! churn: `wrk` through the whole ambassador (keep-alive and `Connection: close` at once) while
-//! `--changes` server changes and `--reloads` new service ports go through etcd one at a time:
-//! requests, socket errors, non-2xx, reloads and runtime applies; `--apps N` first writes N
-//! other apps × 3 servers, so that the churn runs at that scale.
-//!
-//! burst: N containers, each a new domain, started `--parallel` at a time: time from the last
-//! start until all are routed, and the reloads it took.
-//!
-//! scale: `--apps` apps × 3 servers + `--services` services × 2 in etcd: confgen's sync and
-//! render, the supervisor's first apply, HAProxy's RSS and open files; `--count` server changes
-//! and new domains one at a time (p50, p99, CPU per change, reloads); a bulk load of `--bulk`
-//! keys (default 15,000) until HAProxy runs the last; the RSS of every process.
-//! `--pool-headroom N`: confgen's `--pool-headroom` (free pooled backends, % of the apps).
-//!
-//! idle: RSS and CPU of every process of the ambassador with N registered containers, over
-//! `--idle-secs` (default 5 minutes).
-//!
-//! faults: the fault sequence under load (etcd frozen past the lease TTL, the etcd leader
-//! killed, a service on a busy port, confgen restarted 10 times, the supervisor killed): per
-//! fault, requests, errors, misroutes and the seconds until the registrations are back.
-//!
-//! soak: `--minutes` (default 120) of registry churn at `--rate` changes a second (default 20)
-//! and a container restarted every 20 s, under `wrk`: a row a minute of every process's RSS and
-//! open files, HAProxy's processes, etcd's DB size and the bytes logged, then the slopes per
-//! hour; fails on any failed request or a legate process growing over 1 MiB/h in the last half.
+//! `bench`: legate's benchmarks against real etcd, Docker and HAProxy on this host, one
+//! scenario per subcommand: `cargo run --release -p legate-tests --bin bench -- <scenario>
+//! [options]`; `bench help <scenario>` says what each measures and its options. Every container
+//! is created by the benchmark and removed at the end; traffic stays on loopback and the
+//! containers and networks it made.
 
 #![allow(clippy::print_stdout)]
 
@@ -73,6 +15,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
 use etcd_client::{EventType, WatchOptions};
 use legate_proto::v1;
 use legate_proto::v1::ApplyOutcome;
@@ -85,94 +28,174 @@ use legate_tests::load;
 use legate_tests::service::Service;
 use legate_tests::supervisor::{Supervised, config, with_comment};
 
+/// legate's benchmarks against real etcd, Docker and HAProxy on this host.
+#[derive(Debug, Parser)]
+#[command(name = "bench")]
+struct Bench {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Docker start → key visible in etcd and stop → key deleted, for N containers started and
+    /// stopped one by one (p50/p99/max), then the registrar's RSS and CPU while idle with N
+    /// registered containers, and beside `--foreign-keys` keys of other hosts.
+    Registrar {
+        #[arg(long, default_value_t = 100)]
+        containers: usize,
+        #[arg(long, default_value_t = 30)]
+        idle_secs: u64,
+        #[arg(long, default_value_t = 20_000)]
+        foreign_keys: usize,
+    },
+    /// etcd put → snapshot delivered to a Watch subscriber, for `--puts` puts one at a time at
+    /// the default `--wait` (p50/p99/max); then a registry of `--apps` apps × 3 servers plus
+    /// `--services` services × 2 servers, read and rendered by a confgen started on it: time
+    /// from start to the first complete snapshot, confgen's RSS, and put → snapshot at that
+    /// size (`--renders` puts).
+    Confgen {
+        #[arg(long, default_value_t = 200)]
+        puts: usize,
+        #[arg(long, default_value_t = 50)]
+        renders: usize,
+        #[arg(long, default_value_t = 10_000)]
+        apps: usize,
+        #[arg(long, default_value_t = 500)]
+        services: usize,
+    },
+    /// `Supervisor.Apply` latency per path against a real HAProxy, without load (runtime: a
+    /// server added or removed; reload: a change beyond servers), then `--changes` runtime
+    /// applies and `--reloads` reloads under `wrk` on loopback, keep-alive and
+    /// `Connection: close` at once: requests served, socket errors and non-2xx responses.
+    Supervisor {
+        #[arg(long, default_value_t = 1000)]
+        changes: usize,
+        #[arg(long, default_value_t = 50)]
+        reloads: usize,
+    },
+    /// etcd put → first request routed through HAProxy by the whole ambassador, for N new
+    /// servers of existing apps, N new domains and N new service ports, one at a time, beside
+    /// the limits measured in the same run (etcd put → watch event, one runtime-API command,
+    /// one HAProxy reload). `--tls`: every wire between hosts secured (etcd TLS with client
+    /// certificates, confgen → supervisor over mutual TLS).
+    Convergence {
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        #[arg(long)]
+        tls: bool,
+    },
+    /// `docker run` → routed and `docker stop` → no longer routed through registrar, etcd,
+    /// confgen, supervisor and HAProxy, for N containers one at a time.
+    Docker {
+        #[arg(long, default_value_t = 50)]
+        count: usize,
+    },
+    /// `wrk` through the whole ambassador (keep-alive and `Connection: close` at once) for
+    /// `--secs` while `--changes` server changes and `--reloads` new service ports go through
+    /// etcd one at a time: requests, socket errors, non-2xx, reloads and runtime applies;
+    /// `--apps N` first writes N other apps × 3 servers, so that the churn runs at that scale.
+    Churn {
+        #[arg(long, default_value_t = 1000)]
+        changes: usize,
+        #[arg(long, default_value_t = 50)]
+        reloads: usize,
+        #[arg(long, default_value_t = 30)]
+        secs: u64,
+        #[arg(long, default_value_t = 0)]
+        apps: usize,
+    },
+    /// N containers, each a new domain, started `--parallel` at a time: time from the last
+    /// start until all are routed, and the reloads it took.
+    Burst {
+        #[arg(long, default_value_t = 500)]
+        count: usize,
+        #[arg(long, default_value_t = 16)]
+        parallel: usize,
+    },
+    /// `--apps` apps × 3 servers + `--services` services × 2 in etcd: confgen's sync and render,
+    /// the supervisor's first apply, HAProxy's RSS and open files; `--count` server changes and
+    /// new domains one at a time (p50, p99, CPU per change, reloads); a bulk load of `--bulk`
+    /// keys until HAProxy runs the last; the RSS of every process. `--pool-headroom`: confgen's
+    /// (free pooled backends, % of the apps).
+    Scale {
+        #[arg(long, default_value_t = 10_000)]
+        apps: usize,
+        #[arg(long, default_value_t = 500)]
+        services: usize,
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        #[arg(long, default_value_t = 15_000)]
+        bulk: usize,
+        #[arg(long)]
+        pool_headroom: Option<u32>,
+    },
+    /// RSS and CPU of every process of the ambassador with N registered containers, over
+    /// `--idle-secs`.
+    Idle {
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        #[arg(long, default_value_t = 300)]
+        idle_secs: u64,
+    },
+    /// The fault sequence under load (etcd frozen past the lease TTL, the etcd leader killed, a
+    /// service on a busy port, confgen restarted 10 times, the supervisor killed): per fault,
+    /// requests, errors, misroutes and the seconds until the registrations are back.
+    Faults,
+    /// `--minutes` of registry churn at `--rate` changes a second and a container restarted
+    /// every 20 s, under `wrk`: a row a minute of every process's RSS and open files, HAProxy's
+    /// processes, etcd's DB size and the bytes logged, then the slopes per hour; fails on any
+    /// failed request or a legate process growing over 1 MiB/h in the last half.
+    Soak {
+        #[arg(long, default_value_t = 120)]
+        minutes: u64,
+        #[arg(long, default_value_t = 20)]
+        rate: u32,
+    },
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
-    let scenario = args.next().unwrap_or_default();
-    let mut containers = 100usize;
-    let mut idle_secs = None;
-    let mut secs = 30u64;
-    let mut parallel = 16usize;
-    let mut puts = 200usize;
-    let mut renders = 50usize;
-    let mut apps: Option<usize> = None;
-    let mut services = 500usize;
-    let mut changes = 1000usize;
-    let mut reloads = 50usize;
-    let mut count = None;
-    let mut foreign_keys = 20_000usize;
-    let mut tls = false;
-    let mut minutes = 120u64;
-    let mut rate = 20u32;
-    let mut bulk = 15_000usize;
-    let mut pool_headroom = None;
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--puts" => puts = args.next().context("--puts N")?.parse()?,
-            "--renders" => renders = args.next().context("--renders N")?.parse()?,
-            "--apps" => apps = Some(args.next().context("--apps N")?.parse()?),
-            "--services" => services = args.next().context("--services N")?.parse()?,
-            "--containers" => containers = args.next().context("--containers N")?.parse()?,
-            "--idle-secs" => idle_secs = Some(args.next().context("--idle-secs S")?.parse()?),
-            "--secs" => secs = args.next().context("--secs S")?.parse()?,
-            "--parallel" => parallel = args.next().context("--parallel N")?.parse()?,
-            "--changes" => changes = args.next().context("--changes N")?.parse()?,
-            "--reloads" => reloads = args.next().context("--reloads N")?.parse()?,
-            "--count" => count = Some(args.next().context("--count N")?.parse()?),
-            "--foreign-keys" => foreign_keys = args.next().context("--foreign-keys N")?.parse()?,
-            "--tls" => tls = true,
-            "--minutes" => minutes = args.next().context("--minutes N")?.parse()?,
-            "--rate" => rate = args.next().context("--rate R")?.parse()?,
-            "--bulk" => bulk = args.next().context("--bulk N")?.parse()?,
-            "--pool-headroom" => {
-                pool_headroom = Some(args.next().context("--pool-headroom N")?.parse()?);
-            }
-            other => bail!("unknown argument {other:?}"),
-        }
-    }
+    let bench = Bench::parse();
     // The services are built (when their sources changed) before any scenario starts a clock:
     // a first start that builds would otherwise count the build as the service's start-up.
     for service in ["legate-registrar", "legate-confgen", "legate-supervisor"] {
         legate_tests::service::binary(service)?;
     }
-    match scenario.as_str() {
-        "registrar" => {
-            let idle = Duration::from_secs(idle_secs.unwrap_or(30));
-            registrar(containers, idle, foreign_keys).await
+    match bench.scenario {
+        Scenario::Registrar {
+            containers,
+            idle_secs,
+            foreign_keys,
+        } => registrar(containers, Duration::from_secs(idle_secs), foreign_keys).await,
+        Scenario::Confgen {
+            puts,
+            renders,
+            apps,
+            services,
+        } => confgen(puts, renders, apps, services).await,
+        Scenario::Supervisor { changes, reloads } => supervisor(changes, reloads).await,
+        Scenario::Convergence { count, tls } => pipeline::convergence(count, tls).await,
+        Scenario::Docker { count } => pipeline::docker(count).await,
+        Scenario::Churn {
+            changes,
+            reloads,
+            secs,
+            apps,
+        } => scenarios::churn(changes, reloads, Duration::from_secs(secs), apps).await,
+        Scenario::Burst { count, parallel } => scenarios::burst(count, parallel).await,
+        Scenario::Scale {
+            apps,
+            services,
+            count,
+            bulk,
+            pool_headroom,
+        } => scenarios::scale(apps, services, count, bulk, pool_headroom).await,
+        Scenario::Idle { count, idle_secs } => {
+            scenarios::idle(count, Duration::from_secs(idle_secs)).await
         }
-        "confgen" => confgen(puts, renders, apps.unwrap_or(10_000), services).await,
-        "supervisor" => supervisor(changes, reloads).await,
-        "convergence" => pipeline::convergence(count.unwrap_or(100), tls).await,
-        "docker" => pipeline::docker(count.unwrap_or(50)).await,
-        "churn" => {
-            let load_for = Duration::from_secs(secs);
-            scenarios::churn(changes, reloads, load_for, apps.unwrap_or(0)).await
-        }
-        "burst" => scenarios::burst(count.unwrap_or(500), parallel).await,
-        "scale" => {
-            let apps = apps.unwrap_or(10_000);
-            let count = count.unwrap_or(100);
-            scenarios::scale(apps, services, count, bulk, pool_headroom).await
-        }
-        "faults" => faults::faults().await,
-        "soak" => soak::soak(minutes, rate).await,
-        "idle" => {
-            let idle = Duration::from_secs(idle_secs.unwrap_or(300));
-            scenarios::idle(count.unwrap_or(100), idle).await
-        }
-        _ => bail!(
-            "usage: bench registrar [--containers N] [--idle-secs S]\n       \
-             bench confgen [--puts N] [--renders N] [--apps N] [--services N]\n       \
-             bench supervisor [--changes N] [--reloads N]\n       \
-             bench convergence [--count N] [--tls]\n       \
-             bench docker [--count N]\n       \
-             bench churn [--changes N] [--reloads N] [--secs S] [--apps N]\n       \
-             bench burst [--count N] [--parallel N]\n       \
-             bench scale [--apps N] [--services N] [--count N] [--bulk N] [--pool-headroom N]\n       \
-             bench idle [--count N] [--idle-secs S]\n       \
-             bench faults\n       \
-             bench soak [--minutes N] [--rate R]"
-        ),
+        Scenario::Faults => faults::faults().await,
+        Scenario::Soak { minutes, rate } => soak::soak(minutes, rate).await,
     }
 }
 

@@ -58,12 +58,7 @@ fn revision(header: Option<&etcd_client::ResponseHeader>) -> Result<i64> {
 
 /// HAProxy's master and workers, by pid.
 async fn haproxy_pids(supervised: &Supervised) -> Result<Vec<u32>> {
-    Ok(supervised
-        .show_proc()
-        .await?
-        .into_iter()
-        .map(|p| p.pid)
-        .collect())
+    Ok(supervised.show_proc().await?.pids())
 }
 
 /// Resident memory (KiB) and CPU ticks of a group of processes, summed.

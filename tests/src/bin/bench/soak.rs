@@ -228,13 +228,7 @@ async fn sample(
     errors: u64,
     done: &Done,
 ) -> Result<Sample> {
-    let haproxy: Vec<u32> = ambassador
-        .supervised()
-        .show_proc()
-        .await?
-        .into_iter()
-        .map(|p| p.pid)
-        .collect();
+    let haproxy: Vec<u32> = ambassador.supervised().show_proc().await?.pids();
     let mut rss = Vec::new();
     let mut fds = Vec::new();
     for pids in watched.iter().map(|w| &w.pids).chain([&haproxy]) {
