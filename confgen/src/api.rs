@@ -303,6 +303,12 @@ impl Subscription {
         if self.deltas {
             self.sent = Some(snapshot.clone());
         }
+        let kind = if message.delta.is_some() {
+            "delta"
+        } else {
+            "whole"
+        };
+        metrics::counter!("legate_confgen_snapshots_sent_total", "kind" => kind).increment(1);
         message
     }
 }

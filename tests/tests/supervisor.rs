@@ -468,24 +468,8 @@ async fn follows_confgen_and_reports_what_it_runs() {
         "a new server reloaded"
     );
 
+    let node = node_current(&confgen, "node-a").await;
     let mut confgen_client = v1::confgen_client::ConfgenClient::new(confgen.channel().unwrap());
-    let node = wait_for(
-        "confgen to see the node run its latest snapshot",
-        WAIT,
-        || {
-            let mut confgen_client = confgen_client.clone();
-            async move {
-                let status = confgen_client
-                    .status(v1::ConfgenStatusRequest {})
-                    .await?
-                    .into_inner();
-                let node = status.nodes.into_iter().find(|n| n.node_id == "node-a");
-                Ok(node.filter(|n| n.connected && n.running_checksum == status.checksum))
-            }
-        },
-    )
-    .await
-    .unwrap();
     assert_eq!(node.last_result.unwrap().outcome(), ApplyOutcome::Runtime);
     let status = confgen_client
         .status(v1::ConfgenStatusRequest {})
@@ -493,6 +477,58 @@ async fn follows_confgen_and_reports_what_it_runs() {
         .unwrap()
         .into_inner();
     assert_eq!(node.running_version, status.version);
+
+    // confgen crashes and comes back: the supervisor's new stream starts whole (what runs
+    // already: nothing to do), and the next change comes as a delta, applied without a reload.
+    confgen.restart().unwrap();
+    confgen.wait_serving().await.unwrap();
+    node_current(&confgen, "node-a").await;
+    let b3 = Backend::start("b3", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    kv.put(key(3, b3.addr()), "", None).await.unwrap();
+    wait_served_by(http, "app.test", "b3").await;
+    assert_eq!(
+        supervised.reloads().await.unwrap(),
+        reloads,
+        "a new server after a confgen restart reloaded"
+    );
+    let sent = |kind: &'static str| {
+        let confgen = &confgen;
+        async move {
+            let text = confgen.metrics_text().await.unwrap();
+            let series = format!("legate_confgen_snapshots_sent_total{{kind=\"{kind}\"}} ");
+            text.lines()
+                .find_map(|line| line.strip_prefix(&series)?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        }
+    };
+    assert_eq!(sent("whole").await, 1.0, "{}", confgen.log());
+    assert!(sent("delta").await >= 1.0, "{}", confgen.log());
+    let refused = supervisor.metric("legate_supervisor_snapshots_refused_total");
+    assert_eq!(refused.await.unwrap(), 0.0, "{}", supervisor.log());
+}
+
+/// Waits until `confgen` lists `node` connected and running its current snapshot.
+async fn node_current(confgen: &Service, node: &str) -> v1::NodeStatus {
+    let client = v1::confgen_client::ConfgenClient::new(confgen.channel().unwrap());
+    wait_for(
+        "confgen to see the node run its latest snapshot",
+        WAIT,
+        || {
+            let mut client = client.clone();
+            async move {
+                let status = client
+                    .status(v1::ConfgenStatusRequest {})
+                    .await?
+                    .into_inner();
+                let found = status.nodes.into_iter().find(|n| n.node_id == node);
+                Ok(found.filter(|n| n.connected && n.running_checksum == status.checksum))
+            }
+        },
+    )
+    .await
+    .unwrap()
 }
 
 /// Regression (#13, item 7): on SIGTERM the gRPC server could end before the applier, whose
