@@ -48,6 +48,15 @@ async fn client(confgen: &Service) -> ConfgenClient<Channel> {
     ConfgenClient::new(channel).max_decoding_message_size(64 << 20)
 }
 
+async fn status(confgen: &Service) -> v1::ConfgenStatus {
+    client(confgen)
+        .await
+        .status(v1::ConfgenStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 async fn subscribe(confgen: &Service, node: &str) -> Snapshots {
     subscribe_with(confgen, node, false).await
 }
@@ -577,12 +586,7 @@ async fn a_delta_stream_rebuilds_what_a_whole_stream_gets() {
         );
     }
     assert!(deltas.deltas >= 5, "{} deltas", deltas.deltas);
-    let status = client(&confgen)
-        .await
-        .status(v1::ConfgenStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let status = status(&confgen).await;
     assert_eq!(status.checksum, deltas.last().unwrap().checksum);
 }
 
@@ -629,12 +633,7 @@ async fn bad_keys_are_skipped_reported_and_never_rendered() {
     assert!(snapshot.maps.iter().all(|m| !m.content.contains("evil")));
     assert_eq!(model(&snapshot).skipped.len(), hostile.len());
 
-    let status = client(&confgen)
-        .await
-        .status(v1::ConfgenStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let status = status(&confgen).await;
     assert_eq!(status.version, snapshot.version);
     let skipped: BTreeSet<Vec<u8>> = status.skipped.iter().map(|s| s.key.clone()).collect();
     let expected: BTreeSet<Vec<u8>> = hostile.iter().map(|(k, _)| k.clone()).collect();
