@@ -328,12 +328,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     outcome
 }
 
-/// What the current snapshot's checksum was computed from, and the chunks of its text: the
-/// next snapshot's checksum and delta cost the sections that change.
+/// What the current snapshot's checksum was computed from, and the render whose text it is:
+/// the next snapshot's checksum and delta cost the sections that change since that render.
 #[derive(Debug)]
 struct Published {
     digest: Digest,
-    chunks: Vec<render::Chunk>,
+    render: u64,
 }
 
 /// Owns the registry and turns its batches into snapshots.
@@ -480,7 +480,7 @@ impl Generator {
             metrics::counter!("legate_confgen_pool_growths_total", "when" => "with_reload")
                 .increment(1);
         }
-        let mut view = View::of(&self.routes);
+        let mut view = self.routes.view();
         let mut result = self.renderer.render(&view, &self.settings);
         let mut failures = Vec::new();
         if let Err(RenderError::Items(failed)) = &mut result {
@@ -504,6 +504,10 @@ impl Generator {
         }
         metrics::histogram!("legate_confgen_render_seconds")
             .record(started.elapsed().as_secs_f64());
+        if let Ok(rendered) = &result {
+            let how = if rendered.patched { "patch" } else { "walk" };
+            metrics::counter!("legate_confgen_render_passes_total", "how" => how).increment(1);
+        }
         metrics::gauge!("legate_confgen_skipped_keys").set(skipped.len() as f64);
         let shared = model::shared_ports(view.services().map(|s| &**s));
         let error = result.as_ref().err().map(ToString::to_string);
@@ -533,12 +537,11 @@ impl Generator {
                 return;
             }
         };
-        // The checksum costs the sections that changed since the current snapshot, found from
-        // the chunks the two renders share.
+        // The checksum costs the sections that changed since the current snapshot's render,
+        // which the renderer knows from the chunks it kept.
         let current = self.snapshots.borrow().clone();
-        let (digest, span) = match (&current, &self.published) {
-            (Some(current), Some(published)) => {
-                let span = render::shared_span(&published.chunks, &rendered.chunks);
+        let (digest, span) = match (&current, &self.published, rendered.shared) {
+            (Some(current), Some(published), Some((since, span))) if since == published.render => {
                 let files = (rendered.config.as_str(), rendered.maps.as_slice());
                 let digest = published.digest.next_within(&current.maps, files, span);
                 (digest, Some(span))
@@ -548,6 +551,10 @@ impl Generator {
         let (same, with_model) = current.as_ref().map_or((false, false), |s| {
             (s.checksum == digest.checksum(), s.model.is_some())
         });
+        if same && let Some(published) = &mut self.published {
+            // The same text: the next render's span holds against this one's too.
+            published.render = rendered.render;
+        }
         if same && (with_model || !keep_model) {
             metrics::counter!("legate_confgen_renders_total", "result" => "unchanged").increment(1);
             return;
@@ -572,7 +579,7 @@ impl Generator {
         drop(current);
         self.published = Some(Published {
             digest,
-            chunks: rendered.chunks,
+            render: rendered.render,
         });
         let (apps, services) = (view.apps().count(), view.services().count());
         snapshot.model = keep_model.then(|| {

@@ -18,6 +18,8 @@ use legate_proto::registry::{
 };
 use legate_proto::v1;
 
+use crate::render::View;
+
 /// One key of the registry directories, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
@@ -620,6 +622,26 @@ pub struct Routes {
     /// Changes to what the map files say: a domain that comes or goes, a backend or wildcard
     /// that changes.
     maps_generation: u64,
+    /// Views given so far ([`Routes::view`]).
+    views: u64,
+    /// What changed since the last view.
+    touched: Touched,
+}
+
+/// What changed in a [`Routes`] between two of its views, so that a renderer can render again
+/// only the blocks of what changed ([`crate::render::Renderer`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Touched {
+    /// The view these changes lead to (the previous one is `view - 1`).
+    pub view: u64,
+    /// Whether something beyond apps and services changed in place: an app or service that
+    /// came or went, an app in another slot, the pool's size, the hosts. Then the items'
+    /// positions and the root of a template's context may have changed.
+    pub reshaped: bool,
+    /// Domains whose app may have changed in place (the same domain, in the same slot).
+    pub apps: BTreeSet<String>,
+    /// Ports whose service may have changed in place.
+    pub services: BTreeSet<u16>,
 }
 
 impl Routes {
@@ -641,17 +663,27 @@ impl Routes {
         self.revision = registry.revision();
         let pool_before = self.slots.total;
         let mut sections = self.update_apps(registry, &changes.apps);
-        sections |= self.slots.total != pool_before;
+        if self.slots.total != pool_before {
+            sections = true;
+            self.touched.reshaped = true;
+        }
         let services = Arc::make_mut(&mut self.services);
         for &port in &changes.ports {
             let service = (!self.reserved_ports.contains(&port))
                 .then(|| registry.service(port))
                 .flatten();
             let before = services.contains_key(&port);
-            sections |= keep_or_replace(services, port, service).is_some() != before;
+            let after = keep_or_replace(services, port, service).is_some();
+            if after != before {
+                sections = true;
+                self.touched.reshaped = true;
+            } else if after {
+                self.touched.services.insert(port);
+            }
         }
         if changes.hosts {
             self.hosts = Arc::new(registry.hosts());
+            self.touched.reshaped = true;
         }
         for key in changes.keys {
             match registry.skipped(&key, &self.reserved_ports) {
@@ -710,6 +742,7 @@ impl Routes {
             let mapped = |app: Option<&v1::App>| app.map(|a| (a.wildcard, a.backend.clone()));
             let own_before = own(apps.get(&domain).map(|a| &**a));
             let mapped_before = mapped(apps.get(&domain).map(|a| &**a));
+            let slot_before = apps.get(&domain).map(|a| a.slot);
             if let Some(old) = apps.get(&domain)
                 && old.slot > 0
                 && let Some(entry) = pool.get_mut(old.slot as usize - 1)
@@ -726,10 +759,17 @@ impl Routes {
                 }
                 app
             });
-            let kept = keep_or_replace(apps, domain, app);
+            let kept = keep_or_replace(apps, domain.clone(), app);
             sections |= own(kept.as_deref()) != own_before;
             if mapped(kept.as_deref()) != mapped_before {
                 self.maps_generation += 1;
+            }
+            if kept.as_ref().map(|a| a.slot) == slot_before {
+                if kept.is_some() {
+                    self.touched.apps.insert(domain);
+                }
+            } else {
+                self.touched.reshaped = true;
             }
             if let Some(app) = kept.filter(|app| app.slot > 0)
                 && let Some(entry) = pool.get_mut(app.slot as usize - 1)
@@ -738,6 +778,19 @@ impl Routes {
             }
         }
         sections
+    }
+
+    /// The model as a renderer reads it, with what changed since the last view.
+    pub fn view(&mut self) -> View {
+        self.views += 1;
+        let touched = Touched {
+            view: self.views,
+            ..std::mem::take(&mut self.touched)
+        };
+        View {
+            touched: Some(Arc::new(touched)),
+            ..View::of(self)
+        }
     }
 
     /// Changes so far to what the map files say.
@@ -773,6 +826,7 @@ impl Routes {
             .max(slots.total + 32);
         self.slots.free.extend(self.slots.total + 1..=total);
         self.slots.total = total;
+        self.touched.reshaped = true;
         Arc::make_mut(&mut self.pool).resize(total as usize, None);
         true
     }

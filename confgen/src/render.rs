@@ -33,7 +33,7 @@ use legate_proto::snapshot::Span;
 use legate_proto::v1;
 use serde::Serialize;
 
-use crate::model::{self, HOSTS_MAP, Model, Routes, WILDCARDS_MAP};
+use crate::model::{self, HOSTS_MAP, Model, Routes, Touched, WILDCARDS_MAP};
 
 /// The template used without `--template`.
 pub const DEFAULT_TEMPLATE: &str = include_str!("../templates/default.cfg.hbs");
@@ -145,6 +145,9 @@ pub struct View {
     /// Changes so far to what the map files say (a domain, its backend, whether a wildcard),
     /// when the model counts them ([`Routes`]): the same count, the same maps.
     pub maps_generation: Option<u64>,
+    /// What changed since the previous view of the same [`Routes`] ([`Routes::view`]): a
+    /// renderer whose last render was of that view renders only the blocks of what changed.
+    pub touched: Option<Arc<Touched>>,
 }
 
 impl View {
@@ -157,6 +160,7 @@ impl View {
             hosts: routes.hosts.clone(),
             excluded: BTreeSet::new(),
             maps_generation: Some(routes.maps_generation()),
+            touched: None,
         }
     }
 
@@ -186,6 +190,7 @@ impl View {
             hosts: Arc::new(model.hosts.clone()),
             excluded: BTreeSet::new(),
             maps_generation: None,
+            touched: None,
         }
     }
 
@@ -240,8 +245,13 @@ pub struct Rendered {
     pub config: String,
     /// The map files it refers to, ordered by name.
     pub maps: Vec<v1::ConfigFile>,
-    /// The configuration in chunks, in order.
-    pub chunks: Vec<Chunk>,
+    /// This render's number in its renderer.
+    pub render: u64,
+    /// The number of the renderer's previous good render and what the two texts share at
+    /// their start and end (found from the chunks: no text is compared).
+    pub shared: Option<(u64, Span)>,
+    /// Whether it patched the previous render rather than walking every item.
+    pub patched: bool,
 }
 
 impl PartialEq for Rendered {
@@ -265,6 +275,58 @@ pub struct Renderer {
     /// The maps of the last render, with the view's maps generation and exclusions they were
     /// made for.
     maps: Option<(u64, BTreeSet<Item>, Vec<v1::ConfigFile>)>,
+    /// The last good render, in chunks.
+    last: Option<Last>,
+}
+
+/// The last good render: what the next one may patch instead of walking every item again.
+#[derive(Debug)]
+struct Last {
+    /// Its number ([`State::render`]).
+    render: u64,
+    /// The [`View::touched`] view it rendered, if the view said.
+    view: Option<u64>,
+    settings: Settings,
+    /// Whether items were left out.
+    excluded: bool,
+    /// The configuration in chunks, in order.
+    chunks: Vec<Chunk>,
+    /// Each helper invocation of the template, in order.
+    placed: Vec<Placed>,
+    /// Kept outputs the patches since the last walk made, each making one stale: a walk lets
+    /// the stale ones go.
+    stale: usize,
+}
+
+/// Where a helper invocation's items are in [`Last::chunks`].
+#[derive(Debug)]
+struct Placed {
+    /// Its block ([`State::blocks`]).
+    block: usize,
+    section: Section,
+    /// Invoked inside another block (`with`, `each`): its items see more than the root.
+    nested: bool,
+    /// For each item, in order, the index of its chunk ([`EMPTY`]: its output is empty).
+    at: Vec<u32>,
+}
+
+/// An item whose output is empty has no chunk.
+const EMPTY: u32 = u32::MAX;
+
+/// Most changed items a render patches: beyond them it walks every item (with their kept
+/// blocks) in one pass, which costs about the same.
+const PATCH_MAX: usize = 64;
+
+/// One helper invocation of a render, as the helper leaves it.
+#[derive(Debug)]
+struct Invocation {
+    block: usize,
+    section: Section,
+    nested: bool,
+    /// The items' outputs that are not empty, in order.
+    chunks: Vec<Chunk>,
+    /// For each item, the index of its chunk in `chunks`, or [`EMPTY`].
+    at: Vec<u32>,
 }
 
 /// The policy's verdict on one chunk.
@@ -289,7 +351,7 @@ struct State {
     root: u64,
     blocks: AddressMap<usize, Block>,
     /// This render's invocations, in output order, with their chunks.
-    invocations: Vec<Vec<Chunk>>,
+    invocations: Vec<Invocation>,
     failures: Vec<ItemFailure>,
     /// Whether an item's block is being rendered (a helper inside writes straight into it).
     in_item: bool,
@@ -298,11 +360,16 @@ struct State {
 /// One block of a helper in the template.
 #[derive(Debug)]
 struct Block {
+    /// The block's template, to render one item outside a walk.
+    template: Template,
     deps: Deps,
     /// The render in which it was last invoked.
     invoked: u64,
-    items: AddressMap<(usize, usize), Kept>,
+    items: AddressMap<CacheKey, Kept>,
 }
+
+/// What an item's kept output is found by: its address (a slot's number and its app's).
+type CacheKey = (usize, usize);
 
 /// A map keyed by addresses, which need no protection against chosen collisions.
 type AddressMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<AddressHasher>>;
@@ -466,44 +533,36 @@ impl Renderer {
             state: Arc::default(),
             checked: AddressMap::default(),
             maps: None,
+            last: None,
         })
+    }
+
+    /// The last good render's text in chunks, in order.
+    pub fn chunks(&self) -> &[Chunk] {
+        self.last.as_ref().map_or(&[], |last| &last.chunks)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Renders `view`.
+    /// Renders `view`: by patching the last render where only apps and services changed in
+    /// place since it ([`View::touched`]), else by walking every item (their blocks kept).
     pub fn render(&mut self, view: &View, settings: &Settings) -> Result<Rendered, RenderError> {
-        let bind_addresses: Vec<String> = settings
-            .binds
-            .iter()
-            .map(|ip| match ip {
-                IpAddr::V4(ip) => ip.to_string(),
-                IpAddr::V6(ip) => format!("[{ip}]"),
-            })
-            .collect();
-        let http_bind: Vec<String> = bind_addresses
-            .iter()
-            .map(|address| format!("{address}:{}", settings.http_port))
-            .collect();
-        let app_count = view.apps().count();
-        let context = Context {
-            generator: &settings.generator,
-            http_bind: http_bind.join(","),
-            http_port: settings.http_port,
-            bind_address: bind_addresses.first().cloned().unwrap_or_default(),
-            bind_addresses,
-            maps: MapNames {
-                hosts: HOSTS_MAP,
-                wildcards: WILDCARDS_MAP,
-            },
-            hosts: &view.hosts,
-            app_count,
-            service_count: view.services().count(),
-            slot_count: u32::try_from(view.pool.len()).unwrap_or(u32::MAX),
-        };
-        {
+        if let Some(mut last) = self.last.take() {
+            let patched = self.patch(&mut last, view, settings);
+            self.last = Some(last);
+            if let Some(rendered) = patched {
+                return Ok(rendered);
+            }
+        }
+        self.walk(view, settings)
+    }
+
+    /// Renders `view` by walking the template and every item.
+    fn walk(&mut self, view: &View, settings: &Settings) -> Result<Rendered, RenderError> {
+        let context = context(view, settings, view.apps().count(), view.services().count());
+        let render = {
             let mut state = self.state();
             state.render += 1;
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -522,7 +581,8 @@ impl Renderer {
             state.invocations.clear();
             state.failures.clear();
             state.in_item = false;
-        }
+            state.render
+        };
         for section in SECTIONS {
             let helper = Sections {
                 view: view.clone(),
@@ -543,7 +603,6 @@ impl Renderer {
         }
         let (invocations, mut failures) = {
             let mut state = self.state();
-            let render = state.render;
             // An invoked block let go of the items it did not use itself.
             for block in state.blocks.values_mut() {
                 if block.invoked != render {
@@ -564,7 +623,9 @@ impl Renderer {
         // The template and every value in the context are UTF-8.
         let top = String::from_utf8(top)
             .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-        let mut chunks = Vec::with_capacity(invocations.iter().map(Vec::len).sum::<usize>() + 2);
+        let mut chunks =
+            Vec::with_capacity(invocations.iter().map(|i| i.chunks.len()).sum::<usize>() + 2);
+        let mut placed = Vec::with_capacity(invocations.len());
         let mut invocations = invocations.into_iter();
         for (n, piece) in top.split(MARK).enumerate() {
             if !piece.is_empty() {
@@ -573,8 +634,18 @@ impl Renderer {
                     text: Arc::from(piece),
                 });
             }
-            if let Some(items) = invocations.next() {
-                chunks.extend(items);
+            if let Some(invocation) = invocations.next() {
+                let base = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
+                let at = invocation.at.iter();
+                placed.push(Placed {
+                    block: invocation.block,
+                    section: invocation.section,
+                    nested: invocation.nested,
+                    at: at
+                        .map(|&i| if i == EMPTY { EMPTY } else { base + i })
+                        .collect(),
+                });
+                chunks.extend(invocation.chunks);
             }
         }
         let config = concat(&chunks, self.last_len);
@@ -584,11 +655,178 @@ impl Renderer {
             maps: maps.iter().map(|m| m.name.as_str()).collect(),
             allowed_dirs: &settings.allowed_file_dirs,
         };
-        self.check(&chunks, &config, &policy)?;
+        if let Err(violation) = self.check(&chunks, &config, &policy, render) {
+            self.last = None;
+            return Err(violation.into());
+        }
+        let shared = self
+            .last
+            .as_ref()
+            .map(|last| (last.render, shared_span(&last.chunks, &chunks)));
+        self.last = Some(Last {
+            render,
+            view: view.touched.as_ref().map(|t| t.view),
+            settings: settings.clone(),
+            excluded: !view.excluded.is_empty(),
+            chunks,
+            placed,
+            stale: 0,
+        });
         Ok(Rendered {
             config,
             maps,
-            chunks,
+            render,
+            shared,
+            patched: false,
+        })
+    }
+
+    /// Renders `view` from `last`, its previous view rendered, by rendering again the blocks of
+    /// the apps and services that changed ([`View::touched`]) and putting them in place of
+    /// their chunks. `None` when that cannot be done, and a walk follows: the view does not
+    /// follow `last`'s, something beyond items in place changed, a block cannot be kept or is
+    /// invoked inside another, an item's output appears, disappears, fails or moves to another
+    /// section, too much changed, or enough kept outputs went stale to let them go.
+    fn patch(&mut self, last: &mut Last, view: &View, settings: &Settings) -> Option<Rendered> {
+        let touched = view.touched.as_deref()?;
+        if touched.reshaped
+            || last.view != Some(touched.view.wrapping_sub(1))
+            || last.excluded
+            || !view.excluded.is_empty()
+            || last.settings != *settings
+            || touched.apps.len() + touched.services.len() > PATCH_MAX
+            || last.stale > last.chunks.len() / 8 + PATCH_MAX
+        {
+            return None;
+        }
+        // Nothing was added, removed or moved: the counts and positions are the last render's.
+        let context = context(view, settings, view.apps.len(), view.services.len());
+        let root = HbContext::wraps(&context).ok()?;
+        let state = self.state.clone();
+        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        state.render += 1;
+        let (render, generation) = (state.render, state.generation);
+        let mut replaced: Vec<(usize, Arc<str>)> = Vec::new();
+        let mut stale = 0;
+        for placed in &last.placed {
+            let block = state.blocks.get_mut(&placed.block)?;
+            if placed.nested || block.deps.never {
+                return None;
+            }
+            let len = placed.at.len();
+            for (i, subject, key) in touched_items(view, touched, placed.section)? {
+                let at = *placed.at.get(i)?;
+                let position = block.deps.position.then_some((i, i == 0, i + 1 == len));
+                let generation = block.deps.root.then_some(generation);
+                let kept = block
+                    .items
+                    .get_mut(&key)
+                    .filter(|kept| kept.position == position && kept.generation == generation);
+                let output = match kept {
+                    Some(kept) => {
+                        kept.used = render;
+                        kept.output.clone().ok()?
+                    }
+                    None => {
+                        let mut rc = RenderContext::new(None);
+                        let mut item = BlockContext::new();
+                        enter(&mut item, &subject, i, len);
+                        rc.push_block(item);
+                        let mut out = StringOutput::new();
+                        block
+                            .template
+                            .render(&self.handlebars, &root, &mut rc, &mut out)
+                            .ok()?;
+                        let output = Arc::<str>::from(out.into_string().ok()?);
+                        block.items.insert(
+                            key,
+                            Kept {
+                                _item: subject.holder(),
+                                position,
+                                generation,
+                                output: Ok(output.clone()),
+                                used: render,
+                            },
+                        );
+                        stale += 1;
+                        output
+                    }
+                };
+                match (at, output.is_empty()) {
+                    (EMPTY, true) => {}
+                    (EMPTY, false) | (_, true) => return None,
+                    (at, false) => {
+                        let at = at as usize;
+                        if !Arc::ptr_eq(&last.chunks.get(at)?.text, &output) {
+                            replaced.push((at, output));
+                        }
+                    }
+                }
+            }
+        }
+        drop(state);
+        last.stale += stale;
+        let maps = self.maps(view);
+        let policy = legate_proto::policy::Policy {
+            maps: maps.iter().map(|m| m.name.as_str()).collect(),
+            allowed_dirs: &settings.allowed_file_dirs,
+        };
+        // Each new chunk must pass the policy where its old one stood, and end in the same
+        // section; anything else (or a violation, whose line the walk names) takes a walk.
+        let mut verdicts = Vec::with_capacity(replaced.len());
+        for (at, text) in &replaced {
+            let old = &last.chunks[*at].text;
+            let checked = self
+                .checked
+                .get(&(old.as_ptr() as usize))
+                .filter(|checked| Arc::ptr_eq(&checked.text, old))?;
+            if !text.ends_with('\n') {
+                return None;
+            }
+            let to = legate_proto::policy::check_part(text, checked.from, 0, &policy).ok()?;
+            if to != checked.to {
+                return None;
+            }
+            verdicts.push((checked.from, to));
+        }
+        let (mut first, mut end) = (last.chunks.len(), 0);
+        for ((at, text), (from, to)) in replaced.into_iter().zip(verdicts) {
+            let old = std::mem::replace(&mut last.chunks[at].text, text.clone());
+            self.checked.remove(&(old.as_ptr() as usize));
+            self.checked.insert(
+                text.as_ptr() as usize,
+                Checked {
+                    lines: text.matches('\n').count(),
+                    text,
+                    from,
+                    to,
+                    used: render,
+                },
+            );
+            (first, end) = (first.min(at), end.max(at + 1));
+        }
+        let length = |chunks: &[Chunk]| chunks.iter().map(|c| c.text.len()).sum::<usize>();
+        let span = if first < end {
+            Span {
+                prefix: length(&last.chunks[..first]),
+                suffix: length(&last.chunks[end..]),
+            }
+        } else {
+            Span {
+                prefix: length(&last.chunks),
+                suffix: 0,
+            }
+        };
+        let config = concat(&last.chunks, self.last_len);
+        self.last_len = config.len();
+        let shared = Some((last.render, span));
+        (last.render, last.view) = (render, Some(touched.view));
+        Some(Rendered {
+            config,
+            maps,
+            render,
+            shared,
+            patched: true,
         })
     }
 
@@ -599,13 +837,13 @@ impl Renderer {
         chunks: &[Chunk],
         config: &str,
         policy: &legate_proto::policy::Policy<'_>,
+        render: u64,
     ) -> Result<(), legate_proto::policy::Violation> {
         use legate_proto::policy::check_part;
         if chunks.iter().any(|chunk| !chunk.text.ends_with('\n')) {
             self.checked.clear();
             return legate_proto::policy::check(config, policy);
         }
-        let render = self.state().render;
         let (mut section, mut lines) = ("", 0);
         for chunk in chunks {
             let key = chunk.text.as_ptr() as usize;
@@ -698,6 +936,99 @@ pub fn shared_span(old: &[Chunk], new: &[Chunk]) -> Span {
     }
 }
 
+/// The context of a render of `view` with `app_count` apps and `service_count` services.
+fn context<'a>(
+    view: &'a View,
+    settings: &'a Settings,
+    app_count: usize,
+    service_count: usize,
+) -> Context<'a> {
+    let bind_addresses: Vec<String> = settings
+        .binds
+        .iter()
+        .map(|ip| match ip {
+            IpAddr::V4(ip) => ip.to_string(),
+            IpAddr::V6(ip) => format!("[{ip}]"),
+        })
+        .collect();
+    let http_bind: Vec<String> = bind_addresses
+        .iter()
+        .map(|address| format!("{address}:{}", settings.http_port))
+        .collect();
+    Context {
+        generator: &settings.generator,
+        http_bind: http_bind.join(","),
+        http_port: settings.http_port,
+        bind_address: bind_addresses.first().cloned().unwrap_or_default(),
+        bind_addresses,
+        maps: MapNames {
+            hosts: HOSTS_MAP,
+            wildcards: WILDCARDS_MAP,
+        },
+        hosts: &view.hosts,
+        app_count,
+        service_count,
+        slot_count: u32::try_from(view.pool.len()).unwrap_or(u32::MAX),
+    }
+}
+
+/// The items of `section` that `touched` names, each with its position among the section's
+/// items and its cache key (as [`Sections::items`] gives them); `None` for one that is gone
+/// or not where its slot says.
+fn touched_items<'a>(
+    view: &'a View,
+    touched: &Touched,
+    section: Section,
+) -> Option<Vec<(usize, Subject<'a>, CacheKey)>> {
+    let mut items = Vec::new();
+    match section {
+        Section::Apps => {
+            for domain in &touched.apps {
+                let app = view.apps.get(domain)?;
+                let before = (
+                    std::ops::Bound::Unbounded,
+                    std::ops::Bound::Excluded(domain.as_str()),
+                );
+                let position = view.apps.range::<str, _>(before).count();
+                items.push((position, Subject::App(app), (Arc::as_ptr(app) as usize, 0)));
+            }
+        }
+        Section::Services => {
+            for port in &touched.services {
+                let service = view.services.get(port)?;
+                let position = view.services.range(..port).count();
+                let key = (Arc::as_ptr(service) as usize, 0);
+                items.push((position, Subject::Service(service), key));
+            }
+        }
+        Section::Slots => {
+            for domain in &touched.apps {
+                let app = view.apps.get(domain)?;
+                if app.slot == 0 {
+                    continue;
+                }
+                let position = app.slot as usize - 1;
+                let pooled = view.pool.get(position)?.as_ref()?;
+                if !Arc::ptr_eq(pooled, app) {
+                    return None;
+                }
+                let key = (app.slot as usize, Arc::as_ptr(app) as usize);
+                items.push((position, Subject::Slot(app.slot, Some(app)), key));
+            }
+        }
+    }
+    Some(items)
+}
+
+/// Makes `block` the context of item `i` of `len`: the item, `@index`, `@first`, `@last`.
+fn enter(block: &mut BlockContext<'_>, subject: &Subject<'_>, i: usize, len: usize) {
+    block.set_local_var(OWN_BLOCK, to_json(true));
+    block.set_base_value(subject.json());
+    block.set_local_var("index", to_json(i));
+    block.set_local_var("first", to_json(i == 0));
+    block.set_local_var("last", to_json(i + 1 == len));
+}
+
 /// The chunks' texts, one after the other.
 fn concat(chunks: &[Chunk], hint: usize) -> String {
     let mut config = String::with_capacity(hint.max(chunks.iter().map(|c| c.text.len()).sum()));
@@ -777,7 +1108,7 @@ impl Sections {
     /// The items of this helper, each with its chunk key and its cache key (its address; a
     /// slot's number and its app's address), borrowed from the view: an item whose block is
     /// kept costs no reference count.
-    fn items(&self, ordinal: u32) -> Vec<(Subject<'_>, ChunkKey, (usize, usize))> {
+    fn items(&self, ordinal: u32) -> Vec<(Subject<'_>, ChunkKey, CacheKey)> {
         let mut items = Vec::new();
         match self.section {
             Section::Apps => {
@@ -811,6 +1142,15 @@ impl Sections {
             }
         }
         items
+    }
+}
+
+/// Where an item's output goes among an invocation's `chunks` so far: at the end, unless it
+/// is empty or failed.
+fn place(chunks: &[Chunk], output: &Result<Arc<str>, String>) -> u32 {
+    match output {
+        Ok(text) if !text.is_empty() => u32::try_from(chunks.len()).unwrap_or(EMPTY),
+        _ => EMPTY,
     }
 }
 
@@ -878,6 +1218,7 @@ impl HelperDef for Sections {
             let generation = state.generation;
             let in_item = state.in_item;
             let block = state.blocks.entry(id).or_insert_with(|| Block {
+                template: template.clone(),
                 deps: Deps::of(template),
                 invoked: 0,
                 items: AddressMap::default(),
@@ -893,7 +1234,13 @@ impl HelperDef for Sections {
             let deps = block.deps;
             let ordinal = u32::try_from(state.invocations.len()).unwrap_or(u32::MAX);
             if !in_item {
-                state.invocations.push(Vec::new());
+                state.invocations.push(Invocation {
+                    block: id,
+                    section: self.section,
+                    nested,
+                    chunks: Vec::new(),
+                    at: Vec::new(),
+                });
             }
             (in_item, ordinal, render, generation, deps)
         };
@@ -909,6 +1256,8 @@ impl HelperDef for Sections {
             _ => AddressMap::default(),
         };
         let mut chunks = Vec::with_capacity(len);
+        // Where each item's chunk is (when not direct).
+        let mut at = Vec::with_capacity(if direct { 0 } else { len });
         let mut failures = Vec::new();
         // Kept outputs used (or made) by this invocation: when they are all there is, none
         // is stale.
@@ -926,6 +1275,7 @@ impl HelperDef for Sections {
             if let Some(kept) = kept {
                 kept.used = render;
                 used += 1;
+                at.push(place(&chunks, &kept.output));
                 match &kept.output {
                     Ok(text) if text.is_empty() => {}
                     Ok(text) => chunks.push(Chunk {
@@ -944,10 +1294,7 @@ impl HelperDef for Sections {
                 continue;
             }
             if let Some(block) = rc.block_mut() {
-                block.set_base_value(item.json());
-                block.set_local_var("index", to_json(i));
-                block.set_local_var("first", to_json(i == 0));
-                block.set_local_var("last", to_json(i + 1 == len));
+                enter(block, &item, i, len);
             }
             self.lock().in_item = true;
             let mut buffer = StringOutput::new();
@@ -977,6 +1324,7 @@ impl HelperDef for Sections {
                 continue;
             }
             let output = output.map(Arc::<str>::from);
+            at.push(place(&chunks, &output));
             match &output {
                 Ok(text) if text.is_empty() => {}
                 Ok(text) => chunks.push(Chunk {
@@ -1016,7 +1364,8 @@ impl HelperDef for Sections {
                 block.items = kept_items;
             }
             if let Some(invocation) = state.invocations.get_mut(ordinal as usize) {
-                *invocation = chunks;
+                invocation.chunks = chunks;
+                invocation.at = at;
             }
         }
         drop(state);

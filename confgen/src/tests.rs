@@ -741,6 +741,9 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
     ]
 }
 
+/// A template whose helpers sit inside other blocks: never patched, always walked.
+const NESTED: &str = "{{#with maps}}{{#apps}}{{domain}} {{../hosts}}\n{{/apps}}{{/with}}{{#services}}{{port}}{{#slots}} {{slot}}{{/slots}}\n{{/services}}";
+
 /// A template whose blocks read their position and the root's counts, nested helpers and all.
 const TRICKY: &str = "# {{app_count}} apps\n{{#apps}}# {{@index}}{{#if @last}} last{{/if}} of {{@root.app_count}}: {{domain}} {{backend}}{{#each servers}} {{name}}{{#if ../wildcard}}*{{/if}}{{/each}}\n{{/apps}}{{#each hosts}}# host {{host_id}}\n{{/each}}{{#slots}}# slot {{slot}} {{domain}}\n{{/slots}}{{#services}}# svc {{port}}{{#each @root.bind_addresses}} {{this}}:{{../port}}{{/each}}\n{{/services}}";
 
@@ -756,13 +759,11 @@ proptest::proptest! {
         let mut registry = registry("");
         let mut routes = Routes::new(vec![8080], DEFAULT_HEADROOM);
         let mut slots = Slots::default();
-        let mut renderers = [
-            Renderer::new(DEFAULT_TEMPLATE).unwrap(),
-            Renderer::new(TRICKY).unwrap(),
-        ];
+        let templates = [DEFAULT_TEMPLATE, TRICKY, NESTED];
+        let mut renderers = templates.map(|t| Renderer::new(t).unwrap());
         let mut keys: Vec<Vec<u8>> = Vec::new();
         let mut revision = 1;
-        let mut last: [Option<crate::render::Rendered>; 2] = [None, None];
+        let mut last: [Option<crate::render::Rendered>; 3] = [None, None, None];
         for batch in batches {
             for op in batch {
                 revision += 1;
@@ -800,19 +801,25 @@ proptest::proptest! {
             let mut whole = registry.model(&[8080]);
             slots.assign(&mut whole);
             proptest::prop_assert_eq!(&routes.model(), &whole);
+            let view = routes.view();
             for ((renderer, template), last) in
-                renderers.iter_mut().zip([DEFAULT_TEMPLATE, TRICKY]).zip(&mut last)
+                renderers.iter_mut().zip(templates).zip(&mut last)
             {
-                let incremental = renderer.render(&View::of(&routes), &settings()).unwrap();
+                let incremental = renderer.render(&view, &settings()).unwrap();
                 let fresh = Renderer::new(template)
                     .unwrap()
                     .render(&View::of_model(&whole), &settings())
                     .unwrap();
                 proptest::prop_assert_eq!(&incremental.config, &fresh.config);
                 proptest::prop_assert_eq!(&incremental.maps, &fresh.maps);
-                // What the chunks say two renders share, they share.
+                proptest::prop_assert!(!(template == NESTED && incremental.patched));
+                // The chunks are the text, and what the renderer says two renders share,
+                // they share.
+                let chunks: String = renderer.chunks().iter().map(|c| &*c.text).collect();
+                proptest::prop_assert_eq!(&chunks, &incremental.config);
                 if let Some(last) = last.as_ref() {
-                    let span = crate::render::shared_span(&last.chunks, &incremental.chunks);
+                    let (since, span) = incremental.shared.unwrap();
+                    proptest::prop_assert_eq!(since, last.render);
                     let (old, new) = (last.config.as_bytes(), incremental.config.as_bytes());
                     proptest::prop_assert!(span.prefix + span.suffix <= old.len().min(new.len()));
                     proptest::prop_assert_eq!(&old[..span.prefix], &new[..span.prefix]);
@@ -840,16 +847,21 @@ fn a_changed_app_renders_its_block_alone() {
     }
     routes.update(&mut registry);
     let mut renderer = Renderer::new(DEFAULT_TEMPLATE).unwrap();
-    let first = renderer.render(&View::of(&routes), &settings()).unwrap();
+    renderer.render(&View::of(&routes), &settings()).unwrap();
+    let first = renderer.chunks().to_vec();
     registry.put(app("a07.example.com", 99, "10.0.0.9:80"), b"", 2);
     routes.update(&mut registry);
     let second = renderer.render(&View::of(&routes), &settings()).unwrap();
+    assert!(
+        !second.patched,
+        "a view that does not say what changed is walked"
+    );
     // Every block but the changed app's is the very same text as before.
-    let rendered_again: Vec<&ChunkKey> = second
-        .chunks
+    let rendered_again: Vec<&ChunkKey> = renderer
+        .chunks()
         .iter()
         .filter(|c| !matches!(c.key, ChunkKey::Text(_)))
-        .filter(|c| !first.chunks.iter().any(|f| Arc::ptr_eq(&f.text, &c.text)))
+        .filter(|c| !first.iter().any(|f| Arc::ptr_eq(&f.text, &c.text)))
         .map(|c| &c.key)
         .collect();
     assert!(
@@ -915,4 +927,98 @@ fn a_tight_pool_grows_ahead_and_every_app_keeps_its_slot() {
     // A service port is a backend of its own: its arrival reloads HAProxy anyway.
     registry.put(service("db", 3306, 1, "10.0.0.2:3306"), b"", 2);
     assert!(routes.update(&mut registry));
+}
+
+#[test]
+fn changes_in_place_patch_the_last_render_and_anything_else_walks() {
+    let mut registry = registry("");
+    let mut routes = Routes::new(Vec::new(), DEFAULT_HEADROOM);
+    for n in 0..20 {
+        let domain = format!("a{n:02}.example.com");
+        registry.put(app(&domain, n, "10.0.0.1:80"), b"", 1);
+        registry.put(app(&domain, n + 100, "10.0.0.2:80"), b"", 1);
+    }
+    registry.put(service("db", 3306, 1, "10.0.1.1:3306"), b"", 1);
+    routes.update(&mut registry);
+    // A template whose app block fails for an app with a single server.
+    let template = "{{#apps}}{{domain}} {{servers.1.name}}\n{{/apps}}";
+    let mut renderers = [DEFAULT_TEMPLATE, template].map(|t| Renderer::new(t).unwrap());
+    let walk = |routes: &Routes, template: &str| {
+        Renderer::new(template)
+            .unwrap()
+            .render(&View::of(routes), &settings())
+    };
+    let view = routes.view();
+    for renderer in &mut renderers {
+        assert!(!renderer.render(&view, &settings()).unwrap().patched);
+    }
+    let [renderer, fragile] = &mut renderers;
+
+    // A server more for an app and for a service: only their blocks are rendered again.
+    registry.put(app("a07.example.com", 99, "10.0.0.9:80"), b"", 2);
+    registry.put(service("db", 3306, 2, "10.0.1.2:3306"), b"", 2);
+    routes.update(&mut registry);
+    let view = routes.view();
+    let patched = renderer.render(&view, &settings()).unwrap();
+    assert!(patched.patched);
+    assert_eq!(
+        patched.config,
+        walk(&routes, DEFAULT_TEMPLATE).unwrap().config
+    );
+    assert!(patched.config.contains(" 10.0.0.9:80 ") && patched.config.contains(" 10.0.1.2:3306 "));
+    assert!(fragile.render(&view, &settings()).unwrap().patched);
+
+    // An app down to one server fails the fragile block: the patch gives way to a walk, which
+    // names the app.
+    registry.delete(&app("a07.example.com", 7, "10.0.0.1:80"), 3);
+    registry.delete(&app("a07.example.com", 107, "10.0.0.2:80"), 3);
+    routes.update(&mut registry);
+    let view = routes.view();
+    assert!(renderer.render(&view, &settings()).unwrap().patched);
+    match fragile.render(&view, &settings()) {
+        Err(RenderError::Items(failed)) => {
+            assert_eq!(failed[0].item, Item::App("a07.example.com".to_owned()));
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A new domain moves positions: walked.
+    registry.put(app("new.example.com", 1, "10.0.0.1:80"), b"", 4);
+    routes.update(&mut registry);
+    let walked = renderer.render(&routes.view(), &settings()).unwrap();
+    assert!(!walked.patched);
+    assert_eq!(
+        walked.config,
+        walk(&routes, DEFAULT_TEMPLATE).unwrap().config
+    );
+
+    // A view the renderer did not see (its render failed, say) hides changes: walked.
+    registry.put(app("a08.example.com", 98, "10.0.0.8:80"), b"", 5);
+    routes.update(&mut registry);
+    drop(routes.view());
+    registry.put(app("a09.example.com", 97, "10.0.0.7:80"), b"", 6);
+    routes.update(&mut registry);
+    let walked = renderer.render(&routes.view(), &settings()).unwrap();
+    assert!(!walked.patched);
+    assert!(walked.config.contains(" 10.0.0.8:80 "));
+    assert_eq!(
+        walked.config,
+        walk(&routes, DEFAULT_TEMPLATE).unwrap().config
+    );
+
+    // Patch after patch: each leaves the outputs it replaced behind, and a walk now and then
+    // lets them go.
+    let mut walks = 0;
+    for round in 0..120u32 {
+        let domain = format!("a{:02}.example.com", round % 20);
+        registry.put(app(&domain, 1000 + round, "10.0.3.1:80"), b"", 7);
+        routes.update(&mut registry);
+        let rendered = renderer.render(&routes.view(), &settings()).unwrap();
+        walks += u32::from(!rendered.patched);
+        assert_eq!(
+            rendered.config,
+            walk(&routes, DEFAULT_TEMPLATE).unwrap().config
+        );
+    }
+    assert!((1..=6).contains(&walks), "{walks} walks in 120 renders");
 }

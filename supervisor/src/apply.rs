@@ -1,8 +1,11 @@
 //! The applier: one task that owns HAProxy and applies snapshots to it, one at a time.
 //!
 //! For each snapshot: identical to what runs -> nothing; otherwise [`diff::plan_changed`] decides. The
-//! runtime path sends the commands in one batch on the admin socket, checks every reply, then
-//! writes the files so that a later reload reproduces the same state. The reload path stages
+//! runtime path sends the commands in one batch on the admin socket and checks every reply; the
+//! live files catch up behind it (`--write-behind`), so that a later reload or restart
+//! reproduces the same state: a burst of runtime changes costs one write of the files, not one
+//! each. Until they are written, no record says what they hold, so a supervisor that dies
+//! meanwhile reloads at its first apply rather than trust them. The reload path stages
 //! the files, validates them with `haproxy -c`, saves the server states, moves the files into
 //! place, reloads through the master CLI and confirms from `show proc`. When a runtime batch
 //! fails half-way, the reload path takes over, so HAProxy always ends up running either the new
@@ -86,6 +89,10 @@ pub struct Applier {
     log_forwarded: Arc<std::sync::atomic::AtomicU64>,
     /// Per-apply lines at INFO at most every few seconds.
     log_throttle: runtime::Throttle,
+    /// Whether the live files lag behind `running` (runtime applies since they were written).
+    unwritten: bool,
+    /// When to write them (`--write-behind` after the first apply they lag behind).
+    write_at: Option<tokio::time::Instant>,
 }
 
 impl Applier {
@@ -136,6 +143,8 @@ impl Applier {
             backoff: runtime::Backoff::default(),
             log_forwarded,
             log_throttle: runtime::Throttle::new(runtime::INFO_EVERY),
+            unwritten: false,
+            write_at: None,
             settings,
         };
         let live = applier.read_live();
@@ -192,6 +201,7 @@ impl Applier {
                         reports.send_replace(Some(result));
                     }
                 }
+                () = runtime::sleep_until(self.write_at) => self.catch_up_files(),
                 _ = tick.tick() => {
                     self.check_process().await;
                     self.delete_drained().await;
@@ -204,6 +214,7 @@ impl Applier {
                 }
             }
         }
+        self.catch_up_files();
         if let Some(haproxy) = self.haproxy.take() {
             if haproxy.external() {
                 info!(
@@ -432,6 +443,16 @@ impl Applier {
         work: diff::Runtime,
         snapshot: &Arc<ConfigSnapshot>,
     ) -> Result<String, String> {
+        if !self.unwritten {
+            // From the first command on, the live files are behind what HAProxy runs.
+            match std::fs::remove_file(self.paths.running()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("removing the record of the live files: {e}")),
+            }
+            self.unwritten = true;
+            self.write_at = Some(tokio::time::Instant::now() + self.settings.write_behind);
+        }
         let lines: Vec<&str> = work.commands.iter().map(|c| c.line.as_str()).collect();
         let replies = haproxy::batch(&self.paths.admin_socket(), &lines)
             .await
@@ -446,8 +467,12 @@ impl Applier {
         }
         self.draining.extend(work.removed);
         self.delete_drained().await;
-        write_files(&self.paths.live(), snapshot).map_err(|e| format!("writing files: {e}"))?;
         self.confirmed(snapshot.clone());
+        if self.settings.external || self.settings.write_behind.is_zero() {
+            // (HAProxy's container may start again on its own, from the files as they are.)
+            self.write_live()
+                .map_err(|e| format!("writing files: {e}"))?;
+        }
         Ok(format!("{} runtime commands", work.commands.len()))
     }
 
@@ -475,6 +500,8 @@ impl Applier {
             self.restore().await;
             return Err(Rejected(format!("writing the live files: {e}")));
         }
+        // The live files are the new ones now: no runtime apply is left to write.
+        (self.unwritten, self.write_at) = (false, None);
         let outcome = if alive {
             self.reload_haproxy().await
         } else {
@@ -499,7 +526,7 @@ impl Applier {
             return;
         };
         let result = async {
-            write_files(&self.paths.live(), &good).map_err(|e| e.to_string())?;
+            self.write_live().map_err(|e| e.to_string())?;
             if self.haproxy_alive() {
                 self.reload_haproxy().await
             } else {
@@ -608,6 +635,10 @@ impl Applier {
     /// Starts HAProxy on the live files; with `--haproxy-external`, waits for the one of the
     /// HAProxy container to run them.
     async fn spawn(&mut self) -> Result<(), String> {
+        if self.unwritten {
+            self.write_live()
+                .map_err(|e| format!("writing the live files: {e}"))?;
+        }
         let started = if self.settings.external {
             Haproxy::await_external(&self.paths).await
         } else {
@@ -696,11 +727,40 @@ impl Applier {
         metrics::gauge!("legate_supervisor_draining_servers").set(self.draining.len() as f64);
     }
 
-    /// Records `snapshot` as what runs: in memory, on disk and in the status.
+    /// Writes the files of what runs into the live directory, then the record that says they
+    /// are those of this version and checksum.
+    fn write_live(&mut self) -> std::io::Result<()> {
+        let Some(running) = self.running.clone() else {
+            return Ok(());
+        };
+        write_files(&self.paths.live(), &running)?;
+        let record = format!("{} {}\n", running.version, running.checksum);
+        write_atomic(&self.paths.running(), &record)?;
+        self.unwritten = false;
+        self.write_at = None;
+        Ok(())
+    }
+
+    /// Writes the live files when runtime applies left them behind; on failure, tries again a
+    /// second later.
+    fn catch_up_files(&mut self) {
+        if self.unwritten
+            && let Err(e) = self.write_live()
+        {
+            warn!(error = %e, "cannot write the live files: trying again in a moment");
+            metrics::counter!("legate_supervisor_file_write_errors_total").increment(1);
+            self.write_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+        }
+    }
+
+    /// Records `snapshot` as what runs: in memory and in the status, and on disk unless a
+    /// runtime apply left the live files behind (then they catch up with it).
     fn confirmed(&mut self, snapshot: Arc<ConfigSnapshot>) {
-        let record = format!("{} {}\n", snapshot.version, snapshot.checksum);
-        if let Err(e) = write_atomic(&self.paths.running(), &record) {
-            warn!(error = %e, "cannot record the running version");
+        if !self.unwritten {
+            let record = format!("{} {}\n", snapshot.version, snapshot.checksum);
+            if let Err(e) = write_atomic(&self.paths.running(), &record) {
+                warn!(error = %e, "cannot record the running version");
+            }
         }
         metrics::gauge!("legate_supervisor_running_version").set(snapshot.version as f64);
         {

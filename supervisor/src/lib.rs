@@ -24,6 +24,7 @@ pub mod traffic;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use legate_proto::registry::HostId;
 use legate_proto::runtime::{self, CommonArgs, RuntimeError};
@@ -99,6 +100,12 @@ pub struct Config {
     /// supervisor adopts it).
     #[arg(long, env = "LEGATE_STOP_HAPROXY")]
     pub stop_haproxy: bool,
+    /// Longest the live files may lag behind changes applied through the runtime API: the
+    /// changes of that time are written at once, and the files are always written before
+    /// HAProxy starts or reloads and when the supervisor stops. `0` writes them at every apply.
+    #[arg(long, env = "LEGATE_WRITE_BEHIND", default_value = "500ms",
+          value_parser = runtime::parse_duration)]
+    pub write_behind: Duration,
     /// HAProxy runs in a container of its own (`--run-haproxy`), sharing --state-dir and
     /// --run-dir: the supervisor never starts or stops it; it drives it through the master
     /// socket, so HAProxy serves on while the supervisor restarts or is replaced.
@@ -183,6 +190,8 @@ pub struct Settings {
     pub max_reloads: u32,
     pub haproxy_log: String,
     pub stop_haproxy: bool,
+    /// `--write-behind`.
+    pub write_behind: Duration,
     /// HAProxy runs in a container of its own (`--haproxy-external`).
     pub external: bool,
     pub allowed_file_dirs: Vec<PathBuf>,
@@ -202,6 +211,7 @@ impl Settings {
             max_reloads: config.max_reloads,
             haproxy_log: config.haproxy_log.clone(),
             stop_haproxy: config.stop_haproxy,
+            write_behind: config.write_behind,
             external: config.haproxy_external,
             allowed_file_dirs: config.allowed_file_dirs.clone(),
             haproxy_log_max: config.haproxy_log_max,

@@ -273,8 +273,14 @@ async fn domains_come_and_go_without_a_reload() {
         "HAProxy reloaded:\n{}",
         ambassador.logs(&[&host])
     );
-    let hosts_map = std::fs::read_to_string(supervised.state_dir().join("live/hosts.map")).unwrap();
-    assert_eq!(hosts_map, "abc.test slot_1\nzed.test slot_2\n");
+    // The live files catch up with the runtime changes behind them (`--write-behind`).
+    let hosts_map = supervised.state_dir().join("live/hosts.map");
+    wait_for("the live hosts map to catch up", WAIT, || async {
+        let map = std::fs::read_to_string(&hosts_map)?;
+        Ok((map == "abc.test slot_1\nzed.test slot_2\n").then_some(()))
+    })
+    .await
+    .unwrap();
 }
 
 /// #15, item 2: a replica stopped gracefully (`docker stop`: SIGTERM, which its process

@@ -370,6 +370,81 @@ async fn a_restarted_supervisor_adopts_haproxy_which_serves_throughout() {
     assert_eq!(supervised.reloads().await.unwrap(), 0);
 }
 
+/// The live files catch up with runtime applies behind them (`--write-behind`), and always
+/// when the supervisor stops: its successor adopts HAProxy knowing what it runs. A supervisor
+/// killed before they catch up leaves no record of what they hold: its successor does not trust
+/// them, and its first apply reloads onto the right configuration instead of planning from
+/// stale files.
+#[tokio::test]
+async fn live_files_lag_behind_runtime_applies_and_a_supervisor_killed_meanwhile_reloads_after() {
+    let b1 = Backend::start("b1", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let b2 = Backend::start("b2", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let http = free_port().unwrap();
+    let supervised = Supervised::new().unwrap();
+    let lagging = ["--write-behind", "60m"];
+    let mut supervisor = supervised.start(None, &lagging).unwrap();
+    let mut client = client(&supervisor).await;
+    let record = supervised.state_dir().join("running");
+    let live = || std::fs::read_to_string(supervised.state_dir().join("live/haproxy.cfg")).unwrap();
+    let routed = |version, servers: &[(&str, SocketAddr)]| {
+        versioned(config(http, &[("a.test", servers)], ""), version)
+    };
+    let one = routed(1, &[("s1", b1.addr())]);
+    assert_outcome(&apply(&mut client, &one).await, ApplyOutcome::Reloaded);
+    assert_eq!(
+        std::fs::read_to_string(&record).unwrap(),
+        format!("1 {}\n", one.checksum)
+    );
+
+    // A runtime apply: HAProxy runs it, the files wait, and no record claims them.
+    let two = routed(2, &[("s1", b1.addr()), ("s2", b2.addr())]);
+    assert_outcome(&apply(&mut client, &two).await, ApplyOutcome::Runtime);
+    wait_served_by(http, "a.test", "b2").await;
+    assert_eq!(live(), one.haproxy_config);
+    assert!(!record.exists());
+    // Stopped, the supervisor writes them: its successor knows what runs.
+    supervisor.terminate(WAIT).await.unwrap();
+    assert_eq!(live(), two.haproxy_config);
+    assert_eq!(
+        std::fs::read_to_string(&record).unwrap(),
+        format!("2 {}\n", two.checksum)
+    );
+    let mut supervisor = supervised.start(None, &lagging).unwrap();
+    supervisor.wait_serving().await.unwrap();
+    let mut client = self::client(&supervisor).await;
+    assert_eq!(status(&mut client).await.running_version, 2);
+    assert_outcome(&apply(&mut client, &two).await, ApplyOutcome::Unchanged);
+
+    // Killed after a runtime apply: the files are version 2's, HAProxy runs version 3.
+    let three = routed(3, &[("s2", b2.addr())]);
+    assert_outcome(&apply(&mut client, &three).await, ApplyOutcome::Runtime);
+    supervisor.kill();
+    let _ = supervisor.wait_exit(WAIT).await;
+    assert_eq!(live(), two.haproxy_config);
+    assert!(!record.exists());
+    let master = supervised.master_pid().unwrap();
+    let reloads = supervised.reloads().await.unwrap();
+    let successor = supervised.start(None, &[]).unwrap();
+    let mut client = self::client(&successor).await;
+    assert_eq!(
+        status(&mut client).await.running_version,
+        0,
+        "what runs is unknown"
+    );
+    assert_outcome(&apply(&mut client, &three).await, ApplyOutcome::Reloaded);
+    assert_eq!(status(&mut client).await.running_version, 3);
+    assert_eq!(supervised.master_pid(), Some(master));
+    assert_eq!(supervised.reloads().await.unwrap(), reloads + 1);
+    assert_eq!(live(), three.haproxy_config);
+    for _ in 0..20 {
+        assert_eq!(served_by(http, "a.test").await.unwrap(), "b2");
+    }
+}
+
 /// 200 runtime changes and 20 reloads under `wrk`, with keep-alive and with
 /// `Connection: close`: not one request may fail.
 #[tokio::test]

@@ -64,11 +64,13 @@ async fn haproxy_pids(supervised: &Supervised) -> Result<Vec<u32>> {
 /// Resident memory (KiB) and CPU ticks of a group of processes, summed.
 /// RSS (KiB) and CPU ticks of `pids` together; a process that has exited meanwhile (an old
 /// HAProxy worker done draining) counts for nothing.
+/// RSS and CPU ticks of these processes together; one that has exited meanwhile (an old
+/// HAProxy worker after a reload) counts nothing.
 fn usage(pids: &[u32]) -> Result<(u64, u64)> {
     pids.iter()
-        .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
-        .try_fold((0, 0), |(rss, ticks), &pid| {
-            Ok((rss + rss_kib(pid)?, ticks + cpu_ticks(pid)?))
+        .filter_map(|&pid| Some((rss_kib(pid).ok()?, cpu_ticks(pid).ok()?)))
+        .fold(Ok((0, 0)), |total, (rss, ticks)| {
+            total.map(|(all_rss, all_ticks)| (all_rss + rss, all_ticks + ticks))
         })
 }
 
