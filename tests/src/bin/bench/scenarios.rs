@@ -66,11 +66,11 @@ async fn haproxy_pids(supervised: &Supervised) -> Result<Vec<u32>> {
 /// HAProxy worker done draining) counts for nothing.
 /// RSS and CPU ticks of these processes together; one that has exited meanwhile (an old
 /// HAProxy worker after a reload) counts nothing.
-fn usage(pids: &[u32]) -> Result<(u64, u64)> {
+fn usage(pids: &[u32]) -> (u64, u64) {
     pids.iter()
         .filter_map(|&pid| Some((rss_kib(pid).ok()?, cpu_ticks(pid).ok()?)))
-        .fold(Ok((0, 0)), |total, (rss, ticks)| {
-            total.map(|(all_rss, all_ticks)| (all_rss + rss, all_ticks + ticks))
+        .fold((0, 0), |(all_rss, all_ticks), (rss, ticks)| {
+            (all_rss + rss, all_ticks + ticks)
         })
 }
 
@@ -402,7 +402,7 @@ pub(crate) async fn scale(
     let (confgen, mut stream) = super::start_confgen(&etcd, bind, &env).await?;
     let (at, snapshot) = snapshot_at(&mut stream, u64::try_from(written)?).await?;
     let sync = at - started;
-    let confgen_rss = usage(&[confgen.pid()])?.0;
+    let confgen_rss = usage(&[confgen.pid()]).0;
     drop(stream);
 
     let supervised = Supervised::new()?;
@@ -420,7 +420,7 @@ pub(crate) async fn scale(
         )
     })?;
     let haproxy = haproxy_pids(&supervised).await?;
-    let haproxy_rss = usage(&haproxy)?.0;
+    let haproxy_rss = usage(&haproxy).0;
     let haproxy_fds: usize = haproxy.iter().map(|pid| open_fds(*pid)).sum();
 
     // One at a time: a server gained by an existing app, then lost again.
@@ -539,10 +539,10 @@ pub(crate) async fn scale(
     );
     println!(
         "RSS: confgen {:.1} MiB, supervisor {:.1} MiB, HAProxy {:.1} MiB, etcd {:.1} MiB",
-        mib(usage(&[confgen.pid()])?.0),
-        mib(usage(&[supervisor.pid()])?.0),
-        mib(usage(&haproxy_pids(&supervised).await?)?.0),
-        mib(usage(&[etcd.pid()])?.0)
+        mib(usage(&[confgen.pid()]).0),
+        mib(usage(&[supervisor.pid()]).0),
+        mib(usage(&haproxy_pids(&supervised).await?).0),
+        mib(usage(&[etcd.pid()]).0)
     );
     Ok(())
 }
@@ -575,7 +575,7 @@ pub(crate) async fn idle(count: usize, idle: Duration) -> Result<()> {
         let before = groups
             .iter()
             .map(|(_, pids)| usage(pids))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Vec<_>>();
         let restarts = async || -> Result<f64> {
             let text = ambassador.confgen.metrics_text().await?;
             Ok(text
@@ -596,7 +596,7 @@ pub(crate) async fn idle(count: usize, idle: Duration) -> Result<()> {
             "", "RSS before", "RSS after", "CPU"
         );
         for ((name, pids), (rss_before, ticks_before)) in groups.iter().zip(before) {
-            let (rss_after, ticks_after) = usage(pids)?;
+            let (rss_after, ticks_after) = usage(pids);
             let cpu = cpu_percent(ticks_after - ticks_before, elapsed);
             println!(
                 "{name:<28} {:>8.1} MiB {:>8.1} MiB {cpu:>7.2}%",
