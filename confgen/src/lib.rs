@@ -481,7 +481,15 @@ impl Generator {
                 .increment(1);
         }
         let mut view = self.routes.view();
-        let mut result = self.renderer.render(&view, &self.settings);
+        // The current snapshot's text, when it is the renderer's last: the new text is made
+        // from it where the two share.
+        let current = self.snapshots.borrow().clone();
+        let previous = current
+            .as_ref()
+            .filter(|_| self.published.as_ref().map(|p| p.render) == self.renderer.last_render())
+            .map(|snapshot| snapshot.haproxy_config.as_str());
+        let mut result = self.renderer.render_from(&view, &self.settings, previous);
+        drop(current);
         let mut failures = Vec::new();
         if let Err(RenderError::Items(failed)) = &mut result {
             for failure in failed.iter() {

@@ -291,6 +291,8 @@ struct Last {
     excluded: bool,
     /// The configuration in chunks, in order.
     chunks: Vec<Chunk>,
+    /// The configuration's length.
+    len: usize,
     /// Each helper invocation of the template, in order.
     placed: Vec<Placed>,
     /// Kept outputs the patches since the last walk made, each making one stale: a walk lets
@@ -549,18 +551,54 @@ impl Renderer {
     /// Renders `view`: by patching the last render where only apps and services changed in
     /// place since it ([`View::touched`]), else by walking every item (their blocks kept).
     pub fn render(&mut self, view: &View, settings: &Settings) -> Result<Rendered, RenderError> {
+        self.render_from(view, settings, None)
+    }
+
+    /// The number of the last good render.
+    pub fn last_render(&self) -> Option<u64> {
+        self.last.as_ref().map(|last| last.render)
+    }
+
+    /// [`Renderer::render`], with `previous`, the text of the last good render
+    /// ([`Renderer::last_render`]), when the caller holds it: the new text is then made of its
+    /// shared start and end and the chunks between, rather than copied chunk by chunk.
+    pub fn render_from(
+        &mut self,
+        view: &View,
+        settings: &Settings,
+        previous: Option<&str>,
+    ) -> Result<Rendered, RenderError> {
         if let Some(mut last) = self.last.take() {
-            let patched = self.patch(&mut last, view, settings);
+            let patched = self.patch(&mut last, view, settings, previous);
             self.last = Some(last);
             if let Some(rendered) = patched {
                 return Ok(rendered);
             }
         }
-        self.walk(view, settings)
+        self.walk(view, settings, previous)
+    }
+
+    /// The text of `chunks`: from `previous`, the text of [`Last`], where the two share `span`
+    /// (when it is that text), else chunk by chunk.
+    fn text(&mut self, chunks: &[Chunk], previous: Option<&str>, shared: Option<Span>) -> String {
+        let last_len = self.last.as_ref().map(|last| last.len);
+        let text = match (previous, shared) {
+            (Some(previous), Some(span)) if Some(previous.len()) == last_len => {
+                splice(previous, chunks, span)
+            }
+            _ => concat(chunks, self.last_len),
+        };
+        self.last_len = text.len();
+        text
     }
 
     /// Renders `view` by walking the template and every item.
-    fn walk(&mut self, view: &View, settings: &Settings) -> Result<Rendered, RenderError> {
+    fn walk(
+        &mut self,
+        view: &View,
+        settings: &Settings,
+        previous: Option<&str>,
+    ) -> Result<Rendered, RenderError> {
         let context = context(view, settings, view.apps().count(), view.services().count());
         let render = {
             let mut state = self.state();
@@ -648,8 +686,11 @@ impl Renderer {
                 chunks.extend(invocation.chunks);
             }
         }
-        let config = concat(&chunks, self.last_len);
-        self.last_len = config.len();
+        let shared = self
+            .last
+            .as_ref()
+            .map(|last| (last.render, shared_span(&last.chunks, &chunks)));
+        let config = self.text(&chunks, previous, shared.map(|(_, span)| span));
         let maps = self.maps(view);
         let policy = legate_proto::policy::Policy {
             maps: maps.iter().map(|m| m.name.as_str()).collect(),
@@ -659,16 +700,13 @@ impl Renderer {
             self.last = None;
             return Err(violation.into());
         }
-        let shared = self
-            .last
-            .as_ref()
-            .map(|last| (last.render, shared_span(&last.chunks, &chunks)));
         self.last = Some(Last {
             render,
             view: view.touched.as_ref().map(|t| t.view),
             settings: settings.clone(),
             excluded: !view.excluded.is_empty(),
             chunks,
+            len: config.len(),
             placed,
             stale: 0,
         });
@@ -687,7 +725,13 @@ impl Renderer {
     /// follow `last`'s, something beyond items in place changed, a block cannot be kept or is
     /// invoked inside another, an item's output appears, disappears, fails or moves to another
     /// section, too much changed, or enough kept outputs went stale to let them go.
-    fn patch(&mut self, last: &mut Last, view: &View, settings: &Settings) -> Option<Rendered> {
+    fn patch(
+        &mut self,
+        last: &mut Last,
+        view: &View,
+        settings: &Settings,
+        previous: Option<&str>,
+    ) -> Option<Rendered> {
         let touched = view.touched.as_deref()?;
         if touched.reshaped
             || last.view != Some(touched.view.wrapping_sub(1))
@@ -817,10 +861,13 @@ impl Renderer {
                 suffix: 0,
             }
         };
-        let config = concat(&last.chunks, self.last_len);
+        let config = match previous {
+            Some(previous) if previous.len() == last.len => splice(previous, &last.chunks, span),
+            _ => concat(&last.chunks, self.last_len),
+        };
         self.last_len = config.len();
         let shared = Some((last.render, span));
-        (last.render, last.view) = (render, Some(touched.view));
+        (last.render, last.view, last.len) = (render, Some(touched.view), config.len());
         Some(Rendered {
             config,
             maps,
@@ -1027,6 +1074,32 @@ fn enter(block: &mut BlockContext<'_>, subject: &Subject<'_>, i: usize, len: usi
     block.set_local_var("index", to_json(i));
     block.set_local_var("first", to_json(i == 0));
     block.set_local_var("last", to_json(i + 1 == len));
+}
+
+/// The text of `chunks`, whose first `span.prefix` and last `span.suffix` bytes are those of
+/// `previous`, made of those and of the chunks between.
+fn splice(previous: &str, chunks: &[Chunk], span: Span) -> String {
+    let mut front = 0;
+    let mut first = 0;
+    while front < span.prefix && first < chunks.len() {
+        front += chunks[first].text.len();
+        first += 1;
+    }
+    let mut back = 0;
+    let mut end = chunks.len();
+    while back < span.suffix && end > first {
+        end -= 1;
+        back += chunks[end].text.len();
+    }
+    let middle = &chunks[first..end];
+    let len = span.prefix + middle.iter().map(|c| c.text.len()).sum::<usize>() + span.suffix;
+    let mut text = String::with_capacity(len);
+    text.push_str(&previous[..span.prefix]);
+    for chunk in middle {
+        text.push_str(&chunk.text);
+    }
+    text.push_str(&previous[previous.len() - span.suffix..]);
+    text
 }
 
 /// The chunks' texts, one after the other.

@@ -805,7 +805,9 @@ proptest::proptest! {
             for ((renderer, template), last) in
                 renderers.iter_mut().zip(templates).zip(&mut last)
             {
-                let incremental = renderer.render(&view, &settings()).unwrap();
+                // Made from the last text where the two share, as confgen does.
+                let previous = last.as_ref().map(|last| last.config.as_str());
+                let incremental = renderer.render_from(&view, &settings(), previous).unwrap();
                 let fresh = Renderer::new(template)
                     .unwrap()
                     .render(&View::of_model(&whole), &settings())

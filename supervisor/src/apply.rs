@@ -22,13 +22,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use legate_proto::runtime;
+use legate_proto::snapshot::Span;
 use legate_proto::v1::{ApplyOutcome, ApplyResult, ConfigFile, ConfigSnapshot};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tonic_health::server::HealthReporter;
 use tracing::{debug, error, info, warn};
 
-use crate::diff::{self, Files, Plan};
+use crate::diff::{self, Files, Order, Plan};
 use crate::haproxy::{self, Haproxy, Paths, Procs};
 use crate::listeners;
 use crate::{CONFIG_FILE, Settings};
@@ -37,13 +38,28 @@ use crate::{CONFIG_FILE, Settings};
 pub type Request = (Arc<ConfigSnapshot>, oneshot::Sender<ApplyResult>);
 
 /// Where a snapshot comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     /// `Supervisor.Apply`: its checksum is checked here.
     Request,
     /// Confgen's stream: the subscriber checked the checksum when it rebuilt the snapshot
-    /// (`legate_proto::snapshot::rebuild`).
-    Confgen,
+    /// (`legate_proto::snapshot::rebuild`), from a delta against `Base` if it came as one.
+    Confgen(Option<Base>),
+}
+
+/// A snapshot of confgen's stream, as the subscriber rebuilt it.
+#[derive(Debug, Clone)]
+pub struct Rebuilt {
+    pub snapshot: Arc<ConfigSnapshot>,
+    /// What it was a delta of, when it came as one.
+    pub base: Option<Base>,
+}
+
+/// The snapshot a delta was made against, and the span of text the two share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Base {
+    pub checksum: String,
+    pub span: legate_proto::snapshot::Span,
 }
 
 /// Counters and the last outcome, shared with `Supervisor.Status`.
@@ -180,7 +196,7 @@ impl Applier {
     pub async fn run(
         mut self,
         mut requests: mpsc::Receiver<Request>,
-        mut snapshots: watch::Receiver<Option<Arc<ConfigSnapshot>>>,
+        mut snapshots: watch::Receiver<Option<Rebuilt>>,
         reports: watch::Sender<Option<ApplyResult>>,
         shutdown: CancellationToken,
     ) {
@@ -196,8 +212,8 @@ impl Applier {
                 }
                 Ok(()) = snapshots.changed() => {
                     let latest = snapshots.borrow_and_update().clone();
-                    if let Some(snapshot) = latest {
-                        let result = self.apply(snapshot, Source::Confgen).await;
+                    if let Some(Rebuilt { snapshot, base }) = latest {
+                        let result = self.apply(snapshot, Source::Confgen(base)).await;
                         reports.send_replace(Some(result));
                     }
                 }
@@ -296,10 +312,13 @@ impl Applier {
     ) -> Result<(ApplyOutcome, String), Rejected> {
         let previous = self.checked.clone();
         // Where this snapshot differs from the last one that passed: found once, for each step
-        // that reads only there.
-        let since = previous
-            .as_deref()
-            .map(|previous| Since::of(previous, snapshot));
+        // that reads only there; from the delta it came as, when it was one of that snapshot.
+        let since = previous.as_deref().map(|previous| match &source {
+            Source::Confgen(Some(base)) if base.checksum == previous.checksum => {
+                Since::within(previous, snapshot, base.span)
+            }
+            _ => Since::of(previous, snapshot),
+        });
         check_shape(snapshot, &self.settings.allowed_file_dirs, since.as_ref())?;
         if source == Source::Request
             && !legate_proto::snapshot::verify(
@@ -453,13 +472,14 @@ impl Applier {
             self.unwritten = true;
             self.write_at = Some(tokio::time::Instant::now() + self.settings.write_behind);
         }
-        let lines: Vec<&str> = work.commands.iter().map(|c| c.line.as_str()).collect();
+        let lines: Vec<String> = work.commands.iter().map(Order::line).collect();
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
         let replies = haproxy::batch(&self.paths.admin_socket(), &lines)
             .await
             .map_err(|e| e.to_string())?;
-        for (command, reply) in work.commands.iter().zip(&replies) {
-            if !command.succeeded(reply) {
-                return Err(format!("'{}': {}", command.line, reply.trim()));
+        for ((order, line), reply) in work.commands.iter().zip(&lines).zip(&replies) {
+            if !order.succeeded(reply) {
+                return Err(format!("'{line}': {}", reply.trim()));
             }
         }
         for server in &work.revived {
@@ -703,11 +723,13 @@ impl Applier {
         if self.draining.is_empty() || self.haproxy.is_none() {
             return;
         }
-        let lines: Vec<String> = self
-            .draining
-            .keys()
-            .map(|(backend, server)| format!("del server {backend}/{server}"))
+        let orders: Vec<Order> = (self.draining.keys())
+            .map(|(backend, name)| Order::DelServer {
+                backend: backend.clone(),
+                name: name.clone(),
+            })
             .collect();
+        let lines: Vec<String> = orders.iter().map(Order::line).collect();
         let commands: Vec<&str> = lines.iter().map(String::as_str).collect();
         let replies = match haproxy::batch(&self.paths.admin_socket(), &commands).await {
             Ok(replies) => replies,
@@ -717,9 +739,8 @@ impl Applier {
             }
         };
         let servers: Vec<diff::ServerId> = self.draining.keys().cloned().collect();
-        for (server, reply) in servers.into_iter().zip(replies) {
-            let reply = reply.trim();
-            if reply == diff::SERVER_DELETED || reply == "No such server." {
+        for ((server, order), reply) in servers.into_iter().zip(&orders).zip(replies) {
+            if order.succeeded(&reply) {
                 debug!(backend = server.0, server = server.1, "server deleted");
                 self.draining.remove(&server);
             }
@@ -876,6 +897,15 @@ impl<'a> Since<'a> {
         Self {
             previous,
             region: diff::changed_region(&previous.haproxy_config, &snapshot.haproxy_config),
+        }
+    }
+
+    /// [`Since::of`] when the two configurations are known to share `span`.
+    fn within(previous: &'a ConfigSnapshot, snapshot: &ConfigSnapshot, span: Span) -> Self {
+        let (old, new) = (&previous.haproxy_config, &snapshot.haproxy_config);
+        Self {
+            previous,
+            region: diff::region_within(old, new, span),
         }
     }
 

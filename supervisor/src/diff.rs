@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr};
 
-use legate_proto::snapshot::{common_prefix, common_suffix};
+use legate_proto::snapshot::{Span, common_prefix, common_suffix};
 use legate_proto::v1::ConfigFile;
 use memchr::memmem;
 
@@ -37,9 +37,9 @@ pub enum Plan {
 /// Runtime API work, in the order it must run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Runtime {
-    /// Commands for the admin socket: servers added, map entries changed, servers changed,
+    /// Orders for the admin socket: servers added, map entries changed, servers changed,
     /// removed servers put into maintenance (they drain their connections from then on).
-    pub commands: Vec<Command>,
+    pub commands: Vec<Order>,
     /// Servers to delete (`del server`) once drained, with their definition.
     pub removed: Vec<(ServerId, String)>,
     /// Servers that were draining and are back as they were: ready again, no longer draining.
@@ -53,33 +53,144 @@ pub type ServerId = (String, String);
 /// end, with their definition (`address args...`).
 pub type Draining = BTreeMap<ServerId, String>;
 
-/// One admin socket command and the replies that mean it worked.
+/// One order for HAProxy's admin socket. Its command text and the replies that mean it worked
+/// are written here and nowhere else. Every word in it has passed [`cli_safe`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Command {
-    /// The command line, without its new line.
-    pub line: String,
-    /// Success replies start with one of these; empty: success is an empty reply.
-    pub ok: &'static [&'static str],
+pub enum Order {
+    /// `add server <backend>/<name> <address> <args...>`: it starts in maintenance.
+    AddServer {
+        backend: String,
+        name: String,
+        address: String,
+        /// The `default-server` arguments, then the server's own.
+        args: Vec<String>,
+    },
+    /// `enable health <backend>/<name>`: an added server's checks start.
+    EnableHealth { backend: String, name: String },
+    /// `enable agent <backend>/<name>`.
+    EnableAgent { backend: String, name: String },
+    /// `set server <backend>/<name> state ready|maint`.
+    SetState {
+        backend: String,
+        name: String,
+        state: State,
+    },
+    /// `set server <backend>/<name> addr <ip> port <port>`.
+    SetAddress {
+        backend: String,
+        name: String,
+        ip: IpAddr,
+        port: u16,
+    },
+    /// `set server <backend>/<name> weight <weight>`.
+    SetWeight {
+        backend: String,
+        name: String,
+        weight: String,
+    },
+    /// `del server <backend>/<name>` (a server in maintenance without connections).
+    DelServer { backend: String, name: String },
+    /// `add map <map> <key> <value>`, `set map ...`, `del map <map> <key>`.
+    Map {
+        map: String,
+        key: String,
+        change: MapChange,
+    },
 }
 
-impl Command {
-    fn quiet(line: String) -> Self {
-        Self { line, ok: &[] }
+/// A server's administrative state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Takes traffic.
+    Ready,
+    /// Takes no new traffic; its connections go on (it drains).
+    Maint,
+}
+
+/// What an [`Order::Map`] does to its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MapChange {
+    /// A new entry, added at the end.
+    Add(String),
+    /// The entry's value changes in place.
+    Set(String),
+    /// The entry goes.
+    Del,
+}
+
+impl Order {
+    /// A server's state.
+    pub fn set_state(backend: &str, name: &str, state: State) -> Self {
+        Self::SetState {
+            backend: backend.to_owned(),
+            name: name.to_owned(),
+            state,
+        }
     }
 
-    /// Whether `reply` (trimmed) says the command worked.
+    /// The command line, without its new line.
+    pub fn line(&self) -> String {
+        match self {
+            Self::AddServer {
+                backend,
+                name,
+                address,
+                args,
+            } => {
+                let mut line = format!("add server {backend}/{name} {address}");
+                for arg in args {
+                    line.push(' ');
+                    line.push_str(arg);
+                }
+                line
+            }
+            Self::EnableHealth { backend, name } => format!("enable health {backend}/{name}"),
+            Self::EnableAgent { backend, name } => format!("enable agent {backend}/{name}"),
+            Self::SetState {
+                backend,
+                name,
+                state,
+            } => {
+                let state = match state {
+                    State::Ready => "ready",
+                    State::Maint => "maint",
+                };
+                format!("set server {backend}/{name} state {state}")
+            }
+            Self::SetAddress {
+                backend,
+                name,
+                ip,
+                port,
+            } => format!("set server {backend}/{name} addr {ip} port {port}"),
+            Self::SetWeight {
+                backend,
+                name,
+                weight,
+            } => format!("set server {backend}/{name} weight {weight}"),
+            Self::DelServer { backend, name } => format!("del server {backend}/{name}"),
+            Self::Map { map, key, change } => match change {
+                MapChange::Add(value) => format!("add map {map} {key} {value}"),
+                MapChange::Set(value) => format!("set map {map} {key} {value}"),
+                MapChange::Del => format!("del map {map} {key}"),
+            },
+        }
+    }
+
+    /// Whether `reply` says the order was carried out (HAProxy 2.6's replies).
     pub fn succeeded(&self, reply: &str) -> bool {
         let reply = reply.trim();
-        if self.ok.is_empty() {
-            reply.is_empty()
-        } else {
-            self.ok.iter().any(|ok| reply.starts_with(ok))
+        match self {
+            Self::AddServer { .. } => reply.starts_with("New server registered."),
+            Self::SetAddress { .. } => {
+                reply.starts_with("IP changed from") || reply.starts_with("no need to change")
+            }
+            // Deleted now, or gone already.
+            Self::DelServer { .. } => reply == "Server deleted." || reply == "No such server.",
+            _ => reply.is_empty(),
         }
     }
 }
-
-/// The reply of a successful `del server`.
-pub const SERVER_DELETED: &str = "Server deleted.";
 
 /// Whether `word` can go into an admin socket command as one argument: printable ASCII
 /// without `;` (command separator), `#` (comment), quotes or backslashes (which the CLI
@@ -208,6 +319,20 @@ pub fn changed_region(old: &str, new: &str) -> Option<Region> {
     let (a, b) = (old.as_bytes(), new.as_bytes());
     let prefix = common_prefix(a, b);
     let suffix = common_suffix(a, b, a.len().min(b.len()) - prefix);
+    region_within(old, new, Span { prefix, suffix })
+}
+
+/// [`changed_region`] when the caller knows a span the two share (a delta's kept start and
+/// end): the differences lie between, and no text is compared. A shorter span than the longest
+/// gives a wider region. `None` also when the span does not fit the texts.
+pub fn region_within(old: &str, new: &str, Span { prefix, suffix }: Span) -> Option<Region> {
+    let (a, b) = (old.as_bytes(), new.as_bytes());
+    if prefix + suffix > a.len().min(b.len())
+        || !old.is_char_boundary(prefix)
+        || !old.is_char_boundary(a.len() - suffix)
+    {
+        return None;
+    }
     // Back from the first difference to the start of its section, forward from the last to
     // the start of the next one (or the end): both lie in text the two share.
     let start = section_start(old, prefix);
@@ -472,9 +597,7 @@ fn runtime_of(
             Some(was) if was == server => continue,
             None => match draining.get(&key) {
                 Some(line) if *line == server.line() => {
-                    ready.push(Command::quiet(format!(
-                        "set server {backend}/{name} state ready"
-                    )));
+                    ready.push(Order::set_state(backend, name, State::Ready));
                     revived.push(key);
                 }
                 Some(_) => {
@@ -496,9 +619,7 @@ fn runtime_of(
             } else {
                 &mut maint_late
             };
-            maint.push(Command::quiet(format!(
-                "set server {backend}/{name} state maint"
-            )));
+            maint.push(Order::set_state(backend, name, State::Maint));
             removed.push(((backend.to_owned(), name.to_owned()), server.line()));
         }
     }
@@ -540,9 +661,9 @@ struct HandOver {
     /// The old and the new maps with each handed-over key on its twin; `None`: no hand-over.
     maps: Option<(Vec<ConfigFile>, Vec<ConfigFile>)>,
     /// Twins filled, keys moved onto them: before anything else.
-    enter: Vec<Command>,
+    enter: Vec<Order>,
     /// Keys moved to their new backends, twins emptied: after everything else.
-    leave: Vec<Command>,
+    leave: Vec<Order>,
     /// The twins' servers, deleted once drained.
     removed: Vec<(ServerId, String)>,
 }
@@ -611,17 +732,20 @@ fn hand_over(
         busy.insert(twin);
         for (name, server) in servers_of(after, target) {
             result.enter.extend(add_server(twin, name, server)?);
-            result.leave.push(Command::quiet(format!(
-                "set server {twin}/{name} state maint"
-            )));
+            result
+                .leave
+                .push(Order::set_state(twin, name, State::Maint));
             result
                 .removed
                 .push(((twin.to_owned(), name.to_owned()), server.line()));
         }
-        result
-            .enter
-            .push(Command::quiet(format!("set map {map} {key} {twin}")));
-        arrive.push(Command::quiet(format!("set map {map} {key} {target}")));
+        let set_map = |value: &str| Order::Map {
+            map: map.to_owned(),
+            key: key.to_owned(),
+            change: MapChange::Set(value.to_owned()),
+        };
+        result.enter.push(set_map(twin));
+        arrive.push(set_map(target));
         moved.insert((map, key), twin);
     }
     if moved.is_empty() {
@@ -718,7 +842,7 @@ fn check_dynamic(parsed: &Parsed<'_>, backend: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn add_server(backend: &str, name: &str, server: &Server<'_>) -> Result<Vec<Command>, String> {
+fn add_server(backend: &str, name: &str, server: &Server<'_>) -> Result<Vec<Order>, String> {
     let words =
         server
             .defaults
@@ -727,14 +851,14 @@ fn add_server(backend: &str, name: &str, server: &Server<'_>) -> Result<Vec<Comm
             .copied()
             .chain([server.address, name, backend]);
     unsafe_word(words, backend, name)?;
-    let mut line = format!("add server {backend}/{name} {}", server.address);
-    for arg in server.defaults.iter().chain(&server.args) {
-        line.push(' ');
-        line.push_str(arg);
-    }
-    let mut commands = vec![Command {
-        line,
-        ok: &["New server registered."],
+    let id = || (backend.to_owned(), name.to_owned());
+    let mut commands = vec![Order::AddServer {
+        backend: backend.to_owned(),
+        name: name.to_owned(),
+        address: server.address.to_owned(),
+        args: (server.defaults.iter().chain(&server.args))
+            .map(|arg| (*arg).to_owned())
+            .collect(),
     }];
     let has = |word: &str| {
         server
@@ -744,16 +868,16 @@ fn add_server(backend: &str, name: &str, server: &Server<'_>) -> Result<Vec<Comm
             .any(|a| *a == word)
     };
     if has("check") {
-        commands.push(Command::quiet(format!("enable health {backend}/{name}")));
+        let (backend, name) = id();
+        commands.push(Order::EnableHealth { backend, name });
     }
     if has("agent-check") {
-        commands.push(Command::quiet(format!("enable agent {backend}/{name}")));
+        let (backend, name) = id();
+        commands.push(Order::EnableAgent { backend, name });
     }
     // Added servers start in maintenance.
     if !has("disabled") {
-        commands.push(Command::quiet(format!(
-            "set server {backend}/{name} state ready"
-        )));
+        commands.push(Order::set_state(backend, name, State::Ready));
     }
     Ok(commands)
 }
@@ -763,7 +887,7 @@ fn change_server(
     name: &str,
     was: &Server<'_>,
     now: &Server<'_>,
-) -> Result<Vec<Command>, String> {
+) -> Result<Vec<Order>, String> {
     let mut commands = Vec::new();
     if was.defaults != now.defaults || without_weight(&was.args) != without_weight(&now.args) {
         return Err(format!(
@@ -777,18 +901,22 @@ fn change_server(
                 now.address
             )
         })?;
-        commands.push(Command {
-            line: format!("set server {backend}/{name} addr {ip} port {port}"),
-            ok: &["IP changed from", "no need to change"],
+        commands.push(Order::SetAddress {
+            backend: backend.to_owned(),
+            name: name.to_owned(),
+            ip,
+            port,
         });
     }
     let weight = weight(&now.args);
     if weight != self::weight(&was.args) {
         let weight = weight.unwrap_or("1");
         unsafe_word([weight], backend, name)?;
-        commands.push(Command::quiet(format!(
-            "set server {backend}/{name} weight {weight}"
-        )));
+        commands.push(Order::SetWeight {
+            backend: backend.to_owned(),
+            name: name.to_owned(),
+            weight: weight.to_owned(),
+        });
     }
     Ok(commands)
 }
@@ -840,8 +968,8 @@ fn split_address(address: &str) -> Option<(IpAddr, u16)> {
     Some((ip, port))
 }
 
-/// Commands that turn each old map into the new one, if the runtime API can.
-fn map_commands(maps: &MapsDiff<'_>) -> Result<Vec<Command>, String> {
+/// Orders that turn each old map into the new one, if the runtime API can.
+fn map_commands(maps: &MapsDiff<'_>) -> Result<Vec<Order>, String> {
     let mut commands = Vec::new();
     for pair in &maps.changed {
         commands.extend(map_diff(pair)?);
@@ -871,7 +999,7 @@ fn exact_only(config: &str, name: &str) -> bool {
 /// first entry that matches, in file order, and `add map` appends: for an `ordered` map the
 /// runtime API is used only when the new file's order is the old one minus removed keys, plus
 /// added keys at the end. Exact matches look keys up in a tree: any order will do.
-fn map_diff(pair: &MapPair<'_>) -> Result<Vec<Command>, String> {
+fn map_diff(pair: &MapPair<'_>) -> Result<Vec<Order>, String> {
     let name = pair.name;
     if !cli_safe(name) {
         return Err(format!("map name '{}' is not safe", name.escape_default()));
@@ -898,12 +1026,14 @@ fn map_diff(pair: &MapPair<'_>) -> Result<Vec<Command>, String> {
         }
     }
     Ok((pair.keys.iter())
-        .map(|&(key, old, new)| {
-            Command::quiet(match (old, new) {
-                (_, None) => format!("del map {name} {key}"),
-                (Some(_), Some(value)) => format!("set map {name} {key} {value}"),
-                (None, Some(value)) => format!("add map {name} {key} {value}"),
-            })
+        .map(|&(key, old, new)| Order::Map {
+            map: name.to_owned(),
+            key: key.to_owned(),
+            change: match (old, new) {
+                (_, None) => MapChange::Del,
+                (Some(_), Some(value)) => MapChange::Set(value.to_owned()),
+                (None, Some(value)) => MapChange::Add(value.to_owned()),
+            },
         })
         .collect())
 }
@@ -1065,9 +1195,9 @@ mod tests {
         )
     }
 
-    fn lines(plan: &Plan) -> Vec<&str> {
+    fn lines(plan: &Plan) -> Vec<String> {
         match plan {
-            Plan::Runtime(runtime) => runtime.commands.iter().map(|c| c.line.as_str()).collect(),
+            Plan::Runtime(runtime) => runtime.commands.iter().map(Order::line).collect(),
             Plan::Reload(reason) => panic!("reload: {reason}"),
         }
     }
@@ -1101,12 +1231,46 @@ mod tests {
     }
 
     #[test]
+    fn each_order_says_its_command_and_which_replies_mean_it_worked() {
+        let (b, s) = (|| "app_a".to_owned(), || "a1".to_owned());
+        let add = Order::AddServer {
+            backend: b(),
+            name: s(),
+            address: "10.0.0.1:80".to_owned(),
+            args: vec!["weight".to_owned(), "5".to_owned()],
+        };
+        assert_eq!(add.line(), "add server app_a/a1 10.0.0.1:80 weight 5");
+        assert!(add.succeeded("New server registered.\n"));
+        assert!(!add.succeeded("Already exists a server with the same name in backend.\n"));
+        let delete = Order::DelServer {
+            backend: b(),
+            name: s(),
+        };
+        assert_eq!(delete.line(), "del server app_a/a1");
+        assert!(delete.succeeded("Server deleted.\n") && delete.succeeded("No such server.\n"));
+        assert!(!delete.succeeded("Server still has connections attached to it.\n"));
+        let state = Order::set_state("app_a", "a1", State::Maint);
+        assert_eq!(state.line(), "set server app_a/a1 state maint");
+        assert!(state.succeeded("\n") && !state.succeeded("No such server.\n"));
+        let map = Order::Map {
+            map: "hosts.map".to_owned(),
+            key: "a.test".to_owned(),
+            change: MapChange::Add("slot_1".to_owned()),
+        };
+        assert_eq!(map.line(), "add map hosts.map a.test slot_1");
+        assert!(map.succeeded("") && !map.succeeded("Unknown map identifier.\n"));
+    }
+
+    #[test]
     fn a_removed_server_goes_to_maintenance_then_is_deleted() {
         let new = BASE.replace("    server a2 10.0.0.2:8080 weight 100 check\n", "");
         let Plan::Runtime(runtime) = plan_of(BASE, &new) else {
             panic!("reload")
         };
-        assert_eq!(runtime.commands[0].line, "set server app_a/a2 state maint");
+        assert_eq!(
+            runtime.commands[0].line(),
+            "set server app_a/a2 state maint"
+        );
         assert_eq!(
             runtime.removed,
             [(
@@ -1348,7 +1512,7 @@ mod tests {
             );
             let mut state = Between::new(&old, &old_maps);
             for line in lines(&plan) {
-                state.run(line);
+                state.run(&line);
                 for ((_, domain), backend) in &state.maps {
                     for (at, server) in &state.ready {
                         if at == backend {
@@ -1753,6 +1917,22 @@ mod section_tests {
                 sections, text,
                 "seed {seed}\n--- old\n{old_config}\n--- new\n{new_config}"
             );
+            // From a span the two share that is shorter than the longest (a delta's may be):
+            // a wider region, the same plan.
+            let (a, b) = (old_config.as_bytes(), new_config.as_bytes());
+            let prefix = common_prefix(a, b);
+            let suffix = common_suffix(a, b, a.len().min(b.len()) - prefix);
+            let span = Span {
+                prefix: prefix - rng.below(prefix + 1),
+                suffix: suffix - rng.below(suffix + 1),
+            };
+            let within = plan_within(
+                files(&old_config, &old_maps),
+                files(&new_config, &new_maps),
+                &draining,
+                region_within(&old_config, &new_config, span),
+            );
+            assert_eq!(within, text, "seed {seed}, {span:?}");
             if matches!(text, Plan::Runtime(_)) {
                 runtime += 1;
             }

@@ -21,7 +21,7 @@ use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::MAX_MESSAGE;
-use crate::apply::Stats;
+use crate::apply::{Base, Rebuilt, Stats};
 
 /// A connection to confgen on behalf of one node.
 #[derive(Debug, Clone)]
@@ -39,7 +39,7 @@ impl Subscriber {
     /// Follows `Confgen.Watch` until `shutdown`, publishing every snapshot.
     pub async fn watch(
         self,
-        snapshots: watch::Sender<Option<Arc<ConfigSnapshot>>>,
+        snapshots: watch::Sender<Option<Rebuilt>>,
         shutdown: CancellationToken,
     ) {
         let mut backoff = runtime::Backoff::default();
@@ -73,10 +73,24 @@ impl Subscriber {
                                 message = stream.message() => match message {
                                     Ok(Some(message)) => {
                                         let base_ref = base.as_ref().map(|(s, d)| (&**s, d));
+                                        let delta = message.delta.as_ref().map(|delta| Base {
+                                            checksum: delta.base_checksum.clone(),
+                                            span: snapshot::Span {
+                                                prefix: delta.config.as_ref().map_or(0, |c| {
+                                                    usize::try_from(c.keep_prefix).unwrap_or(0)
+                                                }),
+                                                suffix: delta.config.as_ref().map_or(0, |c| {
+                                                    usize::try_from(c.keep_suffix).unwrap_or(0)
+                                                }),
+                                            },
+                                        });
                                         match snapshot::rebuild(base_ref, message) {
                                             Ok((snapshot, digest)) => {
                                                 let snapshot = Arc::new(snapshot);
-                                                snapshots.send_replace(Some(snapshot.clone()));
+                                                snapshots.send_replace(Some(Rebuilt {
+                                                    snapshot: snapshot.clone(),
+                                                    base: delta,
+                                                }));
                                                 base = Some((snapshot, digest));
                                             }
                                             Err(e) => {
@@ -251,7 +265,7 @@ mod tests {
                 .await
                 .expect("no snapshot within 30 s")
                 .unwrap();
-            let snapshot = rx.borrow_and_update().clone().unwrap();
+            let snapshot = rx.borrow_and_update().clone().unwrap().snapshot;
             let expected = [&one, &two, &three][snapshot.version as usize - 1];
             assert_eq!(
                 (&snapshot.haproxy_config, &snapshot.maps, &snapshot.checksum),
