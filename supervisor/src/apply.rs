@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::server::HealthReporter;
 use tracing::{debug, error, info, warn};
 
-use crate::diff::{self, Files, Order, Plan};
+use crate::diff::{self, Defaults, Files, Order, Plan};
 use crate::haproxy::{self, Haproxy, Paths, Procs};
 use crate::listeners;
 use crate::{CONFIG_FILE, Settings};
@@ -109,6 +109,9 @@ pub struct Applier {
     unwritten: bool,
     /// When to write them (`--write-behind` after the first apply they lag behind).
     write_at: Option<tokio::time::Instant>,
+    /// The `defaults` sections of the configuration of this checksum (what runs, or is about
+    /// to).
+    defaults: Option<(String, Defaults)>,
 }
 
 impl Applier {
@@ -161,6 +164,7 @@ impl Applier {
             log_throttle: runtime::Throttle::new(runtime::INFO_EVERY),
             unwritten: false,
             write_at: None,
+            defaults: None,
             settings,
         };
         let live = applier.read_live();
@@ -356,16 +360,32 @@ impl Applier {
         if running.checksum == snapshot.checksum {
             return Ok((ApplyOutcome::Unchanged, String::new()));
         }
-        let plan = match region {
-            Some(region) => {
-                diff::plan_within(files(&running), files(snapshot), &self.draining, region)
-            }
-            None => diff::plan_changed(files(&running), files(snapshot), &self.draining),
+        let region = region.unwrap_or_else(|| {
+            diff::changed_region(&running.haproxy_config, &snapshot.haproxy_config)
+        });
+        // The running configuration's `defaults` sections: carried over from one runtime apply
+        // to the next, so that no apply searches the whole text for them.
+        let defaults = match &self.defaults {
+            Some((checksum, defaults)) if *checksum == running.checksum => *defaults,
+            _ => Defaults::of(&running.haproxy_config),
         };
+        let plan = diff::plan_within(
+            files(&running),
+            files(snapshot),
+            &self.draining,
+            region,
+            Some(defaults),
+        );
         let reason = match plan {
             Plan::Reload(reason) => reason,
             Plan::Runtime(work) => {
                 let started = Instant::now();
+                self.defaults = region
+                    .and_then(|region| {
+                        let (old, new) = (&running.haproxy_config, &snapshot.haproxy_config);
+                        defaults.after(old, new, region)
+                    })
+                    .map(|defaults| (snapshot.checksum.clone(), defaults));
                 match self.runtime(work, snapshot).await {
                     Ok(message) => {
                         metrics::histogram!("legate_supervisor_apply_seconds", "path" => "runtime")

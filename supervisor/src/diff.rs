@@ -238,18 +238,26 @@ fn runtime(old: Files<'_>, new: Files<'_>, draining: &Draining) -> Result<Runtim
 /// renamed, more than one `defaults` section, map keys moving onto backends other keys leave,
 /// a reload needed), it is [`plan`]'s answer.
 pub fn plan_changed(old: Files<'_>, new: Files<'_>, draining: &Draining) -> Plan {
-    plan_within(old, new, draining, changed_region(old.config, new.config))
+    plan_within(
+        old,
+        new,
+        draining,
+        changed_region(old.config, new.config),
+        None,
+    )
 }
 
 /// [`plan_changed`] with the [`Region`] where the configurations differ already found
-/// ([`changed_region`] of the two).
+/// ([`changed_region`] of the two, or a wider one), and the `defaults` sections of `old` when
+/// they are known ([`Defaults::of`]).
 pub fn plan_within(
     old: Files<'_>,
     new: Files<'_>,
     draining: &Draining,
     region: Option<Region>,
+    defaults: Option<Defaults>,
 ) -> Plan {
-    let Some(changed) = differing(old.config, new.config, region) else {
+    let Some(changed) = differing(old.config, new.config, region, defaults) else {
         return plan(old, new, draining);
     };
     match changed.runtime(old, new, draining) {
@@ -271,7 +279,12 @@ struct Differing<'a> {
 /// Where `old` and `new` differ, as whole sections one for one: `None` when they differ in
 /// anything but the text of `backend`/`listen` sections under unchanged headers, or have more
 /// than one `defaults` section.
-fn differing<'a>(old: &'a str, new: &'a str, region: Option<Region>) -> Option<Differing<'a>> {
+fn differing<'a>(
+    old: &'a str,
+    new: &'a str,
+    region: Option<Region>,
+    defaults: Option<Defaults>,
+) -> Option<Differing<'a>> {
     let region = region?;
     let before = split_sections(old.get(region.start..region.end_old)?);
     let after = split_sections(new.get(region.start..region.end_new)?);
@@ -294,8 +307,9 @@ fn differing<'a>(old: &'a str, new: &'a str, region: Option<Region>) -> Option<D
         }
         pairs.push((a, b));
     }
+    let defaults = defaults.unwrap_or_else(|| Defaults::of(old));
     Some(Differing {
-        defaults: only_defaults(old)?,
+        defaults: defaults.text(old)?,
         pairs,
     })
 }
@@ -416,23 +430,69 @@ fn split_sections(text: &str) -> Vec<&str> {
     sections
 }
 
-/// The text of the only `defaults` section of `config` ("" when it has none); `None` when it
-/// has several (then which one applies where is left to [`plan`]).
-fn only_defaults(config: &str) -> Option<&str> {
-    let mut found = None;
-    for at in memmem::find_iter(config.as_bytes(), "defaults") {
-        let start = line_start(config, at);
-        let line = line_at(config, start);
-        if words(line).next() != Some("defaults") {
-            continue;
+/// Where the `defaults` section of a configuration is: [`plan_within`] reads the servers of
+/// the sections that changed with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Defaults {
+    /// It has none.
+    Missing,
+    /// It has one, at `config[start..end]`.
+    One(usize, usize),
+    /// It has several: which one applies where is left to [`plan`].
+    Several,
+}
+
+impl Defaults {
+    /// The `defaults` sections of `config`, searched for in all of it.
+    pub fn of(config: &str) -> Self {
+        let mut found = Self::Missing;
+        for at in memmem::find_iter(config.as_bytes(), "defaults") {
+            let start = line_start(config, at);
+            let line = line_at(config, start);
+            if words(line).next() != Some("defaults") {
+                continue;
+            }
+            if found != Self::Missing {
+                return Self::Several;
+            }
+            let end = next_section(config, (start + line.len() + 1).min(config.len()));
+            found = Self::One(start, end);
         }
-        if found.is_some() {
+        found
+    }
+
+    /// The `defaults` sections of `new`, which `region` makes of `old` whose sections these
+    /// are, reading only the region; `None` when a `defaults` section lies in it (then
+    /// [`Defaults::of`] tells).
+    pub fn after(self, old: &str, new: &str, region: Region) -> Option<Self> {
+        let has_defaults = |text: &str| {
+            text.lines()
+                .any(|line| is_header(line) && words(line).next() == Some("defaults"))
+        };
+        if has_defaults(old.get(region.start..region.end_old)?)
+            || has_defaults(new.get(region.start..region.end_new)?)
+        {
             return None;
         }
-        let end = next_section(config, (start + line.len() + 1).min(config.len()));
-        found = Some(&config[start..end]);
+        match self {
+            Self::One(_, end) if end <= region.start => Some(self),
+            Self::One(start, end) if start >= region.end_old => {
+                let moved = |at: usize| at - region.end_old + region.end_new;
+                Some(Self::One(moved(start), moved(end)))
+            }
+            Self::One(..) => None,
+            other => Some(other),
+        }
     }
-    Some(found.unwrap_or(""))
+
+    /// The text of the only `defaults` section ("" when there is none); `None` for several.
+    fn text(self, config: &str) -> Option<&str> {
+        match self {
+            Self::Missing => Some(""),
+            Self::One(start, end) => config.get(start..end),
+            Self::Several => None,
+        }
+    }
 }
 
 impl Differing<'_> {
@@ -1888,6 +1948,7 @@ mod section_tests {
     #[test]
     fn the_section_level_plan_equals_the_text_level_plan() {
         let mut runtime = 0;
+        let mut carried = 0;
         for seed in 1..3000u64 {
             let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
             let old = World::new(&mut rng);
@@ -1926,19 +1987,56 @@ mod section_tests {
                 prefix: prefix - rng.below(prefix + 1),
                 suffix: suffix - rng.below(suffix + 1),
             };
+            let region = region_within(&old_config, &new_config, span);
+            let defaults = Defaults::of(&old_config);
             let within = plan_within(
                 files(&old_config, &old_maps),
                 files(&new_config, &new_maps),
                 &draining,
-                region_within(&old_config, &new_config, span),
+                region,
+                Some(defaults),
             );
             assert_eq!(within, text, "seed {seed}, {span:?}");
+            // The defaults sections carried over to the new text are where a search finds them.
+            if let Some(after) = region.and_then(|r| defaults.after(&old_config, &new_config, r)) {
+                assert_eq!(after, Defaults::of(&new_config), "seed {seed}");
+                carried += 1;
+            }
             if matches!(text, Plan::Runtime(_)) {
                 runtime += 1;
             }
         }
         // Both paths were exercised: runtime plans and reloads.
         assert!(runtime > 500 && runtime < 2500, "{runtime} runtime plans");
+        assert!(carried > 1000, "{carried} defaults carried over");
+    }
+
+    #[test]
+    fn defaults_are_carried_over_a_change_before_after_or_around_them() {
+        let old = "backend a\n    server a1 10.0.0.1:80\n\ndefaults\n    mode http\n\nbackend b\n    server b1 10.0.0.2:80\n";
+        let cases = [
+            // A server more before the defaults section: it moves.
+            old.replace(
+                "a1 10.0.0.1:80\n",
+                "a1 10.0.0.1:80\n    server a2 10.0.0.3:80\n",
+            ),
+            // After it: it stays.
+            old.replace(
+                "b1 10.0.0.2:80\n",
+                "b1 10.0.0.2:80\n    server b2 10.0.0.4:80\n",
+            ),
+        ];
+        for new in &cases {
+            let region = changed_region(old, new).unwrap();
+            let after = Defaults::of(old).after(old, new, region);
+            assert_eq!(after, Some(Defaults::of(new)), "{new}");
+            assert!(matches!(after, Some(Defaults::One(..))));
+        }
+        // A second defaults section in the change: only a search can tell.
+        let two = old.replace("backend b\n", "defaults\n    mode tcp\n\nbackend b\n");
+        let region = changed_region(old, &two).unwrap();
+        assert_eq!(Defaults::of(old).after(old, &two, region), None);
+        assert_eq!(Defaults::of(&two), Defaults::Several);
     }
 
     #[test]
@@ -1951,8 +2049,8 @@ mod section_tests {
             ));
         }
         let new = config.replace("10.0.0.1:1250\n", "10.0.0.2:1250\n");
-        let found =
-            differing(&config, &new, changed_region(&config, &new)).expect("sections one for one");
+        let found = differing(&config, &new, changed_region(&config, &new), None)
+            .expect("sections one for one");
         assert_eq!(
             found.pairs,
             [(
@@ -1963,11 +2061,11 @@ mod section_tests {
         assert_eq!(found.defaults, "defaults\n    mode http\n\n");
         // A new section, a changed frontend, two defaults: left to the text-level plan.
         let added = format!("{config}\nbackend extra\n");
-        assert!(differing(&config, &added, changed_region(&config, &added)).is_none());
+        assert!(differing(&config, &added, changed_region(&config, &added), None).is_none());
         let frontend = config.replace("bind :80", "bind :81");
-        assert!(differing(&config, &frontend, changed_region(&config, &frontend)).is_none());
+        assert!(differing(&config, &frontend, changed_region(&config, &frontend), None).is_none());
         let two = format!("{config}\ndefaults\n");
         let moved = two.replace("10.0.0.1:1250", "10.0.0.3:1250");
-        assert!(differing(&two, &moved, changed_region(&two, &moved)).is_none());
+        assert!(differing(&two, &moved, changed_region(&two, &moved), None).is_none());
     }
 }
