@@ -37,10 +37,15 @@ struct Setup {
 
 impl Setup {
     async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// With these arguments for the supervisor.
+    async fn start_with(args: &[&str]) -> Self {
         let b1 = Backend::start("b1", "127.0.0.1:0".parse().unwrap()).await;
         let b2 = Backend::start("b2", "127.0.0.1:0".parse().unwrap()).await;
         let supervised = Supervised::new().unwrap();
-        let supervisor = supervised.start(None, &[]).unwrap();
+        let supervisor = supervised.start(None, args).unwrap();
         let client = client(&supervisor).await;
         Self {
             b1: b1.unwrap(),
@@ -377,17 +382,15 @@ async fn a_restarted_supervisor_adopts_haproxy_which_serves_throughout() {
 /// stale files.
 #[tokio::test]
 async fn live_files_lag_behind_runtime_applies_and_a_supervisor_killed_meanwhile_reloads_after() {
-    let b1 = Backend::start("b1", "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let b2 = Backend::start("b2", "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let http = free_port().unwrap();
-    let supervised = Supervised::new().unwrap();
     let lagging = ["--write-behind", "60m"];
-    let mut supervisor = supervised.start(None, &lagging).unwrap();
-    let mut client = client(&supervisor).await;
+    let Setup {
+        b1,
+        b2,
+        http,
+        supervised,
+        mut supervisor,
+        mut client,
+    } = Setup::start_with(&lagging).await;
     let record = supervised.state_dir().join("running");
     let live = || std::fs::read_to_string(supervised.state_dir().join("live/haproxy.cfg")).unwrap();
     let routed = |version, servers: &[(&str, SocketAddr)]| {
