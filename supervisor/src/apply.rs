@@ -476,7 +476,9 @@ impl Applier {
         })
     }
 
-    /// The runtime path: one batch of commands, every reply checked, then the files.
+    /// The runtime path: one batch of commands, every reply checked; the live files follow
+    /// behind ([`Applier::catch_up_files`]), at once with `--write-behind 0` or an external
+    /// HAProxy.
     async fn runtime(
         &mut self,
         work: diff::Runtime,
