@@ -59,7 +59,7 @@ pub struct Rebuilt {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Base {
     pub checksum: String,
-    pub span: legate_proto::snapshot::Span,
+    pub span: Span,
 }
 
 /// Counters and the last outcome, shared with `Supervisor.Status`.
@@ -777,8 +777,7 @@ impl Applier {
             return Ok(());
         };
         write_files(&self.paths.live(), &running)?;
-        let record = format!("{} {}\n", running.version, running.checksum);
-        write_atomic(&self.paths.running(), &record)?;
+        write_atomic(&self.paths.running(), &record(&running))?;
         self.unwritten = false;
         self.write_at = None;
         Ok(())
@@ -799,11 +798,10 @@ impl Applier {
     /// Records `snapshot` as what runs: in memory and in the status, and on disk unless a
     /// runtime apply left the live files behind (then they catch up with it).
     fn confirmed(&mut self, snapshot: Arc<ConfigSnapshot>) {
-        if !self.unwritten {
-            let record = format!("{} {}\n", snapshot.version, snapshot.checksum);
-            if let Err(e) = write_atomic(&self.paths.running(), &record) {
-                warn!(error = %e, "cannot record the running version");
-            }
+        if !self.unwritten
+            && let Err(e) = write_atomic(&self.paths.running(), &record(&snapshot))
+        {
+            warn!(error = %e, "cannot record the running version");
         }
         metrics::gauge!("legate_supervisor_running_version").set(snapshot.version as f64);
         {
@@ -1016,6 +1014,11 @@ fn write_files(dir: &Path, snapshot: &ConfigSnapshot) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The record of what the live files hold (`<state-dir>/running`): version and checksum.
+fn record(snapshot: &ConfigSnapshot) -> String {
+    format!("{} {}\n", snapshot.version, snapshot.checksum)
 }
 
 /// Writes `content` to a temporary file beside `path`, then renames it into place.
