@@ -657,7 +657,7 @@ impl Backoff {
 
     /// The next delay after the failure of an attempt that began at `began`: from the smallest
     /// again when the attempt had stayed up [`HEALTHY`].
-    pub fn after(&mut self, began: std::time::Instant) -> Duration {
+    pub fn after(&mut self, began: tokio::time::Instant) -> Duration {
         if began.elapsed() >= HEALTHY {
             self.reset();
         }
@@ -1116,7 +1116,7 @@ mod tests {
         for _ in 0..10 {
             backoff.delay();
         }
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         assert!(backoff.after(now) >= Duration::from_secs(1));
         let long_ago = now - HEALTHY;
         assert!(backoff.after(long_ago) <= Duration::from_millis(200));

@@ -12,19 +12,19 @@
 pub mod conventions;
 pub mod docker;
 mod hostip;
+mod lease;
 pub mod reconcile;
 mod reconciler;
 pub mod store;
 
 use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use futures_util::StreamExt;
 use legate_proto::registry::{HostId, HostIp, HostRecord, Schema};
-use legate_proto::runtime::{
-    self, Backoff, CommonArgs, EtcdArgs, RuntimeError, pause, retry, retry_within,
-};
+use legate_proto::runtime::{self, Backoff, CommonArgs, EtcdArgs, RuntimeError, pause, retry};
 use legate_proto::transport::{GrpcServer, Listen, Peer, ServerArgs};
 use legate_proto::v1;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -234,13 +234,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .await;
 
     let (lease_tx, lease_rx) = watch::channel(lease);
-    tracker.spawn(keep_lease(
+    let keeper = lease::Keeper::new(
         store.clone(),
         config.lease_ttl,
         lease_tx,
         trigger_tx.clone(),
-        tasks.clone(),
-    ));
+    );
+    tracker.spawn(keeper.run(tasks.clone()));
     tracker.spawn(guard(store.clone(), lease_rx.clone(), tasks.clone()));
     tracker.spawn(follow_events(
         config.docker.clone(),
@@ -290,55 +290,6 @@ fn grpc_outcome(
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.into()),
         Err(e) => Err(e.into()),
-    }
-}
-
-/// Keeps the lease alive; when it is lost, grants a new one and triggers a full re-registration.
-///
-/// While etcd cannot be reached the keep-alive is retried at least once per keep-alive period
-/// (a second at most), never slower: the moment etcd answers again, its answer decides. A lease
-/// that expired meanwhile ("lease not found") is lost, not transient, and replaced at once.
-async fn keep_lease(
-    mut store: Store,
-    ttl: i64,
-    lease: watch::Sender<i64>,
-    trigger: mpsc::Sender<Trigger>,
-    shutdown: CancellationToken,
-) {
-    let cap = store::keep_alive_period(ttl).min(Duration::from_secs(1));
-    let mut backoff = Backoff::capped(cap);
-    while !shutdown.is_cancelled() {
-        let id = *lease.borrow();
-        match store.keep_alive(id, ttl, &shutdown).await {
-            // Only a shutdown ends the keep-alive without an error.
-            Ok(()) => return,
-            Err(StoreError::LeaseLost(_)) => {
-                warn!(
-                    lease = format!("{id:x}"),
-                    "lease lost: granting a new one and registering everything again"
-                );
-                metrics::counter!("legate_registrar_leases_lost_total").increment(1);
-                let Some(new) = retry_within("granting a lease", cap, &shutdown, || {
-                    let mut store = store.clone();
-                    async move { store.grant(ttl).await }
-                })
-                .await
-                else {
-                    return;
-                };
-                info!(lease = format!("{new:x}"), "new lease");
-                lease.send_replace(new);
-                let _ = trigger.send(Trigger::Full).await;
-                backoff.reset();
-            }
-            Err(e) => {
-                let delay = backoff.delay();
-                warn!(error = %e, retry_in = ?delay, "lease keep-alive failed");
-                if !pause(delay, &shutdown).await {
-                    return;
-                }
-            }
-        }
     }
 }
 

@@ -95,7 +95,7 @@ impl From<etcd_client::Error> for StoreError {
 }
 
 /// Maps an etcd error of a call about `lease`: a lease that does not exist is that one lost.
-fn lease_error(lease: i64) -> impl Fn(etcd_client::Error) -> StoreError {
+pub(crate) fn lease_error(lease: i64) -> impl Fn(etcd_client::Error) -> StoreError {
     move |e| match StoreError::from(e) {
         StoreError::LeaseLost(0) => StoreError::LeaseLost(lease),
         other => other,

@@ -44,7 +44,7 @@ impl Subscriber {
     ) {
         let mut backoff = runtime::Backoff::default();
         loop {
-            let began = std::time::Instant::now();
+            let began = tokio::time::Instant::now();
             let have_checksum = self
                 .stats
                 .lock()
