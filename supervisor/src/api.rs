@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
 use crate::apply::{self, Stats};
+use crate::proxy;
 use crate::traffic::Traffic;
 
 /// The service; the applier task does the work.
@@ -48,7 +49,7 @@ impl v1::supervisor_server::Supervisor for Api {
         let workers = if stats.master_pid == 0 {
             0
         } else {
-            apply::procs(&self.master_socket)
+            proxy::procs(&self.master_socket)
                 .await
                 .map_or(0, |procs| procs.workers.len())
         };

@@ -30,8 +30,9 @@ use tonic_health::server::HealthReporter;
 use tracing::{debug, error, info, warn};
 
 use crate::diff::{self, Defaults, Files, Order, Plan};
-use crate::haproxy::{self, Haproxy, Paths, Procs};
+use crate::haproxy::{self, Paths};
 use crate::listeners;
+use crate::proxy::{Process, Proxy};
 use crate::{CONFIG_FILE, Settings};
 
 /// A snapshot to apply and where to send the result (`Supervisor.Apply`).
@@ -82,10 +83,23 @@ pub struct Stats {
 #[derive(Debug)]
 struct Rejected(String);
 
-pub struct Applier {
+/// The HAProxy master, as the applier sees it.
+#[derive(Debug)]
+enum Master<P> {
+    /// None runs and none is due: there is no configuration yet.
+    Idle,
+    /// It runs (started or adopted).
+    Up(P),
+    /// It exited or could not be started: started again from `at` on, on the last good
+    /// configuration.
+    Down { at: tokio::time::Instant },
+}
+
+pub(crate) struct Applier<P: Proxy> {
     settings: Settings,
     paths: Paths,
-    haproxy: Option<Haproxy>,
+    proxy: P,
+    master: Master<P::Process>,
     /// What HAProxy runs (the last good configuration); `None` when unknown or none yet.
     running: Option<Arc<ConfigSnapshot>>,
     /// `running`, for the traffic poller.
@@ -99,8 +113,11 @@ pub struct Applier {
     stats: Arc<Mutex<Stats>>,
     health: HealthReporter,
     serving: bool,
-    restart_at: Option<Instant>,
+    /// Between two starts of HAProxy.
     backoff: runtime::Backoff,
+    /// A runtime batch failed part-way: what HAProxy runs may differ from `running` until it
+    /// loads files again.
+    diverged: bool,
     /// How far `haproxy::tail_log` forwarded HAProxy's output file.
     log_forwarded: Arc<std::sync::atomic::AtomicU64>,
     /// Per-apply lines at INFO at most every few seconds.
@@ -114,10 +131,11 @@ pub struct Applier {
     defaults: Option<(String, Defaults)>,
 }
 
-impl Applier {
+impl<P: Proxy> Applier<P> {
     /// Prepares the directories and the `global` file, then adopts the HAProxy a previous
     /// supervisor left running, or starts one on the last good files if there are some.
-    pub async fn start(
+    pub(crate) async fn start(
+        proxy: P,
         settings: Settings,
         stats: Arc<Mutex<Stats>>,
         health: HealthReporter,
@@ -149,7 +167,8 @@ impl Applier {
         }
         let mut applier = Self {
             paths,
-            haproxy: None,
+            proxy,
+            master: Master::Idle,
             running: None,
             running_tx,
             running_binds: None,
@@ -158,7 +177,7 @@ impl Applier {
             stats,
             health,
             serving: false,
-            restart_at: None,
+            diverged: false,
             backoff: runtime::Backoff::default(),
             log_forwarded,
             log_throttle: runtime::Throttle::new(runtime::INFO_EVERY),
@@ -168,25 +187,22 @@ impl Applier {
             settings,
         };
         let live = applier.read_live();
-        let adopted = if applier.settings.external {
-            Haproxy::adopt_external(&applier.paths).await
-        } else {
-            Haproxy::adopt(&applier.paths).await
-        };
-        if let Some(haproxy) = adopted {
+        if let Some(process) = applier.proxy.adopt().await {
             // What runs is known only if the files are the ones a confirmed apply recorded.
             applier.set_running(live.filter(|(_, recorded)| *recorded).map(|(s, _)| s));
             if applier.running.is_none() {
                 warn!("the live files are not the ones last applied: the next apply reloads");
             }
-            applier.haproxy = Some(haproxy);
+            applier.master = Master::Up(process);
         } else if let Some((snapshot, _)) = live {
             info!(
                 version = snapshot.version,
                 "starting haproxy on the last good configuration"
             );
             applier.set_running(Some(snapshot));
-            applier.restart_at = Some(Instant::now());
+            applier.master = Master::Down {
+                at: tokio::time::Instant::now(),
+            };
             applier.check_process().await;
         } else {
             info!("no configuration yet: haproxy starts with the first snapshot");
@@ -197,7 +213,7 @@ impl Applier {
 
     /// Applies snapshots from `Supervisor.Apply` and from confgen (`snapshots`, latest wins;
     /// each result goes to `reports`) until `shutdown`.
-    pub async fn run(
+    pub(crate) async fn run(
         mut self,
         mut requests: mpsc::Receiver<Request>,
         mut snapshots: watch::Receiver<Option<Rebuilt>>,
@@ -235,22 +251,26 @@ impl Applier {
             }
         }
         self.catch_up_files();
-        if let Some(haproxy) = self.haproxy.take() {
-            if haproxy.external() {
+        if let Master::Up(process) = std::mem::replace(&mut self.master, Master::Idle) {
+            if process.external() {
                 info!(
-                    pid = haproxy.pid(),
+                    pid = process.pid(),
                     "leaving haproxy running in its container"
                 );
             } else if self.settings.stop_haproxy {
-                haproxy.stop(Duration::from_secs(8)).await;
+                self.proxy.stop(process, Duration::from_secs(8)).await;
             } else {
-                info!(pid = haproxy.pid(), "leaving haproxy running");
+                info!(pid = process.pid(), "leaving haproxy running");
             }
         }
     }
 
     /// Applies one snapshot and records the outcome.
-    pub async fn apply(&mut self, snapshot: Arc<ConfigSnapshot>, source: Source) -> ApplyResult {
+    pub(crate) async fn apply(
+        &mut self,
+        snapshot: Arc<ConfigSnapshot>,
+        source: Source,
+    ) -> ApplyResult {
         let started = Instant::now();
         let (outcome, mut message) = match self.apply_inner(&snapshot, source).await {
             Ok((outcome, message)) => (outcome, message),
@@ -496,14 +516,15 @@ impl Applier {
         }
         let lines: Vec<String> = work.commands.iter().map(Order::line).collect();
         let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
-        let replies = haproxy::batch(&self.paths.admin_socket(), &lines)
-            .await
-            .map_err(|e| e.to_string())?;
+        // From here on a failure may leave some of the commands applied.
+        self.diverged = true;
+        let replies = self.proxy.batch(&lines).await?;
         for ((order, line), reply) in work.commands.iter().zip(&lines).zip(&replies) {
             if !order.succeeded(reply) {
                 return Err(format!("'{line}': {}", reply.trim()));
             }
         }
+        self.diverged = false;
         for server in &work.revived {
             self.draining.remove(server);
         }
@@ -529,9 +550,12 @@ impl Applier {
         let staged = self.paths.staged();
         write_files(&staged, snapshot)
             .map_err(|e| Rejected(format!("staging {}: {e}", staged.display())))?;
-        if let Err(e) = self.validate(&staged).await {
-            // A half-applied runtime batch leaves HAProxy between the two: put it back.
-            self.restore().await;
+        if let Err(e) = self.proxy.validate(&staged).await {
+            // HAProxy still runs the last good files, unless a runtime batch that failed
+            // half-way left it between the two: then it is put back.
+            if self.diverged {
+                self.restore().await;
+            }
             return Err(Rejected(e));
         }
         let alive = self.haproxy_alive();
@@ -545,7 +569,16 @@ impl Applier {
         // The live files are the new ones now: no runtime apply is left to write.
         (self.unwritten, self.write_at) = (false, None);
         let outcome = if alive {
-            self.reload_haproxy().await
+            match self.reload_haproxy().await {
+                // The master died during the reload. The new files passed `haproxy -c`: they
+                // are started, and the last good ones only if they cannot be.
+                Err(e) if !self.haproxy_alive() => {
+                    warn!(error = %e, "haproxy exited during the reload: starting it on the new configuration");
+                    metrics::counter!("legate_supervisor_haproxy_restarts_total").increment(1);
+                    self.spawn().await
+                }
+                outcome => outcome,
+            }
         } else {
             self.spawn().await
         };
@@ -583,45 +616,10 @@ impl Applier {
         self.draining.clear();
     }
 
-    /// `haproxy -c` on the staged files, from their directory as HAProxy will run them.
-    async fn validate(&self, dir: &Path) -> Result<(), String> {
-        let output = tokio::process::Command::new(&self.settings.haproxy)
-            .arg("-c")
-            .arg("-f")
-            .arg(self.paths.global())
-            .arg("-f")
-            .arg(dir.join(CONFIG_FILE))
-            .current_dir(dir)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .await
-            .map_err(|e| format!("running {} -c: {e}", self.settings.haproxy.display()))?;
-        if output.status.success() {
-            return Ok(());
-        }
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let errors: Vec<&str> = text
-            .lines()
-            .filter(|line| line.contains("[ALERT]"))
-            .map(|line| line.trim())
-            .collect();
-        let message = if errors.is_empty() {
-            text.trim().to_owned()
-        } else {
-            errors.join("\n")
-        };
-        Err(format!("haproxy -c refused the configuration:\n{message}"))
-    }
-
     /// `show servers state` into the `server-state-file`, so that a reload keeps the servers'
     /// health, weights and maintenance states.
-    async fn save_server_state(&self) {
-        let socket = self.paths.admin_socket();
-        match haproxy::cli(&socket, "show servers state").await {
+    async fn save_server_state(&mut self) {
+        match self.proxy.servers_state().await {
             Ok(state) if state.starts_with('1') => {
                 if let Err(e) = write_atomic(&self.paths.server_state(), &state) {
                     warn!(error = %e, "cannot save the server states");
@@ -632,43 +630,13 @@ impl Applier {
         }
     }
 
-    /// Reloads through the master CLI and waits until `show proc` confirms it: the reload
-    /// counter advanced with no failure and a new worker runs. In 2.6 `reload` itself answers
-    /// nothing.
+    /// Reloads HAProxy on the live files, confirmed.
     async fn reload_haproxy(&mut self) -> Result<(), String> {
-        let master = self.paths.master_socket();
-        let before = procs(&master)
-            .await?
-            .master
-            .ok_or("show proc lists no master")?;
-        let offset = haproxy::log_offset(&self.paths.log());
-        haproxy::cli(&master, "reload")
-            .await
-            .map_err(|e| e.to_string())?;
-        let deadline = Instant::now() + haproxy::START_TIMEOUT;
-        loop {
-            // The master re-executes itself: its socket is away for a moment.
-            if let Ok(now) = procs(&master).await
-                && let Some(m) = now.master.as_ref().filter(|m| m.reloads > before.reloads)
-            {
-                if m.failed > 0 {
-                    return Err(format!(
-                        "haproxy refused the reload:\n{}",
-                        haproxy::alerts_since(&self.paths.log(), offset)
-                    ));
-                }
-                if now.workers.iter().any(|w| !w.old && w.reloads == 0) {
-                    break;
-                }
-            }
-            if Instant::now() > deadline || !self.haproxy_alive() {
-                return Err(format!(
-                    "the reload was not confirmed:\n{}",
-                    haproxy::alerts_since(&self.paths.log(), offset)
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let Master::Up(process) = &mut self.master else {
+            return Err("haproxy is not running".to_owned());
+        };
+        self.proxy.reload(process).await?;
+        self.diverged = false;
         metrics::counter!("legate_supervisor_reloads_total").increment(1);
         self.lock_stats().reloads += 1;
         Ok(())
@@ -681,68 +649,54 @@ impl Applier {
             self.write_live()
                 .map_err(|e| format!("writing the live files: {e}"))?;
         }
-        let started = if self.settings.external {
-            Haproxy::await_external(&self.paths).await
-        } else {
-            Haproxy::spawn(&self.settings.haproxy, &self.paths).await
-        };
-        match started {
-            Ok(haproxy) => {
-                if !haproxy.external() {
-                    haproxy.stop_orphans(&self.paths);
-                }
-                self.haproxy = Some(haproxy);
-                self.restart_at = None;
-                self.update_status().await;
-                Ok(())
-            }
-            Err(e) => Err(e.to_string()),
-        }
+        let process = self.proxy.start().await?;
+        self.master = Master::Up(process);
+        self.diverged = false;
+        self.update_status().await;
+        Ok(())
     }
 
     /// Notices a dead master and starts it again, with backoff.
     async fn check_process(&mut self) {
-        if let Some(haproxy) = &mut self.haproxy {
-            let alive = if haproxy.external() {
-                haproxy.answers(&self.paths).await
-            } else {
-                haproxy.alive()
-            };
-            if alive {
+        if let Master::Up(process) = &mut self.master {
+            if self.proxy.check(process).await {
                 return;
             }
-            if haproxy.external() {
+            if process.external() {
                 error!(
-                    pid = haproxy.pid(),
+                    pid = process.pid(),
                     "haproxy's container does not answer: waiting for it"
                 );
             } else {
-                error!(pid = haproxy.pid(), "haproxy exited: starting it again");
+                error!(pid = process.pid(), "haproxy exited: starting it again");
             }
             metrics::counter!("legate_supervisor_haproxy_restarts_total").increment(1);
-            if haproxy.uptime() >= runtime::HEALTHY {
+            if process.uptime() >= runtime::HEALTHY {
                 self.backoff.reset();
             }
-            self.haproxy = None;
+            self.master = Master::Down {
+                at: tokio::time::Instant::now(),
+            };
             self.draining.clear();
-            self.restart_at = Some(Instant::now());
             self.update_status().await;
         }
-        let due = self.restart_at.is_some_and(|at| Instant::now() >= at);
+        let due = matches!(self.master, Master::Down { at } if tokio::time::Instant::now() >= at);
         if !due || self.running.is_none() {
             return;
         }
         if let Err(e) = self.spawn().await {
             let delay = self.backoff.delay();
             error!(error = %e, retry_in = ?delay, "cannot start haproxy");
-            self.restart_at = Some(Instant::now() + delay);
+            self.master = Master::Down {
+                at: tokio::time::Instant::now() + delay,
+            };
         }
         self.update_status().await;
     }
 
     /// Deletes the servers removed at runtime whose connections have ended.
     async fn delete_drained(&mut self) {
-        if self.draining.is_empty() || self.haproxy.is_none() {
+        if self.draining.is_empty() || !matches!(self.master, Master::Up(_)) {
             return;
         }
         let orders: Vec<Order> = (self.draining.keys())
@@ -753,7 +707,7 @@ impl Applier {
             .collect();
         let lines: Vec<String> = orders.iter().map(Order::line).collect();
         let commands: Vec<&str> = lines.iter().map(String::as_str).collect();
-        let replies = match haproxy::batch(&self.paths.admin_socket(), &commands).await {
+        let replies = match self.proxy.batch(&commands).await {
             Ok(replies) => replies,
             Err(e) => {
                 warn!(error = %e, "cannot delete drained servers");
@@ -859,7 +813,10 @@ impl Applier {
     }
 
     fn haproxy_alive(&mut self) -> bool {
-        self.haproxy.as_mut().is_some_and(Haproxy::alive)
+        match &mut self.master {
+            Master::Up(process) => process.alive(),
+            _ => false,
+        }
     }
 
     fn lock_stats(&self) -> std::sync::MutexGuard<'_, Stats> {
@@ -871,9 +828,12 @@ impl Applier {
         let alive = self.haproxy_alive();
         {
             let mut stats = self.lock_stats();
-            let haproxy = self.haproxy.as_ref().filter(|_| alive);
-            stats.master_pid = haproxy.map_or(0, Haproxy::pid);
-            stats.started = haproxy.map(|h| Instant::now() - h.uptime());
+            let process = match &self.master {
+                Master::Up(process) if alive => Some(process),
+                _ => None,
+            };
+            stats.master_pid = process.map_or(0, Process::pid);
+            stats.started = process.map(|p| Instant::now() - p.uptime());
         }
         metrics::gauge!("legate_supervisor_haproxy_up").set(if alive { 1.0 } else { 0.0 });
         let serving = alive && self.running.is_some();
@@ -887,14 +847,6 @@ impl Applier {
             self.health.set_service_status("", status).await;
         }
     }
-}
-
-/// The master's `show proc`.
-pub async fn procs(master: &Path) -> Result<Procs, String> {
-    haproxy::cli(master, "show proc")
-        .await
-        .map(|text| Procs::parse(&text))
-        .map_err(|e| e.to_string())
 }
 
 fn files(snapshot: &ConfigSnapshot) -> Files<'_> {
@@ -1028,6 +980,9 @@ pub fn write_atomic(path: &Path, content: &str) -> std::io::Result<()> {
     std::fs::write(&tmp, content)?;
     std::fs::rename(&tmp, path)
 }
+
+#[cfg(test)]
+mod faults;
 
 #[cfg(test)]
 mod tests {

@@ -18,6 +18,7 @@ pub mod diff;
 pub mod haproxy;
 pub mod listeners;
 pub mod page;
+mod proxy;
 pub mod subscriber;
 pub mod traffic;
 
@@ -298,7 +299,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         tasks.clone(),
     ));
     let (running_tx, running) = watch::channel(None);
+    let proxy = proxy::Local {
+        binary: settings.haproxy.clone(),
+        paths: settings.paths.clone(),
+        external: settings.external,
+    };
     let applier = apply::Applier::start(
+        proxy,
         settings.clone(),
         stats.clone(),
         health,

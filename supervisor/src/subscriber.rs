@@ -31,6 +31,156 @@ pub struct Subscriber {
     pub stats: Arc<Mutex<Stats>>,
 }
 
+/// The confgen edge, as the subscriber's watch uses it.
+pub(crate) trait Confgen {
+    /// An open `Confgen.Watch` stream.
+    type Stream: Snapshots;
+    /// Subscribes.
+    async fn watch(&mut self, request: WatchRequest) -> Result<Self::Stream, tonic::Status>;
+}
+
+/// The messages of a `Confgen.Watch` stream.
+pub(crate) trait Snapshots {
+    /// The next one; `None` when confgen ended the stream.
+    async fn next(&mut self) -> Result<Option<ConfigSnapshot>, tonic::Status>;
+}
+
+impl Confgen for ConfgenClient<Channel> {
+    type Stream = tonic::Streaming<ConfigSnapshot>;
+
+    async fn watch(&mut self, request: WatchRequest) -> Result<Self::Stream, tonic::Status> {
+        Ok(ConfgenClient::watch(self, request).await?.into_inner())
+    }
+}
+
+impl Snapshots for tonic::Streaming<ConfigSnapshot> {
+    async fn next(&mut self) -> Result<Option<ConfigSnapshot>, tonic::Status> {
+        self.message().await
+    }
+}
+
+/// Where the watch is.
+enum State<S> {
+    /// Not subscribed: subscribe, for a whole snapshot first.
+    Subscribe,
+    /// Subscribed; the last snapshot of this stream, which the next may be a delta of.
+    Streaming {
+        stream: S,
+        base: Option<(Arc<ConfigSnapshot>, Digest)>,
+    },
+}
+
+/// What a transition leads to.
+enum Step<S> {
+    Next(State<S>),
+    /// Subscribe again after a backoff delay: why, for the log.
+    Retry(String),
+}
+
+/// The watch over its confgen edge.
+struct Watch<C> {
+    edge: C,
+    node_id: String,
+    stats: Arc<Mutex<Stats>>,
+    snapshots: watch::Sender<Option<Rebuilt>>,
+    backoff: runtime::Backoff,
+}
+
+impl<C: Confgen> Watch<C> {
+    async fn run(mut self, shutdown: &CancellationToken) {
+        let mut state = State::Subscribe;
+        // When the current subscription began: one that lasted is retried at once.
+        let mut began = tokio::time::Instant::now();
+        loop {
+            let step = tokio::select! {
+                () = shutdown.cancelled() => return,
+                step = self.step(state) => step,
+            };
+            state = match step {
+                Step::Next(next) => next,
+                Step::Retry(error) => {
+                    let delay = self.backoff.after(began);
+                    warn!(error = %error, retry_in = ?delay, "confgen watch");
+                    if !runtime::pause(delay, shutdown).await {
+                        return;
+                    }
+                    began = tokio::time::Instant::now();
+                    State::Subscribe
+                }
+            };
+        }
+    }
+
+    /// One transition.
+    async fn step(&mut self, state: State<C::Stream>) -> Step<C::Stream> {
+        match state {
+            State::Subscribe => {
+                // What runs: confgen sends nothing until it has something else.
+                let have_checksum = self
+                    .stats
+                    .lock()
+                    .map(|s| s.running_checksum.clone())
+                    .unwrap_or_default();
+                let request = WatchRequest {
+                    node_id: self.node_id.clone(),
+                    have_checksum,
+                    omit_model: true,
+                    deltas: true,
+                };
+                match self.edge.watch(request).await {
+                    Ok(stream) => {
+                        info!("subscribed to confgen");
+                        Step::Next(State::Streaming { stream, base: None })
+                    }
+                    Err(status) => Step::Retry(status.to_string()),
+                }
+            }
+            State::Streaming { mut stream, base } => match stream.next().await {
+                Ok(Some(message)) => match self.publish(base.as_ref(), message) {
+                    Ok(base) => Step::Next(State::Streaming {
+                        stream,
+                        base: Some(base),
+                    }),
+                    Err(e) => {
+                        metrics::counter!("legate_supervisor_snapshots_refused_total").increment(1);
+                        Step::Retry(format!(
+                            "a snapshot from confgen does not rebuild, subscribing again for a \
+                             whole one: {e}"
+                        ))
+                    }
+                },
+                Ok(None) => Step::Retry("confgen ended the stream".to_owned()),
+                Err(status) => Step::Retry(status.to_string()),
+            },
+        }
+    }
+
+    /// Rebuilds `message` (against `base` if it is a delta) and publishes it; the new base.
+    fn publish(
+        &self,
+        base: Option<&(Arc<ConfigSnapshot>, Digest)>,
+        message: ConfigSnapshot,
+    ) -> Result<(Arc<ConfigSnapshot>, Digest), snapshot::DeltaError> {
+        let delta = message.delta.as_ref().map(|delta| {
+            let kept = |keep: u64| usize::try_from(keep).unwrap_or(0);
+            Base {
+                checksum: delta.base_checksum.clone(),
+                span: snapshot::Span {
+                    prefix: delta.config.as_ref().map_or(0, |c| kept(c.keep_prefix)),
+                    suffix: delta.config.as_ref().map_or(0, |c| kept(c.keep_suffix)),
+                },
+            }
+        });
+        let (snapshot, digest) = snapshot::rebuild(base.map(|(s, d)| (&**s, d)), message)?;
+        let snapshot = Arc::new(snapshot);
+        self.snapshots.send_replace(Some(Rebuilt {
+            snapshot: snapshot.clone(),
+            base: delta,
+        }));
+        Ok((snapshot, digest))
+    }
+}
+
 impl Subscriber {
     fn client(&self) -> ConfgenClient<Channel> {
         ConfgenClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE)
@@ -42,83 +192,14 @@ impl Subscriber {
         snapshots: watch::Sender<Option<Rebuilt>>,
         shutdown: CancellationToken,
     ) {
-        let mut backoff = runtime::Backoff::default();
-        loop {
-            let began = tokio::time::Instant::now();
-            let have_checksum = self
-                .stats
-                .lock()
-                .map(|s| s.running_checksum.clone())
-                .unwrap_or_default();
-            let request = WatchRequest {
-                node_id: self.node_id.clone(),
-                have_checksum,
-                omit_model: true,
-                deltas: true,
-            };
-            let mut client = self.client();
-            let error = tokio::select! {
-                () = shutdown.cancelled() => return,
-                result = client.watch(request) => match result {
-                    Err(status) => status.to_string(),
-                    Ok(response) => {
-                        info!("subscribed to confgen");
-                        let mut stream = response.into_inner();
-                        // The previous snapshot of this stream, which the next one may be a
-                        // delta of.
-                        let mut base: Option<(Arc<ConfigSnapshot>, Digest)> = None;
-                        loop {
-                            tokio::select! {
-                                () = shutdown.cancelled() => return,
-                                message = stream.message() => match message {
-                                    Ok(Some(message)) => {
-                                        let base_ref = base.as_ref().map(|(s, d)| (&**s, d));
-                                        let delta = message.delta.as_ref().map(|delta| Base {
-                                            checksum: delta.base_checksum.clone(),
-                                            span: snapshot::Span {
-                                                prefix: delta.config.as_ref().map_or(0, |c| {
-                                                    usize::try_from(c.keep_prefix).unwrap_or(0)
-                                                }),
-                                                suffix: delta.config.as_ref().map_or(0, |c| {
-                                                    usize::try_from(c.keep_suffix).unwrap_or(0)
-                                                }),
-                                            },
-                                        });
-                                        match snapshot::rebuild(base_ref, message) {
-                                            Ok((snapshot, digest)) => {
-                                                let snapshot = Arc::new(snapshot);
-                                                snapshots.send_replace(Some(Rebuilt {
-                                                    snapshot: snapshot.clone(),
-                                                    base: delta,
-                                                }));
-                                                base = Some((snapshot, digest));
-                                            }
-                                            Err(e) => {
-                                                metrics::counter!(
-                                                    "legate_supervisor_snapshots_refused_total"
-                                                )
-                                                .increment(1);
-                                                break format!(
-                                                    "a snapshot from confgen does not rebuild, \
-                                                     subscribing again for a whole one: {e}"
-                                                );
-                                            }
-                                        }
-                                    }
-                                    Ok(None) => break "confgen ended the stream".to_owned(),
-                                    Err(status) => break status.to_string(),
-                                },
-                            }
-                        }
-                    }
-                },
-            };
-            let delay = backoff.after(began);
-            warn!(error = %error, retry_in = ?delay, "confgen watch");
-            if !runtime::pause(delay, &shutdown).await {
-                return;
-            }
-        }
+        let watch = Watch {
+            edge: self.client(),
+            node_id: self.node_id.clone(),
+            stats: self.stats.clone(),
+            snapshots,
+            backoff: runtime::Backoff::default(),
+        };
+        watch.run(&shutdown).await;
     }
 
     /// Sends each outcome to `Confgen.Report` until `shutdown`; a newer outcome replaces one
@@ -278,5 +359,162 @@ mod tests {
         shutdown.cancel();
         watching.await.unwrap();
         server.await.unwrap().unwrap();
+    }
+
+    /// The confgen edge, faked: what it was asked, and the stream it serves.
+    #[derive(Default)]
+    struct World {
+        /// Each `Confgen.Watch`, with its (paused) time.
+        requests: Vec<(WatchRequest, tokio::time::Instant)>,
+        /// The next subscriptions that fail.
+        refusals: usize,
+        /// Sends on the open stream; dropped, confgen ends it.
+        stream: Option<tokio::sync::mpsc::UnboundedSender<ConfigSnapshot>>,
+    }
+
+    #[derive(Clone, Default)]
+    struct FakeConfgen(Arc<Mutex<World>>);
+
+    struct FakeStream(tokio::sync::mpsc::UnboundedReceiver<ConfigSnapshot>);
+
+    impl super::Confgen for FakeConfgen {
+        type Stream = FakeStream;
+        async fn watch(&mut self, request: WatchRequest) -> Result<FakeStream, Status> {
+            let mut world = self.0.lock().unwrap();
+            world.requests.push((request, tokio::time::Instant::now()));
+            if world.refusals > 0 {
+                world.refusals -= 1;
+                return Err(Status::unavailable("confgen is away"));
+            }
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            world.stream = Some(tx);
+            Ok(FakeStream(rx))
+        }
+    }
+
+    impl super::Snapshots for FakeStream {
+        async fn next(&mut self) -> Result<Option<ConfigSnapshot>, Status> {
+            Ok(self.0.recv().await)
+        }
+    }
+
+    impl FakeConfgen {
+        fn requests(&self) -> usize {
+            self.0.lock().unwrap().requests.len()
+        }
+        /// Waits until confgen was asked `n` times.
+        async fn asked(&self, n: usize) {
+            within(async {
+                while self.requests() < n {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await;
+        }
+        fn gaps(&self) -> Vec<Duration> {
+            let world = self.0.lock().unwrap();
+            (world.requests.windows(2))
+                .map(|pair| pair[1].1 - pair[0].1)
+                .collect()
+        }
+    }
+
+    /// `future`, failing the test if it takes a (paused) minute.
+    async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(60), future)
+            .await
+            .expect("still waiting after a minute")
+    }
+
+    /// A watch over `confgen` that reads what runs from `stats`, running: the snapshots it
+    /// publishes, and the token that stops it.
+    fn start(
+        confgen: &FakeConfgen,
+        stats: &Arc<Mutex<Stats>>,
+    ) -> (
+        watch::Receiver<Option<Rebuilt>>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (tx, rx) = watch::channel(None);
+        let machine = Watch {
+            edge: confgen.clone(),
+            node_id: "node-a".to_owned(),
+            stats: stats.clone(),
+            snapshots: tx,
+            backoff: runtime::Backoff::default(),
+        };
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move { machine.run(&stop).await });
+        (rx, shutdown, task)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_that_confgen_ends_is_subscribed_again_saying_what_runs() {
+        let confgen = FakeConfgen::default();
+        let stats = Arc::default();
+        let (mut snapshots, shutdown, task) = start(&confgen, &stats);
+        confgen.asked(1).await;
+        let one = whole(1, "defaults\n");
+        confgen
+            .0
+            .lock()
+            .unwrap()
+            .stream
+            .as_ref()
+            .unwrap()
+            .send(one.clone())
+            .unwrap();
+        within(snapshots.changed()).await.unwrap();
+        let published = snapshots.borrow_and_update().clone().unwrap();
+        assert_eq!(published.snapshot.checksum, one.checksum);
+        stats
+            .lock()
+            .unwrap()
+            .running_checksum
+            .clone_from(&one.checksum);
+
+        // Ended at once: subscribed again after a delay, for what runs.
+        confgen.0.lock().unwrap().stream = None;
+        confgen.asked(2).await;
+        let first = confgen.gaps()[0];
+        assert!(first >= Duration::from_millis(50), "{first:?}");
+        let request = confgen.0.lock().unwrap().requests[1].0.clone();
+        assert_eq!(request.have_checksum, one.checksum);
+        assert!(request.deltas && request.omit_model);
+
+        // Ended after it had served a while: the backoff starts again from its least.
+        confgen.0.lock().unwrap().stream = None;
+        confgen.asked(3).await;
+        tokio::time::sleep(runtime::HEALTHY).await;
+        confgen.0.lock().unwrap().stream = None;
+        confgen.asked(4).await;
+        let last = confgen.gaps()[2];
+        assert!(
+            last <= runtime::HEALTHY + Duration::from_millis(250),
+            "{last:?}"
+        );
+
+        shutdown.cancel();
+        within(task).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn confgen_away_is_asked_again_with_growing_delays_up_to_the_cap() {
+        let confgen = FakeConfgen::default();
+        confgen.0.lock().unwrap().refusals = 8;
+        let (_snapshots, shutdown, task) = start(&confgen, &Arc::default());
+        confgen.asked(9).await;
+        let gaps = confgen.gaps();
+        assert!(gaps[0] <= Duration::from_millis(200), "{gaps:?}");
+        assert!(gaps[7] >= Duration::from_secs(1), "{gaps:?}");
+        assert!(
+            gaps.iter().all(|gap| *gap <= runtime::MAX_BACKOFF),
+            "{gaps:?}"
+        );
+
+        shutdown.cancel();
+        within(task).await.unwrap();
     }
 }
