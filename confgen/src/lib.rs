@@ -364,14 +364,11 @@ impl Generator {
         wait: Wait,
         shutdown: CancellationToken,
     ) {
-        // (first change of the pending burst, when to render it)
-        let mut pending: Option<(Instant, Instant)> = None;
-        let mut rendered: Option<Instant> = None;
+        let mut debounce = runtime::Debounce::new(wait.min, wait.max);
         let models = self.models.clone();
         // When to grow a tight pool: after a quiet moment ([`POOL_QUIET`] without a change).
         let mut grow_at: Option<Instant> = None;
         loop {
-            let deadline = pending.map(|(_, at)| at);
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = runtime::sleep_until(grow_at) => {
@@ -384,12 +381,12 @@ impl Generator {
                         metrics::counter!("legate_confgen_pool_growths_total", "when" => "quiet")
                             .increment(1);
                         self.render().await;
-                        rendered = Some(Instant::now());
+                        debounce.acted();
                     }
                 }
                 () = models.wanted.notified() => {
                     self.render().await;
-                    rendered = Some(Instant::now());
+                    debounce.acted();
                 }
                 batch = batches.recv() => {
                     let Some(batch) = batch else { return };
@@ -400,21 +397,16 @@ impl Generator {
                     while let Ok(batch) = batches.try_recv() {
                         self.apply(batch);
                     }
-                    let now = Instant::now();
-                    if pending.is_none() && rendered.is_none_or(|at| now - at >= wait.min) {
-                        // After a quiet spell, a change need not wait: only what follows it
-                        // within `min` is coalesced.
+                    // After a quiet spell, a change need not wait: only what follows it
+                    // within `min` is coalesced.
+                    if debounce.change() {
                         self.render().await;
-                        rendered = Some(Instant::now());
-                        continue;
+                        debounce.acted();
                     }
-                    let first = pending.map_or(now, |(first, _)| first);
-                    pending = Some((first, (now + wait.min).min(first + wait.max)));
                 }
-                () = runtime::sleep_until(deadline) => {
-                    pending = None;
+                () = runtime::sleep_until(debounce.due()) => {
                     self.render().await;
-                    rendered = Some(Instant::now());
+                    debounce.acted();
                 }
             }
             if !self.routes.pool_tight() {

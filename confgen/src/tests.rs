@@ -1024,3 +1024,101 @@ fn changes_in_place_patch_the_last_render_and_anything_else_walks() {
     }
     assert!((1..=6).contains(&walks), "{walks} walks in 120 renders");
 }
+
+/// A generator over a batch channel, running with paused time: the sender of its batches, the
+/// snapshots it publishes, and the token that stops it.
+fn generator(
+    wait: Wait,
+) -> (
+    tokio::sync::mpsc::Sender<crate::watcher::Batch>,
+    tokio::sync::watch::Receiver<Option<Arc<v1::ConfigSnapshot>>>,
+    tokio_util::sync::CancellationToken,
+) {
+    let (snapshots, snapshot_rx) = tokio::sync::watch::channel(None);
+    let generator = crate::Generator {
+        registry: registry(""),
+        routes: Routes::new(vec![8080], DEFAULT_HEADROOM),
+        renderer: Renderer::new(DEFAULT_TEMPLATE).unwrap(),
+        settings: settings(),
+        snapshots,
+        published: None,
+        models: Arc::default(),
+        status: Arc::new(crate::api::Status::new(Duration::from_secs(60), 16)),
+        output: None,
+        health: tonic_health::server::health_reporter().0,
+        serving: false,
+        log_throttle: legate_proto::runtime::Throttle::new(Duration::from_secs(10)),
+    };
+    let (batches, batch_rx) = tokio::sync::mpsc::channel(8);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(generator.run(batch_rx, wait, shutdown.clone()));
+    (batches, snapshot_rx, shutdown)
+}
+
+/// The next snapshot, within a (paused) minute.
+async fn next_snapshot(
+    snapshots: &mut tokio::sync::watch::Receiver<Option<Arc<v1::ConfigSnapshot>>>,
+) -> Arc<v1::ConfigSnapshot> {
+    tokio::time::timeout(Duration::from_secs(60), snapshots.changed())
+        .await
+        .expect("no snapshot within a minute")
+        .unwrap();
+    snapshots.borrow_and_update().clone().unwrap()
+}
+
+/// Regression: a change rendered at once (after a quiet spell) that left the backend pool
+/// tight never scheduled its growth at the next quiet moment: the pool stayed tight until some
+/// later change, and could fill up, putting a reload in a new domain's path.
+#[tokio::test(start_paused = true)]
+async fn a_pool_made_tight_by_a_change_rendered_at_once_grows_at_the_next_quiet_moment() {
+    use crate::watcher::{Batch, Event};
+    let wait = Wait {
+        min: Duration::from_millis(10),
+        max: Duration::from_millis(100),
+    };
+    let (batches, mut snapshots, shutdown) = generator(wait);
+    let key = |n: u32| app(&format!("app{n}.example.com"), n, "10.0.0.1:8000");
+    let kvs = (1..=20).map(|n| (key(n), VALUE.to_vec())).collect();
+    batches
+        .send(Batch::Reset { kvs, revision: 1 })
+        .await
+        .unwrap();
+    let fresh = next_snapshot(&mut snapshots).await;
+    let slots = |snapshot: &v1::ConfigSnapshot| {
+        (1..)
+            .take_while(|n| {
+                snapshot
+                    .haproxy_config
+                    .contains(&format!("backend slot_{n}\n"))
+            })
+            .count()
+    };
+    assert_eq!(slots(&fresh), 64, "a fresh pool for 20 apps");
+
+    // After a quiet spell, 32 more apps in one response (52 of 64: tight), rendered at once.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let events = (21..=52)
+        .map(|n| Event::Put {
+            key: key(n),
+            value: VALUE.to_vec(),
+            revision: i64::from(n),
+        })
+        .collect();
+    batches.send(Batch::Events(events)).await.unwrap();
+    let tight = next_snapshot(&mut snapshots).await;
+    let hosts = tight.maps.iter().find(|m| m.name == "hosts.map").unwrap();
+    assert!(
+        hosts.content.contains("app52.example.com"),
+        "rendered with the change"
+    );
+    assert_eq!(slots(&tight), 64, "not grown with the change");
+
+    // Nothing else changes: the pool grows at the next quiet moment.
+    let grown = next_snapshot(&mut snapshots).await;
+    let grown = slots(&grown);
+    assert!(
+        grown > 64 && 52 * 5 <= grown * 4,
+        "grown out of tightness: {grown} slots"
+    );
+    shutdown.cancel();
+}

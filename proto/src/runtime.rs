@@ -665,6 +665,57 @@ impl Backoff {
     }
 }
 
+/// Coalesces a burst of changes into one action. The first change after a quiet spell (no
+/// action for `min`) is acted on at once; changes that follow within `min` are held and acted
+/// on together, `min` after the last of them, yet never later than `max` after the first held
+/// one: a steady stream of changes is still acted on every `max`.
+///
+/// The owner asks [`Debounce::change`] at each change, sleeps until [`Debounce::due`], and
+/// says [`Debounce::acted`] after each action (also one taken for another reason: it covers
+/// what was held).
+#[derive(Debug, Clone)]
+pub struct Debounce {
+    min: Duration,
+    max: Duration,
+    /// The first held change, and when to act on what is held.
+    held: Option<(tokio::time::Instant, tokio::time::Instant)>,
+    acted: Option<tokio::time::Instant>,
+}
+
+impl Debounce {
+    /// Quiet spells of `min`, at most `max` from a held change to its action.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max: max.max(min),
+            held: None,
+            acted: None,
+        }
+    }
+
+    /// A change now: `true` to act on it at once, else it is held until [`Debounce::due`].
+    pub fn change(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        if self.held.is_none() && self.acted.is_none_or(|at| now - at >= self.min) {
+            return true;
+        }
+        let first = self.held.map_or(now, |(first, _)| first);
+        self.held = Some((first, (now + self.min).min(first + self.max)));
+        false
+    }
+
+    /// When to act on the held changes; `None` when none are held.
+    pub fn due(&self) -> Option<tokio::time::Instant> {
+        self.held.map(|(_, at)| at)
+    }
+
+    /// An action was taken now: nothing is held any more.
+    pub fn acted(&mut self) {
+        self.held = None;
+        self.acted = Some(tokio::time::Instant::now());
+    }
+}
+
 /// Sleeps `delay`; `false` when `shutdown` comes first.
 pub async fn pause(delay: Duration, shutdown: &CancellationToken) -> bool {
     tokio::select! {
@@ -1096,6 +1147,66 @@ mod tests {
         ] {
             assert!(parse_etcd_endpoint(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    /// Drives a debounce of 100 ms/400 ms with changes at the given times (ms from the
+    /// start), acting when asked to and when due; the times of the actions.
+    async fn debounced(changes: &[u64]) -> Vec<u64> {
+        let start = tokio::time::Instant::now();
+        let ms = |at: tokio::time::Instant| (at - start).as_millis() as u64;
+        let mut debounce = Debounce::new(Duration::from_millis(100), Duration::from_millis(400));
+        let mut actions = Vec::new();
+        let mut changes = changes.iter().copied().peekable();
+        loop {
+            let next = changes.peek().map(|at| start + Duration::from_millis(*at));
+            tokio::select! {
+                biased;
+                () = sleep_until(debounce.due()) => {
+                    debounce.acted();
+                    actions.push(ms(tokio::time::Instant::now()));
+                }
+                () = sleep_until(next) => {
+                    changes.next();
+                    if debounce.change() {
+                        debounce.acted();
+                        actions.push(ms(tokio::time::Instant::now()));
+                    }
+                }
+                () = tokio::time::sleep(Duration::from_secs(5)) => return actions,
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_debounce_acts_at_once_after_a_quiet_spell_and_holds_a_burst_until_it_ends() {
+        // One change: at once.
+        assert_eq!(debounced(&[0]).await, [0]);
+        // Two changes apart: each at once.
+        assert_eq!(debounced(&[0, 300]).await, [0, 300]);
+        // A burst: its first at once, the rest 100 ms after the last of them.
+        assert_eq!(debounced(&[0, 10, 50, 120]).await, [0, 220]);
+        // A change within 100 ms of an action is held, even with nothing held before.
+        assert_eq!(debounced(&[0, 60]).await, [0, 160]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_stream_of_changes_is_acted_on_every_max() {
+        let changes: Vec<u64> = (0..=1000).step_by(50).collect();
+        // At once; then 400 ms after the first held change (50, then 450, then 850); the last
+        // ones 100 ms after the stream ends.
+        assert_eq!(debounced(&changes).await, [0, 450, 850, 1100]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_action_taken_for_another_reason_covers_what_was_held() {
+        let mut debounce = Debounce::new(Duration::from_millis(100), Duration::from_millis(400));
+        assert!(debounce.change());
+        debounce.acted();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert!(!debounce.change(), "held: within the quiet time");
+        assert!(debounce.due().is_some());
+        debounce.acted();
+        assert_eq!(debounce.due(), None);
     }
 
     #[test]

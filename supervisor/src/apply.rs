@@ -32,7 +32,7 @@ use tracing::{debug, error, info, warn};
 use crate::diff::{self, Defaults, Files, Order, Plan};
 use crate::haproxy::{self, Paths};
 use crate::listeners;
-use crate::proxy::{Process, Proxy};
+use crate::proxy::{Process, Proxy, ProxyError};
 use crate::{CONFIG_FILE, Settings};
 
 /// A snapshot to apply and where to send the result (`Supervisor.Apply`).
@@ -82,6 +82,30 @@ pub struct Stats {
 /// Why an apply was refused: the message for `ApplyResult`.
 #[derive(Debug)]
 struct Rejected(String);
+
+/// A step of an apply that failed.
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    /// HAProxy failed or refused.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    /// The runtime API refused a command.
+    #[error("'{command}': {reply}")]
+    Refused { command: String, reply: String },
+    /// A file of the state directory could not be written or removed.
+    #[error("{what}: {source}")]
+    Files {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StepError {
+    fn files(what: &'static str) -> impl FnOnce(std::io::Error) -> Self {
+        move |source| Self::Files { what, source }
+    }
+}
 
 /// The HAProxy master, as the applier sees it.
 #[derive(Debug)]
@@ -503,13 +527,13 @@ impl<P: Proxy> Applier<P> {
         &mut self,
         work: diff::Runtime,
         snapshot: &Arc<ConfigSnapshot>,
-    ) -> Result<String, String> {
+    ) -> Result<String, StepError> {
         if !self.unwritten {
             // From the first command on, the live files are behind what HAProxy runs.
             match std::fs::remove_file(self.paths.running()) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(format!("removing the record of the live files: {e}")),
+                Err(e) => return Err(StepError::files("removing the record of the live files")(e)),
             }
             self.unwritten = true;
             self.write_at = Some(tokio::time::Instant::now() + self.settings.write_behind);
@@ -521,7 +545,10 @@ impl<P: Proxy> Applier<P> {
         let replies = self.proxy.batch(&lines).await?;
         for ((order, line), reply) in work.commands.iter().zip(&lines).zip(&replies) {
             if !order.succeeded(reply) {
-                return Err(format!("'{line}': {}", reply.trim()));
+                return Err(StepError::Refused {
+                    command: (*line).to_owned(),
+                    reply: reply.trim().to_owned(),
+                });
             }
         }
         self.diverged = false;
@@ -534,7 +561,7 @@ impl<P: Proxy> Applier<P> {
         if self.settings.external || self.settings.write_behind.is_zero() {
             // (HAProxy's container may start again on its own, from the files as they are.)
             self.write_live()
-                .map_err(|e| format!("writing files: {e}"))?;
+                .map_err(StepError::files("writing the live files"))?;
         }
         Ok(format!("{} runtime commands", work.commands.len()))
     }
@@ -556,7 +583,7 @@ impl<P: Proxy> Applier<P> {
             if self.diverged {
                 self.restore().await;
             }
-            return Err(Rejected(e));
+            return Err(Rejected(e.to_string()));
         }
         let alive = self.haproxy_alive();
         if alive {
@@ -584,7 +611,7 @@ impl<P: Proxy> Applier<P> {
         };
         if let Err(e) = outcome {
             self.restore().await;
-            return Err(Rejected(e));
+            return Err(Rejected(e.to_string()));
         }
         self.draining.clear();
         self.confirmed(snapshot.clone());
@@ -601,7 +628,8 @@ impl<P: Proxy> Applier<P> {
             return;
         };
         let result = async {
-            self.write_live().map_err(|e| e.to_string())?;
+            self.write_live()
+                .map_err(StepError::files("writing the live files"))?;
             if self.haproxy_alive() {
                 self.reload_haproxy().await
             } else {
@@ -631,9 +659,9 @@ impl<P: Proxy> Applier<P> {
     }
 
     /// Reloads HAProxy on the live files, confirmed.
-    async fn reload_haproxy(&mut self) -> Result<(), String> {
+    async fn reload_haproxy(&mut self) -> Result<(), StepError> {
         let Master::Up(process) = &mut self.master else {
-            return Err("haproxy is not running".to_owned());
+            return Err(ProxyError::NotRunning.into());
         };
         self.proxy.reload(process).await?;
         self.diverged = false;
@@ -644,10 +672,10 @@ impl<P: Proxy> Applier<P> {
 
     /// Starts HAProxy on the live files; with `--haproxy-external`, waits for the one of the
     /// HAProxy container to run them.
-    async fn spawn(&mut self) -> Result<(), String> {
+    async fn spawn(&mut self) -> Result<(), StepError> {
         if self.unwritten {
             self.write_live()
-                .map_err(|e| format!("writing the live files: {e}"))?;
+                .map_err(StepError::files("writing the live files"))?;
         }
         let process = self.proxy.start().await?;
         self.master = Master::Up(process);

@@ -9,6 +9,36 @@ use std::time::{Duration, Instant};
 
 use crate::haproxy::{self, Haproxy, Paths, Procs};
 
+/// What can go wrong at the HAProxy edge.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ProxyError {
+    /// HAProxy could not be reached, or did not start.
+    #[error(transparent)]
+    Haproxy(#[from] haproxy::Error),
+    /// `haproxy -c` could not be run.
+    #[error("running {binary} -c: {source}")]
+    Check {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `haproxy -c` refused the configuration: its alerts.
+    #[error("haproxy -c refused the configuration:\n{0}")]
+    Invalid(String),
+    /// The master refused the reload: its alerts.
+    #[error("haproxy refused the reload:\n{0}")]
+    ReloadRefused(String),
+    /// No new worker confirmed the reload in time, or the master died meanwhile: the alerts.
+    #[error("the reload was not confirmed:\n{0}")]
+    ReloadUnconfirmed(String),
+    /// `show proc` named no master.
+    #[error("show proc lists no master")]
+    NoMaster,
+    /// There is no master to reload.
+    #[error("haproxy is not running")]
+    NotRunning,
+}
+
 /// What the applier asks of HAProxy.
 pub(crate) trait Proxy {
     /// A running HAProxy master.
@@ -18,20 +48,20 @@ pub(crate) trait Proxy {
     async fn adopt(&mut self) -> Option<Self::Process>;
     /// Starts HAProxy on the live files (or waits for that of its own container to run
     /// them), once a worker runs.
-    async fn start(&mut self) -> Result<Self::Process, String>;
+    async fn start(&mut self) -> Result<Self::Process, ProxyError>;
     /// Whether `process` still runs and answers.
     async fn check(&mut self, process: &mut Self::Process) -> bool;
     /// Reloads `process` on the live files and waits until it confirms that a new worker runs
     /// them; the error says why not, with HAProxy's alerts.
-    async fn reload(&mut self, process: &mut Self::Process) -> Result<(), String>;
+    async fn reload(&mut self, process: &mut Self::Process) -> Result<(), ProxyError>;
     /// Stops `process`, its connections given `grace` to end.
     async fn stop(&mut self, process: Self::Process, grace: Duration);
     /// `haproxy -c` on the configuration in `dir`, from that directory.
-    async fn validate(&mut self, dir: &Path) -> Result<(), String>;
+    async fn validate(&mut self, dir: &Path) -> Result<(), ProxyError>;
     /// Runtime API commands, in one connection: one reply each.
-    async fn batch(&mut self, commands: &[&str]) -> Result<Vec<String>, String>;
+    async fn batch(&mut self, commands: &[&str]) -> Result<Vec<String>, ProxyError>;
     /// `show servers state`: what a `server-state-file` holds.
-    async fn servers_state(&mut self) -> Result<String, String>;
+    async fn servers_state(&mut self) -> Result<String, ProxyError>;
 }
 
 /// A running HAProxy master.
@@ -78,13 +108,13 @@ impl Proxy for Local {
         }
     }
 
-    async fn start(&mut self) -> Result<Haproxy, String> {
+    async fn start(&mut self) -> Result<Haproxy, ProxyError> {
         let started = if self.external {
             Haproxy::await_external(&self.paths).await
         } else {
             Haproxy::spawn(&self.binary, &self.paths).await
         };
-        let haproxy = started.map_err(|e| e.to_string())?;
+        let haproxy = started?;
         if !haproxy.external() {
             haproxy.stop_orphans(&self.paths);
         }
@@ -101,16 +131,11 @@ impl Proxy for Local {
 
     /// Through the master CLI, confirmed by `show proc`: the reload counter advanced with no
     /// failure and a new worker runs. In 2.6 `reload` itself answers nothing.
-    async fn reload(&mut self, process: &mut Haproxy) -> Result<(), String> {
+    async fn reload(&mut self, process: &mut Haproxy) -> Result<(), ProxyError> {
         let master = self.paths.master_socket();
-        let before = procs(&master)
-            .await?
-            .master
-            .ok_or("show proc lists no master")?;
+        let before = procs(&master).await?.master.ok_or(ProxyError::NoMaster)?;
         let offset = haproxy::log_offset(&self.paths.log());
-        haproxy::cli(&master, "reload")
-            .await
-            .map_err(|e| e.to_string())?;
+        haproxy::cli(&master, "reload").await?;
         let deadline = Instant::now() + haproxy::START_TIMEOUT;
         loop {
             // The master re-executes itself: its socket is away for a moment.
@@ -118,20 +143,16 @@ impl Proxy for Local {
                 && let Some(m) = now.master.as_ref().filter(|m| m.reloads > before.reloads)
             {
                 if m.failed > 0 {
-                    return Err(format!(
-                        "haproxy refused the reload:\n{}",
-                        haproxy::alerts_since(&self.paths.log(), offset)
-                    ));
+                    let alerts = haproxy::alerts_since(&self.paths.log(), offset);
+                    return Err(ProxyError::ReloadRefused(alerts));
                 }
                 if now.workers.iter().any(|w| !w.old && w.reloads == 0) {
                     return Ok(());
                 }
             }
             if Instant::now() > deadline || !process.alive() {
-                return Err(format!(
-                    "the reload was not confirmed:\n{}",
-                    haproxy::alerts_since(&self.paths.log(), offset)
-                ));
+                let alerts = haproxy::alerts_since(&self.paths.log(), offset);
+                return Err(ProxyError::ReloadUnconfirmed(alerts));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -141,7 +162,7 @@ impl Proxy for Local {
         process.stop(grace).await;
     }
 
-    async fn validate(&mut self, dir: &Path) -> Result<(), String> {
+    async fn validate(&mut self, dir: &Path) -> Result<(), ProxyError> {
         let output = tokio::process::Command::new(&self.binary)
             .arg("-c")
             .arg("-f")
@@ -152,7 +173,10 @@ impl Proxy for Local {
             .stdin(std::process::Stdio::null())
             .output()
             .await
-            .map_err(|e| format!("running {} -c: {e}", self.binary.display()))?;
+            .map_err(|source| ProxyError::Check {
+                binary: self.binary.display().to_string(),
+                source,
+            })?;
         if output.status.success() {
             return Ok(());
         }
@@ -171,26 +195,20 @@ impl Proxy for Local {
         } else {
             errors.join("\n")
         };
-        Err(format!("haproxy -c refused the configuration:\n{message}"))
+        Err(ProxyError::Invalid(message))
     }
 
-    async fn batch(&mut self, commands: &[&str]) -> Result<Vec<String>, String> {
-        haproxy::batch(&self.paths.admin_socket(), commands)
-            .await
-            .map_err(|e| e.to_string())
+    async fn batch(&mut self, commands: &[&str]) -> Result<Vec<String>, ProxyError> {
+        Ok(haproxy::batch(&self.paths.admin_socket(), commands).await?)
     }
 
-    async fn servers_state(&mut self) -> Result<String, String> {
-        haproxy::cli(&self.paths.admin_socket(), "show servers state")
-            .await
-            .map_err(|e| e.to_string())
+    async fn servers_state(&mut self) -> Result<String, ProxyError> {
+        Ok(haproxy::cli(&self.paths.admin_socket(), "show servers state").await?)
     }
 }
 
 /// The master's `show proc`.
-pub(crate) async fn procs(master: &Path) -> Result<Procs, String> {
-    haproxy::cli(master, "show proc")
-        .await
-        .map(|text| Procs::parse(&text))
-        .map_err(|e| e.to_string())
+pub(crate) async fn procs(master: &Path) -> Result<Procs, haproxy::Error> {
+    let text = haproxy::cli(master, "show proc").await?;
+    Ok(Procs::parse(&text))
 }

@@ -8,10 +8,14 @@ use tempfile::TempDir;
 
 use crate::pki::{Issued, Pki};
 use crate::process::ChildGuard;
-use crate::{WAIT, free_port, wait_for};
+use crate::{WAIT, free_port};
 
 /// The root user's password once [`Etcd::enable_auth`] ran.
 const ROOT_PASSWORD: &str = "root-secret";
+
+/// Starts of etcd on free ports: a port found free can be taken by another process before
+/// etcd binds it; etcd then exits at once and is started again on other ports.
+const START_ATTEMPTS: usize = 3;
 
 /// One etcd member (a single-node etcd, or a member of a [`Cluster`]); killed and its data
 /// removed on drop.
@@ -33,22 +37,49 @@ pub struct Etcd {
 impl Etcd {
     /// Starts a single-node etcd and waits until it answers.
     pub async fn start() -> Result<Self> {
-        let mut etcd = Self::new("legate-test")?;
-        etcd.initial_cluster = format!("{}={}", etcd.name, etcd.peer_url());
-        etcd.spawn()?;
-        etcd.wait_ready().await?;
-        Ok(etcd)
+        Self::start_single(None, &mut free_port).await
+    }
+
+    /// [`Etcd::start`] on the ports `ports` gives, one call per port, until etcd can bind them.
+    pub async fn start_on(ports: &mut impl FnMut() -> Result<u16>) -> Result<Self> {
+        Self::start_single(None, ports).await
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.client_port
     }
 
     /// Starts a single-node etcd that speaks only TLS and wants a client certificate signed by
     /// `pki` (`--client-cert-auth --trusted-ca-file`).
     pub async fn start_tls(pki: &Pki) -> Result<Self> {
-        let mut etcd = Self::new("legate-test")?;
-        etcd.initial_cluster = format!("{}={}", etcd.name, etcd.peer_url());
-        etcd.tls = Some(pki.issue(&["127.0.0.1", "localhost"])?);
-        etcd.spawn()?;
-        etcd.wait_ready().await?;
-        Ok(etcd)
+        Self::start_single(Some(pki), &mut free_port).await
+    }
+
+    async fn start_single(
+        pki: Option<&Pki>,
+        ports: &mut impl FnMut() -> Result<u16>,
+    ) -> Result<Self> {
+        let mut attempt = 1;
+        loop {
+            let mut etcd = Self::new("legate-test", ports)?;
+            etcd.initial_cluster = format!("{}={}", etcd.name, etcd.peer_url());
+            if let Some(pki) = pki {
+                etcd.tls = Some(pki.issue(&["127.0.0.1", "localhost"])?);
+            }
+            etcd.spawn()?;
+            match etcd.wait_ready().await {
+                Err(_) if attempt < START_ATTEMPTS && etcd.lost_a_port() => attempt += 1,
+                ready => return ready.map(|()| etcd),
+            }
+        }
+    }
+
+    /// Whether etcd exited because one of its ports was taken meanwhile.
+    fn lost_a_port(&self) -> bool {
+        self.child
+            .as_ref()
+            .is_some_and(|child| child.log().contains("address already in use"))
     }
 
     /// Turns etcd's authentication on, with a root user for the harness and, for each of
@@ -99,13 +130,13 @@ impl Etcd {
         options
     }
 
-    fn new(name: &str) -> Result<Self> {
+    fn new(name: &str, ports: &mut impl FnMut() -> Result<u16>) -> Result<Self> {
         Ok(Self {
             child: None,
             dir: tempfile::Builder::new().prefix("legate-etcd-").tempdir()?,
             name: name.to_owned(),
-            client_port: free_port()?,
-            peer_port: free_port()?,
+            client_port: ports()?,
+            peer_port: ports()?,
             initial_cluster: String::new(),
             tls: None,
             auth: false,
@@ -146,22 +177,28 @@ impl Etcd {
         Ok(())
     }
 
+    /// Waits until etcd answers; fails at once if it exits.
     async fn wait_ready(&mut self) -> Result<()> {
         let endpoint = self.endpoint();
         let options = self.options().with_timeout(Duration::from_secs(1));
         let child = self.child.as_mut().context("etcd is not running")?;
-        wait_for("etcd to answer", WAIT, || {
-            let running = child.check_running();
-            let endpoint = endpoint.clone();
-            let options = options.clone();
-            async move {
-                running?;
-                let mut client = etcd_client::Client::connect([endpoint], Some(options)).await?;
-                client.status().await?;
-                Ok(Some(()))
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            child.check_running()?;
+            let answer = async {
+                let mut client =
+                    etcd_client::Client::connect([endpoint.as_str()], Some(options.clone()))
+                        .await?;
+                client.status().await
+            };
+            match answer.await {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(e).context(format!("etcd did not answer within {WAIT:?}"));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
-        })
-        .await
+        }
     }
 
     /// The client URL, e.g. `http://127.0.0.1:41234` (`https://` with TLS).
@@ -239,22 +276,35 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts `size` members and waits until each answers (which takes a quorum).
+    /// A member whose port was taken meanwhile starts the whole cluster again on other ports.
     pub async fn start(size: usize) -> Result<Self> {
-        let mut members = (0..size)
-            .map(|i| Etcd::new(&format!("legate-test-{i}")))
-            .collect::<Result<Vec<_>>>()?;
-        let initial: Vec<String> = members
-            .iter()
-            .map(|m| format!("{}={}", m.name, m.peer_url()))
-            .collect();
-        for member in &mut members {
-            member.initial_cluster = initial.join(",");
-            member.spawn()?;
+        let mut attempt = 1;
+        loop {
+            let mut members = (0..size)
+                .map(|i| Etcd::new(&format!("legate-test-{i}"), &mut free_port))
+                .collect::<Result<Vec<_>>>()?;
+            let initial: Vec<String> = members
+                .iter()
+                .map(|m| format!("{}={}", m.name, m.peer_url()))
+                .collect();
+            for member in &mut members {
+                member.initial_cluster = initial.join(",");
+                member.spawn()?;
+            }
+            let mut ready = Ok(());
+            for member in &mut members {
+                ready = member.wait_ready().await;
+                if ready.is_err() {
+                    break;
+                }
+            }
+            match ready {
+                Err(_) if attempt < START_ATTEMPTS && members.iter().any(Etcd::lost_a_port) => {
+                    attempt += 1;
+                }
+                ready => return ready.map(|()| Self { members }),
+            }
         }
-        for member in &mut members {
-            member.wait_ready().await?;
-        }
-        Ok(Self { members })
     }
 
     /// Every member's client URL, comma-separated, as `--etcd-endpoints` takes them.

@@ -46,6 +46,36 @@ async fn etcd_starts_keeps_data_across_a_restart_and_is_cleaned_up() {
     assert!(!dir.exists(), "{} still exists after drop", dir.display());
 }
 
+/// A port found free but taken before etcd binds it: etcd exits, and is started again on
+/// other ports at once.
+#[tokio::test]
+async fn etcd_whose_port_was_taken_meanwhile_starts_on_another() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let mut handed = 0;
+    let mut ports = || {
+        handed += 1;
+        if handed == 1 {
+            Ok(taken_port)
+        } else {
+            free_port()
+        }
+    };
+    let started = std::time::Instant::now();
+    let etcd = Etcd::start_on(&mut ports).await.unwrap();
+    assert_ne!(etcd.port(), taken_port);
+    assert_eq!(handed, 4, "two ports per attempt, two attempts");
+    assert!(
+        started.elapsed() < WAIT,
+        "the exit was noticed at once, not after a timeout"
+    );
+    let mut client = etcd.client().await.unwrap();
+    client
+        .put("/legate-harness/port", "ok", None)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn etcd_outage_is_visible_to_clients() {
     let mut etcd = Etcd::start().await.unwrap();

@@ -86,12 +86,13 @@ impl Proxy for FakeProxy {
     async fn adopt(&mut self) -> Option<FakeProcess> {
         None
     }
-    async fn start(&mut self) -> Result<FakeProcess, String> {
+    async fn start(&mut self) -> Result<FakeProcess, ProxyError> {
         let config = self.live_config();
         let mut world = self.world.lock().unwrap();
         if world.failed_starts > 0 {
             world.failed_starts -= 1;
-            return Err("it exited: [ALERT] cannot bind".to_owned());
+            let alerts = "it exited: [ALERT] cannot bind".to_owned();
+            return Err(crate::haproxy::Error::Start(alerts).into());
         }
         world.starts += 1;
         let pid = 100 + world.starts;
@@ -105,14 +106,14 @@ impl Proxy for FakeProxy {
     async fn check(&mut self, process: &mut FakeProcess) -> bool {
         process.alive()
     }
-    async fn reload(&mut self, process: &mut FakeProcess) -> Result<(), String> {
+    async fn reload(&mut self, process: &mut FakeProcess) -> Result<(), ProxyError> {
         let next = self.world.lock().unwrap().reloads.pop_front();
         match next.unwrap_or(Reload::Confirm) {
             Reload::Confirm => {}
-            Reload::Refuse => return Err("haproxy refused the reload".to_owned()),
+            Reload::Refuse => return Err(ProxyError::ReloadRefused("[ALERT] no".to_owned())),
             Reload::Die => {
                 self.world.lock().unwrap().running = None;
-                return Err("the reload was not confirmed".to_owned());
+                return Err(ProxyError::ReloadUnconfirmed(String::new()));
             }
             Reload::Wait(go) => {
                 self.world.lock().unwrap().reloading = true;
@@ -121,7 +122,7 @@ impl Proxy for FakeProxy {
             }
         }
         if !process.alive() {
-            return Err("the reload was not confirmed".to_owned());
+            return Err(ProxyError::ReloadUnconfirmed(String::new()));
         }
         let config = self.live_config();
         self.world.lock().unwrap().loaded.push(config);
@@ -132,22 +133,27 @@ impl Proxy for FakeProxy {
         world.stopped.push(process.pid);
         world.running = None;
     }
-    async fn validate(&mut self, _: &Path) -> Result<(), String> {
+    async fn validate(&mut self, _: &Path) -> Result<(), ProxyError> {
         let mut world = self.world.lock().unwrap();
         if world.invalid > 0 {
             world.invalid -= 1;
-            return Err("haproxy -c refused the configuration:\n[ALERT] nonsense".to_owned());
+            return Err(ProxyError::Invalid("[ALERT] nonsense".to_owned()));
         }
         Ok(())
     }
-    async fn batch(&mut self, commands: &[&str]) -> Result<Vec<String>, String> {
+    async fn batch(&mut self, commands: &[&str]) -> Result<Vec<String>, ProxyError> {
         let mut world = self.world.lock().unwrap();
         if world.die_at_batch {
             world.die_at_batch = false;
             world.running = None;
         }
         if world.running.is_none() {
-            return Err("connecting to the admin socket: connection refused".to_owned());
+            let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+            return Err(crate::haproxy::Error::Io {
+                what: "connecting to the admin socket".to_owned(),
+                source: refused,
+            }
+            .into());
         }
         world
             .batches
@@ -160,7 +166,7 @@ impl Proxy for FakeProxy {
         }
         Ok(replies)
     }
-    async fn servers_state(&mut self) -> Result<String, String> {
+    async fn servers_state(&mut self) -> Result<String, ProxyError> {
         Ok("1\n".to_owned())
     }
 }
