@@ -446,25 +446,107 @@ impl Generator {
         metrics::gauge!("legate_confgen_registry_keys").set(self.registry.len() as f64);
     }
 
-    /// Brings the model up to date and renders it. This blocks confgen's one thread for the
-    /// time of a render: only the blocks of the apps and services that changed are rendered
-    /// again, the others come from the renderer's cache.
+    /// Brings the model up to date, renders it, and publishes the snapshot if it changed (or a
+    /// subscriber wants its model). This blocks confgen's one thread for the time of a render:
+    /// only the blocks of the apps and services that changed are rendered again, the others
+    /// come from the renderer's cache.
     async fn render(&mut self) {
         let started = std::time::Instant::now();
         let keep_model = self.models.wanted_now();
         if !keep_model {
-            // Nobody wants the last snapshot's model any more: let it go before the new one is
-            // built, so that two models of a large registry are never held at once. (A stream
-            // sending that snapshot right now holds it: then it goes when the send is done.)
-            self.snapshots.send_if_modified(|current| {
-                if let Some(snapshot) = current.as_mut().and_then(Arc::get_mut) {
-                    snapshot.model = None;
-                }
-                false
-            });
+            self.release_model();
         }
+        self.update_routes();
+        let mut view = self.routes.view();
+        let (result, failures) = self.render_view(&mut view);
+        metrics::histogram!("legate_confgen_render_seconds")
+            .record(started.elapsed().as_secs_f64());
+        let skipped = self.report(&view, &result, &failures);
+        let rendered = match result {
+            Ok(rendered) => rendered,
+            Err(e) => {
+                warn!(
+                    revision = self.registry.revision(),
+                    error = %e,
+                    "render failed: the last good configuration stays"
+                );
+                metrics::counter!("legate_confgen_renders_total", "result" => "error").increment(1);
+                return;
+            }
+        };
+        let Some((mut snapshot, same)) = self.snapshot(rendered, keep_model) else {
+            metrics::counter!("legate_confgen_renders_total", "result" => "unchanged").increment(1);
+            return;
+        };
+        let (apps, services) = (view.apps().count(), view.services().count());
+        snapshot.model = keep_model.then(|| {
+            let mut model = self.routes.model();
+            model
+                .apps
+                .retain(|app| !view.excluded.contains(&Item::App(app.domain.clone())));
+            model
+                .services
+                .retain(|s| !view.excluded.contains(&Item::Service(s.port as u16)));
+            model.skipped = skipped.clone();
+            model
+        });
+        drop(view);
+        if same {
+            // The same configuration again, now with the model a subscriber asked for.
+            debug!(
+                version = snapshot.version,
+                "the current configuration sent again with its model"
+            );
+            self.snapshots.send_replace(Some(Arc::new(snapshot)));
+            return;
+        }
+        metrics::counter!("legate_confgen_renders_total", "result" => "changed").increment(1);
+        if let Some(dir) = &self.output
+            && let Err(e) = write_output(dir, &snapshot).await
+        {
+            error!(dir = %dir.display(), error = %e, "cannot write the rendered configuration");
+            metrics::counter!("legate_confgen_output_errors_total").increment(1);
+        }
+        legate_proto::throttled!(
+            self.log_throttle,
+            version = snapshot.version,
+            checksum = snapshot.checksum,
+            apps,
+            services,
+            skipped = skipped.len(),
+            render_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "new configuration"
+        );
+        metrics::gauge!("legate_confgen_snapshot_version").set(snapshot.version as f64);
+        metrics::counter!("legate_confgen_snapshots_total").increment(1);
+        self.snapshots.send_replace(Some(Arc::new(snapshot)));
+        if !self.serving {
+            self.serving = true;
+            self.health
+                .set_service_status("", ServingStatus::Serving)
+                .await;
+            self.health
+                .set_serving::<v1::confgen_server::ConfgenServer<api::Api>>()
+                .await;
+        }
+    }
+
+    /// Nobody wants the last snapshot's model any more: it goes before the new one is built,
+    /// so that two models of a large registry are never held at once. (A stream sending that
+    /// snapshot right now holds it: then it goes when the send is done.)
+    fn release_model(&mut self) {
+        self.snapshots.send_if_modified(|current| {
+            if let Some(snapshot) = current.as_mut().and_then(Arc::get_mut) {
+                snapshot.model = None;
+            }
+            false
+        });
+    }
+
+    /// Applies the registry's changes to the routes; a tight pool grows now if backends come
+    /// or go, since HAProxy reloads for this render anyway.
+    fn update_routes(&mut self) {
         if self.routes.update(&mut self.registry) && self.routes.grow() {
-            // Backends come or go: HAProxy reloads for this render anyway.
             info!(
                 slots = self.routes.slot_count(),
                 "backend pool grown ahead of need, with a reload that was coming anyway"
@@ -472,15 +554,21 @@ impl Generator {
             metrics::counter!("legate_confgen_pool_growths_total", "when" => "with_reload")
                 .increment(1);
         }
-        let mut view = self.routes.view();
-        // The current snapshot's text, when it is the renderer's last: the new text is made
-        // from it where the two share.
+    }
+
+    /// Renders `view`, from the current snapshot's text where the two share; items that the
+    /// template cannot render are left out of `view` and the rest rendered again. The outcome,
+    /// and the items left out.
+    fn render_view(
+        &mut self,
+        view: &mut View,
+    ) -> (Result<render::Rendered, RenderError>, Vec<ItemFailure>) {
         let current = self.snapshots.borrow().clone();
         let previous = current
             .as_ref()
             .filter(|_| self.published.as_ref().map(|p| p.render) == self.renderer.last_render())
             .map(|snapshot| snapshot.haproxy_config.as_str());
-        let mut result = self.renderer.render_from(&view, &self.settings, previous);
+        let mut result = self.renderer.render_from(view, &self.settings, previous);
         drop(current);
         let mut failures = Vec::new();
         if let Err(RenderError::Items(failed)) = &mut result {
@@ -495,18 +583,27 @@ impl Generator {
                 .increment(failed.len() as u64);
             failures = std::mem::take(failed);
             view.excluded = failures.iter().map(|f| f.item.clone()).collect();
-            result = self.renderer.render(&view, &self.settings);
+            result = self.renderer.render(view, &self.settings);
         }
-        let mut skipped = self.routes.skipped();
-        if !failures.is_empty() {
-            skipped.extend(failed_keys(&view, &failures, &self.registry));
-            skipped.sort_by(|a, b| a.key.cmp(&b.key));
-        }
-        metrics::histogram!("legate_confgen_render_seconds")
-            .record(started.elapsed().as_secs_f64());
         if let Ok(rendered) = &result {
             let how = if rendered.patched { "patch" } else { "walk" };
             metrics::counter!("legate_confgen_render_passes_total", "how" => how).increment(1);
+        }
+        (result, failures)
+    }
+
+    /// Records the outcome of a render for `Confgen.Status` and the metrics; the keys skipped
+    /// (bad keys and those of items left out).
+    fn report(
+        &self,
+        view: &View,
+        result: &Result<render::Rendered, RenderError>,
+        failures: &[ItemFailure],
+    ) -> Vec<v1::SkippedKey> {
+        let mut skipped = self.routes.skipped();
+        if !failures.is_empty() {
+            skipped.extend(failed_keys(view, failures, &self.registry));
+            skipped.sort_by(|a, b| a.key.cmp(&b.key));
         }
         metrics::gauge!("legate_confgen_skipped_keys").set(skipped.len() as f64);
         let shared = model::shared_ports(view.services().map(|s| &**s));
@@ -525,20 +622,18 @@ impl Generator {
                 "several service names share one port: they share one listener"
             );
         }
-        let rendered = match result {
-            Ok(rendered) => rendered,
-            Err(e) => {
-                warn!(
-                    revision = self.registry.revision(),
-                    error = %e,
-                    "render failed: the last good configuration stays"
-                );
-                metrics::counter!("legate_confgen_renders_total", "result" => "error").increment(1);
-                return;
-            }
-        };
-        // The checksum costs the sections that changed since the current snapshot's render,
-        // which the renderer knows from the chunks it kept.
+        skipped
+    }
+
+    /// The snapshot of `rendered`, with its delta from the current one, and whether it is the
+    /// current configuration again; `None` when it is, and there is no model to add to it.
+    /// The checksum costs the sections that changed since the current snapshot's render,
+    /// which the renderer knows from the chunks it kept.
+    fn snapshot(
+        &mut self,
+        rendered: render::Rendered,
+        keep_model: bool,
+    ) -> Option<(v1::ConfigSnapshot, bool)> {
         let current = self.snapshots.borrow().clone();
         let (digest, span) = match (&current, &self.published, rendered.shared) {
             (Some(current), Some(published), Some((since, span))) if since == published.render => {
@@ -556,12 +651,10 @@ impl Generator {
             published.render = rendered.render;
         }
         if same && (with_model || !keep_model) {
-            metrics::counter!("legate_confgen_renders_total", "result" => "unchanged").increment(1);
-            return;
+            return None;
         }
-        let version = u64::try_from(self.registry.revision()).unwrap_or_default();
         let mut snapshot = v1::ConfigSnapshot {
-            version,
+            version: u64::try_from(self.registry.revision()).unwrap_or_default(),
             checksum: digest.checksum().to_owned(),
             haproxy_config: rendered.config,
             maps: rendered.maps,
@@ -575,63 +668,11 @@ impl Generator {
                 current, &snapshot, span,
             ));
         }
-        // Before the new model is built: two models of a large registry are never held at once.
-        drop(current);
         self.published = Some(Published {
             digest,
             render: rendered.render,
         });
-        let (apps, services) = (view.apps().count(), view.services().count());
-        snapshot.model = keep_model.then(|| {
-            let mut model = self.routes.model();
-            model
-                .apps
-                .retain(|app| !view.excluded.contains(&Item::App(app.domain.clone())));
-            model
-                .services
-                .retain(|s| !view.excluded.contains(&Item::Service(s.port as u16)));
-            model.skipped = skipped.clone();
-            model
-        });
-        drop(view);
-        if same {
-            // The same configuration again, now with the model a subscriber asked for.
-            debug!(
-                version,
-                "the current configuration sent again with its model"
-            );
-            self.snapshots.send_replace(Some(Arc::new(snapshot)));
-            return;
-        }
-        metrics::counter!("legate_confgen_renders_total", "result" => "changed").increment(1);
-        if let Some(dir) = &self.output
-            && let Err(e) = write_output(dir, &snapshot).await
-        {
-            error!(dir = %dir.display(), error = %e, "cannot write the rendered configuration");
-            metrics::counter!("legate_confgen_output_errors_total").increment(1);
-        }
-        legate_proto::throttled!(
-            self.log_throttle,
-            version,
-            checksum = snapshot.checksum,
-            apps,
-            services,
-            skipped = skipped.len(),
-            render_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "new configuration"
-        );
-        metrics::gauge!("legate_confgen_snapshot_version").set(version as f64);
-        metrics::counter!("legate_confgen_snapshots_total").increment(1);
-        self.snapshots.send_replace(Some(Arc::new(snapshot)));
-        if !self.serving {
-            self.serving = true;
-            self.health
-                .set_service_status("", ServingStatus::Serving)
-                .await;
-            self.health
-                .set_serving::<v1::confgen_server::ConfgenServer<api::Api>>()
-                .await;
-        }
+        Some((snapshot, same))
     }
 }
 

@@ -11,6 +11,7 @@
 
 pub mod conventions;
 pub mod docker;
+mod events;
 mod hostip;
 mod lease;
 pub mod reconcile;
@@ -22,7 +23,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::time::Instant;
 
-use futures_util::StreamExt;
 use legate_proto::registry::{HostId, HostIp, HostRecord, Schema};
 use legate_proto::runtime::{self, Backoff, CommonArgs, EtcdArgs, RuntimeError, pause, retry};
 use legate_proto::transport::{GrpcServer, Listen, Peer, ServerArgs};
@@ -142,7 +142,7 @@ enum Trigger {
 
 /// Runs the registrar until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let host_id = runtime::host_id(config.host_id.as_ref()).map_err(Error::Identity)?;
+    let (host_id, host_ip, record) = identity(&config)?;
     let grpc = GrpcServer::new(&config.listen, &config.grpc)?;
     if config.docker.plain_tcp() {
         warn!(
@@ -151,20 +151,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
              set DOCKER_TLS_VERIFY and DOCKER_CERT_PATH"
         );
     }
-    let host_ip = match config.host_ip {
-        Some(ip) => ip,
-        None => {
-            let ip = hostip::detect().map_err(Error::Identity)?;
-            info!(%ip, "host IP detected (set HOST_IP to choose another)");
-            ip
-        }
-    };
-    let instance = format!("{:016x}", RandomState::new().hash_one(std::process::id()));
-    let record = HostRecord::new(host_ip, &instance, env!("CARGO_PKG_VERSION"))
-        .map_err(|e| Error::Identity(e.to_string()))?;
     let schema = Schema::new(config.etcd.prefix.clone());
     info!(
-        %host_id, %host_ip, instance, prefix = %schema.prefix(), etcd = ?config.etcd.endpoints(),
+        %host_id, %host_ip, instance = record.instance, prefix = %schema.prefix(), etcd = ?config.etcd.endpoints(),
         docker = config.docker.docker_host, docker_tls = config.docker.docker_tls_verify, filters = ?config.filters, lease_ttl = config.lease_ttl,
         "registrar starting"
     );
@@ -186,31 +175,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let routes = routes.add_service(api);
     let mut grpc = tracker.spawn(grpc.serve(routes, tasks.clone()));
 
-    let started = async {
-        let source = retry("connecting to Docker", &tasks, || {
-            DockerSource::connect(&config.docker, config.filters.clone())
-        })
-        .await?;
-        let client = match config.etcd.connect_retrying(&tasks).await {
-            Ok(client) => client?,
-            Err(e) => return Some(Err(StoreError::Refused(e.message))),
-        };
-        let store = Store::new(client, schema.clone(), host_id.clone(), record);
-        let window = Duration::from_millis(config.claim_window_ms);
-        // etcd errors are retried; a duplicate host id or a refusal is final.
-        let claimed = retry("claiming the host id", &tasks, || {
-            let mut store = store.clone();
-            async move {
-                match store.claim(config.lease_ttl, window).await {
-                    // A lease that expired during the claim is claimed again with a new one.
-                    Err(e @ (StoreError::Etcd(_) | StoreError::LeaseLost(_))) => Err(e),
-                    final_outcome => Ok(final_outcome),
-                }
-            }
-        })
-        .await?;
-        Some(claimed.map(|lease| (source, store, lease)))
-    };
+    let started = connect_and_claim(&config, schema, &host_id, record, &tasks);
     let (source, mut store, lease) = tokio::select! {
         started = started => match started {
             Some(Ok(started)) => started,
@@ -242,12 +207,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     );
     tracker.spawn(keeper.run(tasks.clone()));
     tracker.spawn(guard(store.clone(), lease_rx.clone(), tasks.clone()));
-    tracker.spawn(follow_events(
-        config.docker.clone(),
-        config.filters.clone(),
-        trigger_tx.clone(),
-        tasks.clone(),
-    ));
+    let events = events::DockerEvents {
+        docker: config.docker.clone(),
+        filters: config.filters.clone(),
+    };
+    tracker.spawn(events::Follower::new(events, trigger_tx.clone()).run(tasks.clone()));
     tracker.spawn(periodic(
         Duration::from_secs(config.resync_interval),
         trigger_tx.clone(),
@@ -283,6 +247,57 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     outcome
 }
 
+/// This host's id, IP (detected when not set) and record.
+fn identity(config: &Config) -> Result<(HostId, HostIp, HostRecord), Error> {
+    let host_id = runtime::host_id(config.host_id.as_ref()).map_err(Error::Identity)?;
+    let host_ip = match config.host_ip {
+        Some(ip) => ip,
+        None => {
+            let ip = hostip::detect().map_err(Error::Identity)?;
+            info!(%ip, "host IP detected (set HOST_IP to choose another)");
+            ip
+        }
+    };
+    let instance = format!("{:016x}", RandomState::new().hash_one(std::process::id()));
+    let record = HostRecord::new(host_ip, &instance, env!("CARGO_PKG_VERSION"))
+        .map_err(|e| Error::Identity(e.to_string()))?;
+    Ok((host_id, host_ip, record))
+}
+
+/// Connects to Docker and etcd and claims the host id, retrying what can be retried: the
+/// Docker source, the store and the claimed lease; a duplicate host id or a refusal by etcd is
+/// final. `None` at shutdown.
+async fn connect_and_claim(
+    config: &Config,
+    schema: Schema,
+    host_id: &HostId,
+    record: HostRecord,
+    tasks: &CancellationToken,
+) -> Option<Result<(DockerSource, Store, i64), StoreError>> {
+    let source = retry("connecting to Docker", tasks, || {
+        DockerSource::connect(&config.docker, config.filters.clone())
+    })
+    .await?;
+    let client = match config.etcd.connect_retrying(tasks).await {
+        Ok(client) => client?,
+        Err(e) => return Some(Err(StoreError::Refused(e.message))),
+    };
+    let store = Store::new(client, schema, host_id.clone(), record);
+    let window = Duration::from_millis(config.claim_window_ms);
+    let claimed = retry("claiming the host id", tasks, || {
+        let mut store = store.clone();
+        async move {
+            match store.claim(config.lease_ttl, window).await {
+                // A lease that expired during the claim is claimed again with a new one.
+                Err(e @ (StoreError::Etcd(_) | StoreError::LeaseLost(_))) => Err(e),
+                final_outcome => Ok(final_outcome),
+            }
+        }
+    })
+    .await?;
+    Some(claimed.map(|lease| (source, store, lease)))
+}
+
 fn grpc_outcome(
     result: Result<Result<(), RuntimeError>, tokio::task::JoinError>,
 ) -> Result<(), Error> {
@@ -300,52 +315,6 @@ async fn guard(mut store: Store, lease: watch::Receiver<i64>, shutdown: Cancella
         let began = Instant::now();
         if let Err(e) = store.guard_host_record(&lease, &shutdown).await {
             debug!(error = %e, "host record guard restarts");
-        }
-        if !pause(backoff.after(began), &shutdown).await {
-            return;
-        }
-    }
-}
-
-/// Follows Docker's events; a lost stream reconnects with backoff and triggers a full resync.
-async fn follow_events(
-    docker: DockerArgs,
-    filters: Vec<String>,
-    trigger: mpsc::Sender<Trigger>,
-    shutdown: CancellationToken,
-) {
-    let mut backoff = Backoff::default();
-    while !shutdown.is_cancelled() {
-        let began = Instant::now();
-        match DockerSource::connect(&docker, filters.clone()).await {
-            Ok(source) => {
-                let mut events = std::pin::pin!(source.events());
-                // Anything may have happened while the stream was down.
-                let _ = trigger.send(Trigger::Full).await;
-                loop {
-                    let event = tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        event = events.next() => event,
-                    };
-                    match event {
-                        Some(Ok(event)) => {
-                            if trigger.send(Trigger::Container(event)).await.is_err() {
-                                return;
-                            }
-                        }
-                        Some(Err(e)) => {
-                            warn!(error = %e, "Docker event stream failed");
-                            break;
-                        }
-                        None => {
-                            warn!("Docker event stream ended");
-                            break;
-                        }
-                    }
-                }
-                metrics::counter!("legate_registrar_event_stream_restarts_total").increment(1);
-            }
-            Err(e) => warn!(error = %e, "connecting to Docker for events"),
         }
         if !pause(backoff.after(began), &shutdown).await {
             return;

@@ -17,6 +17,9 @@ use tonic_health::pb::health_client::HealthClient;
 use crate::process::ChildGuard;
 use crate::{WAIT, free_addr, wait_for};
 
+/// Starts of a service on a free metrics port (see [`Service::start_on`]).
+const START_ATTEMPTS: usize = 3;
+
 /// The path of a workspace binary (`legate-registrar`, `legate-backend`, ...), built with the
 /// profile of the running tests the first time this process asks for it, so that a test never
 /// runs a stale binary.
@@ -60,13 +63,40 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The command line of a service, with its metrics on `metrics` and an environment cleared of
+/// legate and seed variables but for `env`.
+fn command(
+    program: &std::path::Path,
+    metrics: SocketAddr,
+    args: &[String],
+    env: &[(String, String)],
+) -> Command {
+    let mut command = Command::new(program);
+    command
+        .arg("--metrics-listen")
+        .arg(metrics.to_string())
+        .args(args);
+    for (key, _) in std::env::vars() {
+        if ["LEGATE_", "ETCD_", "ETCDCTL_", "HOST_"]
+            .iter()
+            .any(|prefix| key.starts_with(prefix))
+        {
+            command.env_remove(key);
+        }
+    }
+    command.envs(env.iter().map(|(k, v)| (k, v)));
+    command
+}
+
 /// A legate service process with its gRPC listener on a Unix socket of its own (where the tests,
 /// running as the same user, administer it) and its metrics on a free loopback port.
 #[derive(Debug)]
 pub struct Service {
     child: ChildGuard,
-    /// What started it, for [`Service::restart`].
-    command: Command,
+    /// What starts it, but for `--metrics-listen` ([`Service::command`]).
+    program: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
     name: String,
     log: PathBuf,
     grpc: String,
@@ -81,6 +111,18 @@ impl Service {
     /// `--metrics-listen` on a free port, plus `args` and `env` (the environment is otherwise
     /// cleared of legate and seed variables). A `--listen` in `args` replaces the socket.
     pub fn start(binary: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_on(free_addr()?, binary, args, env)
+    }
+
+    /// [`Service::start`] with its metrics on `metrics`. A port found free can be taken by
+    /// another process before the service binds it: the service then exits, and
+    /// [`Service::wait_serving`] starts it again on another.
+    pub fn start_on(
+        metrics: SocketAddr,
+        binary: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("legate-service-")
             .tempdir()?;
@@ -89,29 +131,22 @@ impl Service {
             Some(listen) => (*listen).to_owned(),
             None => format!("unix:{}", dir.path().join("grpc.sock").display()),
         };
-        let metrics = free_addr()?;
-        let mut command = Command::new(self::binary(binary)?);
+        let mut all = Vec::new();
         if listen.is_none() {
-            command.arg("--listen").arg(&grpc);
+            all.extend(["--listen".to_owned(), grpc.clone()]);
         }
-        command
-            .arg("--metrics-listen")
-            .arg(metrics.to_string())
-            .args(args);
-        for (key, _) in std::env::vars() {
-            if ["LEGATE_", "ETCD_", "ETCDCTL_", "HOST_"]
-                .iter()
-                .any(|prefix| key.starts_with(prefix))
-            {
-                command.env_remove(key);
-            }
-        }
-        command.envs(env.iter().copied());
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        let program = self::binary(binary)?;
+        let env: Vec<(String, String)> = (env.iter())
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         let log = dir.path().join(format!("{binary}.log"));
-        let child = ChildGuard::spawn(binary, &command, &log)?;
+        let child = ChildGuard::spawn(binary, &command(&program, metrics, &all, &env), &log)?;
         Ok(Self {
             child,
-            command,
+            program,
+            args: all,
+            env,
             name: binary.to_owned(),
             log,
             grpc,
@@ -121,11 +156,15 @@ impl Service {
         })
     }
 
+    fn command(&self) -> Command {
+        command(&self.program, self.metrics, &self.args, &self.env)
+    }
+
     /// Kills the process with SIGKILL (a crash) and starts it again with the same command,
     /// on the same ports; its output goes on in the same log.
     pub fn restart(&mut self) -> Result<()> {
         self.child.kill();
-        self.child = ChildGuard::spawn(&self.name, &self.command, &self.log)?;
+        self.child = ChildGuard::spawn(&self.name, &self.command(), &self.log)?;
         Ok(())
     }
 
@@ -194,24 +233,46 @@ impl Service {
         self.channel()
     }
 
-    /// Waits until `grpc.health.v1` reports the server (service "") as SERVING.
+    /// Waits until `grpc.health.v1` reports the server (service "") as SERVING; fails at once
+    /// if the process exits, unless it exited because its metrics port was taken meanwhile:
+    /// then it is started again on another.
     pub async fn wait_serving(&mut self) -> Result<()> {
-        let channel = self.channel()?;
-        let child = &mut self.child;
-        wait_for("the service to report SERVING", WAIT, || {
-            let running = child.check_running();
-            let channel = channel.clone();
-            async move {
-                running?;
-                let mut client = HealthClient::new(channel);
-                let request = HealthCheckRequest {
-                    service: String::new(),
-                };
-                let status = client.check(request).await?.into_inner().status();
-                Ok((status == ServingStatus::Serving).then_some(()))
+        let mut attempt = 1;
+        loop {
+            match self.serving().await {
+                Err(_) if attempt < START_ATTEMPTS && self.lost_metrics_port() => {
+                    attempt += 1;
+                    self.metrics = free_addr()?;
+                    self.child = ChildGuard::spawn(&self.name, &self.command(), &self.log)?;
+                }
+                serving => return serving,
             }
-        })
-        .await
+        }
+    }
+
+    async fn serving(&mut self) -> Result<()> {
+        let channel = self.channel()?;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            self.child.check_running()?;
+            let request = HealthCheckRequest {
+                service: String::new(),
+            };
+            let answer = HealthClient::new(channel.clone()).check(request).await;
+            match answer.map(|status| status.into_inner().status()) {
+                Ok(ServingStatus::Serving) => return Ok(()),
+                _ if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(status) => bail!("the service is {status:?} after {WAIT:?}"),
+                Err(e) => return Err(e).context(format!("no health answer within {WAIT:?}")),
+            }
+        }
+    }
+
+    /// Whether the process exited because its metrics port was taken.
+    fn lost_metrics_port(&mut self) -> bool {
+        self.child.check_running().is_err() && self.log().contains("cannot serve metrics")
     }
 
     /// The Prometheus metrics text.

@@ -76,6 +76,19 @@ async fn etcd_whose_port_was_taken_meanwhile_starts_on_another() {
         .unwrap();
 }
 
+/// The same for a service's metrics port.
+#[tokio::test]
+async fn a_service_whose_metrics_port_was_taken_meanwhile_starts_on_another() {
+    let etcd = Etcd::start().await.unwrap();
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap();
+    let args = ["--etcd-endpoints", &etcd.endpoint(), "--http-port", "8080"];
+    let mut confgen = service::Service::start_on(taken, "legate-confgen", &args, &[]).unwrap();
+    confgen.wait_serving().await.unwrap();
+    assert_ne!(confgen.metrics(), taken);
+    assert!(confgen.metrics_text().await.unwrap().contains("legate_"));
+}
+
 #[tokio::test]
 async fn etcd_outage_is_visible_to_clients() {
     let mut etcd = Etcd::start().await.unwrap();
