@@ -585,14 +585,28 @@ pub fn parse_args<T: Parser + Check>() -> Result<T, ExitCode> {
     Ok(args)
 }
 
+/// Why this host has no id.
+#[derive(Debug, thiserror::Error)]
+pub enum HostIdError {
+    /// The host name cannot be read.
+    #[error("cannot read the host name ({0}): set HOST_ID")]
+    HostName(#[source] nix::errno::Errno),
+    /// The host name is not a valid host id.
+    #[error("{source}: set HOST_ID")]
+    Invalid {
+        #[source]
+        source: crate::registry::ValidationError,
+    },
+}
+
 /// This host's id: `configured` (`--host-id`/`HOST_ID`), else the host name if it is a valid
 /// host id; the error says why not and what to set.
-pub fn host_id(configured: Option<&HostId>) -> Result<HostId, String> {
+pub fn host_id(configured: Option<&HostId>) -> Result<HostId, HostIdError> {
     if let Some(id) = configured {
         return Ok(id.clone());
     }
-    let name = nix::unistd::gethostname().map_err(|e| format!("host name: {e}"))?;
-    HostId::new(&name.to_string_lossy()).map_err(|e| format!("{e}: set HOST_ID"))
+    let name = nix::unistd::gethostname().map_err(HostIdError::HostName)?;
+    HostId::new(&name.to_string_lossy()).map_err(|source| HostIdError::Invalid { source })
 }
 
 /// How long an attempt (a stream, a process) must have lasted to count as healthy: its failure

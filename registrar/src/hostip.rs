@@ -6,13 +6,27 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use legate_proto::registry::HostIp;
 
+/// Why no host IP was detected.
+#[derive(Debug, thiserror::Error)]
+pub enum HostIpError {
+    /// The interfaces cannot be listed.
+    #[error("cannot list network interfaces ({0}): set HOST_IP")]
+    Interfaces(#[source] nix::errno::Errno),
+    /// None has a usable address.
+    #[error("cannot detect the host IP: no non-loopback IPv4 address; set HOST_IP")]
+    NoAddress,
+    /// The one found is not a valid host IP.
+    #[error("the detected host IP is refused ({0}): set HOST_IP")]
+    Invalid(#[source] legate_proto::registry::ValidationError),
+}
+
 /// The detected host IP, or why there is none.
-pub(crate) fn detect() -> Result<HostIp, String> {
+pub(crate) fn detect() -> Result<HostIp, HostIpError> {
     let default_interface = std::fs::read_to_string("/proc/net/route")
         .ok()
         .and_then(|routes| default_route_interface(&routes));
     let addresses: Vec<(String, Ipv4Addr)> = nix::ifaddrs::getifaddrs()
-        .map_err(|e| format!("cannot list network interfaces ({e}): set HOST_IP"))?
+        .map_err(HostIpError::Interfaces)?
         .filter_map(|ifaddr| {
             let ip = ifaddr.address?.as_sockaddr_in()?.ip();
             Some((ifaddr.interface_name, ip))
@@ -23,8 +37,8 @@ pub(crate) fn detect() -> Result<HostIp, String> {
         .and_then(|name| addresses.iter().find(|(n, _)| *n == name))
         .or_else(|| addresses.first())
         .map(|(_, ip)| *ip)
-        .ok_or("cannot detect the host IP: no non-loopback IPv4 address; set HOST_IP")?;
-    HostIp::new(IpAddr::V4(chosen)).map_err(|e| e.to_string())
+        .ok_or(HostIpError::NoAddress)?;
+    HostIp::new(IpAddr::V4(chosen)).map_err(HostIpError::Invalid)
 }
 
 /// The interface of the default route in `/proc/net/route`.

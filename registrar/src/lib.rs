@@ -34,6 +34,7 @@ use tonic_health::ServingStatus;
 use tracing::{debug, info, warn};
 
 use crate::docker::{DockerArgs, DockerSource};
+pub use crate::hostip::HostIpError;
 use crate::reconciler::Reconciler;
 use crate::store::{Store, StoreError};
 
@@ -121,9 +122,15 @@ pub enum Error {
     /// Docker failed.
     #[error(transparent)]
     Docker(#[from] docker::DockerError),
-    /// The host's identity could not be determined.
-    #[error("{0}")]
-    Identity(String),
+    /// The host's id could not be determined.
+    #[error(transparent)]
+    HostId(#[from] runtime::HostIdError),
+    /// The host's IP could not be detected.
+    #[error(transparent)]
+    HostIp(#[from] hostip::HostIpError),
+    /// The host record is refused.
+    #[error("the host record: {0}")]
+    Record(#[source] legate_proto::registry::ValidationError),
     /// A task of the registrar panicked.
     #[error("task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -249,18 +256,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
 /// This host's id, IP (detected when not set) and record.
 fn identity(config: &Config) -> Result<(HostId, HostIp, HostRecord), Error> {
-    let host_id = runtime::host_id(config.host_id.as_ref()).map_err(Error::Identity)?;
+    let host_id = runtime::host_id(config.host_id.as_ref())?;
     let host_ip = match config.host_ip {
         Some(ip) => ip,
         None => {
-            let ip = hostip::detect().map_err(Error::Identity)?;
+            let ip = hostip::detect()?;
             info!(%ip, "host IP detected (set HOST_IP to choose another)");
             ip
         }
     };
     let instance = format!("{:016x}", RandomState::new().hash_one(std::process::id()));
-    let record = HostRecord::new(host_ip, &instance, env!("CARGO_PKG_VERSION"))
-        .map_err(|e| Error::Identity(e.to_string()))?;
+    let record =
+        HostRecord::new(host_ip, &instance, env!("CARGO_PKG_VERSION")).map_err(Error::Record)?;
     Ok((host_id, host_ip, record))
 }
 

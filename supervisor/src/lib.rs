@@ -251,7 +251,7 @@ pub enum Error {
     Runtime(#[from] RuntimeError),
     /// The node id could not be determined.
     #[error("node id: {0}")]
-    Identity(String),
+    NodeId(#[from] runtime::HostIdError),
     /// The directories or the `global` file could not be prepared.
     #[error("{what}: {reason}")]
     Setup { what: String, reason: String },
@@ -275,7 +275,7 @@ pub fn run_haproxy(config: &Config) -> std::process::ExitCode {
 
 /// Runs the supervisor until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let node_id = runtime::host_id(config.node_id.as_ref()).map_err(Error::Identity)?;
+    let node_id = runtime::host_id(config.node_id.as_ref())?;
     let settings = Settings::new(&config);
     info!(
         confgen = %config.confgen, node_id = %node_id, haproxy = %config.haproxy.display(),

@@ -57,8 +57,32 @@ pub fn which(program: &str) -> Option<std::path::PathBuf> {
         .find(|path| path.is_file())
 }
 
-/// A port that was free on 127.0.0.1 a moment ago (the kernel picks it among ephemeral ports).
+/// A loopback port that is free now, for a process the test starts to bind.
+///
+/// Taken below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`, 32768-60999 by
+/// default), from which every outgoing connection and every `bind(0)` gets its port: a port
+/// found free in that range can be taken by one of them before its user binds it. Below it,
+/// only another listener can take it: each port is handed out once per test process, from a
+/// starting point that differs between processes, and checked free by binding it.
 pub fn free_port() -> Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral > FIRST + 1000 {
+        let span = ephemeral - FIRST;
+        let start = std::process::id().wrapping_mul(7919) % span;
+        for _ in 0..1000 {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = u16::try_from(FIRST + (start + n) % span)?;
+            if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }

@@ -46,6 +46,17 @@ async fn etcd_starts_keeps_data_across_a_restart_and_is_cleaned_up() {
     assert!(!dir.exists(), "{} still exists after drop", dir.display());
 }
 
+/// Free ports come from below the ephemeral range, where no outgoing connection or `bind(0)`
+/// can take them before their user binds them, each once.
+#[test]
+fn free_ports_are_distinct_and_below_the_ephemeral_range() {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+    let ports: std::collections::BTreeSet<u16> = (0..200).map(|_| free_port().unwrap()).collect();
+    assert_eq!(ports.len(), 200, "each port handed out once");
+    assert!(ports.iter().all(|port| *port < low), "{ports:?}");
+}
+
 /// A port found free but taken before etcd binds it: etcd exits, and is started again on
 /// other ports at once.
 #[tokio::test]
