@@ -139,6 +139,27 @@ async fn all_keys(etcd: &Etcd) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Waits until a lease of the registrar's TTL, granted now and never kept alive, has expired in
+/// etcd: a key the registrar stopped keeping alive meanwhile would be gone by then. (etcd's
+/// clock decides, not the test's.)
+async fn a_ttl_later(etcd: &Etcd) {
+    let mut client = etcd.client().await.unwrap();
+    let probe = client
+        .lease_grant(TTL.parse().unwrap(), None)
+        .await
+        .unwrap()
+        .id();
+    wait_for("a lease of the TTL to expire", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            let left = client.lease_time_to_live(probe, None).await?.ttl();
+            Ok((left <= 0).then_some(()))
+        }
+    })
+    .await
+    .unwrap();
+}
+
 fn registrations(keys: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     keys.iter()
         .filter(|(k, _)| k.starts_with("/apps/") || k.starts_with("/services/"))
@@ -528,7 +549,9 @@ async fn etcd_restart_keeps_or_restores_every_key() {
         .wait_keys("the app registered after the outage", |k| *k == keys)
         .await;
     // And the lease is kept alive afterwards: the keys outlive several TTLs.
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    for _ in 0..2 {
+        a_ttl_later(&f.etcd).await;
+    }
     assert_eq!(
         registrations(&f.keys().await),
         keys,
@@ -556,7 +579,7 @@ async fn a_restarted_registrar_adopts_its_keys_without_deleting_them() {
     let mut registrar_client = f.client().await;
     registrar_client.resync(v1::ResyncRequest {}).await.unwrap();
     // Past the old lease's TTL: had it not been adopted, the keys would be gone now.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    a_ttl_later(&f.etcd).await;
     registrar_client.resync(v1::ResyncRequest {}).await.unwrap();
 
     let now = client
@@ -675,7 +698,7 @@ async fn a_second_registrar_with_the_same_host_id_is_refused() {
         second.log()
     );
     // The first one keeps its registrations and its host record.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    a_ttl_later(&f.etcd).await;
     assert_eq!(registrations(&f.keys().await), keys);
     assert!(
         f.registrar
@@ -940,7 +963,9 @@ async fn the_lease_is_kept_after_a_keep_alive_answer_comes_late() {
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
     // Three TTLs later the keys are there: kept alive, or at worst registered again.
-    tokio::time::sleep(Duration::from_secs(9)).await;
+    for _ in 0..3 {
+        a_ttl_later(&f.etcd).await;
+    }
     assert_eq!(
         registrations(&f.keys().await),
         keys,
