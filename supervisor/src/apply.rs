@@ -10,8 +10,10 @@
 //! place, reloads through the master CLI and confirms from `show proc`. When a runtime batch
 //! fails half-way, the reload path takes over, so HAProxy always ends up running either the new
 //! configuration or the last good one; when a reload fails, the last good files are put back
-//! and reloaded. The last good configuration is what runs: it is replaced only by a confirmed
-//! apply.
+//! and reloaded (a master that died during the reload is first started on the new files, which
+//! passed `haproxy -c`). The last good configuration is what runs: it is replaced only by a
+//! confirmed apply. HAProxy is reached through [`Proxy`] (`proxy.rs`), and its master is one
+//! [`Master`] state; `apply/faults.rs` drives all of this over a fake HAProxy.
 //!
 //! The same task watches the HAProxy master: a crashed one is started again on the live files,
 //! with backoff.
