@@ -19,14 +19,14 @@
 //! [`DockerSource`] and [`Store`]; the tests below drive the loop over fakes with paused time.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use legate_proto::registry::{
     ContainerId, ContainerName, HostId, HostIp, Refusal, RefusedKey, Schema,
 };
 use legate_proto::runtime::{Backoff, sleep_until};
 use legate_proto::v1;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -93,6 +93,24 @@ impl Keys for Store {
     async fn apply(&mut self, plan: &Plan, lease: i64) -> Result<(), StoreError> {
         Store::apply(self, plan, lease).await
     }
+}
+
+/// Where the reconciler is.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// What etcd holds is not known (at start, and after any failure): the next round is a full
+    /// reconcile, at `at` at the latest.
+    Unsure { at: tokio::time::Instant },
+    /// The last round succeeded: events take the one-container path.
+    Settled,
+}
+
+/// The triggers of one reconcile.
+#[derive(Debug, Default)]
+struct Round {
+    containers: Vec<String>,
+    full: bool,
+    replies: Vec<oneshot::Sender<v1::ResyncResponse>>,
 }
 
 /// What one container asks for.
@@ -221,66 +239,48 @@ impl<D: Containers, S: Keys> Reconciler<D, S> {
         self.source.invalidate(&event.id);
     }
 
+    /// Reconciles on every trigger until `shutdown` or until every trigger sender is gone.
     pub(crate) async fn run(
         mut self,
         mut triggers: mpsc::Receiver<Trigger>,
         shutdown: CancellationToken,
     ) {
         let mut backoff = Backoff::default();
-        let mut retry_in: Option<Duration> = Some(Duration::ZERO);
+        let mut phase = Phase::Unsure {
+            at: tokio::time::Instant::now(),
+        };
         loop {
-            let mut full = false;
-            let mut replies = Vec::new();
-            // Containers with events, in the order of their first event, each once.
-            let mut containers: Vec<String> = Vec::new();
+            let retry_at = match phase {
+                Phase::Unsure { at } => Some(at),
+                Phase::Settled => None,
+            };
             let first = tokio::select! {
                 () = shutdown.cancelled() => return,
-                trigger = triggers.recv() => trigger,
-                () = sleep_until(retry_in.map(|delay| tokio::time::Instant::now() + delay)) => None,
+                trigger = triggers.recv() => match trigger {
+                    Some(trigger) => Some(trigger),
+                    None => return, // every sender is gone
+                },
+                () = sleep_until(retry_at) => None,
             };
-            if first.is_none() && retry_in.is_none() {
-                return; // every sender is gone
-            }
-            if retry_in.is_some() {
-                full = true;
-            }
-            // Coalesce whatever else is already queued into this round.
-            let mut next = first;
-            loop {
-                match next {
-                    Some(Trigger::Container(event)) => {
-                        self.follow(&event);
-                        if !containers.contains(&event.id) {
-                            containers.push(event.id);
-                        }
-                    }
-                    Some(Trigger::Full) => full = true,
-                    Some(Trigger::Resync(reply)) => {
-                        full = true;
-                        replies.push(reply);
-                    }
-                    None => {}
+            let round = self.gather(first, &mut triggers);
+            let outcome = match phase {
+                Phase::Settled if !round.full => {
+                    self.containers(&round.containers).await.map(|()| None)
                 }
-                match triggers.try_recv() {
-                    Ok(trigger) => next = Some(trigger),
-                    Err(_) => break,
+                _ => {
+                    self.source.clear_cache();
+                    self.full().await
                 }
-            }
-            let outcome = if full || self.known.is_none() {
-                self.source.clear_cache();
-                self.full().await
-            } else {
-                self.containers(&containers).await.map(|()| None)
             };
-            match outcome {
+            phase = match outcome {
                 Ok(response) => {
-                    retry_in = None;
                     backoff.reset();
                     if let Some(response) = response {
-                        for reply in replies {
+                        for reply in round.replies {
                             let _ = reply.send(response);
                         }
                     }
+                    Phase::Settled
                 }
                 Err(e) => {
                     let delay = backoff.delay();
@@ -292,10 +292,42 @@ impl<D: Containers, S: Keys> Reconciler<D, S> {
                         list.error = error;
                         changed
                     });
-                    // What etcd holds is uncertain now: the retry is a full reconcile.
-                    retry_in = Some(delay);
                     // Resync callers get no answer (their call fails) rather than a stale one.
+                    Phase::Unsure {
+                        at: tokio::time::Instant::now() + delay,
+                    }
                 }
+            };
+        }
+    }
+
+    /// The round that starts with `first` (none: a retry is due), with whatever else is
+    /// already queued: the containers with events, in the order of their first event, each
+    /// once; whether a full reconcile is asked for; the `Resync` calls to answer.
+    fn gather(&mut self, first: Option<Trigger>, triggers: &mut mpsc::Receiver<Trigger>) -> Round {
+        let mut round = Round {
+            full: first.is_none(),
+            ..Round::default()
+        };
+        let mut next = first;
+        loop {
+            match next {
+                Some(Trigger::Container(event)) => {
+                    self.follow(&event);
+                    if !round.containers.contains(&event.id) {
+                        round.containers.push(event.id);
+                    }
+                }
+                Some(Trigger::Full) => round.full = true,
+                Some(Trigger::Resync(reply)) => {
+                    round.full = true;
+                    round.replies.push(reply);
+                }
+                None => {}
+            }
+            match triggers.try_recv() {
+                Ok(trigger) => next = Some(trigger),
+                Err(_) => return round,
             }
         }
     }
@@ -509,9 +541,9 @@ fn short(id: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
     use legate_proto::registry::Prefix;
-    use tokio::sync::oneshot;
 
     use super::*;
     use crate::conventions::{Binding, Health};
