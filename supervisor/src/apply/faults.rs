@@ -484,6 +484,14 @@ async fn shutdown_during_an_apply_lets_it_finish_then_stops_haproxy() {
     })
     .await;
     applier.shutdown.cancel();
+    // The apply in flight holds the shutdown back: the applier is still there.
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !applier.task.is_finished(),
+        "the apply in flight was abandoned"
+    );
     go.notify_one();
     let reports = applier.reports.clone();
     let world = applier.stop().await;
