@@ -272,6 +272,12 @@ impl Harness {
         self.world().loaded.last().cloned().unwrap_or_default()
     }
 
+    /// HAProxy loaded `snapshot` last, and the status says it runs.
+    fn assert_runs(&self, snapshot: &ConfigSnapshot) {
+        assert_eq!(self.runs(), snapshot.haproxy_config);
+        assert_eq!(self.running_checksum(), snapshot.checksum);
+    }
+
     async fn stop(self) -> Shared {
         self.shutdown.cancel();
         within(self.task).await.unwrap();
@@ -334,8 +340,7 @@ async fn haproxy_dying_during_a_reload_is_started_again_on_the_new_configuration
         result.message
     );
     assert_eq!(applier.world().starts, 2, "started again");
-    assert_eq!(applier.runs(), second.haproxy_config);
-    assert_eq!(applier.running_checksum(), second.checksum);
+    applier.assert_runs(&second);
     applier.stop().await;
 }
 
@@ -354,8 +359,7 @@ async fn haproxy_dying_during_a_runtime_apply_is_started_again_on_the_new_config
         result.message
     );
     assert_eq!(applier.world().starts, 2);
-    assert_eq!(applier.runs(), lighter.haproxy_config);
-    assert_eq!(applier.running_checksum(), lighter.checksum);
+    applier.assert_runs(&lighter);
     applier.stop().await;
 }
 
@@ -437,8 +441,7 @@ async fn a_runtime_batch_refused_half_way_is_put_right_by_a_reload() {
     let result = applier.apply(&config("roundrobin", 20)).await;
     assert_eq!(outcome(&result), ApplyOutcome::Rejected);
     assert_eq!(applier.world().loaded.len(), reloads + 1, "one reload");
-    assert_eq!(applier.runs(), lighter.haproxy_config);
-    assert_eq!(applier.running_checksum(), lighter.checksum);
+    applier.assert_runs(&lighter);
     applier.stop().await;
 }
 
