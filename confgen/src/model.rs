@@ -634,14 +634,53 @@ pub struct Routes {
 pub struct Touched {
     /// The view these changes lead to (the previous one is `view - 1`).
     pub view: u64,
-    /// Whether something beyond apps and services changed in place: an app or service that
-    /// came or went, an app in another slot, the pool's size, the hosts. Then the items'
-    /// positions and the root of a template's context may have changed.
+    /// Whether something beyond apps and services changed in place, or pooled apps that came
+    /// or went: an app with a backend of its own or a service that came or went, an app in
+    /// another slot, the pool's size, the hosts. Then the items' positions and the root of a
+    /// template's context may have changed.
     pub reshaped: bool,
-    /// Domains whose app may have changed in place (the same domain, in the same slot).
+    /// Domains whose app may have changed in place (the same domain, in a slot or not).
     pub apps: BTreeSet<String>,
+    /// Domains of pooled apps that came: each took a free slot.
+    pub arrived: BTreeSet<String>,
+    /// Domains of pooled apps that went: each freed its slot.
+    pub left: BTreeSet<String>,
+    /// Slots whose app came, went or changed (from `arrived` and `left`).
+    pub slots: BTreeSet<u32>,
     /// Ports whose service may have changed in place.
     pub services: BTreeSet<u16>,
+}
+
+impl Touched {
+    /// Records that the app of `domain` went from slot `before` to slot `after` (`None`: no
+    /// app; `Some(0)`: a backend of its own). A pooled app that comes and goes again between
+    /// two views is no change; one that goes and comes again changed in place.
+    fn app(&mut self, domain: String, before: Option<u32>, after: Option<u32>) {
+        match (before, after) {
+            (None, None) => {}
+            (Some(before), Some(after)) if before == after => {
+                if !self.arrived.contains(&domain) {
+                    self.apps.insert(domain);
+                }
+            }
+            (None, Some(slot)) if slot > 0 => {
+                self.slots.insert(slot);
+                if self.left.remove(&domain) {
+                    self.apps.insert(domain);
+                } else {
+                    self.arrived.insert(domain);
+                }
+            }
+            (Some(slot), None) if slot > 0 => {
+                self.slots.insert(slot);
+                self.apps.remove(&domain);
+                if !self.arrived.remove(&domain) {
+                    self.left.insert(domain);
+                }
+            }
+            _ => self.reshaped = true,
+        }
+    }
 }
 
 impl Routes {
@@ -764,13 +803,8 @@ impl Routes {
             if mapped(kept.as_deref()) != mapped_before {
                 self.maps_generation += 1;
             }
-            if kept.as_ref().map(|a| a.slot) == slot_before {
-                if kept.is_some() {
-                    self.touched.apps.insert(domain);
-                }
-            } else {
-                self.touched.reshaped = true;
-            }
+            self.touched
+                .app(domain, slot_before, kept.as_ref().map(|a| a.slot));
             if let Some(app) = kept.filter(|app| app.slot > 0)
                 && let Some(entry) = pool.get_mut(app.slot as usize - 1)
             {

@@ -277,6 +277,9 @@ pub struct Renderer {
     maps: Option<(u64, BTreeSet<Item>, Vec<v1::ConfigFile>)>,
     /// The last good render, in chunks.
     last: Option<Last>,
+    /// Whether the template, outside its model helpers' blocks, may read how many apps or
+    /// services there are ([`reads_counts`]): then an app that comes or goes takes a walk.
+    counts: bool,
 }
 
 /// The last good render: what the next one may patch instead of walking every item again.
@@ -529,7 +532,9 @@ impl Renderer {
         handlebars
             .register_template_string(NAME, template)
             .map_err(Box::new)?;
+        let counts = handlebars.get_template(NAME).is_none_or(reads_counts);
         Ok(Self {
+            counts,
             handlebars,
             last_len: 0,
             state: Arc::default(),
@@ -603,15 +608,7 @@ impl Renderer {
         let render = {
             let mut state = self.state();
             state.render += 1;
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            (
-                &*view.hosts,
-                context.app_count,
-                context.service_count,
-                context.slot_count,
-            )
-                .hash(&mut hasher);
-            let root = hasher.finish();
+            let root = root_hash(&context);
             if root != state.root || state.render == 1 {
                 state.root = root;
                 state.generation += 1;
@@ -733,33 +730,53 @@ impl Renderer {
         previous: Option<&str>,
     ) -> Option<Rendered> {
         let touched = view.touched.as_deref()?;
+        let moved = !touched.arrived.is_empty() || !touched.left.is_empty();
         if touched.reshaped
             || last.view != Some(touched.view.wrapping_sub(1))
             || last.excluded
             || !view.excluded.is_empty()
             || last.settings != *settings
-            || touched.apps.len() + touched.services.len() > PATCH_MAX
+            || touched.apps.len()
+                + touched.arrived.len()
+                + touched.left.len()
+                + touched.services.len()
+                > PATCH_MAX
             || last.stale > last.chunks.len() / 8 + PATCH_MAX
+            || (moved && self.counts)
         {
             return None;
         }
-        // Nothing was added, removed or moved: the counts and positions are the last render's.
+        // Nothing was moved, and what came or went are pooled apps (whose slots were free or
+        // are freed in place): the positions are the last render's but for the apps after
+        // those, and of the root only the count of apps may differ.
         let context = context(view, settings, view.apps.len(), view.services.len());
         let root = HbContext::wraps(&context).ok()?;
         let state = self.state.clone();
         let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        let root_hash = root_hash(&context);
+        let recounted = root_hash != state.root;
         state.render += 1;
         let (render, generation) = (state.render, state.generation);
         let mut replaced: Vec<(usize, Arc<str>)> = Vec::new();
+        let mut shifted: Vec<(usize, Vec<u32>)> = Vec::new();
         let mut stale = 0;
-        for placed in &last.placed {
+        for (n, placed) in last.placed.iter().enumerate() {
             let block = state.blocks.get_mut(&placed.block)?;
-            if placed.nested || block.deps.never {
+            if placed.nested || block.deps.never || (recounted && block.deps.root) {
                 return None;
             }
-            let len = placed.at.len();
+            let at = if moved && placed.section == Section::Apps {
+                if block.deps.position {
+                    return None;
+                }
+                shifted.push((n, moved_at(view, touched, &placed.at)?));
+                &shifted.last()?.1
+            } else {
+                &placed.at
+            };
+            let len = at.len();
             for (i, subject, key) in touched_items(view, touched, placed.section)? {
-                let at = *placed.at.get(i)?;
+                let at = *at.get(i)?;
                 let position = block.deps.position.then_some((i, i == 0, i + 1 == len));
                 let generation = block.deps.root.then_some(generation);
                 let kept = block
@@ -808,6 +825,10 @@ impl Renderer {
                 }
             }
         }
+        if recounted {
+            state.root = root_hash;
+            state.generation += 1;
+        }
         drop(state);
         last.stale += stale;
         let maps = self.maps(view);
@@ -848,6 +869,9 @@ impl Renderer {
                 },
             );
             (first, end) = (first.min(at), end.max(at + 1));
+        }
+        for (n, at) in shifted {
+            last.placed[n].at = at;
         }
         let length = |chunks: &[Chunk]| chunks.iter().map(|c| c.text.len()).sum::<usize>();
         let span = if first < end {
@@ -1030,7 +1054,7 @@ fn touched_items<'a>(
     let mut items = Vec::new();
     match section {
         Section::Apps => {
-            for domain in &touched.apps {
+            for domain in touched.apps.iter().chain(&touched.arrived) {
                 let app = view.apps.get(domain)?;
                 let before = (
                     std::ops::Bound::Unbounded,
@@ -1049,22 +1073,122 @@ fn touched_items<'a>(
             }
         }
         Section::Slots => {
+            let mut slots = touched.slots.clone();
             for domain in &touched.apps {
                 let app = view.apps.get(domain)?;
-                if app.slot == 0 {
-                    continue;
+                if app.slot > 0 {
+                    let pooled = view.pool.get(app.slot as usize - 1)?.as_ref()?;
+                    if !Arc::ptr_eq(pooled, app) {
+                        return None;
+                    }
+                    slots.insert(app.slot);
                 }
-                let position = app.slot as usize - 1;
-                let pooled = view.pool.get(position)?.as_ref()?;
-                if !Arc::ptr_eq(pooled, app) {
-                    return None;
-                }
-                let key = (app.slot as usize, Arc::as_ptr(app) as usize);
-                items.push((position, Subject::Slot(app.slot, Some(app)), key));
+            }
+            for slot in slots {
+                let position = (slot as usize).checked_sub(1)?;
+                let app = view.pool.get(position)?.as_ref();
+                let key = (
+                    slot as usize,
+                    app.map_or(0, |app| Arc::as_ptr(app) as usize),
+                );
+                items.push((position, Subject::Slot(slot, app), key));
             }
         }
     }
     Some(items)
+}
+
+/// The chunk of each app's item, from `at`, the last render's, once the pooled apps that came
+/// ([`Touched::arrived`]) are put in and those that went ([`Touched::left`]) are taken out:
+/// one that came has no chunk yet (its block is rendered with the touched ones), one that
+/// went must have had none. `None` when the apps are not what that makes of the last ones.
+fn moved_at(view: &View, touched: &Touched, at: &[u32]) -> Option<Vec<u32>> {
+    let mut changes: Vec<(&str, bool)> = touched
+        .arrived
+        .iter()
+        .map(|domain| (domain.as_str(), true))
+        .chain(touched.left.iter().map(|domain| (domain.as_str(), false)))
+        .collect();
+    changes.sort_unstable();
+    // Changes in domain order: before each, the apps ahead of its domain are those of now, so
+    // its position is the number of apps ahead of it now.
+    let mut at = at.to_vec();
+    let mut apps = view.apps.keys().peekable();
+    let mut position = 0;
+    for (domain, came) in changes {
+        while apps.next_if(|app| app.as_str() < domain).is_some() {
+            position += 1;
+        }
+        let there = apps.peek().is_some_and(|app| *app == domain);
+        if came {
+            if !there || position > at.len() {
+                return None;
+            }
+            at.insert(position, EMPTY);
+        } else {
+            if there || *at.get(position)? != EMPTY {
+                return None;
+            }
+            at.remove(position);
+        }
+    }
+    (at.len() == view.apps.len()).then_some(at)
+}
+
+/// The changing part of a render's root context ([`CHANGING`]), hashed.
+fn root_hash(context: &Context<'_>) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (
+        context.hosts,
+        context.app_count,
+        context.service_count,
+        context.slot_count,
+    )
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Whether `template`, outside the blocks of its model helpers, may read how many apps or
+/// services there are (a count, the root as a whole, a helper's `{{else}}` for no items, or
+/// anything not understood): then an app that comes or goes changes text that only a walk
+/// renders.
+fn reads_counts(template: &Template) -> bool {
+    template.elements.iter().any(element_reads_counts)
+}
+
+fn element_reads_counts(element: &TemplateElement) -> bool {
+    match element {
+        TemplateElement::RawString(_) | TemplateElement::Comment(_) => false,
+        TemplateElement::HtmlExpression(h)
+        | TemplateElement::Expression(h)
+        | TemplateElement::HelperBlock(h) => {
+            let section = matches!(&h.name, Parameter::Name(name)
+                if SECTIONS.iter().any(|s| s.name() == name));
+            std::iter::once(&h.name)
+                .chain(&h.params)
+                .chain(h.hash.values())
+                .any(|parameter| match parameter {
+                    Parameter::Literal(_) | Parameter::Path(Path::Local(_)) => false,
+                    Parameter::Name(name) => counted(name),
+                    Parameter::Path(Path::Relative((_, raw))) => counted(raw),
+                    Parameter::Subexpression(sub) => element_reads_counts(&sub.element),
+                    _ => true,
+                })
+                || (!section && h.template.as_ref().is_some_and(reads_counts))
+                || (h.inverse.as_ref()).is_some_and(|inverse| section || reads_counts(inverse))
+        }
+        _ => true,
+    }
+}
+
+/// Whether a name or path read at the top of a template may be a count of items.
+fn counted(path: &str) -> bool {
+    let path = path.trim_start_matches("./");
+    let field = path.split(['.', '/', '[']).next().unwrap_or_default();
+    matches!(
+        field,
+        "" | "this" | "app_count" | "service_count" | "@root" | ".."
+    )
 }
 
 /// Makes `block` the context of item `i` of `len`: the item, `@index`, `@first`, `@last`.
@@ -1111,7 +1235,7 @@ fn concat(chunks: &[Chunk], hint: usize) -> String {
     config
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Section {
     Apps,
     Services,

@@ -747,6 +747,14 @@ const NESTED: &str = "{{#with maps}}{{#apps}}{{domain}} {{../hosts}}\n{{/apps}}{
 /// A template whose blocks read their position and the root's counts, nested helpers and all.
 const TRICKY: &str = "# {{app_count}} apps\n{{#apps}}# {{@index}}{{#if @last}} last{{/if}} of {{@root.app_count}}: {{domain}} {{backend}}{{#each servers}} {{name}}{{#if ../wildcard}}*{{/if}}{{/each}}\n{{/apps}}{{#each hosts}}# host {{host_id}}\n{{/each}}{{#slots}}# slot {{slot}} {{domain}}\n{{/slots}}{{#services}}# svc {{port}}{{#each @root.bind_addresses}} {{this}}:{{../port}}{{/each}}\n{{/services}}";
 
+/// A template whose slot blocks read the count of apps (an app that comes changes them all),
+/// and whose app blocks are empty for pooled apps.
+const COUNTED: &str = "{{#apps}}{{#unless slot}}{{domain}}\n{{/unless}}{{/apps}}{{#slots}}{{slot}} of {{@root.app_count}}: {{domain}}\n{{/slots}}";
+
+/// A template whose app blocks are never empty: an app that comes adds a block.
+const LISTED: &str =
+    "{{#apps}}{{domain}} {{backend}}\n{{/apps}}{{#slots}}{{slot}} {{domain}}\n{{/slots}}";
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
     /// After any sequence of registry changes, the model kept change by change equals the model
@@ -759,11 +767,11 @@ proptest::proptest! {
         let mut registry = registry("");
         let mut routes = Routes::new(vec![8080], DEFAULT_HEADROOM);
         let mut slots = Slots::default();
-        let templates = [DEFAULT_TEMPLATE, TRICKY, NESTED];
+        let templates = [DEFAULT_TEMPLATE, TRICKY, NESTED, COUNTED, LISTED];
         let mut renderers = templates.map(|t| Renderer::new(t).unwrap());
         let mut keys: Vec<Vec<u8>> = Vec::new();
         let mut revision = 1;
-        let mut last: [Option<crate::render::Rendered>; 3] = [None, None, None];
+        let mut last: [Option<crate::render::Rendered>; 5] = Default::default();
         for batch in batches {
             for op in batch {
                 revision += 1;
@@ -984,8 +992,37 @@ fn changes_in_place_patch_the_last_render_and_anything_else_walks() {
         other => panic!("{other:?}"),
     }
 
-    // A new domain moves positions: walked.
+    // A new plain domain takes a free slot, and one goes: no app's block comes or goes (a
+    // pooled app has none), so both are patched in; but not where the template's own text
+    // reads the count of apps.
+    let counting = "# {{app_count}} apps\n{{#slots}}{{slot}} {{domain}}\n{{/slots}}";
+    let mut counted = Renderer::new(counting).unwrap();
+    counted.render(&view, &settings()).unwrap();
     registry.put(app("new.example.com", 1, "10.0.0.1:80"), b"", 4);
+    routes.update(&mut registry);
+    let view = routes.view();
+    let patched = renderer.render(&view, &settings()).unwrap();
+    assert!(patched.patched);
+    let walked = counted.render(&view, &settings()).unwrap();
+    assert!(!walked.patched);
+    assert_eq!(walked.config, walk(&routes, counting).unwrap().config);
+    assert_eq!(
+        patched.config,
+        walk(&routes, DEFAULT_TEMPLATE).unwrap().config
+    );
+    assert!(patched.config.contains("    server "), "{}", patched.config);
+    registry.delete(&app("a03.example.com", 3, "10.0.0.1:80"), 4);
+    registry.delete(&app("a03.example.com", 103, "10.0.0.2:80"), 4);
+    routes.update(&mut registry);
+    let patched = renderer.render(&routes.view(), &settings()).unwrap();
+    assert!(patched.patched);
+    assert_eq!(
+        patched.config,
+        walk(&routes, DEFAULT_TEMPLATE).unwrap().config
+    );
+
+    // A new wildcard domain has a backend of its own: walked.
+    registry.put(app("*.new.example.com", 1, "10.0.0.1:80"), b"", 4);
     routes.update(&mut registry);
     let walked = renderer.render(&routes.view(), &settings()).unwrap();
     assert!(!walked.patched);

@@ -35,11 +35,24 @@ async fn status(client: &mut Client) -> Result<v1::SupervisorStatus> {
 
 /// Polls the supervisor until HAProxy runs `version` or a later one; the time since `started`.
 async fn applied(client: &mut Client, version: i64, started: Instant) -> Result<Duration> {
+    Ok(applied_in(client, version, started).await?.0)
+}
+
+/// [`applied`], with the time the supervisor says its apply of `version` took, when it was
+/// the last apply.
+async fn applied_in(
+    client: &mut Client,
+    version: i64,
+    started: Instant,
+) -> Result<(Duration, Option<Duration>)> {
     let version = u64::try_from(version)?;
     loop {
         let status = status(client).await?;
         if status.running_version >= version {
-            return Ok(started.elapsed());
+            let took = (status.last_result)
+                .filter(|result| result.version == version)
+                .map(|result| Duration::from_micros(result.duration_us));
+            return Ok((started.elapsed(), took));
         }
         if started.elapsed() > LIMIT {
             bail!(
@@ -61,11 +74,8 @@ async fn haproxy_pids(supervised: &Supervised) -> Result<Vec<u32>> {
     Ok(supervised.show_proc().await?.pids())
 }
 
-/// Resident memory (KiB) and CPU ticks of a group of processes, summed.
 /// RSS (KiB) and CPU ticks of `pids` together; a process that has exited meanwhile (an old
 /// HAProxy worker done draining) counts for nothing.
-/// RSS and CPU ticks of these processes together; one that has exited meanwhile (an old
-/// HAProxy worker after a reload) counts nothing.
 fn usage(pids: &[u32]) -> (u64, u64) {
     pids.iter()
         .filter_map(|&pid| Some((rss_kib(pid).ok()?, cpu_ticks(pid).ok()?)))
@@ -427,7 +437,9 @@ pub(crate) async fn scale(
     let cpu = |client: &Service| cpu_ticks(client.pid());
     let (confgen_before, supervisor_before) = (cpu(&confgen)?, cpu(&supervisor)?);
     let before = status(&mut client).await?;
+    let walks_before = walks(&confgen).await?;
     let mut servers = Vec::with_capacity(samples * 2);
+    let mut server_applies = Vec::with_capacity(samples * 2);
     for i in 0..samples {
         let key = format!(
             "/apps/app-{}.example.com/{}/127.0.0.1:9",
@@ -436,10 +448,14 @@ pub(crate) async fn scale(
         );
         let at = Instant::now();
         let version = revision(kv.put(key.clone(), "", None).await?.header())?;
-        servers.push(applied(&mut client, version, at).await?);
+        let (took, apply) = applied_in(&mut client, version, at).await?;
+        servers.push(took);
+        server_applies.extend(apply);
         let at = Instant::now();
         let version = revision(kv.delete(key, None).await?.header())?;
-        servers.push(applied(&mut client, version, at).await?);
+        let (took, apply) = applied_in(&mut client, version, at).await?;
+        servers.push(took);
+        server_applies.extend(apply);
     }
     let changes = servers.len() as f64;
     let per_change = |ticks: u64| ticks as f64 * 10.0 / changes;
@@ -448,9 +464,11 @@ pub(crate) async fn scale(
         per_change(cpu(&supervisor)? - supervisor_before),
     );
     let middle = status(&mut client).await?;
+    let walks_middle = walks(&confgen).await?;
 
     // One at a time: a new domain.
     let mut domains = Vec::with_capacity(samples);
+    let mut domain_applies = Vec::with_capacity(samples);
     let mut added = Vec::with_capacity(samples);
     for i in 0..samples {
         let key = format!(
@@ -459,10 +477,13 @@ pub(crate) async fn scale(
         );
         let at = Instant::now();
         let version = revision(kv.put(key.clone(), "", None).await?.header())?;
-        domains.push(applied(&mut client, version, at).await?);
+        let (took, apply) = applied_in(&mut client, version, at).await?;
+        domains.push(took);
+        domain_applies.extend(apply);
         added.push(key);
     }
     let after = status(&mut client).await?;
+    let walks_after = walks(&confgen).await?;
     for key in added {
         kv.delete(key, None).await?;
     }
@@ -517,8 +538,16 @@ pub(crate) async fn scale(
         &mut servers,
     );
     report(
+        &format!("  the supervisor's apply alone ({})", server_applies.len()),
+        &mut server_applies,
+    );
+    report(
         &format!("a new domain, put -> running ({})", domains.len()),
         &mut domains,
+    );
+    report(
+        &format!("  the supervisor's apply alone ({})", domain_applies.len()),
+        &mut domain_applies,
     );
     println!(
         "CPU per server change: confgen {:.2} ms, supervisor {:.2} ms (10 ms ticks over {} changes)",
@@ -530,6 +559,11 @@ pub(crate) async fn scale(
         "reloads: {} for the server changes, {} for the new domains",
         middle.reloads - before.reloads,
         after.reloads - middle.reloads
+    );
+    println!(
+        "confgen renders that walked the template (the others patched): {} for the server changes, {} for the new domains",
+        walks_middle - walks_before,
+        walks_after - walks_middle
     );
     println!(
         "bulk load: {bulk} keys written in {:.0} ms, all running {:.0} ms after the last put ({} reloads)",
@@ -545,6 +579,13 @@ pub(crate) async fn scale(
         mib(usage(&[etcd.pid()]).0)
     );
     Ok(())
+}
+
+/// Renders a confgen made by walking its template rather than patching its last one.
+async fn walks(confgen: &Service) -> Result<f64> {
+    confgen
+        .metric("legate_confgen_render_passes_total{how=\"walk\"}")
+        .await
 }
 
 /// Open file descriptors of `pid`.
