@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use legate_proto::transport::Peer;
 use legate_proto::v1;
@@ -21,6 +22,34 @@ pub struct Api {
     pub stats: Arc<Mutex<Stats>>,
     pub traffic: Arc<Mutex<Traffic>>,
     pub master_socket: PathBuf,
+    /// The count of HAProxy's workers as last read from its master: `(master pid, when,
+    /// count)`. Read again at most every [`WORKERS_FRESH`], so that a client polling the
+    /// status does not make every call a round trip to HAProxy's master.
+    pub workers: Mutex<Option<(u32, Instant, usize)>>,
+}
+
+/// How long a count of HAProxy's workers is reported before it is read again.
+const WORKERS_FRESH: Duration = Duration::from_secs(1);
+
+impl Api {
+    async fn workers(&self, master_pid: u32) -> usize {
+        if master_pid == 0 {
+            return 0;
+        }
+        let cached = *self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((pid, at, count)) = cached
+            && pid == master_pid
+            && at.elapsed() < WORKERS_FRESH
+        {
+            return count;
+        }
+        let count = proxy::procs(&self.master_socket)
+            .await
+            .map_or(0, |procs| procs.workers.len());
+        *self.workers.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((master_pid, Instant::now(), count));
+        count
+    }
 }
 
 #[tonic::async_trait]
@@ -46,13 +75,7 @@ impl v1::supervisor_server::Supervisor for Api {
         _: Request<v1::SupervisorStatusRequest>,
     ) -> Result<Response<v1::SupervisorStatus>, Status> {
         let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let workers = if stats.master_pid == 0 {
-            0
-        } else {
-            proxy::procs(&self.master_socket)
-                .await
-                .map_or(0, |procs| procs.workers.len())
-        };
+        let workers = self.workers(stats.master_pid).await;
         Ok(Response::new(v1::SupervisorStatus {
             running_version: stats.running_version,
             running_checksum: stats.running_checksum,

@@ -344,6 +344,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         stats: stats.clone(),
         traffic,
         master_socket: settings.paths.master_socket(),
+        workers: Mutex::default(),
     })
     .max_decoding_message_size(MAX_MESSAGE);
     let routes = routes.add_service(api);
