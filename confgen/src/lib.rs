@@ -478,7 +478,7 @@ impl Generator {
             metrics::counter!("legate_confgen_renders_total", "result" => "unchanged").increment(1);
             return;
         };
-        let (apps, services) = (view.apps().count(), view.services().count());
+        let (apps, services) = (view.app_count(), view.service_count());
         snapshot.model = keep_model.then(|| {
             let mut model = self.routes.model();
             model

@@ -207,6 +207,24 @@ impl View {
         self.apps.values().filter(|app| !self.app_excluded(app))
     }
 
+    /// How many apps are rendered: without a walk over them when none is left out.
+    pub fn app_count(&self) -> usize {
+        if self.excluded.is_empty() {
+            self.apps.len()
+        } else {
+            self.apps().count()
+        }
+    }
+
+    /// How many services are rendered.
+    pub fn service_count(&self) -> usize {
+        if self.excluded.is_empty() {
+            self.services.len()
+        } else {
+            self.services().count()
+        }
+    }
+
     /// The services rendered, in port order.
     pub fn services(&self) -> impl Iterator<Item = &Arc<v1::Service>> {
         self.services
@@ -604,7 +622,7 @@ impl Renderer {
         settings: &Settings,
         previous: Option<&str>,
     ) -> Result<Rendered, RenderError> {
-        let context = context(view, settings, view.apps().count(), view.services().count());
+        let context = context(view, settings, view.app_count(), view.service_count());
         let render = {
             let mut state = self.state();
             state.render += 1;

@@ -575,7 +575,9 @@ impl<P: Proxy> Applier<P> {
         reason: &str,
     ) -> Result<(ApplyOutcome, String), Rejected> {
         let started = Instant::now();
-        debug!(reason, "reload path");
+        // Rare, and what an operator looks for when HAProxy restarted its workers: never
+        // throttled.
+        info!(version = snapshot.version, reason, "applying by a reload");
         let staged = self.paths.staged();
         write_files(&staged, snapshot)
             .map_err(|e| Rejected(format!("staging {}: {e}", staged.display())))?;

@@ -26,7 +26,11 @@ async fn supervisor_client(supervisor: &Service) -> Result<Client> {
     Ok(SupervisorClient::new(channel))
 }
 
+/// Status calls made so far: the scale scenario states what its polling cost the supervisor.
+static POLLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 async fn status(client: &mut Client) -> Result<v1::SupervisorStatus> {
+    POLLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(client
         .status(v1::SupervisorStatusRequest {})
         .await?
@@ -438,6 +442,7 @@ pub(crate) async fn scale(
     let (confgen_before, supervisor_before) = (cpu(&confgen)?, cpu(&supervisor)?);
     let before = status(&mut client).await?;
     let walks_before = walks(&confgen).await?;
+    let polls_before = POLLS.load(std::sync::atomic::Ordering::Relaxed);
     let mut servers = Vec::with_capacity(samples * 2);
     let mut server_applies = Vec::with_capacity(samples * 2);
     for i in 0..samples {
@@ -463,6 +468,15 @@ pub(crate) async fn scale(
         per_change(cpu(&confgen)? - confgen_before),
         per_change(cpu(&supervisor)? - supervisor_before),
     );
+    // What the polling above cost the supervisor: as many status calls, paced alike, with
+    // nothing to apply.
+    let polls = POLLS.load(std::sync::atomic::Ordering::Relaxed) - polls_before;
+    let idle_before = cpu(&supervisor)?;
+    for _ in 0..polls {
+        status(&mut client).await?;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let polling_cpu = per_change(cpu(&supervisor)? - idle_before);
     let middle = status(&mut client).await?;
     let walks_middle = walks(&confgen).await?;
 
@@ -550,10 +564,13 @@ pub(crate) async fn scale(
         &mut domain_applies,
     );
     println!(
-        "CPU per server change: confgen {:.2} ms, supervisor {:.2} ms (10 ms ticks over {} changes)",
+        "CPU per server change: confgen {:.2} ms, supervisor {:.2} ms (10 ms ticks over {} changes), \
+         of which the supervisor spends {:.2} ms answering this bench's {:.1} status calls per change",
         server_cpu.0,
         server_cpu.1,
-        servers.len()
+        servers.len(),
+        polling_cpu,
+        polls as f64 / changes
     );
     println!(
         "reloads: {} for the server changes, {} for the new domains",
@@ -571,6 +588,14 @@ pub(crate) async fn scale(
         loaded.as_secs_f64() * 1000.0,
         loaded_status.reloads - settled.reloads
     );
+    // Why HAProxy reloaded, as the supervisor logged it.
+    for line in supervisor
+        .log()
+        .lines()
+        .filter(|l| l.contains("by a reload"))
+    {
+        println!("  {line}");
+    }
     println!(
         "RSS: confgen {:.1} MiB, supervisor {:.1} MiB, HAProxy {:.1} MiB, etcd {:.1} MiB",
         mib(usage(&[confgen.pid()]).0),
