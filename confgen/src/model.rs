@@ -571,7 +571,14 @@ impl Slots {
             new
         };
         if new > self.free.len() {
-            let total = self.pool_size(needed);
+            // A pool that overflows grows as one grown ahead of need does ([`Routes::grow`]),
+            // so that the burst of new domains that filled it does not fill it again at once
+            // (each time a reload); a fresh one is sized for its apps.
+            let total = if self.total == 0 {
+                self.pool_size(needed)
+            } else {
+                self.pool_size(plus(needed, self.headroom))
+            };
             self.free.extend(self.total + 1..=total);
             self.total = total;
         }

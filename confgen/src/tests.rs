@@ -647,6 +647,14 @@ fn the_pool_grows_when_full_and_is_compacted_when_far_too_large() {
             plain("app0099.example.com", 2)
         ]
     );
+    // A burst that overflows the pool: grown as a pool grown ahead of need is (about 64 %
+    // taken), not to a fresh pool's size, which the rest of the burst would overflow again.
+    put(&mut registry, 100..1100);
+    let (_, total) = slots_of(&registry, &mut slots);
+    assert_eq!(
+        total, 1568,
+        "1,002 + a quarter, + a quarter, in steps of 32"
+    );
 }
 
 #[test]
