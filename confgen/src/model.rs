@@ -646,7 +646,8 @@ pub struct Touched {
     /// another slot, the pool's size, the hosts. Then the items' positions and the root of a
     /// template's context may have changed.
     pub reshaped: bool,
-    /// Domains whose app may have changed in place (the same domain, in a slot or not).
+    /// Domains whose app may have changed in place: the same domain, in the same slot or (gone
+    /// and back between two views) another one.
     pub apps: BTreeSet<String>,
     /// Domains of pooled apps that came: each took a free slot.
     pub arrived: BTreeSet<String>,

@@ -445,6 +445,7 @@ pub(crate) async fn scale(
     let polls_before = POLLS.load(std::sync::atomic::Ordering::Relaxed);
     let mut servers = Vec::with_capacity(samples * 2);
     let mut server_applies = Vec::with_capacity(samples * 2);
+    let mut server_puts = Vec::with_capacity(samples * 2);
     for i in 0..samples {
         let key = format!(
             "/apps/app-{}.example.com/{}/127.0.0.1:9",
@@ -453,11 +454,13 @@ pub(crate) async fn scale(
         );
         let at = Instant::now();
         let version = revision(kv.put(key.clone(), "", None).await?.header())?;
+        server_puts.push(at.elapsed());
         let (took, apply) = applied_in(&mut client, version, at).await?;
         servers.push(took);
         server_applies.extend(apply);
         let at = Instant::now();
         let version = revision(kv.delete(key, None).await?.header())?;
+        server_puts.push(at.elapsed());
         let (took, apply) = applied_in(&mut client, version, at).await?;
         servers.push(took);
         server_applies.extend(apply);
@@ -483,6 +486,7 @@ pub(crate) async fn scale(
     // One at a time: a new domain.
     let mut domains = Vec::with_capacity(samples);
     let mut domain_applies = Vec::with_capacity(samples);
+    let mut domain_puts = Vec::with_capacity(samples);
     let mut added = Vec::with_capacity(samples);
     for i in 0..samples {
         let key = format!(
@@ -491,6 +495,7 @@ pub(crate) async fn scale(
         );
         let at = Instant::now();
         let version = revision(kv.put(key.clone(), "", None).await?.header())?;
+        domain_puts.push(at.elapsed());
         let (took, apply) = applied_in(&mut client, version, at).await?;
         domains.push(took);
         domain_applies.extend(apply);
@@ -552,12 +557,20 @@ pub(crate) async fn scale(
         &mut servers,
     );
     report(
+        &format!("  the etcd put alone ({})", server_puts.len()),
+        &mut server_puts,
+    );
+    report(
         &format!("  the supervisor's apply alone ({})", server_applies.len()),
         &mut server_applies,
     );
     report(
         &format!("a new domain, put -> running ({})", domains.len()),
         &mut domains,
+    );
+    report(
+        &format!("  the etcd put alone ({})", domain_puts.len()),
+        &mut domain_puts,
     );
     report(
         &format!("  the supervisor's apply alone ({})", domain_applies.len()),
