@@ -771,8 +771,12 @@ impl Renderer {
         let root = HbContext::wraps(&context).ok()?;
         let state = self.state.clone();
         let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
-        let root_hash = root_hash(&context);
-        let recounted = root_hash != state.root;
+        // Apps that came or went change the count of apps in the root, which the blocks that
+        // read the root see.
+        let recount = moved
+            .then(|| root_hash(&context))
+            .filter(|hash| *hash != state.root);
+        let recounted = recount.is_some();
         state.render += 1;
         let (render, generation) = (state.render, state.generation);
         let mut replaced: Vec<(usize, Arc<str>)> = Vec::new();
@@ -843,8 +847,8 @@ impl Renderer {
                 }
             }
         }
-        if recounted {
-            state.root = root_hash;
+        if let Some(hash) = recount {
+            state.root = hash;
             state.generation += 1;
         }
         drop(state);
