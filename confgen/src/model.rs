@@ -641,10 +641,10 @@ pub struct Routes {
 pub struct Touched {
     /// The view these changes lead to (the previous one is `view - 1`).
     pub view: u64,
-    /// Whether something beyond apps and services changed in place, or pooled apps that came
-    /// or went: an app with a backend of its own or a service that came or went, an app in
-    /// another slot, the pool's size, the hosts. Then the items' positions and the root of a
-    /// template's context may have changed.
+    /// Whether something changed beyond apps and services in place and pooled apps that came
+    /// or went: an app with a backend of its own or a service that came or went, an app that
+    /// moved to another slot, the pool's size, the hosts. Then the items' positions and the
+    /// root of a template's context may have changed.
     pub reshaped: bool,
     /// Domains whose app may have changed in place: the same domain, in the same slot or (gone
     /// and back between two views) another one.
@@ -653,7 +653,7 @@ pub struct Touched {
     pub arrived: BTreeSet<String>,
     /// Domains of pooled apps that went: each freed its slot.
     pub left: BTreeSet<String>,
-    /// Slots whose app came, went or changed (from `arrived` and `left`).
+    /// Slots that an app took or freed: those of `arrived`, `left`, and apps gone and back.
     pub slots: BTreeSet<u32>,
     /// Ports whose service may have changed in place.
     pub services: BTreeSet<u16>,
