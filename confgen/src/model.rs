@@ -493,11 +493,12 @@ pub fn slot_backend(slot: u32) -> String {
 }
 
 /// Taken over total beyond which the pool is tight ([`Routes::pool_tight`]): 80 %. A fresh pool
-/// with the default headroom (a quarter more than its apps) is just at it.
+/// with the default headroom (half as many free slots as apps) is two thirds taken.
 const TIGHT: (u64, u64) = (4, 5);
 
-/// Free slots of a fresh pool, in percent of its apps, unless `--pool-headroom` says otherwise.
-pub const DEFAULT_HEADROOM: u32 = 25;
+/// Free slots of a fresh pool, in percent of its apps, unless `--pool-headroom` says otherwise:
+/// a burst of new domains half as many as the apps is routed without a reload.
+pub const DEFAULT_HEADROOM: u32 = 50;
 
 /// `apps` and `percent` % more.
 fn plus(apps: u32, percent: u32) -> u32 {
@@ -520,6 +521,14 @@ impl Slots {
     fn pool_size(&self, apps: u32) -> u32 {
         let more = plus(apps, self.headroom).max(apps.saturating_add(32));
         more.div_ceil(32).saturating_mul(32)
+    }
+
+    /// Size of a pool grown for `apps` pooled apps: as a fresh pool, and at most two thirds
+    /// taken whatever the headroom, so that it is far from both the next growth (over 80 %
+    /// taken) and a compaction (over twice a fresh pool's size).
+    fn grown_size(&self, apps: u32) -> u32 {
+        let two_thirds = plus(apps, 50).div_ceil(32).saturating_mul(32);
+        self.pool_size(apps).max(two_thirds)
     }
 
     /// Gives each plain app of `model` its slot (and backend name), and the model the pool size:
@@ -577,7 +586,7 @@ impl Slots {
             let total = if self.total == 0 {
                 self.pool_size(needed)
             } else {
-                self.pool_size(plus(needed, self.headroom))
+                self.grown_size(needed)
             };
             self.free.extend(self.total + 1..=total);
             self.total = total;
@@ -859,13 +868,8 @@ impl Routes {
             return false;
         }
         let taken = u32::try_from(self.slots.taken.len()).unwrap_or(u32::MAX);
-        // Room for the headroom more apps than a fresh pool's: with the default, about 64 %
-        // taken afterwards, far from both the next growth and a compaction (over twice a fresh
-        // pool's size).
         let slots = &self.slots;
-        let total = slots
-            .pool_size(plus(taken, slots.headroom))
-            .max(slots.total + 32);
+        let total = slots.grown_size(taken).max(slots.total + 32);
         self.slots.free.extend(self.slots.total + 1..=total);
         self.slots.total = total;
         self.touched.reshaped = true;

@@ -621,7 +621,7 @@ fn the_pool_grows_when_full_and_is_compacted_when_far_too_large() {
     assert_eq!(
         total,
         64 + 32,
-        "a quarter more than needed, at least 32, in steps of 32"
+        "half as many again as needed, at least 32, in steps of 32"
     );
     put(&mut registry, 64..100);
     let (apps, total) = slots_of(&registry, &mut slots);
@@ -647,14 +647,11 @@ fn the_pool_grows_when_full_and_is_compacted_when_far_too_large() {
             plain("app0099.example.com", 2)
         ]
     );
-    // A burst that overflows the pool: grown as a pool grown ahead of need is (about 64 %
-    // taken), not to a fresh pool's size, which the rest of the burst would overflow again.
+    // A burst that overflows the pool: grown as a pool grown ahead of need is (two thirds
+    // taken), not to a fresh pool's size.
     put(&mut registry, 100..1100);
     let (_, total) = slots_of(&registry, &mut slots);
-    assert_eq!(
-        total, 1568,
-        "1,002 + a quarter, + a quarter, in steps of 32"
-    );
+    assert_eq!(total, 1504, "1,002 and half as many again, in steps of 32");
 }
 
 #[test]
@@ -930,7 +927,11 @@ fn a_tight_pool_grows_ahead_and_every_app_keeps_its_slot() {
         .collect();
     assert!(routes.grow());
     assert!(!routes.grow(), "no longer tight");
-    assert_eq!(routes.slot_count(), 224, "about 64 % taken afterwards");
+    assert_eq!(
+        routes.slot_count(),
+        224,
+        "at most two thirds taken afterwards"
+    );
     let after: Vec<(String, u32)> = routes
         .apps
         .values()

@@ -523,23 +523,42 @@ pub async fn batch(socket: &Path, commands: &[&str]) -> Result<Vec<String>, Erro
     }
     input.push_str("quit\n");
     let exchange = async {
-        let stream = UnixStream::connect(socket).await?;
-        let (mut reader, mut writer) = stream.into_split();
+        let mut stream = UnixStream::connect(socket)
+            .await
+            .map_err(io(format!("connecting to {}", socket.display())))?;
+        let (mut reader, mut writer) = stream.split();
         // Written while the replies are read: a long batch would otherwise fill both buffers.
-        let write = async {
-            writer.write_all(input.as_bytes()).await?;
-            writer.shutdown().await
+        // The connection stays open both ways until HAProxy closes it after `quit`: when this
+        // side shut down its writing while HAProxy was busy (another session dumping the
+        // statistics), HAProxy 2.6 sometimes closed the session before the end of the batch.
+        let write = writer.write_all(input.as_bytes());
+        let mut output = Vec::new();
+        let (written, read) = tokio::join!(write, reader.read_to_end(&mut output));
+        let output = String::from_utf8_lossy(&output).into_owned();
+        // Where the exchange broke off: the command after the last one answered.
+        let at = |e: std::io::Error| {
+            let answered = split_replies(&output).len().saturating_sub(1);
+            let next = commands.get(answered).map_or("", |c| {
+                let end = (0..=c.len().min(120))
+                    .rev()
+                    .find(|&i| c.is_char_boundary(i));
+                &c[..end.unwrap_or(0)]
+            });
+            let what = format!(
+                "a batch on {} broke off after {answered} of {} replies (next: '{}')",
+                socket.display(),
+                commands.len(),
+                next.escape_debug()
+            );
+            io(what)(e)
         };
-        let mut output = String::new();
-        let (written, read) = tokio::join!(write, reader.read_to_string(&mut output));
-        written?;
-        read?;
+        read.map_err(at)?;
+        written.map_err(at)?;
         Ok(output)
     };
     let output = tokio::time::timeout(CLI_TIMEOUT, exchange)
         .await
-        .map_err(|_| Error::Timeout(format!("a batch of {} commands", commands.len())))?
-        .map_err(io(format!("a batch on {}", socket.display())))?;
+        .map_err(|_| Error::Timeout(format!("a batch of {} commands", commands.len())))??;
     let replies = split_replies(&output);
     if replies.len() < commands.len() {
         return Err(Error::Cli(format!(
@@ -758,6 +777,30 @@ mod tests {
                     old: true
                 }
             ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_breaks_off_says_where() {
+        // As HAProxy does with a line longer than its buffer: two commands answered, then the
+        // connection closed with the rest of the batch unread.
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("admin.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut start = [0; 64];
+            let _ = stream.read(&mut start).await.unwrap();
+            stream.write_all(b"\n> one\n\n> two\n\n> ").await.unwrap();
+        });
+        let long = "x".repeat(1 << 20);
+        let commands = ["show version", "show version", &long, "show version"];
+        let error = batch(&socket, &commands).await.unwrap_err().to_string();
+        server.await.unwrap();
+        assert!(error.contains("broke off after 2 of 4 replies"), "{error}");
+        assert!(
+            error.contains(&format!("(next: '{}')", &long[..120])),
+            "{error}"
         );
     }
 

@@ -1069,3 +1069,64 @@ async fn haproxy_output_is_forwarded_and_its_file_stays_small() {
         supervisor.log()
     );
 }
+
+/// A long batch of runtime commands is answered to its end while another session dumps the
+/// statistics of thousands of backends, as the supervisor's statistics poll does. (HAProxy
+/// 2.6 cut such a batch short, about one in fifteen here, when the client had shut down its
+/// side of the connection after writing: a bulk of new domains then took a reload.)
+#[tokio::test]
+async fn a_long_batch_is_answered_whole_beside_a_statistics_dump() {
+    const BACKENDS: usize = 16_000;
+    let mut config = String::from(
+        "defaults\n    mode http\n    timeout connect 1s\n    timeout client 5s\n    timeout server 5s\n",
+    );
+    for n in 0..BACKENDS {
+        config.push_str(&format!("\nbackend b{n}\n    balance leastconn\n"));
+    }
+    let haproxy = legate_tests::haproxy::Haproxy::start(&config)
+        .await
+        .unwrap();
+    let admin = haproxy.admin_socket();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let poller = tokio::spawn({
+        let (admin, stop) = (admin.clone(), stop.clone());
+        async move {
+            let mut polls = 0;
+            while !stop.is_cancelled() {
+                legate_supervisor::haproxy::batch(&admin, &["show info", "show stat -1 6 -1"])
+                    .await
+                    .unwrap();
+                polls += 1;
+            }
+            polls
+        }
+    });
+    for round in 0..30 {
+        // 300 backends of 3 new servers, 2 commands each, as a burst of new domains takes them.
+        let mut lines = Vec::new();
+        for n in (round * 300..round * 300 + 300).map(|n| n % BACKENDS) {
+            for s in 2..5 {
+                let server = format!("b{n}/s{round}-{s}");
+                lines.push(format!(
+                    "add server {server} 127.0.0.{s}:{} inter 2s fall 3 rise 2 observe layer4 \
+                     error-limit 10 on-error mark-down weight 100",
+                    40_000 + n
+                ));
+                lines.push(format!("set server {server} state ready"));
+            }
+        }
+        let commands: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let replies = legate_supervisor::haproxy::batch(&admin, &commands)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(replies.len(), commands.len());
+        assert!(
+            replies[0].starts_with("New server registered."),
+            "{}",
+            replies[0]
+        );
+    }
+    stop.cancel();
+    let polls = poller.await.unwrap();
+    assert!(polls > 0, "no statistics dump ran beside the batches");
+}

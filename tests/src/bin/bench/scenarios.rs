@@ -521,12 +521,14 @@ pub(crate) async fn scale(
         })
         .collect();
     let settled = status(&mut client).await?;
+    let work_before = Work::of(&confgen, &supervisor).await?;
     let at = Instant::now();
     legate_tests::etcd::put_all(&mut kv, &bulk_ops).await?;
     let last_put = Instant::now();
     let last = revision(kv.get("x", None).await?.header())?;
     let loaded = applied(&mut client, last, last_put).await?;
     let loaded_status = status(&mut client).await?;
+    let bulk_work = Work::of(&confgen, &supervisor).await?.since(&work_before);
 
     println!();
     println!(
@@ -601,12 +603,16 @@ pub(crate) async fn scale(
         loaded.as_secs_f64() * 1000.0,
         loaded_status.reloads - settled.reloads
     );
-    // Why HAProxy reloaded, as the supervisor logged it.
-    for line in supervisor
-        .log()
-        .lines()
-        .filter(|l| l.contains("by a reload"))
-    {
+    println!(
+        "  meanwhile: {:.0} renders in {:.0} ms; {:.0} applies, their commands or reload {:.0} ms",
+        bulk_work.renders, bulk_work.render_ms, bulk_work.applies, bulk_work.apply_ms
+    );
+    // Why HAProxy reloaded, and what went wrong, as the supervisor logged it.
+    for line in supervisor.log().lines().filter(|l| {
+        l.contains("by a reload")
+            || l.contains(" WARN legate_supervisor")
+            || l.contains(" ERROR legate_supervisor")
+    }) {
         println!("  {line}");
     }
     println!(
@@ -617,6 +623,37 @@ pub(crate) async fn scale(
         mib(usage(&[etcd.pid()]).0)
     );
     Ok(())
+}
+
+/// What confgen and the supervisor did: renders and runtime applies, and the time each took.
+struct Work {
+    renders: f64,
+    render_ms: f64,
+    applies: f64,
+    apply_ms: f64,
+}
+
+impl Work {
+    async fn of(confgen: &Service, supervisor: &Service) -> Result<Self> {
+        let apply = "legate_supervisor_apply_seconds";
+        Ok(Self {
+            renders: confgen
+                .metric("legate_confgen_render_seconds_count")
+                .await?,
+            render_ms: confgen.metric("legate_confgen_render_seconds_sum").await? * 1000.0,
+            applies: supervisor.metric(&format!("{apply}_count")).await?,
+            apply_ms: supervisor.metric(&format!("{apply}_sum")).await? * 1000.0,
+        })
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            renders: self.renders - before.renders,
+            render_ms: self.render_ms - before.render_ms,
+            applies: self.applies - before.applies,
+            apply_ms: self.apply_ms - before.apply_ms,
+        }
+    }
 }
 
 /// Renders a confgen made by walking its template rather than patching its last one.
