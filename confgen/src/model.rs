@@ -72,7 +72,11 @@ impl Changes {
             Entry::Host(..) => self.hosts = true,
             Entry::Refused(..) | Entry::Skipped(_) => {}
         }
-        self.keys.insert(raw.to_vec());
+        // Only these can be skipped ([`Registry::skipped`]): a full listing of 30,000 keys
+        // does not copy each one here.
+        if matches!(entry, Entry::Skipped(_) | Entry::Service(..)) {
+            self.keys.insert(raw.to_vec());
+        }
     }
 }
 
@@ -265,6 +269,9 @@ impl Registry {
     ) -> Vec<SkipNotice> {
         let mut previous: BTreeSet<Vec<u8>> = self.entries.keys().cloned().collect();
         let mut notices = Vec::new();
+        // The first listing builds the map at once, its nodes full (inserted one by one, in
+        // order, they would stay half empty: twice the memory).
+        let mut first = self.entries.is_empty().then(Vec::new);
         for (key, value) in kvs {
             if !self.owns(&key) {
                 continue;
@@ -279,7 +286,18 @@ impl Registry {
                     reason: reason.clone(),
                 });
             }
-            self.set(key, Some(entry));
+            match &mut first {
+                Some(first) => {
+                    self.changes.note(&key, &entry);
+                    self.count_name(&entry, true);
+                    first.push((key, entry));
+                }
+                None => self.set(key, Some(entry)),
+            }
+        }
+        if let Some(first) = first {
+            // Keys come in order, each once; a repeated one keeps its last entry, as `set`.
+            self.entries = first.into_iter().collect();
         }
         for key in previous {
             self.set(key, None);
@@ -953,20 +971,21 @@ fn arrange(mut servers: Vec<Sortable>) -> Vec<v1::Server> {
     servers.sort_by_cached_key(order);
     servers.dedup_by(|a, b| order(a) == order(b));
     let mut names = BTreeSet::new();
-    servers
-        .into_iter()
-        .map(|(_, mut server)| {
-            // Names derive from a 12-digit id prefix: two ids sharing it at one endpoint can
-            // only come from hand-written keys, and still get distinct, stable names.
-            let base = server.name.clone();
-            let mut n = 1;
-            while !names.insert(server.name.clone()) {
-                n += 1;
-                server.name = format!("{base}-{n}");
-            }
-            server
-        })
-        .collect()
+    // Collected into a buffer of their own size: reusing the sortable pairs' buffer would keep
+    // its larger allocation with each app.
+    let mut arranged = Vec::with_capacity(servers.len());
+    arranged.extend(servers.into_iter().map(|(_, mut server)| {
+        // Names derive from a 12-digit id prefix: two ids sharing it at one endpoint can
+        // only come from hand-written keys, and still get distinct, stable names.
+        let base = server.name.clone();
+        let mut n = 1;
+        while !names.insert(server.name.clone()) {
+            n += 1;
+            server.name = format!("{base}-{n}");
+        }
+        server
+    }));
+    arranged
 }
 
 /// The printable form of a raw key, for logs: escaped, at most 200 characters.
