@@ -84,6 +84,9 @@ struct Watch<C> {
     stats: Arc<Mutex<Stats>>,
     snapshots: watch::Sender<Option<Rebuilt>>,
     backoff: runtime::Backoff,
+    /// The base a new snapshot replaced: once applied and let go by every task, the next
+    /// configuration is written into its text's allocation.
+    spare: Option<Arc<ConfigSnapshot>>,
 }
 
 impl<C: Confgen> Watch<C> {
@@ -157,7 +160,7 @@ impl<C: Confgen> Watch<C> {
 
     /// Rebuilds `message` (against `base` if it is a delta) and publishes it; the new base.
     fn publish(
-        &self,
+        &mut self,
         base: Option<&(Arc<ConfigSnapshot>, Digest)>,
         message: ConfigSnapshot,
     ) -> Result<(Arc<ConfigSnapshot>, Digest), snapshot::DeltaError> {
@@ -171,7 +174,15 @@ impl<C: Confgen> Watch<C> {
                 },
             }
         });
-        let (snapshot, digest) = snapshot::rebuild(base.map(|(s, d)| (&**s, d)), message)?;
+        // The base before `base`: applied and replaced by now, nothing else holds it, and the
+        // new configuration is written into its text's buffer.
+        let buffer = (self.spare.take())
+            .and_then(|spare| Arc::try_unwrap(spare).ok())
+            .map(|spare| spare.haproxy_config)
+            .unwrap_or_default();
+        let (snapshot, digest) =
+            snapshot::rebuild_in(base.map(|(s, d)| (&**s, d)), message, buffer)?;
+        self.spare = base.map(|(base, _)| base.clone());
         let snapshot = Arc::new(snapshot);
         self.snapshots.send_replace(Some(Rebuilt {
             snapshot: snapshot.clone(),
@@ -198,6 +209,7 @@ impl Subscriber {
             stats: self.stats.clone(),
             snapshots,
             backoff: runtime::Backoff::default(),
+            spare: None,
         };
         watch.run(&shutdown).await;
     }
@@ -443,6 +455,7 @@ mod tests {
             stats: stats.clone(),
             snapshots: tx,
             backoff: runtime::Backoff::default(),
+            spare: None,
         };
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();

@@ -111,8 +111,10 @@ proptest! {
                 ..ConfigSnapshot::default()
             };
             let (base, new) = (whole(&config, &maps), whole(&next, &next_maps));
+            // Written into a spent text's buffer, as the supervisor does.
+            let spent = format!("{config}{next} spent");
             let (rebuilt, rebuilt_digest) =
-                rebuild(Some((&base, &digest)), super::delta(&base, &new)).unwrap();
+                rebuild_in(Some((&base, &digest)), super::delta(&base, &new), spent).unwrap();
             prop_assert_eq!(&rebuilt, &new);
             prop_assert_eq!(&rebuilt_digest.parts, &fresh.parts);
             (config, maps, digest) = (next, next_maps, updated);
