@@ -296,7 +296,7 @@ impl Registry {
             }
         }
         if let Some(first) = first {
-            // Keys come in order, each once; a repeated one keeps its last entry, as `set`.
+            // An etcd listing holds each key once.
             self.entries = first.into_iter().collect();
         }
         for key in previous {

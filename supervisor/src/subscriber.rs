@@ -174,8 +174,8 @@ impl<C: Confgen> Watch<C> {
                 },
             }
         });
-        // The base before `base`: applied and replaced by now, nothing else holds it, and the
-        // new configuration is written into its text's buffer.
+        // The base before `base`: once nothing else holds it (applied and replaced), the new
+        // configuration is written into its text's buffer.
         let buffer = (self.spare.take())
             .and_then(|spare| Arc::try_unwrap(spare).ok())
             .map(|spare| spare.haproxy_config)

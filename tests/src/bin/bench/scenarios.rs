@@ -625,7 +625,8 @@ pub(crate) async fn scale(
     Ok(())
 }
 
-/// What confgen and the supervisor did: renders and runtime applies, and the time each took.
+/// What confgen and the supervisor did: renders, and applies (runtime commands or reloads),
+/// with the time each took.
 struct Work {
     renders: f64,
     render_ms: f64,
