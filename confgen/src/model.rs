@@ -1,7 +1,7 @@
 //! confgen's pure core: the registry as read from etcd, and the model built from it.
 //!
 //! [`Registry`] holds every key of the registry directories (`apps/`, `services/`, `hosts/`)
-//! parsed once, when it is put: a key or value that does not parse or validate is kept as a
+//! validated when it is put: a key or value that does not parse or validate is kept as a
 //! skipped entry with its reason, never dropped silently and never rendered. [`Registry::model`]
 //! groups the parsed entries into a [`Model`]: apps by domain, services by port, live hosts,
 //! all in a deterministic order, so the same registry always renders byte-identical output
@@ -20,16 +20,20 @@ use legate_proto::v1;
 
 use crate::render::View;
 
-/// One key of the registry directories, parsed.
+/// One key of the registry directories, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
-    App(AppKey, RegistrationValue),
-    Service(ServiceKey, RegistrationValue),
-    Host(HostKey, HostRecord),
+    /// An app's key and value, both valid, with the raw value: they are parsed again where
+    /// they are read ([`Registry::app`], a few keys at a time). Kept parsed, every key would
+    /// hold its domain and container id once more, and an entry would be five times the size:
+    /// 7 MiB more at 31,000 keys.
+    App(Box<[u8]>),
+    Service(Box<(ServiceKey, RegistrationValue)>),
+    Host(Box<(HostKey, HostRecord)>),
     /// A container a registrar refused: not routed, shown in the status.
-    Refused(RefusedKey, Refusal),
+    Refused(Box<(RefusedKey, Refusal)>),
     /// The key or its value does not parse or validate.
-    Skipped(String),
+    Skipped(Box<str>),
 }
 
 /// Every registry key confgen has read, parsed, at one etcd revision.
@@ -39,6 +43,9 @@ pub struct Registry {
     /// The prefixes of the directories this registry reads: `<prefix>/apps/`, ...
     dirs: [String; 4],
     entries: BTreeMap<Vec<u8>, Entry>,
+    /// The raw keys of apps whose domain is not written in lower case, by the domain they
+    /// serve (lower-cased): [`Registry::app`] finds the others by their prefix.
+    folded: BTreeMap<String, BTreeSet<Vec<u8>>>,
     revision: i64,
     /// The names registered on each service port, with how many keys each has there.
     port_names: BTreeMap<u16, BTreeMap<String, usize>>,
@@ -61,13 +68,17 @@ pub struct Changes {
 }
 
 impl Changes {
-    fn note(&mut self, raw: &[u8], entry: &Entry) {
+    /// Notes that the key `raw` (under `apps`, the apps' directory, when an app's) was put
+    /// with `entry` or held it.
+    fn note(&mut self, raw: &[u8], entry: &Entry, apps: &str) {
         match entry {
-            Entry::App(key, _) => {
-                self.apps.insert(key.domain.to_string());
+            Entry::App(_) => {
+                if let Some(domain) = raw_domain(raw, apps) {
+                    self.apps.insert(domain.to_ascii_lowercase());
+                }
             }
-            Entry::Service(key, _) => {
-                self.ports.insert(key.service_port.get());
+            Entry::Service(service) => {
+                self.ports.insert(service.0.service_port.get());
             }
             Entry::Host(..) => self.hosts = true,
             Entry::Refused(..) | Entry::Skipped(_) => {}
@@ -78,6 +89,14 @@ impl Changes {
             self.keys.insert(raw.to_vec());
         }
     }
+}
+
+/// The domain segment of the raw key of an app, as written (a valid domain, the key having
+/// parsed, but perhaps in capitals).
+fn raw_domain<'a>(raw: &'a [u8], apps: &str) -> Option<&'a str> {
+    let rest = raw.strip_prefix(apps.as_bytes())?;
+    let end = rest.iter().position(|&b| b == b'/')?;
+    std::str::from_utf8(&rest[..end]).ok()
 }
 
 /// A key the registry skipped, newly or for a new reason; for the log.
@@ -103,6 +122,7 @@ impl Registry {
             schema,
             dirs,
             entries: BTreeMap::new(),
+            folded: BTreeMap::new(),
             revision: 0,
             port_names: BTreeMap::new(),
             changes: Changes::default(),
@@ -120,23 +140,48 @@ impl Registry {
             return;
         }
         if let Some(entry) = &entry {
-            self.changes.note(&key, entry);
-            self.count_name(entry, true);
+            self.noted(&key, entry, true);
         }
+        self.fold(&key, matches!(entry, Some(Entry::App(_))));
         let old = match entry {
             Some(entry) => self.entries.insert(key.clone(), entry),
             None => self.entries.remove(&key),
         };
         if let Some(old) = old {
-            self.changes.note(&key, &old);
-            self.count_name(&old, false);
+            self.noted(&key, &old, false);
+        }
+    }
+
+    /// Records that `entry` was `added` under `key`, or went.
+    fn noted(&mut self, key: &[u8], entry: &Entry, added: bool) {
+        self.changes.note(key, entry, &self.dirs[0]);
+        self.count_name(entry, added);
+    }
+
+    /// Keeps `raw` in [`Registry::folded`] while it is an `app` key with capitals in its domain.
+    fn fold(&mut self, raw: &[u8], app: bool) {
+        let Some(domain) = raw_domain(raw, &self.dirs[0]) else {
+            return;
+        };
+        if !domain.bytes().any(|b| b.is_ascii_uppercase()) {
+            return;
+        }
+        let domain = domain.to_ascii_lowercase();
+        if app {
+            self.folded.entry(domain).or_default().insert(raw.to_vec());
+        } else if let Some(keys) = self.folded.get_mut(&domain) {
+            keys.remove(raw);
+            if keys.is_empty() {
+                self.folded.remove(&domain);
+            }
         }
     }
 
     fn count_name(&mut self, entry: &Entry, added: bool) {
-        let Entry::Service(key, _) = entry else {
+        let Entry::Service(service) = entry else {
             return;
         };
+        let key = &service.0;
         let port = key.service_port.get();
         let names = self.port_names.entry(port).or_default();
         let name = key.name.as_str();
@@ -164,19 +209,35 @@ impl Registry {
             .map(|(key, entry)| (key.as_slice(), entry))
     }
 
-    /// The app of `domain` as the registry has it now (`backend` named after the domain, no
-    /// slot), or `None` when no key of it parses.
+    /// The parsed key and value of an app's entry (both parsed when the key was put).
+    fn parse_app(&self, raw: &[u8], value: &[u8]) -> Option<(AppKey, RegistrationValue)> {
+        let Ok(Key::App(key)) = self.schema.parse(raw) else {
+            return None;
+        };
+        let value = RegistrationValue::parse(value, &key.endpoint).ok()?;
+        Some((key, value))
+    }
+
+    /// The app of `domain` (lower case) as the registry has it now (`backend` named after the
+    /// domain, no slot), or `None` when no key of it parses.
     pub fn app(&self, domain: &str) -> Option<v1::App> {
         let prefix = format!("{}{domain}/", self.dirs[0]);
-        let mut found: Option<&AppKey> = None;
+        let folded = self.folded.get(domain).into_iter().flatten();
+        let folded = folded.filter_map(|raw| Some((raw.as_slice(), self.entries.get(raw)?)));
+        let mut found: Option<AppKey> = None;
         let mut servers = Vec::new();
-        for (_, entry) in self.prefixed(prefix.as_bytes()) {
-            if let Entry::App(key, value) = entry {
+        // In key order, as [`Registry::model`] reads them (of two keys of one container
+        // endpoint, the first counts): a key with capitals in its domain sorts before the one
+        // without, where their domains first differ.
+        for (raw, entry) in folded.chain(self.prefixed(prefix.as_bytes())) {
+            if let Entry::App(value) = entry
+                && let Some((key, value)) = self.parse_app(raw, value)
+            {
+                servers.push(server(&key.container_id, key.endpoint, &value));
                 found.get_or_insert(key);
-                servers.push(server(&key.container_id, key.endpoint, value));
             }
         }
-        found.map(|key| build_app(key, servers))
+        found.map(|key| build_app(&key, servers))
     }
 
     /// The service on `port` as the registry has it now, or `None` when no key of it parses.
@@ -186,7 +247,8 @@ impl Registry {
         for name in names.keys() {
             let prefix = format!("{}{name}/{port}/", self.dirs[1]);
             for (_, entry) in self.prefixed(prefix.as_bytes()) {
-                if let Entry::Service(key, value) = entry {
+                if let Entry::Service(service) = entry {
+                    let (key, value) = &**service;
                     servers.push(server(&key.container_id, key.endpoint, value));
                 }
             }
@@ -202,7 +264,7 @@ impl Registry {
     pub fn hosts(&self) -> Vec<v1::Host> {
         self.prefixed(self.dirs[2].as_bytes())
             .filter_map(|(_, entry)| match entry {
-                Entry::Host(key, record) => Some(host(key, record)),
+                Entry::Host(host_entry) => Some(host(&host_entry.0, &host_entry.1)),
                 _ => None,
             })
             .collect()
@@ -211,9 +273,9 @@ impl Registry {
     /// Why the key `raw` is skipped, if it is, with `reserved_ports` not routed.
     pub fn skipped(&self, raw: &[u8], reserved_ports: &[u16]) -> Option<String> {
         match self.entries.get(raw)? {
-            Entry::Skipped(reason) => Some(reason.clone()),
-            Entry::Service(key, _) if reserved_ports.contains(&key.service_port.get()) => {
-                Some(reserved(key.service_port.get()))
+            Entry::Skipped(reason) => Some(reason.to_string()),
+            Entry::Service(service) if reserved_ports.contains(&service.0.service_port.get()) => {
+                Some(reserved(service.0.service_port.get()))
             }
             _ => None,
         }
@@ -283,13 +345,13 @@ impl Registry {
             {
                 notices.push(SkipNotice {
                     key: printable(&key),
-                    reason: reason.clone(),
+                    reason: reason.to_string(),
                 });
             }
             match &mut first {
                 Some(first) => {
-                    self.changes.note(&key, &entry);
-                    self.count_name(&entry, true);
+                    self.noted(&key, &entry, true);
+                    self.fold(&key, matches!(entry, Entry::App(_)));
                     first.push((key, entry));
                 }
                 None => self.set(key, Some(entry)),
@@ -316,7 +378,7 @@ impl Registry {
         let notice = match &entry {
             Entry::Skipped(reason) => Some(SkipNotice {
                 key: printable(&key),
-                reason: reason.clone(),
+                reason: reason.to_string(),
             }),
             _ => None,
         };
@@ -335,25 +397,26 @@ impl Registry {
     }
 
     fn parse(&self, key: &[u8], value: &[u8]) -> Entry {
+        let skipped = |e: String| Entry::Skipped(e.into_boxed_str());
         match self.schema.parse(key) {
             Ok(Key::App(key)) => match RegistrationValue::parse(value, &key.endpoint) {
-                Ok(value) => Entry::App(key, value),
-                Err(e) => Entry::Skipped(format!("value: {e}")),
+                Ok(_) => Entry::App(value.into()),
+                Err(e) => skipped(format!("value: {e}")),
             },
             Ok(Key::Service(key)) => match RegistrationValue::parse(value, &key.endpoint) {
-                Ok(value) => Entry::Service(key, value),
-                Err(e) => Entry::Skipped(format!("value: {e}")),
+                Ok(value) => Entry::Service(Box::new((key, value))),
+                Err(e) => skipped(format!("value: {e}")),
             },
             Ok(Key::Host(key)) => match HostRecord::parse(value) {
-                Ok(record) => Entry::Host(key, record),
-                Err(e) => Entry::Skipped(format!("value: {e}")),
+                Ok(record) => Entry::Host(Box::new((key, record))),
+                Err(e) => skipped(format!("value: {e}")),
             },
             Ok(Key::Refused(key)) => match Refusal::parse(value) {
-                Ok(refusal) => Entry::Refused(key, refusal),
-                Err(e) => Entry::Skipped(format!("value: {e}")),
+                Ok(refusal) => Entry::Refused(Box::new((key, refusal))),
+                Err(e) => skipped(format!("value: {e}")),
             },
-            Err(e @ KeyError::NotUtf8) => Entry::Skipped(e.to_string()),
-            Err(e) => Entry::Skipped(format!("key: {e}")),
+            Err(e @ KeyError::NotUtf8) => skipped(e.to_string()),
+            Err(e) => skipped(format!("key: {e}")),
         }
     }
 
@@ -361,16 +424,19 @@ impl Registry {
     pub fn refusals(&self) -> Vec<v1::HostRefusal> {
         self.prefixed(self.dirs[3].as_bytes())
             .filter_map(|(_, entry)| match entry {
-                Entry::Refused(key, refusal) => Some(v1::HostRefusal {
-                    host_id: key.host_id.to_string(),
-                    container_id: key.container_id.to_string(),
-                    container_name: refusal
-                        .container_name
-                        .as_ref()
-                        .map(ToString::to_string)
-                        .unwrap_or_default(),
-                    reason: refusal.reason.clone(),
-                }),
+                Entry::Refused(refused) => {
+                    let (key, refusal) = &**refused;
+                    Some(v1::HostRefusal {
+                        host_id: key.host_id.to_string(),
+                        container_id: key.container_id.to_string(),
+                        container_name: refusal
+                            .container_name
+                            .as_ref()
+                            .map(ToString::to_string)
+                            .unwrap_or_default(),
+                        reason: refusal.reason.clone(),
+                    })
+                }
                 _ => None,
             })
             .collect()
@@ -380,19 +446,23 @@ impl Registry {
     /// slots assigned: [`Slots::assign`]). Service ports in `reserved_ports` (the ambassador's
     /// own listeners) are not routed: their keys are skipped with a reason.
     pub fn model(&self, reserved_ports: &[u16]) -> Model {
-        let mut apps: BTreeMap<&str, (&AppKey, Vec<Sortable>)> = BTreeMap::new();
+        let mut apps: BTreeMap<String, (AppKey, Vec<Sortable>)> = BTreeMap::new();
         let mut services: BTreeMap<u16, (BTreeSet<&str>, Vec<Sortable>)> = BTreeMap::new();
         let mut hosts = Vec::new();
-        for entry in self.entries.values() {
+        for (raw, entry) in &self.entries {
             match entry {
-                Entry::App(key, value) => {
-                    let server = server(&key.container_id, key.endpoint, value);
-                    apps.entry(key.domain.as_str())
+                Entry::App(value) => {
+                    let Some((key, value)) = self.parse_app(raw, value) else {
+                        continue;
+                    };
+                    let server = server(&key.container_id, key.endpoint, &value);
+                    apps.entry(key.domain.to_string())
                         .or_insert_with(|| (key, Vec::new()))
                         .1
                         .push(server);
                 }
-                Entry::Service(key, value) => {
+                Entry::Service(service) => {
+                    let (key, value) = &**service;
                     let port = key.service_port.get();
                     if reserved_ports.contains(&port) {
                         continue;
@@ -403,14 +473,14 @@ impl Registry {
                         .1
                         .push(server(&key.container_id, key.endpoint, value));
                 }
-                Entry::Host(key, record) => hosts.push(host(key, record)),
+                Entry::Host(host_entry) => hosts.push(host(&host_entry.0, &host_entry.1)),
                 Entry::Refused(..) | Entry::Skipped(_) => {}
             }
         }
         Model {
             apps: apps
                 .into_values()
-                .map(|(key, servers)| build_app(key, servers))
+                .map(|(key, servers)| build_app(&key, servers))
                 .collect(),
             services: services
                 .into_iter()

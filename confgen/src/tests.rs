@@ -166,6 +166,28 @@ fn puts_and_deletes_follow_the_revision() {
 }
 
 #[test]
+fn a_domain_written_in_capitals_is_the_app_of_its_lower_case_name() {
+    let mut registry = registry("");
+    let mut routes = Routes::new(Vec::new(), DEFAULT_HEADROOM);
+    registry.reset(
+        vec![(app("a.example.com", 1, "10.0.0.1:80"), Vec::new())],
+        2,
+    );
+    let upper = app("A.Example.COM", 2, "10.0.0.2:80");
+    registry.put(upper.clone(), VALUE, 3);
+    routes.update(&mut registry);
+    let servers = |routes: &Routes| {
+        let app = &routes.apps["a.example.com"];
+        app.servers.iter().map(|s| s.ip.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(servers(&routes), ["10.0.0.1", "10.0.0.2"]);
+    assert_eq!(routes.apps.len(), 1);
+    registry.delete(&upper, 4);
+    routes.update(&mut registry);
+    assert_eq!(servers(&routes), ["10.0.0.1"]);
+}
+
+#[test]
 fn refusals_are_kept_for_the_status_and_never_routed() {
     let mut registry = registry("/legate");
     let refused = format!("/legate/refused/host-a/{}", id(7)).into_bytes();
@@ -784,6 +806,8 @@ proptest::proptest! {
                     Op::App(d, n, v) => {
                         let domain = match d {
                             0 => "*.example.com".to_owned(),
+                            // Written in capitals by some other tool: the app of d1.
+                            11 => "D1.Example.COM".to_owned(),
                             d => format!("d{d}.example.com"),
                         };
                         let value = [&b""[..], br#"{"check":"tcp"}"#, br#"{"check_path":"/h"}"#, br#"{"weight":7}"#][usize::from(v)];
