@@ -700,9 +700,7 @@ pub async fn tail_log(path: PathBuf, forwarded: Arc<AtomicU64>, shutdown: Cancel
         let chunk = read_from(&path, offset, length - offset);
         offset += chunk.len() as u64;
         pending.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = pending.find('\n') {
-            let line: String = pending.drain(..=end).collect();
-            let line = line.trim_end();
+        take_lines(&mut pending, |line| {
             if line.is_empty() {
             } else if echoes_the_supervisor(line) {
                 debug!(target: "haproxy", "{line}");
@@ -717,14 +715,49 @@ pub async fn tail_log(path: PathBuf, forwarded: Arc<AtomicU64>, shutdown: Cancel
                 sent += 1;
                 info!(target: "haproxy", "{line}");
             }
-        }
+        });
         forwarded.store(offset, Ordering::Release);
     }
+}
+
+/// Calls `each` with every complete line of `pending` (line end trimmed), then keeps only the
+/// incomplete rest. The lines are read in place and let go at once: drained one at a time from
+/// the front, each would move the rest of the text (a bulk of 5,000 new domains makes HAProxy
+/// log 30,000 lines, two per server added, within a few reads: those moves were a fifth of the
+/// samples of the supervisor and HAProxy over the bulk's last second, by `perf`).
+fn take_lines(pending: &mut String, mut each: impl FnMut(&str)) {
+    let mut done = 0;
+    while let Some(end) = pending[done..].find('\n') {
+        each(pending[done..done + end].trim_end());
+        done += end + 1;
+    }
+    pending.drain(..done);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn complete_lines_are_taken_and_the_rest_waits_for_its_end() {
+        let mut pending = String::from("a\nb\r\n\nc");
+        let mut lines = Vec::new();
+        take_lines(&mut pending, |line| lines.push(line.to_owned()));
+        assert_eq!(lines, ["a", "b", ""]);
+        assert_eq!(pending, "c");
+        pending.push_str("d\n");
+        take_lines(&mut pending, |line| lines.push(line.to_owned()));
+        assert_eq!(lines.last().map(String::as_str), Some("cd"));
+        assert!(pending.is_empty());
+        let many: String = (0..30_000).map(|n| format!("line {n}\n")).collect();
+        pending.push_str(&many);
+        let mut seen = 0;
+        take_lines(&mut pending, |line| {
+            assert_eq!(line, format!("line {seen}"));
+            seen += 1;
+        });
+        assert_eq!((seen, pending.as_str()), (30_000, ""));
+    }
 
     #[test]
     fn the_supervisors_own_actions_are_told_from_faults() {

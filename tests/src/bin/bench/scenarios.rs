@@ -503,9 +503,13 @@ pub(crate) async fn scale(
     }
     let after = status(&mut client).await?;
     let walks_after = walks(&confgen).await?;
+    // The new domains go again, and HAProxy runs without them before the bulk starts: the
+    // bulk's time is its own.
+    let mut removed = written;
     for key in added {
-        kv.delete(key, None).await?;
+        removed = revision(kv.delete(key, None).await?.header())?;
     }
+    applied(&mut client, removed, Instant::now()).await?;
 
     // A bulk load: `bulk` keys of new apps, 3 servers each, as fast as etcd takes them.
     let bulk_ops: Vec<(String, String)> = (0..bulk)
