@@ -24,9 +24,9 @@ use crate::render::View;
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
     /// An app's key and value, both valid, with the raw value: they are parsed again where
-    /// they are read ([`Registry::app`], a few keys at a time). Kept parsed, every key would
-    /// hold its domain and container id once more, and an entry would be five times the size:
-    /// 7 MiB more at 31,000 keys.
+    /// they are read ([`Registry::app`], a few keys at a time). Kept parsed, every key held its
+    /// domain and container id once more, in allocations of their own (confgen's RSS after a
+    /// sync of 31,000 keys: 70.0 MiB then, 55.9 MiB now).
     App(Box<[u8]>),
     Service(Box<(ServiceKey, RegistrationValue)>),
     Host(Box<(HostKey, HostRecord)>),
@@ -36,7 +36,7 @@ enum Entry {
     Skipped(Box<str>),
 }
 
-/// Every registry key confgen has read, parsed, at one etcd revision.
+/// Every registry key confgen has read, validated, at one etcd revision.
 #[derive(Debug, Clone)]
 pub struct Registry {
     schema: Schema,
