@@ -169,7 +169,7 @@ impl Sources {
     pub(crate) async fn supervisor(&self) -> Result<v1::SupervisorStatus> {
         let channel = transport::channel(&self.supervisor, &self.tls)?;
         let mut client = v1::supervisor_client::SupervisorClient::new(channel);
-        let call = client.status(v1::SupervisorStatusRequest {});
+        let call = client.status(v1::SupervisorStatusRequest::default());
         let flag = "--supervisor (LEGATE_SUPERVISOR)";
         answer(call, "supervisor", &self.supervisor, flag).await
     }

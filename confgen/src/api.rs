@@ -26,7 +26,7 @@ pub type Snapshots = watch::Receiver<Option<Arc<v1::ConfigSnapshot>>>;
 /// Longest message kept from a node's report.
 const MAX_REPORT_MESSAGE: usize = 4096;
 
-/// Longest checksum kept from a node (a `sha256s:` checksum has 72 characters).
+/// Longest checksum kept from a node (a `sha256g:` checksum has 72 characters).
 const MAX_CHECKSUM: usize = 80;
 
 /// What confgen knows beyond the snapshot, for `Confgen.Status`. Nothing a client sends grows
@@ -261,7 +261,7 @@ struct Subscription {
     shutdown: CancellationToken,
     /// Set when the subscriber wants the model: it counts in the demand while it lasts.
     models: Option<Arc<ModelDemand>>,
-    /// Whether the subscriber asked for deltas (`WatchRequest.deltas`).
+    /// Whether the subscriber asked for deltas (`WatchRequest.grouped_deltas`).
     deltas: bool,
     /// The last snapshot sent, which the next message of a delta stream is the change from.
     sent: Option<Arc<v1::ConfigSnapshot>>,
@@ -358,7 +358,7 @@ impl v1::confgen_server::Confgen for Api {
             status: self.status.clone(),
             node_id,
             shutdown: self.shutdown.clone(),
-            deltas: request.deltas,
+            deltas: request.grouped_deltas,
             sent: None,
         };
         let stream = futures_util::stream::unfold(subscription, |mut sub| async move {

@@ -34,7 +34,7 @@ pub fn unix_ms(at: std::time::SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// A checksum as status displays show it: its scheme (`sha256s:`) and the first 12 hex digits.
+/// A checksum as status displays show it: its scheme (`sha256g:`) and the first 12 hex digits.
 pub fn short_checksum(checksum: &str) -> &str {
     let scheme = checksum.find(':').map_or(0, |colon| colon + 1);
     checksum.get(..scheme + 12).unwrap_or(checksum)

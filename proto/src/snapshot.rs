@@ -8,16 +8,37 @@ use sha2::{Digest as _, Sha256};
 use crate::v1::{ConfigFile, ConfigSnapshot, MapDelta, SnapshotDelta, TextDelta};
 
 /// The prefix of a checksum in the scheme confgen and supervisors compute.
-pub const SCHEME: &str = "sha256s:";
+pub const SCHEME: &str = "sha256g:";
+/// The prefix of a checksum in the scheme the first delta streams carried: the parts' hashes
+/// hashed in one run (supervisors still read it in the record of what runs).
+pub const PARTS_SCHEME: &str = "sha256s:";
 /// The prefix of a checksum in the scheme of earlier versions.
 pub const LEGACY_SCHEME: &str = "sha256:";
 
+/// How many consecutive parts' hashes the `"sha256g:"` scheme hashes into one group hash: a
+/// change costs its group (8 KiB of hashes) and the groups' hashes (32 bytes per group), not
+/// every part's hash (800 KiB at 25,000 parts).
+const GROUP: usize = 256;
+
 type Hash = [u8; 32];
 
-/// The checksum of a configuration: `"sha256s:"` and the hex SHA-256 over its parts' hashes
-/// and its maps (`config.proto`).
+/// The checksum of a configuration: `"sha256g:"` and the hex SHA-256 over its parts' hashes
+/// in groups, and its maps (`config.proto`).
 pub fn checksum(haproxy_config: &str, maps: &[ConfigFile]) -> String {
     Digest::of(haproxy_config, maps).checksum().to_owned()
+}
+
+/// The checksum in the `"sha256s:"` scheme: the hex SHA-256 over the number of parts, every
+/// part's hash and the maps, in one run.
+fn parts_checksum(haproxy_config: &str, maps: &[ConfigFile]) -> String {
+    let digest = Digest::of(haproxy_config, maps);
+    let mut hasher = Sha256::new();
+    hasher.update((digest.parts.len() as u64).to_be_bytes());
+    for (_, hash) in &digest.parts {
+        hasher.update(hash);
+    }
+    hash_maps(&mut hasher, &digest.maps);
+    hex(PARTS_SCHEME, &hasher.finalize().into())
 }
 
 /// The checksum in the scheme of earlier versions: `"sha256:"` and the hex SHA-256 over
@@ -37,10 +58,13 @@ pub fn legacy_checksum(haproxy_config: &str, maps: &[ConfigFile]) -> String {
     hex(LEGACY_SCHEME, &hasher.finalize().into())
 }
 
-/// Whether `checksum`, in either scheme, is the checksum of `haproxy_config` and `maps`.
+/// Whether `checksum`, in any of the three schemes, is the checksum of `haproxy_config` and
+/// `maps`.
 pub fn verify(checksum: &str, haproxy_config: &str, maps: &[ConfigFile]) -> bool {
     if checksum.starts_with(SCHEME) {
         Digest::of(haproxy_config, maps).checksum() == checksum
+    } else if checksum.starts_with(PARTS_SCHEME) {
+        parts_checksum(haproxy_config, maps) == checksum
     } else {
         legacy_checksum(haproxy_config, maps) == checksum
     }
@@ -58,10 +82,14 @@ fn hex(scheme: &str, hash: &Hash) -> String {
 
 /// A configuration's checksum with the hashes it was computed from, so that the checksum of
 /// the next configuration costs the parts that changed: [`Digest::next`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Digest {
     /// Where each part of the configuration starts (the first at 0), and its SHA-256.
     parts: Vec<(usize, Hash)>,
+    /// How many parts make a group (the scheme's [`GROUP`]; fewer in tests, to have many).
+    group: usize,
+    /// The SHA-256 of each group's parts' hashes, in order.
+    groups: Vec<Hash>,
     /// Length of the configuration.
     len: usize,
     /// Each map's name and the SHA-256 of its content, in order.
@@ -72,13 +100,18 @@ pub struct Digest {
 impl Digest {
     /// Hashes `haproxy_config` and `maps` whole.
     pub fn of(haproxy_config: &str, maps: &[ConfigFile]) -> Self {
+        Self::grouped(haproxy_config, maps, GROUP)
+    }
+
+    fn grouped(haproxy_config: &str, maps: &[ConfigFile], group: usize) -> Self {
         let mut parts = Vec::new();
         split(haproxy_config, 0, haproxy_config.len(), &mut parts);
         let maps = maps
             .iter()
             .map(|m| (m.name.clone(), sha256(m.content.as_bytes())))
             .collect();
-        Self::finish(parts, haproxy_config.len(), maps)
+        let groups = parts.chunks(group).map(group_hash).collect();
+        Self::finish(parts, group, groups, haproxy_config.len(), maps)
     }
 
     /// The digest of `(config, maps)` when `self` is the digest of `(old_config, old_maps)`:
@@ -131,11 +164,29 @@ impl Digest {
         let mut parts = Vec::with_capacity(self.parts.len() + 8);
         parts.extend_from_slice(&self.parts[..front]);
         split(config, from, to, &mut parts);
+        // Parts from `front` to `split_end` were hashed again; those after are the old ones
+        // from `back`. The groups they fall in are hashed again, and when the number of parts
+        // changed, every group after them (each part moved).
+        let split_end = parts.len();
         parts.extend(
             self.parts[back..]
                 .iter()
                 .map(|&(start, hash)| (start + new.len() - old_len, hash)),
         );
+        let group = self.group;
+        let first = front / group;
+        let end = if parts.len() == self.parts.len() {
+            split_end.div_ceil(group)
+        } else {
+            parts.len().div_ceil(group)
+        };
+        let mut groups = Vec::with_capacity(parts.len().div_ceil(group));
+        groups.extend_from_slice(&self.groups[..first]);
+        let changed = parts[first * group..].chunks(group).take(end - first);
+        groups.extend(changed.map(group_hash));
+        if parts.len() == self.parts.len() {
+            groups.extend_from_slice(&self.groups[end..]);
+        }
         let maps = maps
             .iter()
             .map(|map| {
@@ -150,30 +201,34 @@ impl Digest {
                 }
             })
             .collect();
-        Self::finish(parts, config.len(), maps)
+        Self::finish(parts, group, groups, config.len(), maps)
     }
 
-    fn finish(parts: Vec<(usize, Hash)>, len: usize, maps: Vec<(String, Hash)>) -> Self {
+    fn finish(
+        parts: Vec<(usize, Hash)>,
+        group: usize,
+        groups: Vec<Hash>,
+        len: usize,
+        maps: Vec<(String, Hash)>,
+    ) -> Self {
         let mut hasher = Sha256::new();
         hasher.update((parts.len() as u64).to_be_bytes());
-        for (_, hash) in &parts {
+        for hash in &groups {
             hasher.update(hash);
         }
-        for (name, hash) in &maps {
-            hasher.update((name.len() as u64).to_be_bytes());
-            hasher.update(name.as_bytes());
-            hasher.update(hash);
-        }
+        hash_maps(&mut hasher, &maps);
         let checksum = hex(SCHEME, &hasher.finalize().into());
         Self {
             parts,
+            group,
+            groups,
             len,
             maps,
             checksum,
         }
     }
 
-    /// The checksum (`"sha256s:"` scheme).
+    /// The checksum (`"sha256g:"` scheme).
     pub fn checksum(&self) -> &str {
         &self.checksum
     }
@@ -181,6 +236,24 @@ impl Digest {
 
 fn sha256(bytes: &[u8]) -> Hash {
     Sha256::digest(bytes).into()
+}
+
+/// The SHA-256 of a group's parts' hashes, one after the other.
+fn group_hash(parts: &[(usize, Hash)]) -> Hash {
+    let mut hasher = Sha256::new();
+    for (_, hash) in parts {
+        hasher.update(hash);
+    }
+    hasher.finalize().into()
+}
+
+/// Each map's name's length as a big-endian u64, its name and its content's hash.
+fn hash_maps(hasher: &mut Sha256, maps: &[(String, Hash)]) {
+    for (name, hash) in maps {
+        hasher.update((name.len() as u64).to_be_bytes());
+        hasher.update(name.as_bytes());
+        hasher.update(hash);
+    }
 }
 
 /// Appends the parts of `text[from..to]` with their hashes; `from` starts a part (or the text)

@@ -1,6 +1,7 @@
 //! The `legate.v1.Supervisor` gRPC service: `Apply` hands a snapshot to the applier and waits
-//! for its outcome; `Status` reports what runs, the counters and HAProxy's processes; `Routes`
-//! each route's traffic and servers as the last poll of HAProxy saw them.
+//! for its outcome; `Status` reports what runs, the counters and HAProxy's processes, at once or
+//! once a version is dealt with; `Routes` each route's traffic and servers as the last poll of
+//! HAProxy saw them.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use legate_proto::transport::Peer;
 use legate_proto::v1;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::{Request, Response, Status};
 
 use crate::apply::{self, Stats};
@@ -19,7 +20,7 @@ use crate::traffic::Traffic;
 #[derive(Debug)]
 pub struct Api {
     pub requests: mpsc::Sender<apply::Request>,
-    pub stats: Arc<Mutex<Stats>>,
+    pub stats: watch::Receiver<Stats>,
     pub traffic: Arc<Mutex<Traffic>>,
     pub master_socket: PathBuf,
     /// The count of HAProxy's workers as last read from its master: `(master pid, when,
@@ -30,6 +31,19 @@ pub struct Api {
 
 /// How long a count of HAProxy's workers is reported before it is read again.
 const WORKERS_FRESH: Duration = Duration::from_secs(1);
+/// How long a `Status` call waits for its `wait_version` when it does not say, and at most.
+const WAIT_DEFAULT: Duration = Duration::from_secs(10);
+const WAIT_MAX: Duration = Duration::from_secs(60);
+
+/// Whether `stats` show `version` dealt with: it runs, or the last apply was about it or a
+/// later one (a rejection leaves an older version running).
+fn dealt_with(stats: &Stats, version: u64) -> bool {
+    stats.running_version >= version
+        || stats
+            .last_result
+            .as_ref()
+            .is_some_and(|result| result.version >= version)
+}
 
 impl Api {
     async fn workers(&self, master_pid: u32) -> usize {
@@ -72,9 +86,23 @@ impl v1::supervisor_server::Supervisor for Api {
 
     async fn status(
         &self,
-        _: Request<v1::SupervisorStatusRequest>,
+        request: Request<v1::SupervisorStatusRequest>,
     ) -> Result<Response<v1::SupervisorStatus>, Status> {
-        let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let request = request.into_inner();
+        if request.wait_version > 0 {
+            let wait = match request.wait_ms {
+                0 => WAIT_DEFAULT,
+                ms => Duration::from_millis(ms.into()).min(WAIT_MAX),
+            };
+            let mut stats = self.stats.clone();
+            // Timed out or the applier gone: the status as it is.
+            let _ = tokio::time::timeout(
+                wait,
+                stats.wait_for(|stats| dealt_with(stats, request.wait_version)),
+            )
+            .await;
+        }
+        let stats = self.stats.borrow().clone();
         let workers = self.workers(stats.master_pid).await;
         Ok(Response::new(v1::SupervisorStatus {
             running_version: stats.running_version,

@@ -20,7 +20,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use legate_proto::runtime;
@@ -136,7 +136,7 @@ pub(crate) struct Applier<P: Proxy> {
     draining: diff::Draining,
     /// The last snapshot that passed [`check_shape`]: the next is checked where it differs.
     checked: Option<Arc<ConfigSnapshot>>,
-    stats: Arc<Mutex<Stats>>,
+    stats: watch::Sender<Stats>,
     health: HealthReporter,
     serving: bool,
     /// Between two starts of HAProxy.
@@ -163,7 +163,7 @@ impl<P: Proxy> Applier<P> {
     pub(crate) async fn start(
         proxy: P,
         settings: Settings,
-        stats: Arc<Mutex<Stats>>,
+        stats: watch::Sender<Stats>,
         health: HealthReporter,
         log_forwarded: Arc<std::sync::atomic::AtomicU64>,
         running_tx: watch::Sender<Option<Arc<ConfigSnapshot>>>,
@@ -302,7 +302,7 @@ impl<P: Proxy> Applier<P> {
             Ok((outcome, message)) => (outcome, message),
             Err(Rejected(message)) => (ApplyOutcome::Rejected, message),
         };
-        let refused = self.lock_stats().refused_listeners.clone();
+        let refused = self.stats.borrow().refused_listeners.clone();
         if outcome != ApplyOutcome::Rejected && !refused.is_empty() {
             if !message.is_empty() {
                 message.push_str("; ");
@@ -339,8 +339,7 @@ impl<P: Proxy> Applier<P> {
                 result.message
             ),
         }
-        {
-            let mut stats = self.lock_stats();
+        self.stats.send_modify(|stats| {
             match outcome {
                 ApplyOutcome::Rejected => {
                     stats.rejected += 1;
@@ -350,7 +349,7 @@ impl<P: Proxy> Applier<P> {
                 _ => {}
             }
             stats.last_result = Some(result.clone());
-        }
+        });
         self.update_status().await;
         result
     }
@@ -460,7 +459,7 @@ impl<P: Proxy> Applier<P> {
         // Nothing was refused, HAProxy runs the previous snapshot as it came, and no `bind`
         // line changed since: HAProxy holds every address already, nothing to probe or scan.
         let settled = self.haproxy_alive()
-            && self.lock_stats().refused_listeners.is_empty()
+            && self.stats.borrow().refused_listeners.is_empty()
             && since.is_some_and(|since| {
                 self.running
                     .as_ref()
@@ -490,25 +489,26 @@ impl<P: Proxy> Applier<P> {
         };
         let refused = listeners::refuse(&snapshot.haproxy_config, &held, listeners::probe);
         let described: Vec<String> = refused.iter().map(ToString::to_string).collect();
-        {
-            let mut stats = self.lock_stats();
-            if stats.refused_listeners != described {
-                for refusal in described
-                    .iter()
-                    .filter(|r| !stats.refused_listeners.contains(r))
-                {
-                    warn!(
-                        version = snapshot.version,
-                        "listener refused, the rest of the configuration applies: {refusal}"
-                    );
-                    metrics::counter!("legate_supervisor_listeners_refused_total").increment(1);
-                }
-                if described.is_empty() {
-                    info!("every listener can be bound again");
-                }
-                stats.refused_listeners = described;
+        self.stats.send_if_modified(|stats| {
+            if stats.refused_listeners == described {
+                return false;
             }
-        }
+            for refusal in described
+                .iter()
+                .filter(|r| !stats.refused_listeners.contains(r))
+            {
+                warn!(
+                    version = snapshot.version,
+                    "listener refused, the rest of the configuration applies: {refusal}"
+                );
+                metrics::counter!("legate_supervisor_listeners_refused_total").increment(1);
+            }
+            if described.is_empty() {
+                info!("every listener can be bound again");
+            }
+            stats.refused_listeners = described;
+            true
+        });
         metrics::gauge!("legate_supervisor_refused_listeners").set(refused.len() as f64);
         if refused.is_empty() {
             return snapshot.clone();
@@ -670,7 +670,7 @@ impl<P: Proxy> Applier<P> {
         self.proxy.reload(process).await?;
         self.diverged = false;
         metrics::counter!("legate_supervisor_reloads_total").increment(1);
-        self.lock_stats().reloads += 1;
+        self.stats.send_modify(|stats| stats.reloads += 1);
         Ok(())
     }
 
@@ -790,11 +790,13 @@ impl<P: Proxy> Applier<P> {
             warn!(error = %e, "cannot record the running version");
         }
         metrics::gauge!("legate_supervisor_running_version").set(snapshot.version as f64);
-        {
-            let mut stats = self.lock_stats();
+        // Within an apply: a `Status` waiting for this version is answered at the apply's end,
+        // with its result.
+        self.stats.send_if_modified(|stats| {
             stats.running_version = snapshot.version;
             stats.running_checksum.clone_from(&snapshot.checksum);
-        }
+            false
+        });
         self.set_running(Some(snapshot));
     }
 
@@ -837,9 +839,10 @@ impl<P: Proxy> Applier<P> {
             delta: None,
         };
         if let Some(version) = recorded {
-            let mut stats = self.lock_stats();
-            stats.running_version = version;
-            stats.running_checksum.clone_from(&snapshot.checksum);
+            self.stats.send_modify(|stats| {
+                stats.running_version = version;
+                stats.running_checksum.clone_from(&snapshot.checksum);
+            });
         }
         Some((Arc::new(snapshot), recorded.is_some()))
     }
@@ -851,22 +854,21 @@ impl<P: Proxy> Applier<P> {
         }
     }
 
-    fn lock_stats(&self) -> std::sync::MutexGuard<'_, Stats> {
-        self.stats.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Health and the process part of the status follow HAProxy.
     async fn update_status(&mut self) {
         let alive = self.haproxy_alive();
-        {
-            let mut stats = self.lock_stats();
-            let process = match &self.master {
-                Master::Up(process) if alive => Some(process),
-                _ => None,
-            };
-            stats.master_pid = process.map_or(0, Process::pid);
-            stats.started = process.map(|p| Instant::now() - p.uptime());
-        }
+        let process = match &self.master {
+            Master::Up(process) if alive => Some(process),
+            _ => None,
+        };
+        let (pid, started) = (
+            process.map_or(0, Process::pid),
+            process.map(|p| Instant::now() - p.uptime()),
+        );
+        self.stats.send_modify(|stats| {
+            stats.master_pid = pid;
+            stats.started = started;
+        });
         metrics::gauge!("legate_supervisor_haproxy_up").set(if alive { 1.0 } else { 0.0 });
         let serving = alive && self.running.is_some();
         if serving != self.serving {

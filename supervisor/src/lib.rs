@@ -290,7 +290,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
     let tracker = TaskTracker::new();
     let tasks = shutdown.child_token();
-    let stats = Arc::new(Mutex::new(apply::Stats::default()));
+    let (stats, stats_rx) = watch::channel(apply::Stats::default());
     let (health, routes) = runtime::health_routes().await;
     let forwarded = Arc::new(std::sync::atomic::AtomicU64::new(0));
     tracker.spawn(haproxy::tail_log(
@@ -307,7 +307,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let applier = apply::Applier::start(
         proxy,
         settings.clone(),
-        stats.clone(),
+        stats,
         health,
         forwarded,
         running_tx,
@@ -318,7 +318,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     legate_proto::web::serve(Arc::new(page::Pages {
         node_id: node_id.to_string(),
         traffic: traffic.clone(),
-        stats: stats.clone(),
+        stats: stats_rx.clone(),
         fleet: fleet.clone(),
         refresh: config.stats_interval,
     }));
@@ -341,7 +341,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let (request_tx, request_rx) = mpsc::channel(16);
     let api = v1::supervisor_server::SupervisorServer::new(api::Api {
         requests: request_tx,
-        stats: stats.clone(),
+        stats: stats_rx.clone(),
         traffic,
         master_socket: settings.paths.master_socket(),
         workers: Mutex::default(),
@@ -357,7 +357,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         let subscriber = subscriber::Subscriber {
             channel,
             node_id: node_id.to_string(),
-            stats,
+            stats: stats_rx,
         };
         tracker.spawn(subscriber.clone().watch(snapshot_tx.clone(), tasks.clone()));
         tracker.spawn(subscriber.report(report_rx, tasks.clone()));

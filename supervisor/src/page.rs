@@ -72,7 +72,7 @@ pub async fn follow_confgen(
 pub struct Pages {
     pub node_id: String,
     pub traffic: Arc<Mutex<Traffic>>,
-    pub stats: Arc<Mutex<Stats>>,
+    pub stats: tokio::sync::watch::Receiver<Stats>,
     pub fleet: Arc<Mutex<Fleet>>,
     pub refresh: Duration,
 }
@@ -138,7 +138,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}\
 impl Pages {
     fn render(&self) -> String {
         let routes = lock(&self.traffic).routes();
-        let stats = lock(&self.stats).clone();
+        let stats = self.stats.borrow().clone();
         let (status, fleet_error, follows) = {
             let fleet = lock(&self.fleet);
             (fleet.status.clone(), fleet.error.clone(), fleet.follows)

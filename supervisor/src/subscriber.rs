@@ -9,7 +9,7 @@
 //! Both reconnect with backoff. A reconnect replays confgen's current snapshot; if it is what
 //! runs, applying it is a no-op (UNCHANGED).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use legate_proto::runtime;
 use legate_proto::snapshot::{self, Digest};
@@ -28,7 +28,7 @@ use crate::apply::{Base, Rebuilt, Stats};
 pub struct Subscriber {
     pub channel: Channel,
     pub node_id: String,
-    pub stats: Arc<Mutex<Stats>>,
+    pub stats: watch::Receiver<Stats>,
 }
 
 /// The confgen edge, as the subscriber's watch uses it.
@@ -81,7 +81,7 @@ enum Step<S> {
 struct Watch<C> {
     edge: C,
     node_id: String,
-    stats: Arc<Mutex<Stats>>,
+    stats: watch::Receiver<Stats>,
     snapshots: watch::Sender<Option<Rebuilt>>,
     backoff: runtime::Backoff,
     /// The base a new snapshot replaced: once applied and let go by every task, the next
@@ -119,16 +119,15 @@ impl<C: Confgen> Watch<C> {
         match state {
             State::Subscribe => {
                 // What runs: confgen sends nothing until it has something else.
-                let have_checksum = self
-                    .stats
-                    .lock()
-                    .map(|s| s.running_checksum.clone())
-                    .unwrap_or_default();
+                let have_checksum = self.stats.borrow().running_checksum.clone();
                 let request = WatchRequest {
                     node_id: self.node_id.clone(),
                     have_checksum,
                     omit_model: true,
-                    deltas: true,
+                    // Not the first delta streams' field: a confgen of that version sends
+                    // whole snapshots with checksums this one checks.
+                    deltas: false,
+                    grouped_deltas: true,
                 };
                 match self.edge.watch(request).await {
                     Ok(stream) => {
@@ -253,6 +252,7 @@ impl Subscriber {
 mod tests {
     use std::collections::VecDeque;
     use std::pin::Pin;
+    use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
@@ -278,7 +278,10 @@ mod tests {
             &self,
             request: Request<WatchRequest>,
         ) -> Result<Response<Self::WatchStream>, Status> {
-            assert!(request.get_ref().deltas, "the supervisor asks for deltas");
+            assert!(
+                request.get_ref().grouped_deltas,
+                "the supervisor asks for deltas"
+            );
             self.watches.fetch_add(1, Ordering::SeqCst);
             let messages = self.script.lock().unwrap().pop_front().unwrap_or_default();
             let messages = stream::iter(messages.into_iter().map(Ok)).chain(stream::pending());
@@ -348,7 +351,7 @@ mod tests {
         let subscriber = Subscriber {
             channel,
             node_id: "node-a".to_owned(),
-            stats: Arc::default(),
+            stats: watch::channel(Stats::default()).1,
         };
         let (tx, mut rx) = watch::channel(None);
         let watching = tokio::spawn(subscriber.watch(tx, shutdown.clone()));
@@ -442,7 +445,7 @@ mod tests {
     /// publishes, and the token that stops it.
     fn start(
         confgen: &FakeConfgen,
-        stats: &Arc<Mutex<Stats>>,
+        stats: &watch::Receiver<Stats>,
     ) -> (
         watch::Receiver<Option<Rebuilt>>,
         CancellationToken,
@@ -466,8 +469,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_stream_that_confgen_ends_is_subscribed_again_saying_what_runs() {
         let confgen = FakeConfgen::default();
-        let stats = Arc::default();
-        let (mut snapshots, shutdown, task) = start(&confgen, &stats);
+        let (stats, stats_rx) = watch::channel(Stats::default());
+        let (mut snapshots, shutdown, task) = start(&confgen, &stats_rx);
         confgen.asked(1).await;
         let one = whole(1, "defaults\n");
         confgen
@@ -482,11 +485,7 @@ mod tests {
         within(snapshots.changed()).await.unwrap();
         let published = snapshots.borrow_and_update().clone().unwrap();
         assert_eq!(published.snapshot.checksum, one.checksum);
-        stats
-            .lock()
-            .unwrap()
-            .running_checksum
-            .clone_from(&one.checksum);
+        stats.send_modify(|stats| stats.running_checksum.clone_from(&one.checksum));
 
         // Ended at once: subscribed again after a delay, for what runs.
         confgen.0.lock().unwrap().stream = None;
@@ -495,7 +494,7 @@ mod tests {
         assert!(first >= Duration::from_millis(50), "{first:?}");
         let request = confgen.0.lock().unwrap().requests[1].0.clone();
         assert_eq!(request.have_checksum, one.checksum);
-        assert!(request.deltas && request.omit_model);
+        assert!(request.grouped_deltas && request.omit_model);
 
         // Ended after it had served a while: the backoff starts again from its least.
         confgen.0.lock().unwrap().stream = None;
@@ -517,7 +516,7 @@ mod tests {
     async fn confgen_away_is_asked_again_with_growing_delays_up_to_the_cap() {
         let confgen = FakeConfgen::default();
         confgen.0.lock().unwrap().refusals = 8;
-        let (_snapshots, shutdown, task) = start(&confgen, &Arc::default());
+        let (_snapshots, shutdown, task) = start(&confgen, &watch::channel(Stats::default()).1);
         confgen.asked(9).await;
         let gaps = confgen.gaps();
         assert!(gaps[0] <= Duration::from_millis(200), "{gaps:?}");

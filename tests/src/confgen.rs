@@ -27,7 +27,8 @@ impl Snapshots {
                 node_id: node.to_owned(),
                 have_checksum: String::new(),
                 omit_model,
-                deltas: true,
+                deltas: false,
+                grouped_deltas: true,
             })
             .await?
             .into_inner();

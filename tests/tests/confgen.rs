@@ -532,23 +532,29 @@ async fn renders_a_thousand_keys_that_haproxy_accepts() {
 
 /// A delta stream (the supervisor's) rebuilds every snapshot that a whole stream gets, each
 /// message after the first a delta; a subscriber that does not ask for deltas (a supervisor of
-/// an earlier version) gets whole snapshots with the earlier scheme's checksum.
+/// an earlier version), or asks for them with the first delta streams' field, gets whole
+/// snapshots with the earliest scheme's checksum.
 #[tokio::test]
 async fn a_delta_stream_rebuilds_what_a_whole_stream_gets() {
     let etcd = Etcd::start().await.unwrap();
     let mut kv = etcd.client().await.unwrap();
     let confgen = start_confgen(&etcd.endpoint(), &[]).await;
     let mut deltas = subscribe_with(&confgen, "node-a", true).await;
-    let mut whole = client(&confgen)
-        .await
-        .watch(v1::WatchRequest {
-            node_id: "node-b".to_owned(),
-            omit_model: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut wholes = Vec::new();
+    for (node, earlier_deltas) in [("node-b", false), ("node-c", true)] {
+        let stream = client(&confgen)
+            .await
+            .watch(v1::WatchRequest {
+                node_id: node.to_owned(),
+                omit_model: true,
+                deltas: earlier_deltas,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        wholes.push(stream);
+    }
     until(&mut deltas, "the empty registry", |_| true).await;
     for n in 1..=5 {
         let domain = format!("app{n}.example.com");
@@ -559,27 +565,30 @@ async fn a_delta_stream_rebuilds_what_a_whole_stream_gets() {
             s.maps.iter().any(|m| m.content.contains(&domain))
         })
         .await;
-        let sent = loop {
-            let sent = whole.message().await.unwrap().unwrap();
-            if sent.version >= rebuilt.version {
-                break sent;
-            }
-        };
-        assert!(sent.delta.is_none());
-        assert!(
-            sent.checksum.starts_with(snapshot::LEGACY_SCHEME),
-            "{}",
-            sent.checksum
-        );
-        assert!(snapshot::verify(
-            &sent.checksum,
-            &sent.haproxy_config,
-            &sent.maps
-        ));
-        assert_eq!(
-            (&sent.version, &sent.haproxy_config, &sent.maps),
-            (&rebuilt.version, &rebuilt.haproxy_config, &rebuilt.maps)
-        );
+        for whole in &mut wholes {
+            let sent = loop {
+                let sent = whole.message().await.unwrap().unwrap();
+                if sent.version >= rebuilt.version {
+                    break sent;
+                }
+            };
+            assert!(sent.delta.is_none());
+            assert!(
+                sent.checksum.starts_with(snapshot::LEGACY_SCHEME),
+                "{}",
+                sent.checksum
+            );
+            assert!(snapshot::verify(
+                &sent.checksum,
+                &sent.haproxy_config,
+                &sent.maps
+            ));
+            assert_eq!(
+                (&sent.version, &sent.haproxy_config, &sent.maps),
+                (&rebuilt.version, &rebuilt.haproxy_config, &rebuilt.maps)
+            );
+        }
+        assert!(rebuilt.checksum.starts_with(snapshot::SCHEME));
         assert_eq!(
             rebuilt.checksum,
             snapshot::checksum(&rebuilt.haproxy_config, &rebuilt.maps)

@@ -70,7 +70,7 @@ async fn live(ambassador: &Ambassador) -> v1::RoutesResponse {
 
 async fn reloads(ambassador: &Ambassador) -> u64 {
     let status = supervisor(ambassador)
-        .status(v1::SupervisorStatusRequest {})
+        .status(v1::SupervisorStatusRequest::default())
         .await;
     status.unwrap().into_inner().reloads
 }

@@ -74,7 +74,7 @@ fn assert_outcome(result: &v1::ApplyResult, outcome: ApplyOutcome) {
 
 async fn status(client: &mut Client) -> v1::SupervisorStatus {
     client
-        .status(v1::SupervisorStatusRequest {})
+        .status(v1::SupervisorStatusRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -205,6 +205,82 @@ async fn applies_through_reloads_and_the_runtime_api_and_reports_its_status() {
         metrics.contains("legate_supervisor_applies_total{outcome=\"runtime\"} 2"),
         "{metrics}"
     );
+}
+
+/// `Status` with a version to wait for, on its own connection.
+fn status_after(
+    client: &Client,
+    version: u64,
+    wait_ms: u32,
+) -> tokio::task::JoinHandle<v1::SupervisorStatus> {
+    let mut client = client.clone();
+    tokio::spawn(async move {
+        let request = v1::SupervisorStatusRequest {
+            wait_version: version,
+            wait_ms,
+        };
+        client.status(request).await.unwrap().into_inner()
+    })
+}
+
+#[tokio::test]
+async fn a_status_call_can_wait_until_a_version_is_applied_or_rejected() {
+    let Setup {
+        b1,
+        b2,
+        http,
+        supervised: _supervised,
+        supervisor: _supervisor,
+        mut client,
+    } = Setup::start().await;
+    let one = versioned(config(http, &[("a.test", &[("s1", b1.addr())])], ""), 1);
+    assert_outcome(&apply(&mut client, &one).await, ApplyOutcome::Reloaded);
+
+    // Asked before versions 2 and 3 exist, answered once 3 runs: not at 2.
+    let waiting = status_after(&client, 3, 60_000);
+    let two = versioned(
+        config(
+            http,
+            &[("a.test", &[("s1", b1.addr()), ("s2", b2.addr())])],
+            "",
+        ),
+        2,
+    );
+    assert_outcome(&apply(&mut client, &two).await, ApplyOutcome::Runtime);
+    let three = versioned(config(http, &[("a.test", &[("s2", b2.addr())])], ""), 3);
+    assert_outcome(&apply(&mut client, &three).await, ApplyOutcome::Runtime);
+    let status = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
+    assert_eq!(status.running_version, 3, "{status:?}");
+    assert_eq!(status.running_checksum, three.checksum);
+
+    // A version that is refused is dealt with too: the answer says so, the last good runs.
+    let waiting = status_after(&client, 4, 60_000);
+    let bad = versioned(
+        config(
+            http,
+            &[("a.test", &[("s1", b1.addr())])],
+            "\nbackend x\n    bogus-keyword\n",
+        ),
+        4,
+    );
+    assert_outcome(&apply(&mut client, &bad).await, ApplyOutcome::Rejected);
+    let status = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
+    assert_eq!(status.running_version, 3, "{status:?}");
+    let last = status.last_result.unwrap();
+    assert_eq!((last.version, last.outcome()), (4, ApplyOutcome::Rejected));
+
+    // A version that never comes: answered when the wait is over, with what runs.
+    let asked = std::time::Instant::now();
+    let status = tokio::time::timeout(WAIT, status_after(&client, 99, 300))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        asked.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(status.running_version, 3, "{status:?}");
 }
 
 #[tokio::test]

@@ -21,18 +21,33 @@ fn snapshot(config: &str, maps: &[(&str, &str)]) -> ConfigSnapshot {
 }
 
 #[test]
-fn the_checksum_hashes_the_hashes_of_parts_that_start_at_unindented_lines() {
-    // Reference computed independently (Python's hashlib): SHA-256 over the part count as a
-    // big-endian u64, each part's SHA-256, then the map's name length, name and content hash.
+fn the_checksum_hashes_groups_of_the_hashes_of_parts_that_start_at_unindented_lines() {
+    // References computed independently (Python's hashlib): SHA-256 over the part count as a
+    // big-endian u64, the SHA-256 of each run of 256 parts' SHA-256s, then the map's name
+    // length, name and content hash.
     let config = "defaults\n    x\nbackend a\n    server s 1.2.3.4:80\n";
+    let maps = [file("hosts.map", "a b\n")];
     assert_eq!(
-        checksum(config, &[file("hosts.map", "a b\n")]),
-        "sha256s:3e7ff97bd1ba7bafcf07f7cf2e9bdea9f31ed6c9cc1944950078bd958b198863"
+        checksum(config, &maps),
+        "sha256g:30c2b0621c165abeade0aeb98fe5326c9a1612403bd9c08d238013ef17f829cd"
     );
     assert_eq!(
         checksum("", &[]),
-        "sha256s:af5570f5a1810b7af78caf4bc70a660f0df51e42baf91d4de5b2328de0e83dfc"
+        "sha256g:af5570f5a1810b7af78caf4bc70a660f0df51e42baf91d4de5b2328de0e83dfc"
     );
+    // 300 parts: two groups.
+    let big: String = (0..300)
+        .map(|i| format!("backend b{i}\n    server s {i}\n"))
+        .collect();
+    assert_eq!(
+        checksum(&big, &[]),
+        "sha256g:97068cdd2db71ca22e47ffaa652cfa0e654cbafd601bb0025467039092f3a248"
+    );
+    // The scheme of the first delta streams: every part's hash in one run.
+    let parts = "sha256s:3e7ff97bd1ba7bafcf07f7cf2e9bdea9f31ed6c9cc1944950078bd958b198863";
+    assert_eq!(parts_checksum(config, &maps), parts);
+    assert!(verify(parts, config, &maps));
+    assert!(!verify(parts, config, &[]));
     // Where a part ends is part of what is hashed.
     assert_ne!(checksum("a\nb\n", &[]), checksum("a\n b\n", &[]));
     assert_ne!(
@@ -87,10 +102,11 @@ proptest! {
     fn an_updated_digest_is_the_digest_from_scratch(
         start in text(),
         edits in prop::collection::vec((edit(), prop::option::of(text())), 1..12),
+        group in prop::sample::select(vec![1, 2, 3, GROUP]),
     ) {
         let mut config = start;
         let mut maps = vec![file("hosts.map", "a b\n")];
-        let mut digest = Digest::of(&config, &maps);
+        let mut digest = Digest::grouped(&config, &maps, group);
         for (change, map) in &edits {
             let next = apply_edit(&config, change);
             let next_maps = match map {
@@ -98,14 +114,15 @@ proptest! {
                 None => maps.clone(),
             };
             let updated = digest.next((&config, &maps), (&next, &next_maps));
-            let fresh = Digest::of(&next, &next_maps);
+            let fresh = Digest::grouped(&next, &next_maps, group);
             prop_assert_eq!(updated.checksum(), fresh.checksum());
             prop_assert_eq!(&updated.parts, &fresh.parts);
+            prop_assert_eq!(&updated.groups, &fresh.groups);
             let delta = text_delta(&config, &next);
             prop_assert_eq!(apply_text("t", &config, &delta).unwrap(), next.clone());
             // Rebuilt from a delta, with the digest updated from what the delta kept.
             let whole = |config: &str, maps: &[ConfigFile]| ConfigSnapshot {
-                checksum: checksum(config, maps),
+                checksum: Digest::grouped(config, maps, group).checksum().to_owned(),
                 haproxy_config: config.to_owned(),
                 maps: maps.to_vec(),
                 ..ConfigSnapshot::default()
@@ -117,6 +134,7 @@ proptest! {
                 rebuild_in(Some((&base, &digest)), super::delta(&base, &new), spent).unwrap();
             prop_assert_eq!(&rebuilt, &new);
             prop_assert_eq!(&rebuilt_digest.parts, &fresh.parts);
+            prop_assert_eq!(&rebuilt_digest.groups, &fresh.groups);
             (config, maps, digest) = (next, next_maps, updated);
         }
     }

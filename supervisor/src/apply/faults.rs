@@ -2,6 +2,7 @@
 //! or the supervisor stops, in the middle of an apply.
 
 use std::collections::VecDeque;
+use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 
 use tokio::sync::Notify;
@@ -193,7 +194,7 @@ struct Harness {
     requests: mpsc::Sender<Request>,
     snapshots: watch::Sender<Option<Rebuilt>>,
     reports: watch::Receiver<Option<ApplyResult>>,
-    stats: Arc<Mutex<Stats>>,
+    stats: watch::Receiver<Stats>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
@@ -222,13 +223,13 @@ impl Harness {
             world: world.clone(),
             live: settings.paths.live(),
         };
-        let stats = Arc::new(Mutex::new(Stats::default()));
+        let (stats_tx, stats) = watch::channel(Stats::default());
         let (health, _) = tonic_health::server::health_reporter();
         let (running_tx, _) = watch::channel(None);
         let applier = Applier::start(
             proxy,
             settings,
-            stats.clone(),
+            stats_tx,
             health,
             Arc::new(AtomicU64::new(0)),
             running_tx,
@@ -264,7 +265,7 @@ impl Harness {
     }
 
     fn running_checksum(&self) -> String {
-        self.stats.lock().unwrap().running_checksum.clone()
+        self.stats.borrow().running_checksum.clone()
     }
 
     /// What the master that runs loaded last.
@@ -385,7 +386,7 @@ async fn a_reload_that_haproxy_refuses_puts_the_last_good_configuration_back() {
         "reloaded on the last good files"
     );
     assert_eq!(applier.running_checksum(), first.checksum);
-    assert_eq!(applier.stats.lock().unwrap().rejected, 1);
+    assert_eq!(applier.stats.borrow().rejected, 1);
     applier.stop().await;
 }
 
@@ -463,7 +464,7 @@ async fn a_master_that_exits_is_started_again_with_backoff_on_the_last_good_conf
     })
     .await;
     assert_eq!(applier.runs(), first.haproxy_config);
-    let pid = applier.stats.lock().unwrap().master_pid;
+    let pid = applier.stats.borrow().master_pid;
     assert_eq!(pid, 102, "the status names the new master");
     applier.stop().await;
 }

@@ -27,7 +27,7 @@ async fn main() -> Result<()> {
             .await
             .map(drop),
         "supervisor-status" => SupervisorClient::new(channel)
-            .status(v1::SupervisorStatusRequest {})
+            .status(v1::SupervisorStatusRequest::default())
             .await
             .map(drop),
         "watch" => ConfgenClient::new(channel)

@@ -338,7 +338,7 @@ pub(crate) async fn faults() -> Result<()> {
     supervisor.wait_serving().await?;
     let channel = supervisor.connect().await?;
     let status = SupervisorClient::new(channel)
-        .status(v1::SupervisorStatusRequest {})
+        .status(v1::SupervisorStatusRequest::default())
         .await?
         .into_inner();
     let adopted = restarted.elapsed();

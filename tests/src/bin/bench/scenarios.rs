@@ -30,14 +30,24 @@ async fn supervisor_client(supervisor: &Service) -> Result<Client> {
 static POLLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 async fn status(client: &mut Client) -> Result<v1::SupervisorStatus> {
-    POLLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    Ok(client
-        .status(v1::SupervisorStatusRequest {})
-        .await?
-        .into_inner())
+    status_after(client, 0, Duration::ZERO).await
 }
 
-/// Polls the supervisor until HAProxy runs `version` or a later one; the time since `started`.
+/// The supervisor's status once it has dealt with `version`, or after `wait` (a long poll).
+async fn status_after(
+    client: &mut Client,
+    version: u64,
+    wait: Duration,
+) -> Result<v1::SupervisorStatus> {
+    POLLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let request = v1::SupervisorStatusRequest {
+        wait_version: version,
+        wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1),
+    };
+    Ok(client.status(request).await?.into_inner())
+}
+
+/// Waits until HAProxy runs `version` or a later one; the time since `started`.
 async fn applied(client: &mut Client, version: i64, started: Instant) -> Result<Duration> {
     Ok(applied_in(client, version, started).await?.0)
 }
@@ -50,22 +60,32 @@ async fn applied_in(
     started: Instant,
 ) -> Result<(Duration, Option<Duration>)> {
     let version = u64::try_from(version)?;
+    // A status after each apply that was not yet this version's (a long poll answers when the
+    // supervisor has dealt with the version, or at the limit).
     loop {
-        let status = status(client).await?;
-        if status.running_version >= version {
+        let status = status_after(client, version, LIMIT.saturating_sub(started.elapsed())).await?;
+        let last = status.last_result.as_ref();
+        let rejected = last.is_some_and(|result| {
+            result.version >= version && result.outcome() == v1::ApplyOutcome::Rejected
+        });
+        // An unchanged configuration leaves the running version where it was.
+        let unchanged = last.is_some_and(|result| {
+            result.version >= version && result.outcome() == v1::ApplyOutcome::Unchanged
+        });
+        if !rejected && (status.running_version >= version || unchanged) {
             let took = (status.last_result)
                 .filter(|result| result.version == version)
                 .map(|result| Duration::from_micros(result.duration_us));
             return Ok((started.elapsed(), took));
         }
-        if started.elapsed() > LIMIT {
+        if started.elapsed() > LIMIT || rejected {
             bail!(
-                "version {version} not applied after {LIMIT:?}: {}\nlast result: {:?}",
+                "version {version} not applied after {:?}: {}\nlast result: {:?}",
+                started.elapsed(),
                 status.last_error,
                 status.last_result
             );
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -471,13 +491,11 @@ pub(crate) async fn scale(
         per_change(cpu(&confgen)? - confgen_before),
         per_change(cpu(&supervisor)? - supervisor_before),
     );
-    // What the polling above cost the supervisor: as many status calls, paced alike, with
-    // nothing to apply.
+    // What the status calls above cost the supervisor: as many, with nothing to apply.
     let polls = POLLS.load(std::sync::atomic::Ordering::Relaxed) - polls_before;
     let idle_before = cpu(&supervisor)?;
     for _ in 0..polls {
         status(&mut client).await?;
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let polling_cpu = per_change(cpu(&supervisor)? - idle_before);
     let middle = status(&mut client).await?;

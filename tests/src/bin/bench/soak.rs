@@ -434,7 +434,7 @@ fn summary(
 
 async fn status(client: &mut SupervisorClient<Channel>) -> Result<v1::SupervisorStatus> {
     Ok(client
-        .status(v1::SupervisorStatusRequest {})
+        .status(v1::SupervisorStatusRequest::default())
         .await?
         .into_inner())
 }
