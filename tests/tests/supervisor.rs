@@ -212,14 +212,14 @@ fn status_after(
     client: &Client,
     version: u64,
     wait_ms: u32,
-) -> tokio::task::JoinHandle<v1::SupervisorStatus> {
+) -> tokio::task::JoinHandle<Result<v1::SupervisorStatus, tonic::Status>> {
     let mut client = client.clone();
     tokio::spawn(async move {
         let request = v1::SupervisorStatusRequest {
             wait_version: version,
             wait_ms,
         };
-        client.status(request).await.unwrap().into_inner()
+        Ok(client.status(request).await?.into_inner())
     })
 }
 
@@ -230,7 +230,7 @@ async fn a_status_call_can_wait_until_a_version_is_applied_or_rejected() {
         b2,
         http,
         supervised: _supervised,
-        supervisor: _supervisor,
+        mut supervisor,
         mut client,
     } = Setup::start().await;
     let one = versioned(config(http, &[("a.test", &[("s1", b1.addr())])], ""), 1);
@@ -249,7 +249,11 @@ async fn a_status_call_can_wait_until_a_version_is_applied_or_rejected() {
     assert_outcome(&apply(&mut client, &two).await, ApplyOutcome::Runtime);
     let three = versioned(config(http, &[("a.test", &[("s2", b2.addr())])], ""), 3);
     assert_outcome(&apply(&mut client, &three).await, ApplyOutcome::Runtime);
-    let status = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
+    let status = tokio::time::timeout(WAIT, waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(status.running_version, 3, "{status:?}");
     assert_eq!(status.running_checksum, three.checksum);
 
@@ -264,7 +268,11 @@ async fn a_status_call_can_wait_until_a_version_is_applied_or_rejected() {
         4,
     );
     assert_outcome(&apply(&mut client, &bad).await, ApplyOutcome::Rejected);
-    let status = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
+    let status = tokio::time::timeout(WAIT, waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(status.running_version, 3, "{status:?}");
     let last = status.last_result.unwrap();
     assert_eq!((last.version, last.outcome()), (4, ApplyOutcome::Rejected));
@@ -274,6 +282,7 @@ async fn a_status_call_can_wait_until_a_version_is_applied_or_rejected() {
     let status = tokio::time::timeout(WAIT, status_after(&client, 99, 300))
         .await
         .unwrap()
+        .unwrap()
         .unwrap();
     assert!(
         asked.elapsed() >= Duration::from_millis(300),
@@ -281,6 +290,13 @@ async fn a_status_call_can_wait_until_a_version_is_applied_or_rejected() {
         asked.elapsed()
     );
     assert_eq!(status.running_version, 3, "{status:?}");
+
+    // A call still waiting (sent 200 ms before) does not hold the supervisor up when it stops.
+    let waiting = status_after(&client, 99, 60_000);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    supervisor.terminate(Duration::from_secs(20)).await.unwrap();
+    let answer = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
+    assert!(answer.is_err() || answer.unwrap().running_version == 3);
 }
 
 #[tokio::test]
