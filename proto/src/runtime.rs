@@ -680,9 +680,11 @@ impl Backoff {
 }
 
 /// Coalesces a burst of changes into one action. The first change after a quiet spell (no
-/// action for `min`) is acted on at once; changes that follow within `min` are held and acted
-/// on together, `min` after the last of them, yet never later than `max` after the first held
-/// one: a steady stream of changes is still acted on every `max`.
+/// action for `min`) is acted on at once; one that comes within `min` of an action is held
+/// until `min` after that action (actions are at least `min` apart); changes that follow a held
+/// one within `min` are held with it and acted on together, `min` after the last of them, yet
+/// never later than `max` after the first held one: a steady stream of changes is still acted
+/// on every `max`.
 ///
 /// The owner asks [`Debounce::change`] at each change, sleeps until [`Debounce::due`], and
 /// says [`Debounce::acted`] after each action (also one taken for another reason: it covers
@@ -713,8 +715,14 @@ impl Debounce {
         if self.held.is_none() && self.acted.is_none_or(|at| now - at >= self.min) {
             return true;
         }
-        let first = self.held.map_or(now, |(first, _)| first);
-        self.held = Some((first, (now + self.min).min(first + self.max)));
+        let (first, at) = match (self.held, self.acted) {
+            // Another change of a burst: held until it is quiet.
+            (Some((first, _)), _) => (first, now + self.min),
+            // The first since an action: held only until `min` after it.
+            (None, Some(acted)) => (now, acted + self.min),
+            (None, None) => (now, now + self.min),
+        };
+        self.held = Some((first, at.min(first + self.max)));
         false
     }
 
@@ -1199,16 +1207,18 @@ mod tests {
         assert_eq!(debounced(&[0, 300]).await, [0, 300]);
         // A burst: its first at once, the rest 100 ms after the last of them.
         assert_eq!(debounced(&[0, 10, 50, 120]).await, [0, 220]);
-        // A change within 100 ms of an action is held, even with nothing held before.
-        assert_eq!(debounced(&[0, 60]).await, [0, 160]);
+        // A change within 100 ms of an action is held until 100 ms after that action.
+        assert_eq!(debounced(&[0, 60]).await, [0, 100]);
+        assert_eq!(debounced(&[0, 99, 300]).await, [0, 100, 300]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_steady_stream_of_changes_is_acted_on_every_max() {
         let changes: Vec<u64> = (0..=1000).step_by(50).collect();
-        // At once; then 400 ms after the first held change (50, then 450, then 850); the last
-        // ones 100 ms after the stream ends.
-        assert_eq!(debounced(&changes).await, [0, 450, 850, 1100]);
+        // At once; the change at 50 100 ms after that action (none came in between); then 400
+        // ms after the first held change (100, then 500); the last ones 100 ms after the
+        // stream ends.
+        assert_eq!(debounced(&changes).await, [0, 100, 500, 900, 1100]);
     }
 
     #[tokio::test(start_paused = true)]
