@@ -403,6 +403,10 @@ impl<P: Proxy> Applier<P> {
             return self.reload(snapshot, "what haproxy runs is unknown").await;
         };
         if running.checksum == snapshot.checksum {
+            // HAProxy runs this version's configuration already: it is what runs now.
+            if snapshot.version > running.version {
+                self.confirmed(snapshot.clone());
+            }
             return Ok((ApplyOutcome::Unchanged, String::new()));
         }
         let region = region.unwrap_or_else(|| {

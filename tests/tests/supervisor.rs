@@ -277,6 +277,20 @@ async fn a_status_call_can_wait_until_a_version_is_applied_or_rejected() {
     let last = status.last_result.unwrap();
     assert_eq!((last.version, last.outcome()), (4, ApplyOutcome::Rejected));
 
+    // The configuration that runs again, as a later version: nothing to do, and that version
+    // is what runs.
+    let waiting = status_after(&client, 5, 60_000);
+    assert_outcome(
+        &apply(&mut client, &versioned(three.clone(), 5)).await,
+        ApplyOutcome::Unchanged,
+    );
+    let status = tokio::time::timeout(WAIT, waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.running_version, 5, "{status:?}");
+
     // A version that never comes: answered when the wait is over, with what runs.
     let asked = std::time::Instant::now();
     let status = tokio::time::timeout(WAIT, status_after(&client, 99, 300))
@@ -289,14 +303,14 @@ async fn a_status_call_can_wait_until_a_version_is_applied_or_rejected() {
         "{:?}",
         asked.elapsed()
     );
-    assert_eq!(status.running_version, 3, "{status:?}");
+    assert_eq!(status.running_version, 5, "{status:?}");
 
     // A call still waiting (sent 200 ms before) does not hold the supervisor up when it stops.
     let waiting = status_after(&client, 99, 60_000);
     tokio::time::sleep(Duration::from_millis(200)).await;
     supervisor.terminate(Duration::from_secs(20)).await.unwrap();
     let answer = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
-    assert!(answer.is_err() || answer.unwrap().running_version == 3);
+    assert!(answer.is_err() || answer.unwrap().running_version == 5);
 }
 
 #[tokio::test]

@@ -64,20 +64,15 @@ async fn applied_in(
     // supervisor has dealt with the version, or at the limit).
     loop {
         let status = status_after(client, version, LIMIT.saturating_sub(started.elapsed())).await?;
-        let last = status.last_result.as_ref();
-        let rejected = last.is_some_and(|result| {
-            result.version >= version && result.outcome() == v1::ApplyOutcome::Rejected
-        });
-        // An unchanged configuration leaves the running version where it was.
-        let unchanged = last.is_some_and(|result| {
-            result.version >= version && result.outcome() == v1::ApplyOutcome::Unchanged
-        });
-        if !rejected && (status.running_version >= version || unchanged) {
+        if status.running_version >= version {
             let took = (status.last_result)
                 .filter(|result| result.version == version)
                 .map(|result| Duration::from_micros(result.duration_us));
             return Ok((started.elapsed(), took));
         }
+        let rejected = (status.last_result.as_ref()).is_some_and(|result| {
+            result.version >= version && result.outcome() == v1::ApplyOutcome::Rejected
+        });
         if started.elapsed() > LIMIT || rejected {
             bail!(
                 "version {version} not applied after {:?}: {}\nlast result: {:?}",
