@@ -577,7 +577,7 @@ fn escape(value: &str) -> String {
 
 /// A poll that took `t` is followed by one at least `POLL_SHARE * t` later: at 10,000 apps a
 /// `show stat` of backends and servers is 12 MB of text, a quarter to half a second of work for
-/// HAProxy and the supervisor, which every 5 s would be a tenth of the machine.
+/// HAProxy and the supervisor, which every 5 s would be a tenth of a core.
 const POLL_SHARE: u32 = 50;
 /// How long after a poll that took `took` the next one starts: `interval`, or longer when the
 /// poll is costly.

@@ -42,6 +42,7 @@ async fn status_after(
     POLLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let request = v1::SupervisorStatusRequest {
         wait_version: version,
+        // At least 1: 0 would ask for the default wait.
         wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1),
     };
     Ok(client.status(request).await?.into_inner())
